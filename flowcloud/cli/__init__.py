@@ -1,0 +1,1 @@
+"""The `flowcloud` command line: the face that dispatches to each part."""

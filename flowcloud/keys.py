@@ -1,0 +1,83 @@
+"""Every Redis key name and stream field name FlowCloud uses. Nothing else spells a key.
+
+All keys share one prefix so that a Redis instance can be shared (and inspected) safely.
+Stream ids are device ids: one device sends one live stream.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fc"
+
+# --- frames: gateway -> workers ------------------------------------------------------------
+FRAMES_STREAM = f"{PREFIX}:frames"  # one stream for all devices; workers share one group
+WORKER_GROUP = "workers"  # the consumer group KEDA measures lag on
+DEAD_LETTER_STREAM = f"{PREFIX}:frames:dead"  # frames that failed too often, with their error
+
+# Fields of an entry on FRAMES_STREAM (see flowcloud.frames.Frame).
+F_STREAM = "stream"
+F_SEQ = "seq"
+F_CAPTURE_TS = "capture_ts"  # edge capture time mapped to the gateway clock (unix seconds)
+F_RECV_TS = "recv_ts"  # gateway receive time (unix seconds)
+F_WIDTH = "width"
+F_HEIGHT = "height"
+F_ENCODING = "encoding"
+F_DATA = "data"
+# Extra fields of a dead-letter entry.
+F_ERROR = "error"
+F_ATTEMPTS = "attempts"
+
+# --- streams (per device) -----------------------------------------------------------------
+STREAMS_INDEX = f"{PREFIX}:streams"  # sorted set: stream id -> last seen (unix seconds)
+
+
+def stream_meta(stream_id: str) -> str:
+    """Hash: device, tenant, width, height, fps, last_seen, started, status."""
+    return f"{PREFIX}:stream:{stream_id}"
+
+
+def recent_frames(stream_id: str) -> str:
+    """Stream (small MAXLEN): the latest frames of one stream, to draw overlays with."""
+    return f"{PREFIX}:stream:{stream_id}:recent"
+
+
+# --- results (masks) ------------------------------------------------------------------------
+def mask_index(stream_id: str) -> str:
+    """Sorted set: frame seq -> frame seq (scored by seq for ordering and paging)."""
+    return f"{PREFIX}:stream:{stream_id}:masks"
+
+
+def mask(stream_id: str, seq: int) -> str:
+    """Hash: one mask result (see flowcloud.results.MaskResult)."""
+    return f"{PREFIX}:mask:{stream_id}:{seq}"
+
+
+def attempts(stream_id: str, seq: int) -> str:
+    """Counter: how many times a worker failed on a frame (for dead-lettering)."""
+    return f"{PREFIX}:attempts:{stream_id}:{seq}"
+
+
+# --- devices and API keys -------------------------------------------------------------------
+DEVICES_INDEX = f"{PREFIX}:devices"  # set of device ids
+DEVICE_EVENTS = f"{PREFIX}:device-events"  # pub/sub channel: "revoked <id>" / "rotated <id>"
+
+
+def device(device_id: str) -> str:
+    """Hash: tenant, salt, token_hash, created, revoked."""
+    return f"{PREFIX}:device:{device_id}"
+
+
+APIKEYS_INDEX = f"{PREFIX}:apikeys"  # set of API key ids
+
+
+def apikey(key_id: str) -> str:
+    """Hash: role, tenant, salt, secret_hash, created, revoked."""
+    return f"{PREFIX}:apikey:{key_id}"
+
+
+# --- workers --------------------------------------------------------------------------------
+WORKERS_INDEX = f"{PREFIX}:workers"  # sorted set: worker name -> last heartbeat
+
+
+def worker(name: str) -> str:
+    """Hash with a TTL: model, device, state (loading/ready/draining), batch stats."""
+    return f"{PREFIX}:worker:{name}"

@@ -1,0 +1,127 @@
+"""Mask results: their fields, their lossless label-map encoding, and their store in Redis.
+
+Writes are idempotent: a result lives at a key named by (stream, seq), so the same frame
+processed twice (at-least-once delivery) leaves one result. Retention is bounded by count
+(per stream) and by age (a TTL on each result).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from redis.asyncio import Redis
+
+from flowcloud import keys
+from flowcloud.labels import LabelSet
+
+
+def encode_label_map(class_map: np.ndarray, label_set: LabelSet) -> bytes:
+    """A class map as a palette PNG (lossless; viewers show the official colours)."""
+    image = Image.fromarray(np.asarray(class_map, dtype=np.uint8), mode="P")
+    image.putpalette(label_set.palette.ravel().tolist())
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=False, compress_level=1)
+    return out.getvalue()
+
+
+def decode_label_map(png: bytes) -> np.ndarray:
+    """The class map of a label PNG (palette or greyscale) as HxW uint8."""
+    with Image.open(io.BytesIO(png)) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"label map PNG has mode {image.mode}, expected P or L")
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+@dataclass
+class MaskResult:
+    stream: str
+    seq: int
+    capture_ts: float
+    recv_ts: float
+    infer_start: float
+    infer_end: float
+    persisted_ts: float
+    model: str
+    model_version: str
+    label_set: str
+    width: int
+    height: int
+    shares: dict[int, float] = field(default_factory=dict)  # class id -> fraction of pixels
+    labels_png: bytes = b""
+
+    @property
+    def latency(self) -> float:
+        """Capture (edge, mapped to gateway clock) to persisted, in seconds."""
+        return self.persisted_ts - self.capture_ts
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the PNG, JSON-ready."""
+        meta = asdict(self)
+        del meta["labels_png"]
+        meta["shares"] = {str(k): v for k, v in self.shares.items()}
+        meta["latency"] = self.latency
+        return meta
+
+    def to_fields(self) -> dict[str, str | bytes]:
+        meta = self.metadata()
+        del meta["latency"]
+        return {"meta": json.dumps(meta), "labels_png": self.labels_png}
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> MaskResult:
+        meta = json.loads(fields[b"meta"])
+        meta["shares"] = {int(k): float(v) for k, v in meta["shares"].items()}
+        return cls(**meta, labels_png=fields.get(b"labels_png", b""))
+
+
+class MaskStore:
+    """Results in Redis: a hash per frame plus a per-stream index sorted by sequence number."""
+
+    def __init__(self, redis: Redis, max_per_stream: int = 10_000, ttl_seconds: int = 24 * 3600) -> None:
+        self.redis = redis
+        self.max_per_stream = max_per_stream
+        self.ttl_seconds = ttl_seconds
+
+    async def put_many(self, results: list[MaskResult]) -> None:
+        """Persist results in one round trip, then trim each touched stream to its bound."""
+        if not results:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for result in results:
+            key = keys.mask(result.stream, result.seq)
+            pipe.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
+            pipe.expire(key, self.ttl_seconds)
+            pipe.zadd(keys.mask_index(result.stream), {str(result.seq): result.seq})
+        await pipe.execute()
+        for stream in {r.stream for r in results}:
+            await self._trim(stream)
+
+    async def _trim(self, stream: str) -> None:
+        index = keys.mask_index(stream)
+        excess = int(await self.redis.zcard(index)) - self.max_per_stream
+        if excess <= 0:
+            return
+        old = await self.redis.zrange(index, 0, excess - 1)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))
+        pipe.zrem(index, *old)
+        await pipe.execute()
+
+    async def get(self, stream: str, seq: int) -> MaskResult | None:
+        fields = await self.redis.hgetall(keys.mask(stream, seq))
+        return MaskResult.from_fields(fields) if fields else None
+
+    async def latest_seq(self, stream: str) -> int | None:
+        newest = await self.redis.zrange(keys.mask_index(stream), -1, -1)
+        return int(newest[0]) if newest else None
+
+    async def seqs(self, stream: str, before: int | None = None, limit: int = 50) -> list[int]:
+        """Sequence numbers newest first, strictly below ``before`` when given (cursor paging)."""
+        high = f"({before}" if before is not None else "+inf"
+        found = await self.redis.zrevrangebyscore(keys.mask_index(stream), high, "-inf", start=0, num=limit)
+        return [int(s) for s in found]

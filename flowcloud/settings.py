@@ -1,0 +1,114 @@
+"""Settings: one pydantic-settings model per service, all read from ``FLOWCLOUD_*`` env vars.
+
+``FLOWCLOUD_REDIS_URL`` is shared by every service; everything else carries the service's own
+prefix (``FLOWCLOUD_GATEWAY_``, ``FLOWCLOUD_WORKER_``, ``FLOWCLOUD_API_``, ``FLOWCLOUD_EDGE_``).
+Secrets are ``SecretStr`` (never printed) and have no default. ``describe()`` renders settings
+for logs with secrets and URL passwords masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has."""
+
+    model_config = SettingsConfigDict(extra="forbid", populate_by_name=True)
+
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL,
+        validation_alias=AliasChoices("FLOWCLOUD_REDIS_URL", "redis_url"),
+        description="Redis URL (redis:// or rediss://); a password in it is never logged",
+    )
+    log_level: str = Field(
+        "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"
+    )
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a dict fit for a log line: secrets and URL passwords masked."""
+        out: dict[str, Any] = {}
+        for name, value in self:
+            if isinstance(value, SecretStr):
+                out[name] = "***" if value.get_secret_value() else ""
+            elif name.endswith("_url") and isinstance(value, str):
+                out[name] = redact_url(value)
+            else:
+                out[name] = value
+        return out
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_GATEWAY_", extra="forbid", populate_by_name=True)
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(7000, ge=0, le=65535, description="TCP port for edge devices (0 = any free port)")
+    metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
+    model_size: str = Field("256x512", description="HxW that decoded frames are resized to")
+    frame_encoding: str = Field("jpeg", description="how frames are stored on the stream: jpeg or raw")
+    jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
+    frames_maxlen: int = Field(2000, ge=10, description="approximate MAXLEN of the frames stream")
+    handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
+    max_sessions: int = Field(256, ge=1, description="live sessions at most")
+    max_connections_per_ip: int = Field(16, ge=1, description="concurrent connections per client address")
+    max_bytes_per_second: int = Field(8_000_000, ge=1, description="per-device ingress byte rate limit")
+    max_frames_per_second: float = Field(60.0, gt=0, description="per-device frame rate limit")
+    max_width: int = Field(3840, ge=16, description="largest frame width accepted before decoding")
+    max_height: int = Field(2160, ge=16, description="largest frame height accepted before decoding")
+    record_dir: str | None = Field(None, description="save each session's raw RFC 4571 bytes here")
+
+
+class WorkerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_WORKER_", extra="forbid", populate_by_name=True)
+
+    name: str | None = Field(None, description="consumer name (default: hostname-pid)")
+    model: str | None = Field(None, description="zoo model name (default: what the weights say)")
+    weights: str | None = Field(None, description="weights file (default: the bundled demo model)")
+    device: str = Field("cpu", description="cpu or cuda")
+    precision: str = Field("fp32", description="fp32, bf16 or fp16")
+    batch_size: int = Field(8, ge=1, le=256, description="frames per batch at most")
+    batch_timeout_ms: int = Field(50, ge=1, description="how long to wait to fill a batch")
+    mode: str = Field("realtime", description="realtime (drop stale frames) or complete (process all)")
+    max_frame_age: float = Field(2.0, gt=0, description="realtime mode: older frames are dropped")
+    claim_idle_ms: int = Field(30_000, ge=100, description="reclaim pending frames idle this long")
+    max_attempts: int = Field(3, ge=1, description="failures before a frame is dead-lettered")
+    drain_timeout: float = Field(20.0, gt=0, description="seconds to finish the batch in flight on SIGTERM")
+    results_max_per_stream: int = Field(10_000, ge=1, description="results kept per stream")
+    results_ttl: int = Field(86_400, ge=60, description="seconds a result is kept")
+    metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
+    compile: bool = Field(False, description="torch.compile the model (GPU)")
+
+
+class ApiSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_API_", extra="forbid", populate_by_name=True)
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    admin_key: SecretStr | None = Field(None, description="bootstrap admin API key (secret; no default)")
+
+
+class EdgeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_EDGE_", extra="forbid", populate_by_name=True)
+
+    gateway: str | None = Field(None, description="HOST:PORT of the ingest gateway")
+    device_id: str | None = Field(None, description="this device's registered id")
+    token: SecretStr | None = Field(None, description="this device's token (secret; no default)")
+    source: str = Field("synthetic", description="camera:/dev/videoN, a file, synthetic, rtsp://, rfc4571://")
+    bitrate: int = Field(2_000_000, ge=10_000, description="H.264 target bitrate in bits/s")
+    keyframe_interval: int = Field(30, ge=1, description="frames between IDR frames")
+    metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus metrics port (0 = off)")

@@ -1,0 +1,168 @@
+"""The model zoo: the one place that builds segmentation networks and loads their weights.
+
+Nothing here downloads anything: torchvision builders are called with ``weights=None`` and
+``weights_backbone=None``; trained weights always come from a file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import segmentation
+
+from flowcloud.labels import LABEL_IDS, LabelSet, get_label_set
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "deeplabv3_resnet50"
+DEMO_WEIGHTS = Path(__file__).parent / "models" / "demo.pt"
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "deeplabv3_resnet50": segmentation.deeplabv3_resnet50,
+    "deeplabv3_mobilenet_v3_large": segmentation.deeplabv3_mobilenet_v3_large,
+    "lraspp_mobilenet_v3_large": segmentation.lraspp_mobilenet_v3_large,
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+HOW_TO_GET_WEIGHTS = (
+    "pass --weights PATH (a torchvision state_dict or a FlowCloud checkpoint); train one with "
+    "'flowcloud train' and 'flowcloud export', or use --random-weights for benchmarks and tests"
+)
+
+
+class WeightsError(ValueError):
+    """Weights are missing, unreadable, or do not fit the chosen model."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a weights file says about itself (the ``meta`` dict written by ``flowcloud export``)."""
+
+    name: str = DEFAULT_MODEL
+    label_set: str = LABEL_IDS.name
+    version: str = "unversioned"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def build_model(name: str, label_set: LabelSet, aux_loss: bool = False) -> nn.Module:
+    """A randomly initialised zoo model whose classifier predicts ``label_set``'s classes."""
+    try:
+        builder = _BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": label_set.num_classes}
+    if not name.startswith("lraspp"):
+        kwargs["aux_loss"] = aux_loss
+    return builder(**kwargs)
+
+
+def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelInfo | None]:
+    """The state_dict (and FlowCloud metadata, if any) of a weights or checkpoint file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; {HOW_TO_GET_WEIGHTS}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise WeightsError(f"cannot read weights from {path}: {exc}") from exc
+    if not isinstance(blob, dict):
+        raise WeightsError(f"{path} holds a {type(blob).__name__}, not a state_dict or checkpoint dict")
+    info = None
+    meta = blob.get("meta")
+    if isinstance(meta, dict):
+        known = {k: meta[k] for k in ("name", "label_set", "version") if k in meta}
+        extra = {k: v for k, v in meta.items() if k not in known}
+        info = ModelInfo(**known, extra=extra)
+    state = blob["model"] if isinstance(blob.get("model"), dict) else blob
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path} contains no tensors")
+    return tensors, info
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly, with one readable error for missing, extra or misshapen tensors."""
+    own = model.state_dict()
+    if not any(k.startswith("aux_classifier.") for k in own):
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = []
+    if wrong:
+        problems.append(f"{len(wrong)} tensors of the wrong shape (first: {wrong[0]})")
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if problems:
+        raise WeightsError(
+            f"weights from {source} do not fit this model: {'; '.join(problems)}. "
+            "Check --model and the label set the weights were trained for."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    info: ModelInfo
+    label_set: LabelSet
+    source: str
+
+
+def load_model(
+    name: str | None = None,
+    weights: str | Path | None = None,
+    label_set: str | None = None,
+    random_weights: bool = False,
+) -> LoadedModel:
+    """Build a zoo model and fill it with weights from a file, the bundled demo model or at random.
+
+    ``name`` and ``label_set`` default to what the weights file says about itself, then to
+    DeepLabV3-ResNet50 on labelIds-34. Without ``weights`` the bundled demo model is used where
+    it exists; ``random_weights`` is for benchmarks and tests only.
+    """
+    if random_weights:
+        if weights is not None:
+            raise WeightsError("--random-weights and --weights exclude each other")
+        lset = get_label_set(label_set or LABEL_IDS.name)
+        model_name = name or DEFAULT_MODEL
+        module = build_model(model_name, lset)
+        info = ModelInfo(name=model_name, label_set=lset.name, version="random")
+        return LoadedModel(module.eval(), info, lset, "random initialisation")
+    if weights is None:
+        if not DEMO_WEIGHTS.is_file():
+            raise WeightsError(f"no weights given and no bundled demo model; {HOW_TO_GET_WEIGHTS}")
+        weights = DEMO_WEIGHTS
+        log.info("no --weights given: using the bundled demo model %s", DEMO_WEIGHTS)
+    state, file_info = read_weights_file(weights)
+    if weights == DEMO_WEIGHTS and name is not None and file_info is not None and name != file_info.name:
+        raise WeightsError(
+            f"the bundled demo model is a {file_info.name}, not a {name}; {HOW_TO_GET_WEIGHTS}"
+        )
+    info = file_info or ModelInfo(name=name or DEFAULT_MODEL, label_set=label_set or LABEL_IDS.name)
+    model_name = name or info.name
+    lset = get_label_set(label_set or info.label_set)
+    module = build_model(model_name, lset, aux_loss=any(k.startswith("aux_classifier.") for k in state))
+    load_state(module, state, str(weights))
+    info = ModelInfo(name=model_name, label_set=lset.name, version=info.version, extra=info.extra)
+    return LoadedModel(module.eval(), info, lset, str(weights))
+
+
+def save_weights(module: nn.Module, path: str | Path, info: ModelInfo) -> None:
+    """Write a weights file that ``load_model`` reads: the state_dict plus FlowCloud metadata."""
+    meta = {"name": info.name, "label_set": info.label_set, "version": info.version, **info.extra}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": module.state_dict(), "meta": meta}, path)
