@@ -40,6 +40,20 @@ def recent_frames(stream_id: str) -> str:
     return f"{PREFIX}:stream:{stream_id}:recent"
 
 
+# Fields of a stream_meta hash (written by the gateway).
+M_DEVICE = "device"
+M_TENANT = "tenant"
+M_WIDTH = "width"  # the resolution the edge sends (before resizing to the model input)
+M_HEIGHT = "height"
+M_FPS = "fps"
+M_LAST_SEEN = "last_seen"  # unix seconds of the last frame published
+M_STARTED = "started"  # unix seconds the current (or last) session began
+M_STATUS = "status"  # STATUS_LIVE while a session is open, else STATUS_IDLE
+M_LAST_SEQ = "last_seq"  # the last frame seq published: seqs stay monotonic across reconnects
+STATUS_LIVE = "live"
+STATUS_IDLE = "idle"
+
+
 # --- results (masks) ------------------------------------------------------------------------
 def mask_index(stream_id: str) -> str:
     """Sorted set: frame seq -> frame seq (scored by seq for ordering and paging)."""
@@ -66,12 +80,30 @@ def device(device_id: str) -> str:
     return f"{PREFIX}:device:{device_id}"
 
 
+# Fields of a device hash (flowcloud.registry).
+D_TENANT = "tenant"
+D_SALT = "salt"
+D_TOKEN_HASH = "token_hash"
+D_CREATED = "created"  # unix seconds
+D_ROTATED = "rotated"  # unix seconds of the last token rotation (absent before one)
+D_REVOKED = "revoked"  # unix seconds of revocation (absent while the device is active)
+
+
 APIKEYS_INDEX = f"{PREFIX}:apikeys"  # set of API key ids
 
 
 def apikey(key_id: str) -> str:
     """Hash: role, tenant, salt, secret_hash, created, revoked."""
     return f"{PREFIX}:apikey:{key_id}"
+
+
+# Fields of an apikey hash (services.api.apikeys).
+A_ROLE = "role"  # admin or reader
+A_TENANT = "tenant"
+A_SALT = "salt"
+A_SECRET_HASH = "secret_hash"
+A_CREATED = "created"  # unix seconds
+A_REVOKED = "revoked"  # unix seconds of revocation (absent while the key is active)
 
 
 # --- workers --------------------------------------------------------------------------------

@@ -1,0 +1,230 @@
+"""The device registry: which edge devices may stream, under which tenant, with which token.
+
+Devices live in Redis (``keys.device(id)`` hashes plus the ``keys.DEVICES_INDEX`` set). A token
+is shown once, when it is made (`add`, `rotate`); Redis keeps only a salted hash of it, and
+`verify` compares in constant time (flowcloud.tokens). `revoke` and `rotate` publish an event on
+``keys.DEVICE_EVENTS`` ("revoked <id>" / "rotated <id>") so that a gateway closes the device's
+live session at once. A revoked device stays listed (with its revocation time) and cannot stream
+again: register it under a new id.
+
+Used by the CLI (`flowcloud devices`), the gateway (`verify`) and the API (`/devices`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from flowcloud import keys, tokens
+
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+DEFAULT_TENANT = "default"
+EVENT_REVOKED = "revoked"
+EVENT_ROTATED = "rotated"
+
+# DeviceAuthError codes; they are the REJECT codes of the handshake.
+UNKNOWN_DEVICE = "unknown_device"
+BAD_TOKEN = "bad_token"
+REVOKED = "revoked"
+MALFORMED = "malformed"
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done (the message is fit for a person)."""
+
+
+class DeviceExistsError(RegistryError):
+    pass
+
+
+class DeviceNotFoundError(RegistryError, LookupError):
+    pass
+
+
+class DeviceRevokedError(RegistryError):
+    pass
+
+
+class DeviceAuthError(Exception):
+    """A device that may not stream; ``code`` is one of the handshake's REJECT codes."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    tenant: str
+    created: float
+    rotated: float | None = None
+    revoked: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "tenant": self.tenant,
+            "created": self.created,
+            "rotated": self.rotated,
+            "revoked": self.revoked,
+            "active": self.active,
+        }
+
+
+def validate_device_id(device_id: str) -> str:
+    """``device_id`` itself, or a RegistryError saying what a device id may contain."""
+    if not isinstance(device_id, str) or DEVICE_ID_PATTERN.fullmatch(device_id) is None:
+        raise RegistryError(
+            f"invalid device id {device_id!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def parse_event(message: bytes | str) -> tuple[str, str] | None:
+    """(event, device id) of a DEVICE_EVENTS message, or None when it is not one."""
+    text = message.decode(errors="replace") if isinstance(message, bytes) else message
+    event, _, device_id = text.partition(" ")
+    if event not in (EVENT_REVOKED, EVENT_ROTATED) or not device_id:
+        return None
+    return event, device_id
+
+
+def _text(fields: dict[Any, Any], name: str) -> str | None:
+    value = fields.get(name.encode(), fields.get(name))
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _device(device_id: str, fields: dict[Any, Any]) -> Device:
+    rotated = _text(fields, keys.D_ROTATED)
+    revoked = _text(fields, keys.D_REVOKED)
+    return Device(
+        device_id=device_id,
+        tenant=_text(fields, keys.D_TENANT) or DEFAULT_TENANT,
+        created=float(_text(fields, keys.D_CREATED) or 0.0),
+        rotated=float(rotated) if rotated else None,
+        revoked=float(revoked) if revoked else None,
+    )
+
+
+class DeviceRegistry:
+    """Devices on one Redis (a ``redis.asyncio.Redis``; the caller owns and closes it)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def add(self, device_id: str, tenant: str = DEFAULT_TENANT) -> tuple[Device, str]:
+        """Register a device; returns it and its token (the only time the token is seen)."""
+        validate_device_id(device_id)
+        if not tenant or len(tenant) > 64:
+            raise RegistryError("a tenant is 1 to 64 characters")
+        token = tokens.new_token()
+        salt = tokens.new_salt()
+        now = time.time()
+        key = keys.device(device_id)
+
+        async def register(pipe: Pipeline) -> None:
+            if await pipe.exists(key):
+                raise DeviceExistsError(f"device {device_id!r} is already registered")
+            pipe.multi()
+            pipe.hset(
+                key,
+                mapping={
+                    keys.D_TENANT: tenant,
+                    keys.D_SALT: salt,
+                    keys.D_TOKEN_HASH: tokens.hash_token(token, salt),
+                    keys.D_CREATED: repr(now),
+                },
+            )
+            pipe.sadd(keys.DEVICES_INDEX, device_id)
+
+        await self.redis.transaction(register, key)
+        return Device(device_id, tenant, now), token
+
+    async def get(self, device_id: str) -> Device | None:
+        if DEVICE_ID_PATTERN.fullmatch(device_id) is None:
+            return None
+        fields = await self.redis.hgetall(keys.device(device_id))
+        return _device(device_id, fields) if fields else None
+
+    async def list(self, tenant: str | None = None) -> list[Device]:
+        """All registered devices (revoked ones too), sorted by id."""
+        ids = sorted(
+            m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(keys.DEVICES_INDEX)
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        for device_id in ids:
+            pipe.hgetall(keys.device(device_id))
+        out = [_device(i, f) for i, f in zip(ids, await pipe.execute(), strict=True) if f]
+        return [d for d in out if tenant is None or d.tenant == tenant]
+
+    async def revoke(self, device_id: str) -> Device:
+        """Revoke a device for good; its live session is closed (event on DEVICE_EVENTS)."""
+        device = await self._existing(device_id)
+        if device.revoked is not None:
+            return device
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(keys.device(device_id), keys.D_REVOKED, repr(now))
+        pipe.publish(keys.DEVICE_EVENTS, f"{EVENT_REVOKED} {device_id}")
+        await pipe.execute()
+        return Device(device.device_id, device.tenant, device.created, device.rotated, now)
+
+    async def rotate(self, device_id: str) -> tuple[Device, str]:
+        """A new token for a device; the old one stops working and its live session is closed."""
+        device = await self._existing(device_id)
+        if device.revoked is not None:
+            raise DeviceRevokedError(f"device {device_id!r} is revoked; register it under a new id")
+        token = tokens.new_token()
+        salt = tokens.new_salt()
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            keys.device(device_id),
+            mapping={
+                keys.D_SALT: salt,
+                keys.D_TOKEN_HASH: tokens.hash_token(token, salt),
+                keys.D_ROTATED: repr(now),
+            },
+        )
+        pipe.publish(keys.DEVICE_EVENTS, f"{EVENT_ROTATED} {device_id}")
+        await pipe.execute()
+        return Device(device.device_id, device.tenant, device.created, now, None), token
+
+    async def verify(self, device_id: str, token: str) -> Device:
+        """The device when ``token`` is its current token; else DeviceAuthError with a REJECT code."""
+        if not isinstance(device_id, str) or DEVICE_ID_PATTERN.fullmatch(device_id) is None:
+            raise DeviceAuthError(MALFORMED, "device id is not a valid id")
+        if not isinstance(token, str) or not token or len(token) > tokens.MAX_TOKEN_LENGTH:
+            raise DeviceAuthError(BAD_TOKEN, "token is missing or too long")
+        fields = await self.redis.hgetall(keys.device(device_id))
+        if not fields:
+            raise DeviceAuthError(UNKNOWN_DEVICE, f"device {device_id!r} is not registered")
+        device = _device(device_id, fields)
+        if device.revoked is not None:
+            raise DeviceAuthError(REVOKED, f"device {device_id!r} is revoked")
+        salt = _text(fields, keys.D_SALT) or ""
+        expected = _text(fields, keys.D_TOKEN_HASH) or ""
+        if not expected or not tokens.verify_token(token, salt, expected):
+            raise DeviceAuthError(BAD_TOKEN, f"wrong token for device {device_id!r}")
+        return device
+
+    async def _existing(self, device_id: str) -> Device:
+        validate_device_id(device_id)
+        device = await self.get(device_id)
+        if device is None:
+            raise DeviceNotFoundError(f"device {device_id!r} is not registered")
+        return device
