@@ -1,0 +1,157 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "flowcloud.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name prefix of every object: release-chart, or the release name when it contains the chart name. */}}
+{{- define "flowcloud.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of a component's objects: fullname-component, within 63 characters. */}}
+{{- define "flowcloud.componentName" -}}
+{{- $full := include "flowcloud.fullname" .root }}
+{{- printf "%s-%s" ($full | trunc (int (sub 62 (len .component)))) .component | trimSuffix "-" }}
+{{- end }}
+
+{{- define "flowcloud.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of a component: {root, component}. */}}
+{{- define "flowcloud.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "flowcloud.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Common labels of a component's objects: {root, component}. */}}
+{{- define "flowcloud.labels" -}}
+helm.sh/chart: {{ include "flowcloud.chart" .root }}
+{{ include "flowcloud.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: flowcloud
+{{- end }}
+
+{{/* Labels that mark a pod as a FlowCloud client of Redis (the NetworkPolicy admits these). */}}
+{{- define "flowcloud.redisClientLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: flowcloud
+{{- end }}
+
+{{- define "flowcloud.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "flowcloud.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The FlowCloud service image; the tag defaults to the chart's appVersion. */}}
+{{- define "flowcloud.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "flowcloud.workerImage" -}}
+{{- if eq .Values.worker.mode "gpu" }}
+{{- printf "%s:%s" .Values.worker.image.repository (default .Chart.AppVersion .Values.worker.image.tag) }}
+{{- else }}
+{{- include "flowcloud.image" . }}
+{{- end }}
+{{- end }}
+
+{{/* Secret and key the services read FLOWCLOUD_REDIS_URL from. */}}
+{{- define "flowcloud.redisUrlSecretName" -}}
+{{- if .Values.redis.enabled }}
+{{- include "flowcloud.componentName" (dict "root" . "component" "redis") }}
+{{- else }}
+{{- required "externalRedis.url.secretName is required when redis.enabled is false" .Values.externalRedis.url.secretName }}
+{{- end }}
+{{- end }}
+
+{{- define "flowcloud.redisUrlSecretKey" -}}
+{{- if .Values.redis.enabled }}redis-url{{ else }}{{ .Values.externalRedis.url.secretKey }}{{ end }}
+{{- end }}
+
+
+{{- define "flowcloud.adminKeySecretName" -}}
+{{- default (include "flowcloud.componentName" (dict "root" . "component" "api")) .Values.api.adminKey.existingSecret }}
+{{- end }}
+
+{{/* Which worker autoscaler to render: keda, hpa or none. */}}
+{{- define "flowcloud.autoscaler" -}}
+{{- $a := .Values.worker.autoscaling }}
+{{- if not $a.enabled }}none
+{{- else if eq $a.engine "auto" }}
+{{- if .Capabilities.APIVersions.Has "keda.sh/v1alpha1/ScaledObject" }}keda{{ else }}hpa{{ end }}
+{{- else }}{{ $a.engine }}
+{{- end }}
+{{- end }}
+
+{{/* Environment every service shares: the Redis URL from a Secret and the log level. */}}
+{{- define "flowcloud.commonEnv" -}}
+- name: FLOWCLOUD_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "flowcloud.redisUrlSecretName" . }}
+      key: {{ include "flowcloud.redisUrlSecretKey" . }}
+- name: FLOWCLOUD_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/* Pod-level security context (Pod Security Standards "restricted"). */}}
+{{- define "flowcloud.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security context (Pod Security Standards "restricted"). */}}
+{{- define "flowcloud.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* The writable /tmp every container gets (root filesystems are read-only). */}}
+{{- define "flowcloud.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- end }}
+
+{{- define "flowcloud.tmpMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* Render a settings map as FLOWCLOUD_<PREFIX>_<NAME> entries; empty strings are left out (defaults apply). */}}
+{{- define "flowcloud.settingsData" -}}
+{{- range $name, $value := .settings }}
+{{- if not (and (kindIs "string" $value) (eq $value "")) }}
+{{- /* whole numbers arrive as float64 and would print as 8e+06 */}}
+{{- $v := $value }}
+{{- if and (kindIs "float64" $value) (eq $value (floor $value)) }}{{ $v = int64 $value }}{{ end }}
+{{ printf "FLOWCLOUD_%s_%s" $.prefix (upper $name) }}: {{ toString $v | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
