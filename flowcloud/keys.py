@@ -25,6 +25,8 @@ F_DATA = "data"
 # Extra fields of a dead-letter entry.
 F_ERROR = "error"
 F_ATTEMPTS = "attempts"
+F_SOURCE_ID = "source_id"  # the entry's id on FRAMES_STREAM
+F_CONSUMER = "consumer"  # the worker that gave up on it
 
 # --- streams (per device) -----------------------------------------------------------------
 STREAMS_INDEX = f"{PREFIX}:streams"  # sorted set: stream id -> last seen (unix seconds)

@@ -92,6 +92,19 @@ class WorkerSettings(ServiceSettings):
     results_ttl: int = Field(86_400, ge=60, description="seconds a result is kept")
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
+    compile_mode: str = Field(
+        "reduce-overhead", description="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune"
+    )
+    random_weights: bool = Field(False, description="random weights instead of a file (benchmarks and tests)")
+    label_set: str | None = Field(None, description="label set (default: what the weights say)")
+    input_size: str | None = Field(None, description="HxW the model sees (default: each frame's own size)")
+    warmup_size: str = Field("256x512", description="HxW of the warm-up batch run before reporting ready")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
+    decode_threads: int = Field(4, ge=1, le=64, description="threads decoding frames and encoding label maps")
+    channels_last: bool = Field(True, description="run the model in channels_last memory format")
+    dead_letter_maxlen: int = Field(10_000, ge=10, description="approximate MAXLEN of the dead-letter stream")
+    heartbeat_interval: float = Field(2.0, gt=0, le=60, description="seconds between heartbeats")
+    poll_ms: int = Field(500, ge=10, le=10_000, description="longest blocking read, so SIGTERM is seen quickly")
 
 
 class ApiSettings(ServiceSettings):
