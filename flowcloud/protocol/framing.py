@@ -1,0 +1,93 @@
+"""RFC 4571 framing: each packet on the TCP stream is preceded by its 2-byte big-endian length.
+
+This is the framing GStreamer's ``rtpstreampay`` writes and ``rtpstreamdepay`` reads. The
+incremental `Rfc4571Decoder` buffers at most one frame (header included), whatever it is fed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from flowcloud.protocol.errors import ProtocolError
+
+LENGTH_SIZE = 2
+MAX_FRAME_SIZE = 0xFFFF
+
+
+def frame(packet: bytes) -> bytes:
+    """``packet`` with its RFC 4571 length prefix."""
+    if len(packet) > MAX_FRAME_SIZE:
+        raise ProtocolError(
+            f"packet of {len(packet)} bytes does not fit an RFC 4571 frame (max {MAX_FRAME_SIZE})"
+        )
+    return len(packet).to_bytes(LENGTH_SIZE, "big") + bytes(packet)
+
+
+class Rfc4571Decoder:
+    """Incremental RFC 4571 reframer: bytes in any chunking -> whole frame bodies.
+
+    A length above ``max_frame_size`` raises `ProtocolError`; the stream is then out of sync, so
+    every later `feed` raises the same error.
+    """
+
+    def __init__(self, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        if not 0 < max_frame_size <= MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size {max_frame_size} is out of range [1, {MAX_FRAME_SIZE}]")
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held back waiting for the rest of a frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._error is not None:
+            raise self._error
+        out: list[bytes] = []
+        view = memoryview(data)
+        while view:
+            if len(self._buffer) < LENGTH_SIZE:
+                take = LENGTH_SIZE - len(self._buffer)
+                self._buffer += view[:take]
+                view = view[take:]
+                if len(self._buffer) < LENGTH_SIZE:
+                    break
+                size = int.from_bytes(self._buffer[:LENGTH_SIZE], "big")
+                if size > self.max_frame_size:
+                    self._error = ProtocolError(
+                        f"RFC 4571 frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes"
+                    )
+                    raise self._error
+            size = int.from_bytes(self._buffer[:LENGTH_SIZE], "big")
+            need = LENGTH_SIZE + size - len(self._buffer)
+            self._buffer += view[:need]
+            view = view[need:]
+            if len(self._buffer) == LENGTH_SIZE + size:
+                out.append(bytes(self._buffer[LENGTH_SIZE:]))
+                self._buffer.clear()
+        # A frame whose header arrived last with length 0 is complete already.
+        if len(self._buffer) == LENGTH_SIZE and int.from_bytes(self._buffer, "big") == 0:
+            out.append(b"")
+            self._buffer.clear()
+        return out
+
+
+async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME_SIZE) -> bytes:
+    """Read one RFC 4571 frame body of at most ``max_size`` bytes.
+
+    Raises `ProtocolError` when the length exceeds ``max_size`` (before reading the body) and
+    `asyncio.IncompleteReadError` when the stream ends first (``partial == b""`` at a frame boundary).
+    """
+    header = await reader.readexactly(LENGTH_SIZE)
+    size = int.from_bytes(header, "big")
+    if size > max_size:
+        raise ProtocolError(f"RFC 4571 frame of {size} bytes exceeds the limit of {max_size} bytes")
+    return await reader.readexactly(size)
+
+
+async def write_frame(writer: asyncio.StreamWriter, body: bytes) -> None:
+    """Write one framed packet and wait until the transport's buffer drains."""
+    writer.write(frame(body))
+    await writer.drain()

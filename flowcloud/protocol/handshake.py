@@ -1,0 +1,325 @@
+"""The handshake that opens every edge -> gateway connection.
+
+The whole TCP connection is RFC 4571 framed. The first frames are JSON objects (UTF-8, at most
+`MAX_CONTROL_SIZE` bytes each):
+
+1. edge -> gateway `Hello` (version, device id, token, stream description, ``edge_time`` = t0);
+2. gateway -> edge `Accept` (session id, t0 echoed, ``gateway_recv`` = t1, ``gateway_send`` = t2)
+   or `Reject` (a code from `REJECT_CODES` and a reason), after which the gateway closes;
+3. edge -> gateway `ClockSync` (NTP-style offset and round-trip time, see `clock_offset`);
+4. then RTP/H.264 packets, one per frame, each access unit's first packet carrying the capture
+   time extension (`flowcloud.protocol.capture_time`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flowcloud.protocol.errors import ProtocolError
+from flowcloud.protocol.framing import read_frame, write_frame
+
+PROTOCOL_VERSION = 1
+MAX_CONTROL_SIZE = 4096
+MAX_DEVICE_ID_LENGTH = 128
+MAX_TOKEN_LENGTH = 256
+MAX_SESSION_ID_LENGTH = 128
+MAX_REASON_LENGTH = 1024
+MAX_DIMENSION = 16384
+MAX_FPS = 1000.0
+CODEC_H264 = "H264"
+CLOCK_RATE = 90_000
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+
+REJECT_UNKNOWN_DEVICE = "unknown_device"
+REJECT_BAD_TOKEN = "bad_token"
+REJECT_REVOKED = "revoked"
+REJECT_BUSY = "busy"
+REJECT_VERSION = "version"
+REJECT_LIMIT = "limit"
+REJECT_MALFORMED = "malformed"
+REJECT_CODES = (
+    REJECT_UNKNOWN_DEVICE,
+    REJECT_BAD_TOKEN,
+    REJECT_REVOKED,
+    REJECT_BUSY,
+    REJECT_VERSION,
+    REJECT_LIMIT,
+    REJECT_MALFORMED,
+)
+
+
+class UnsupportedVersion(ProtocolError):
+    """A well-formed message of a protocol version this side does not speak (reject code "version")."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})"
+        )
+        self.version = version
+
+
+class HandshakeRejected(Exception):
+    """The gateway refused the connection with one of `REJECT_CODES`."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"gateway rejected the connection: {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def clock_offset(t0: float, t1: float, t2: float, t3: float) -> tuple[float, float]:
+    """NTP-style (offset, rtt): gateway_time = edge_time + offset.
+
+    t0 = edge send, t1 = gateway receive, t2 = gateway send, t3 = edge receive.
+    """
+    return ((t1 - t0) + (t2 - t3)) / 2, (t3 - t0) - (t2 - t1)
+
+
+def _decode(body: bytes, expected_type: str | None = None) -> dict[str, Any]:
+    if len(body) > MAX_CONTROL_SIZE:
+        raise ProtocolError(f"control message of {len(body)} bytes exceeds the limit of {MAX_CONTROL_SIZE}")
+    try:
+        obj = json.loads(bytes(body).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("control message is not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise ProtocolError("control message is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("control message is not a JSON object")
+    kind = obj.get("type")
+    if expected_type is not None and kind != expected_type:
+        raise ProtocolError(f"expected a {expected_type!r} message, got type {kind!r}")
+    return obj
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > MAX_CONTROL_SIZE:
+        raise ValueError(f"control message of {len(body)} bytes exceeds the limit of {MAX_CONTROL_SIZE}")
+    return body
+
+
+def _field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if name not in obj:
+        raise ProtocolError(f"{where} lacks field {name!r}")
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ProtocolError(f"{where} field {name!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _time(obj: dict[str, Any], name: str, where: str) -> float:
+    value = float(_field(obj, name, (int, float), where))
+    if not math.isfinite(value):
+        raise ProtocolError(f"{where} field {name!r} is not a finite number")
+    return value
+
+
+def _version(obj: dict[str, Any], where: str) -> int:
+    version = _field(obj, "version", int, where)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(version)
+    return int(version)
+
+
+def validate_device_id(device_id: str) -> str:
+    if not 1 <= len(device_id) <= MAX_DEVICE_ID_LENGTH:
+        raise ProtocolError(
+            f"device id must have 1 to {MAX_DEVICE_ID_LENGTH} characters, got {len(device_id)}"
+        )
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
+        raise ProtocolError("device id may contain only letters, digits, '.', '_' and '-'")
+    return device_id
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    width: int
+    height: int
+    fps: float
+    codec: str = CODEC_H264
+    clock_rate: int = CLOCK_RATE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "codec": self.codec,
+            "width": self.width,
+            "height": self.height,
+            "fps": self.fps,
+            "clock_rate": self.clock_rate,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> StreamInfo:
+        where = "hello stream"
+        if not isinstance(obj, dict):
+            raise ProtocolError("hello field 'stream' must be an object")
+        codec = _field(obj, "codec", str, where)
+        if codec != CODEC_H264:
+            raise ProtocolError(f"codec {codec[:32]!r} is not supported (only {CODEC_H264})")
+        width = _field(obj, "width", int, where)
+        height = _field(obj, "height", int, where)
+        if not (1 <= width <= MAX_DIMENSION and 1 <= height <= MAX_DIMENSION):
+            raise ProtocolError(f"stream size {width}x{height} is out of range [1, {MAX_DIMENSION}]")
+        fps = float(_field(obj, "fps", (int, float), where))
+        if not 0 < fps <= MAX_FPS:
+            raise ProtocolError(f"stream fps {fps} is out of range (0, {MAX_FPS:g}]")
+        clock_rate = _field(obj, "clock_rate", int, where)
+        if clock_rate != CLOCK_RATE:
+            raise ProtocolError(f"clock rate {clock_rate} is not supported (only {CLOCK_RATE})")
+        return cls(width=width, height=height, fps=fps, codec=codec, clock_rate=clock_rate)
+
+
+@dataclass(frozen=True)
+class Hello:
+    device_id: str
+    token: str = field(repr=False)
+    stream: StreamInfo
+    edge_time: float = 0.0
+    version: int = PROTOCOL_VERSION
+
+    def to_bytes(self) -> bytes:
+        return _encode(
+            {
+                "type": "hello",
+                "version": self.version,
+                "device_id": self.device_id,
+                "token": self.token,
+                "stream": self.stream.to_dict(),
+                "edge_time": self.edge_time,
+            }
+        )
+
+    @classmethod
+    def parse(cls, body: bytes) -> Hello:
+        """Validate a HELLO; `UnsupportedVersion` for another version, `ProtocolError` otherwise."""
+        obj = _decode(body, "hello")
+        version = _version(obj, "hello")
+        device_id = validate_device_id(_field(obj, "device_id", str, "hello"))
+        token = _field(obj, "token", str, "hello")
+        if not 1 <= len(token) <= MAX_TOKEN_LENGTH:
+            raise ProtocolError(f"token must have 1 to {MAX_TOKEN_LENGTH} characters, got {len(token)}")
+        stream = StreamInfo.from_dict(obj.get("stream"))
+        return cls(device_id, token, stream, _time(obj, "edge_time", "hello"), version)
+
+
+@dataclass(frozen=True)
+class Accept:
+    session_id: str
+    edge_time: float
+    gateway_recv: float
+    gateway_send: float
+    version: int = PROTOCOL_VERSION
+
+    def to_bytes(self) -> bytes:
+        return _encode(
+            {
+                "type": "accept",
+                "version": self.version,
+                "session_id": self.session_id,
+                "edge_time": self.edge_time,
+                "gateway_recv": self.gateway_recv,
+                "gateway_send": self.gateway_send,
+            }
+        )
+
+    @classmethod
+    def parse(cls, body: bytes) -> Accept:
+        obj = _decode(body, "accept")
+        version = _version(obj, "accept")
+        session_id = _field(obj, "session_id", str, "accept")
+        if not 1 <= len(session_id) <= MAX_SESSION_ID_LENGTH:
+            raise ProtocolError(f"session id must have 1 to {MAX_SESSION_ID_LENGTH} characters")
+        return cls(
+            session_id,
+            _time(obj, "edge_time", "accept"),
+            _time(obj, "gateway_recv", "accept"),
+            _time(obj, "gateway_send", "accept"),
+            version,
+        )
+
+
+@dataclass(frozen=True)
+class Reject:
+    code: str
+    reason: str
+
+    def to_bytes(self) -> bytes:
+        return _encode({"type": "reject", "code": self.code, "reason": self.reason[:MAX_REASON_LENGTH]})
+
+    @classmethod
+    def parse(cls, body: bytes) -> Reject:
+        obj = _decode(body, "reject")
+        code = _field(obj, "code", str, "reject")
+        if code not in REJECT_CODES:
+            raise ProtocolError(f"unknown reject code {code[:32]!r}")
+        reason = _field(obj, "reason", str, "reject")
+        return cls(code, reason[:MAX_REASON_LENGTH])
+
+
+@dataclass(frozen=True)
+class ClockSync:
+    offset: float
+    rtt: float
+
+    def to_bytes(self) -> bytes:
+        return _encode({"type": "clock", "offset": self.offset, "rtt": self.rtt})
+
+    @classmethod
+    def parse(cls, body: bytes) -> ClockSync:
+        obj = _decode(body, "clock")
+        rtt = _time(obj, "rtt", "clock")
+        if rtt < 0:
+            raise ProtocolError(f"clock rtt {rtt} is negative")
+        return cls(_time(obj, "offset", "clock"), rtt)
+
+
+ControlMessage = Hello | Accept | Reject | ClockSync
+_BY_TYPE: dict[str, Any] = {"hello": Hello, "accept": Accept, "reject": Reject, "clock": ClockSync}
+
+
+def parse_control(body: bytes) -> ControlMessage:
+    """Any control message, by its ``type`` field."""
+    kind = _decode(body).get("type")
+    if not isinstance(kind, str) or kind not in _BY_TYPE:
+        raise ProtocolError(f"unknown control message type {str(kind)[:32]!r}")
+    message: ControlMessage = _BY_TYPE[kind].parse(body)
+    return message
+
+
+async def client_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello, timeout: float
+) -> tuple[Accept, ClockSync]:
+    """The edge's side: send HELLO (stamped now), await ACCEPT, send CLOCK.
+
+    Raises `HandshakeRejected` on a REJECT and `ProtocolError` on anything else that goes wrong,
+    including a timeout and a connection closed early.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            hello = replace(hello, edge_time=time.time())
+            await write_frame(writer, hello.to_bytes())
+            body = await read_frame(reader, MAX_CONTROL_SIZE)
+            t3 = time.time()
+            answer = parse_control(body)
+            if isinstance(answer, Reject):
+                raise HandshakeRejected(answer.code, answer.reason)
+            if not isinstance(answer, Accept):
+                raise ProtocolError(f"expected 'accept' or 'reject', got {type(answer).__name__}")
+            if answer.edge_time != hello.edge_time:
+                raise ProtocolError(f"accept echoes edge_time {answer.edge_time!r}, sent {hello.edge_time!r}")
+            offset, rtt = clock_offset(hello.edge_time, answer.gateway_recv, answer.gateway_send, t3)
+            clock = ClockSync(offset, max(rtt, 0.0))
+            await write_frame(writer, clock.to_bytes())
+            return answer, clock
+    except TimeoutError:
+        raise ProtocolError(f"handshake not completed within {timeout:g} s") from None
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("gateway closed the connection during the handshake") from None
