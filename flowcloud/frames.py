@@ -75,7 +75,9 @@ def encode_image(rgb: np.ndarray, encoding: str = "jpeg", quality: int = DEFAULT
     if encoding == "raw":
         return np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
     if encoding == "jpeg":
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
         if not ok:
             raise FrameFormatError("JPEG encoding failed")
         return buf.tobytes()

@@ -69,7 +69,9 @@ class EmbeddedRedis:
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"redis-server did not start; see {self.data_dir / 'redis.log'}") from None
+                    raise RuntimeError(
+                        f"redis-server did not start; see {self.data_dir / 'redis.log'}"
+                    ) from None
                 time.sleep(0.05)
             finally:
                 client.close()

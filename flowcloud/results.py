@@ -108,7 +108,7 @@ class MaskStore:
             return
         old = await self.redis.zrange(index, 0, excess - 1)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))
+        pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))  # type: ignore[arg-type]
         pipe.zrem(index, *old)
         await pipe.execute()
 
@@ -117,11 +117,13 @@ class MaskStore:
         return MaskResult.from_fields(fields) if fields else None
 
     async def latest_seq(self, stream: str) -> int | None:
-        newest = await self.redis.zrange(keys.mask_index(stream), -1, -1)
+        newest: list[bytes] = await self.redis.zrange(keys.mask_index(stream), -1, -1)
         return int(newest[0]) if newest else None
 
     async def seqs(self, stream: str, before: int | None = None, limit: int = 50) -> list[int]:
         """Sequence numbers newest first, strictly below ``before`` when given (cursor paging)."""
         high = f"({before}" if before is not None else "+inf"
-        found = await self.redis.zrevrangebyscore(keys.mask_index(stream), high, "-inf", start=0, num=limit)
+        found: list[bytes] = await self.redis.zrevrangebyscore(
+            keys.mask_index(stream), high, "-inf", start=0, num=limit
+        )
         return [int(s) for s in found]

@@ -14,6 +14,9 @@ import sys
 from collections.abc import Sequence
 
 from flowcloud import __version__
+from flowcloud.cli.errors import CommandError
+
+__all__ = ["COMMANDS", "CommandError", "main"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,20 +36,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CommandError(Exception):
-    """A failure to report as one line, without a traceback (exit status 1 by default)."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowcloud",
         description="FlowCloud: semantic segmentation of live edge video on GPU machines.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
         + "\n\nRun 'flowcloud COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"flowcloud {__version__}")
@@ -69,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        print(f"flowcloud {top_args.command}: unavailable ({exc}); install the matching extra", file=sys.stderr)
+        print(
+            f"flowcloud {top_args.command}: unavailable ({exc}); install the matching extra", file=sys.stderr
+        )
         return 2
     parser = argparse.ArgumentParser(prog=f"flowcloud {top_args.command}", description=text)
     module.configure(parser)
@@ -84,4 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so that `python -m flowcloud.cli.main` and
+    # `python -m flowcloud` share one set of classes.
+    from flowcloud.cli import main as _cli
+
+    sys.exit(_cli.main())
