@@ -113,6 +113,17 @@ class ApiSettings(ServiceSettings):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     admin_key: SecretStr | None = Field(None, description="bootstrap admin API key (secret; no default)")
+    metrics_public: bool = Field(False, description="serve /metrics without an API key (for plain scrapers)")
+    auth_cache_seconds: float = Field(
+        2.0, ge=0, le=60, description="how long a verified API key is trusted before Redis is asked again"
+    )
+    live_window: float = Field(10.0, gt=0, description="a stream seen within this many seconds is live")
+    live_max_clients: int = Field(32, ge=1, description="concurrent /live viewers at most")
+    live_max_fps: float = Field(10.0, gt=0, le=60, description="most overlay frames per second sent to a viewer")
+    live_max_seconds: float = Field(3600.0, gt=0, description="a /live response ends after this long")
+    require_worker: bool = Field(False, description="/readyz fails while no worker is ready")
+    worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is not counted")
+    redis_timeout: float = Field(2.0, gt=0, description="seconds to wait on Redis before answering 503")
 
 
 class EdgeSettings(ServiceSettings):

@@ -1,0 +1,53 @@
+"""Who is calling: a bearer token checked against the bootstrap admin key and the key store.
+
+Verified keys are trusted for ``cache_seconds`` (default 2 s) so that a busy route costs no
+Redis lookup per request; a key revoked through this API is forgotten at once, one revoked from
+the CLI stops working within that window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+
+from services.api.apikeys import ALL_TENANTS, BOOTSTRAP_ID, ApiKey, ApiKeyStore, split_token
+
+MAX_CACHED = 1024
+MAX_TOKEN_CHARS = 1024  # longer bearer values are refused before hashing
+
+
+class Authenticator:
+    def __init__(self, store: ApiKeyStore, admin_key: str | None = None, cache_seconds: float = 2.0) -> None:
+        self.store = store
+        self._admin_digest = hashlib.sha256(admin_key.encode()).digest() if admin_key else None
+        self._bootstrap = ApiKey(BOOTSTRAP_ID, "admin", ALL_TENANTS, created=time.time())
+        self.cache_seconds = cache_seconds
+        # sha256(token) -> (key, expiry on the monotonic clock); the token itself is not kept.
+        self._cache: dict[bytes, tuple[ApiKey, float]] = {}
+
+    async def authenticate(self, token: str) -> ApiKey | None:
+        """The key a bearer token stands for, or None when it stands for none."""
+        if len(token) > MAX_TOKEN_CHARS:
+            return None
+        digest = hashlib.sha256(token.encode(errors="replace")).digest()
+        if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
+            return self._bootstrap
+        if split_token(token) is None:
+            return None
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        key = await self.store.verify(token)
+        if key is not None and self.cache_seconds > 0:
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[digest] = (key, now + self.cache_seconds)
+        return key
+
+    def forget(self, key_id: str) -> None:
+        """Stop trusting a cached key at once (it was revoked)."""
+        for digest, (key, _expiry) in list(self._cache.items()):
+            if key.key_id == key_id:
+                del self._cache[digest]

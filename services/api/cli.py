@@ -1,0 +1,46 @@
+"""`flowcloud api`: run the query API and dashboard (uvicorn, one worker)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pydantic import ValidationError
+
+from flowcloud.cli.main import CommandError
+from flowcloud.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the query API and dashboard. Settings come from FLOWCLOUD_API_* env vars "
+        "(FLOWCLOUD_API_ADMIN_KEY: a bootstrap admin key) and FLOWCLOUD_REDIS_URL; options override them."
+    )
+    parser.add_argument("--host", help="address to listen on (FLOWCLOUD_API_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="HTTP port (FLOWCLOUD_API_PORT, default 8000)")
+    parser.add_argument("--redis-url", help="Redis URL (FLOWCLOUD_REDIS_URL)")
+
+
+def settings_from(args: argparse.Namespace) -> ApiSettings:
+    overrides = {
+        name: value
+        for name, value in (("host", args.host), ("port", args.port), ("redis_url", args.redis_url))
+        if value is not None
+    }
+    try:
+        return ApiSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CommandError(f"bad setting {where}: {first['msg']}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.api.main import serve
+
+    settings = settings_from(args)
+    log.info("dashboard at http://%s:%d/dashboard", settings.host, settings.port)
+    serve(settings)
+    return 0

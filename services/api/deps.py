@@ -1,0 +1,86 @@
+"""FastAPI dependencies as ``Annotated`` aliases: the shared context, the caller's key, roles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from redis.asyncio import Redis
+
+from flowcloud.registry import DeviceRegistry
+from flowcloud.results import MaskStore
+from flowcloud.settings import ApiSettings
+from services.api.apikeys import ApiKey, ApiKeyStore
+from services.api.auth import Authenticator
+from services.api.queries import StreamQueries
+from services.api.render import RenderCache
+
+STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # stream ids are device ids
+
+
+@dataclass
+class ApiContext:
+    """What the routes share, built by the app's lifespan."""
+
+    settings: ApiSettings
+    redis: Redis
+    store: MaskStore
+    queries: StreamQueries
+    apikeys: ApiKeyStore
+    auth: Authenticator
+    registry: DeviceRegistry
+    renders: RenderCache = field(default_factory=RenderCache)
+    live_clients: int = 0
+
+
+def get_context(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.context
+    return context
+
+
+Context = Annotated[ApiContext, Depends(get_context)]
+
+bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer fck_<id>.<secret>`")
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def current_key(
+    context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> ApiKey:
+    if credentials is None:
+        raise unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+    key = await context.auth.authenticate(credentials.credentials)
+    if key is None:
+        raise unauthorized("the API key is unknown, revoked or malformed")
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+async def admin_key(key: CurrentKey) -> ApiKey:
+    if not key.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this route needs an admin key")
+    return key
+
+
+AdminKey = Annotated[ApiKey, Depends(admin_key)]
+
+StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id (the device id)")]
+
+
+async def visible_stream(stream_id: StreamId, context: Context, key: CurrentKey) -> str:
+    """The stream id when it exists and the caller may see it; 404 otherwise (another tenant's
+    stream answers exactly like a stream that does not exist)."""
+    exists, tenant = await context.queries.stream_tenant(stream_id)
+    if not exists or not key.can_see(tenant):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}")
+    return stream_id
+
+
+VisibleStream = Annotated[str, Depends(visible_stream)]

@@ -1,0 +1,131 @@
+"""The query API: ``create_app(settings)`` builds the FastAPI app; ``build_server`` and ``serve`` run it.
+
+In-process use (``flowcloud up``)::
+
+    server = build_server(ApiSettings(port=0))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(server.serve())
+        ...
+        server.should_exit = True   # drains and returns
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from flowcloud import __version__
+from flowcloud.registry import DeviceRegistry
+from flowcloud.results import MaskStore
+from flowcloud.settings import ApiSettings
+from services.api.apikeys import ApiKeyStore
+from services.api.auth import Authenticator
+from services.api.deps import ApiContext
+from services.api.metrics import REDIS_ERRORS, RequestMetrics
+from services.api.queries import StreamQueries
+from services.api.routes import dashboard, devices, health, streams
+
+log = logging.getLogger(__name__)
+
+MAX_REDIS_CONNECTIONS = 64
+GRACEFUL_SHUTDOWN_SECONDS = 5  # open /live responses are cut after this on shutdown
+
+
+def redis_client(settings: ApiSettings) -> Redis:
+    """A bounded pool: a burst of requests waits up to ``redis_timeout`` for a connection."""
+    pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=MAX_REDIS_CONNECTIONS,
+        timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+    )
+    return Redis(connection_pool=pool)
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    REDIS_ERRORS.inc()
+    log.warning("%s %s: Redis is unavailable: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": "Redis is unavailable; try again shortly", "error": "redis_unavailable"}, status_code=503
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error", "error": "internal"}, status_code=500)
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = redis_client(settings)
+        store = MaskStore(redis)
+        apikeys = ApiKeyStore(redis)
+        admin = settings.admin_key.get_secret_value() if settings.admin_key else None
+        app.state.context = ApiContext(
+            settings=settings,
+            redis=redis,
+            store=store,
+            queries=StreamQueries(redis, store, settings.live_window),
+            apikeys=apikeys,
+            auth=Authenticator(apikeys, admin, settings.auth_cache_seconds),
+            registry=DeviceRegistry(redis),
+        )
+        log.info("query API starting: %s", settings.describe())
+        if admin is None:
+            log.info("no FLOWCLOUD_API_ADMIN_KEY: only keys made with 'flowcloud apikeys add' work")
+        try:
+            yield
+        finally:
+            await redis.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
+            await redis.connection_pool.disconnect()
+
+    app = FastAPI(
+        title="FlowCloud query API",
+        version=__version__,
+        description="Streams, segmentation results, live overlays and the device registry. "
+        "Every route but /healthz, /readyz and the dashboard page needs `Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestMetrics)
+    app.add_exception_handler(RedisConnectionError, _redis_unavailable)
+    app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
+    app.add_exception_handler(RedisError, _internal_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(health.router)
+    app.include_router(streams.router)
+    app.include_router(devices.router)
+    app.include_router(dashboard.router)
+    return app
+
+
+def build_server(settings: ApiSettings | None = None, app: FastAPI | None = None) -> uvicorn.Server:
+    """A uvicorn server for the app, one worker; ``await server.serve()`` runs it in this loop."""
+    settings = settings or ApiSettings()
+    config = uvicorn.Config(
+        app or create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
+def serve(settings: ApiSettings | None = None) -> None:
+    """Run the API until SIGINT/SIGTERM (uvicorn drains open requests, then returns)."""
+    build_server(settings).run()  # picks uvloop and httptools when installed

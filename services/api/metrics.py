@@ -1,0 +1,56 @@
+"""Prometheus metrics of the API and the ASGI middleware that counts and times every request.
+
+Requests are labelled by route template (``/streams/{stream_id}/masks``), never by raw path, so
+the number of series stays bounded whatever clients ask for.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUESTS = Counter("flowcloud_api_requests_total", "HTTP requests answered", ["method", "route", "status"])
+LATENCY = Histogram(
+    "flowcloud_api_request_seconds",
+    "time to the response's first byte",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+REDIS_ERRORS = Counter("flowcloud_api_redis_errors_total", "requests answered 503 because Redis failed")
+LIVE_VIEWERS = Gauge("flowcloud_api_live_viewers", "open /streams/{id}/live responses")
+UNMATCHED = "unmatched"  # the route label of requests no route matched (404s of unknown paths)
+
+
+class RequestMetrics:
+    """Pure ASGI middleware (no per-request task or body buffering, unlike BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        started = False
+
+        def record(status_code: int) -> None:
+            label = getattr(scope.get("route"), "path", UNMATCHED)
+            LATENCY.labels(scope["method"], label).observe(time.perf_counter() - start)
+            REQUESTS.labels(scope["method"], label, str(status_code)).inc()
+
+        async def send_and_time(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                record(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_time)
+        except BaseException:
+            if not started:
+                record(500)  # the server's error handler, outside this middleware, answers 500
+            raise

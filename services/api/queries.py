@@ -1,0 +1,311 @@
+"""Read models of the API: streams, pages of mask results, class shares over time, recent frames.
+
+Everything here reads what the gateway (stream metadata, recent frames) and the workers (mask
+results through flowcloud.results.MaskStore, heartbeats) write; nothing here writes. Results are
+indexed by frame seq; capture times grow with seq, so a time bound becomes a rank in the index by
+binary search (a dozen lookups for the 10,000 results a stream keeps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from flowcloud import keys
+from flowcloud.frames import Frame, FrameFormatError
+from flowcloud.results import MaskResult, MaskStore
+
+LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
+MAX_STREAMS = 1000  # streams listed at most (newest activity first)
+RECENT_SCAN = 256  # entries of a recent-frames stream searched for a seq at most
+
+
+def text(value: object) -> str:
+    """A Redis reply (bytes without decode_responses) as text."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def as_fields(reply: object) -> dict[bytes, bytes]:
+    """A hash or stream-entry reply as the bytes mapping the core's ``from_fields`` parse."""
+    return cast(dict[bytes, bytes], reply or {})
+
+
+def _text(fields: Mapping[Any, Any], name: str) -> str | None:
+    value = fields.get(name.encode())
+    return text(value) if value is not None else None
+
+
+def _number(fields: Mapping[Any, Any], name: str) -> float | None:
+    text = _text(fields, name)
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of a non-empty list (q in [0, 100])."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class LatencySummary:
+    samples: int = 0
+    p50: float | None = None
+    p95: float | None = None
+    mean: float | None = None
+    max: float | None = None
+    result_fps: float | None = None  # results per second of capture time over the samples
+
+    @classmethod
+    def of(cls, results: list[MaskResult]) -> LatencySummary:
+        if not results:
+            return cls()
+        latencies = [r.latency for r in results]
+        times = sorted(r.capture_ts for r in results)
+        span = times[-1] - times[0]
+        return cls(
+            samples=len(results),
+            p50=percentile(latencies, 50),
+            p95=percentile(latencies, 95),
+            mean=sum(latencies) / len(latencies),
+            max=max(latencies),
+            result_fps=(len(times) - 1) / span if span > 0 else None,
+        )
+
+
+@dataclass
+class StreamInfo:
+    stream_id: str
+    device: str | None
+    tenant: str | None
+    status: str
+    width: int | None
+    height: int | None
+    fps: float | None
+    started: float | None
+    last_seen: float | None
+    last_seq: int | None
+    results: int
+    latest_result_seq: int | None
+    latency: LatencySummary = field(default_factory=LatencySummary)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["latency"] = dict(self.latency.__dict__)
+        return out
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
+class StreamQueries:
+    """Queries over one Redis (bytes responses) and the MaskStore on it."""
+
+    def __init__(self, redis: Redis, store: MaskStore, live_window: float) -> None:
+        self.redis = redis
+        self.store = store
+        self.live_window = live_window
+
+    # --- streams ----------------------------------------------------------------------------
+    async def stream_tenant(self, stream_id: str) -> tuple[bool, str | None]:
+        """(exists, tenant) of a stream: it exists when the gateway has described or indexed it."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.stream_meta(stream_id), keys.M_TENANT)
+        pipe.exists(keys.stream_meta(stream_id))
+        pipe.zscore(keys.STREAMS_INDEX, stream_id)
+        tenant, has_meta, score = await pipe.execute()
+        return bool(has_meta) or score is not None, text(tenant) if tenant is not None else None
+
+    async def stream_ids(self) -> list[str]:
+        ids = await self.redis.zrevrange(keys.STREAMS_INDEX, 0, MAX_STREAMS - 1)
+        return [text(i) for i in ids]
+
+    async def streams(self, stream_ids: list[str]) -> list[StreamInfo]:
+        """Descriptions of the given streams, in two round trips whatever their number."""
+        if not stream_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in stream_ids:
+            pipe.hgetall(keys.stream_meta(sid))
+            pipe.zcard(keys.mask_index(sid))
+            pipe.zrevrange(keys.mask_index(sid), 0, LATENCY_SAMPLES - 1)
+        replies = await pipe.execute()
+        metas = replies[0::3]
+        counts = replies[1::3]
+        newest = [[int(s) for s in seqs] for seqs in replies[2::3]]
+        pipe = self.redis.pipeline(transaction=False)
+        for sid, seqs in zip(stream_ids, newest, strict=True):
+            for seq in seqs:
+                pipe.hgetall(keys.mask(sid, seq))
+        fetched = iter(await pipe.execute())
+        now = time.time()
+        out = []
+        for sid, meta, count, seqs in zip(stream_ids, metas, counts, newest, strict=True):
+            results = [MaskResult.from_fields(f) for f in (next(fetched) for _ in seqs) if f]
+            out.append(self._info(sid, meta, int(count), seqs[0] if seqs else None, results, now))
+        return out
+
+    def _info(
+        self,
+        stream_id: str,
+        meta: Mapping[Any, Any],
+        count: int,
+        latest: int | None,
+        results: list[MaskResult],
+        now: float,
+    ) -> StreamInfo:
+        last_seen = _number(meta, keys.M_LAST_SEEN)
+        said_live = _text(meta, keys.M_STATUS) == keys.STATUS_LIVE
+        # A crashed gateway leaves "live" behind: trust it only while frames keep arriving.
+        live = said_live and last_seen is not None and now - last_seen <= self.live_window
+        return StreamInfo(
+            stream_id=stream_id,
+            device=_text(meta, keys.M_DEVICE),
+            tenant=_text(meta, keys.M_TENANT),
+            status=keys.STATUS_LIVE if live else keys.STATUS_IDLE,
+            width=_int(_number(meta, keys.M_WIDTH)),
+            height=_int(_number(meta, keys.M_HEIGHT)),
+            fps=_number(meta, keys.M_FPS),
+            started=_number(meta, keys.M_STARTED),
+            last_seen=last_seen,
+            last_seq=_int(_number(meta, keys.M_LAST_SEQ)),
+            results=count,
+            latest_result_seq=latest,
+            latency=LatencySummary.of(results),
+        )
+
+    # --- results ----------------------------------------------------------------------------
+    async def results(self, stream_id: str, seqs: list[int]) -> list[MaskResult]:
+        """The results of ``seqs`` in one round trip, in that order; expired ones are left out."""
+        if not seqs:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for seq in seqs:
+            pipe.hgetall(keys.mask(stream_id, seq))
+        return [MaskResult.from_fields(f) for f in await pipe.execute() if f]
+
+    async def _seq_at_rank(self, stream_id: str, rank: int) -> int:
+        found = await self.redis.zrange(keys.mask_index(stream_id), rank, rank)
+        return int(text(found[0]))
+
+    async def rank_before(self, stream_id: str, when: float) -> int:
+        """How many results (oldest first) were captured before ``when``: a rank in the index."""
+        low, high = 0, int(await self.redis.zcard(keys.mask_index(stream_id)))
+        while low < high:
+            mid = (low + high) // 2
+            seq = await self._seq_at_rank(stream_id, mid)
+            result = await self.store.get(stream_id, seq)
+            # An expired hash (TTL) sorts as old: retention removes the oldest first.
+            if result is None or result.capture_ts < when:
+                low = mid + 1
+            else:
+                high = mid
+        return low
+
+    async def seq_bound(self, stream_id: str, until: float) -> int | None:
+        """The oldest seq captured at or after ``until`` (a ``before`` cursor), None when none is."""
+        rank = await self.rank_before(stream_id, until)
+        if rank >= int(await self.redis.zcard(keys.mask_index(stream_id))):
+            return None
+        return await self._seq_at_rank(stream_id, rank)
+
+    async def page(
+        self,
+        stream_id: str,
+        limit: int,
+        before: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> tuple[list[MaskResult], int | None]:
+        """Up to ``limit`` results newest first, below the ``before`` cursor and within
+        [since, until); with the cursor for the next page (None on the last page)."""
+        if until is not None:
+            bound = await self.seq_bound(stream_id, until)
+            if bound is not None:
+                before = bound if before is None else min(before, bound)
+        items: list[MaskResult] = []
+        cursor = before
+        while len(items) <= limit:
+            seqs = await self.store.seqs(stream_id, before=cursor, limit=limit + 1 - len(items))
+            if not seqs:
+                break
+            cursor = seqs[-1]
+            for result in await self.results(stream_id, seqs):
+                if until is not None and result.capture_ts >= until:
+                    continue  # a capture clock that stepped back; rare, filtered all the same
+                if since is not None and result.capture_ts < since:
+                    return items[:limit], None
+                items.append(result)
+        if len(items) > limit:
+            return items[:limit], items[limit - 1].seq
+        return items, None
+
+    async def sampled(
+        self, stream_id: str, points: int, since: float | None = None, until: float | None = None
+    ) -> list[MaskResult]:
+        """At most ``points`` results evenly spread over [since, until), oldest first."""
+        index = keys.mask_index(stream_id)
+        low = await self.rank_before(stream_id, since) if since is not None else 0
+        high = (
+            await self.rank_before(stream_id, until)
+            if until is not None
+            else int(await self.redis.zcard(index))
+        )
+        if high <= low:
+            return []
+        count = high - low
+        if count <= points:
+            ranks = list(range(low, high))
+        else:
+            step = (count - 1) / (points - 1) if points > 1 else 0.0
+            ranks = sorted({low + round(i * step) for i in range(points)} | {high - 1})
+        pipe = self.redis.pipeline(transaction=False)
+        for rank in ranks:
+            pipe.zrange(index, rank, rank)
+        seqs = [int(found[0]) for found in await pipe.execute() if found]
+        return await self.results(stream_id, seqs)
+
+    # --- recent frames ----------------------------------------------------------------------
+    async def recent_frame(self, stream_id: str, seq: int) -> tuple[Frame | None, tuple[int, int] | None]:
+        """The frame ``seq`` from the stream's recent-frames window, and the (oldest, newest)
+        seqs that window holds (None when it is empty or unreadable)."""
+        entries = await self.redis.xrevrange(keys.recent_frames(stream_id), "+", "-", count=RECENT_SCAN)
+        found: Frame | None = None
+        seen: list[int] = []
+        for _entry_id, fields in entries or []:
+            try:
+                frame = Frame.from_fields(as_fields(fields))
+            except FrameFormatError:
+                continue  # one bad entry spoils only itself
+            seen.append(frame.seq)
+            if frame.seq == seq and found is None:
+                found = frame
+        return found, (min(seen), max(seen)) if seen else None
+
+    # --- workers ----------------------------------------------------------------------------
+    async def workers(self, stale_after: float) -> list[dict[str, Any]]:
+        """Workers whose heartbeat is recent, with what their heartbeat hash says."""
+        now = time.time()
+        found: list[Any] = await self.redis.zrangebyscore(
+            keys.WORKERS_INDEX, now - stale_after, "+inf", withscores=True
+        )
+        names = [(text(name), float(beat)) for name, beat in found]
+        pipe = self.redis.pipeline(transaction=False)
+        for name, _beat in names:
+            pipe.hgetall(keys.worker(name))
+        out = []
+        for (name, beat), fields in zip(names, await pipe.execute(), strict=True):
+            info: dict[str, Any] = {text(k): text(v) for k, v in fields.items()}
+            info["name"] = name
+            info["last_heartbeat"] = beat
+            out.append(info)
+        return out

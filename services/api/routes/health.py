@@ -1,0 +1,81 @@
+"""/healthz (the process answers), /readyz (Redis answers; workers' state), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from services.api.deps import Context, bearer, current_key
+from services.api.schemas import ErrorBody, HealthBody, ReadyBody
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["health"])
+
+WORKER_READY = "ready"  # the state a worker's heartbeat reports once its model is warm
+
+
+@router.get("/healthz", response_model=HealthBody, summary="Liveness: the process answers (no key needed)")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyBody,
+    responses={
+        503: {"model": ReadyBody, "description": "Redis unreachable (or no ready worker, if required)"}
+    },
+    summary="Readiness: Redis reachable, and the workers' state (no key needed)",
+)
+async def readyz(context: Context) -> Any:
+    settings = context.settings
+    try:
+        async with asyncio.timeout(settings.redis_timeout):
+            await context.redis.ping()
+            workers = await context.queries.workers(settings.worker_stale_seconds)
+    except (RedisError, TimeoutError, OSError) as exc:
+        log.warning("not ready: Redis is unreachable: %s", exc)
+        body = {
+            "status": "not ready",
+            "redis": False,
+            "workers_ready": 0,
+            "workers": [],
+            "detail": "Redis is unreachable",
+        }
+        return JSONResponse(body, status_code=503)
+    ready = sum(1 for w in workers if w.get("state") == WORKER_READY)
+    body = {"status": "ready", "redis": True, "workers_ready": ready, "workers": workers, "detail": None}
+    if settings.require_worker and ready == 0:
+        body.update(status="not ready", detail="no worker is ready")
+        return JSONResponse(body, status_code=503)
+    return body
+
+
+async def metrics_access(
+    context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """Any valid key, unless FLOWCLOUD_API_METRICS_PUBLIC=true opens /metrics to plain scrapers."""
+    if not context.settings.metrics_public:
+        await current_key(context, credentials)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+        401: {"model": ErrorBody},
+    },
+    dependencies=[Depends(metrics_access)],
+    summary="Prometheus metrics (any API key, or none with FLOWCLOUD_API_METRICS_PUBLIC=true)",
+)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

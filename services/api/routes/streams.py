@@ -1,0 +1,303 @@
+"""/streams: the streams a caller may see, their mask results, images, class shares and live view."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi.responses import Response, StreamingResponse
+from redis.exceptions import RedisError
+
+from flowcloud.labels import get_label_set
+from flowcloud.results import MaskResult
+from services.api import render
+from services.api.deps import ApiContext, Context, CurrentKey, VisibleStream
+from services.api.metrics import LIVE_VIEWERS
+from services.api.schemas import ErrorBody, MaskPage, StatsBody, StreamBody, StreamList
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/streams", tags=["streams"])
+
+MAX_PAGE = 100
+KEEPALIVE_SECONDS = 15.0
+MJPEG_BOUNDARY = "flowcloudframe"
+
+Format = Literal["json", "labels", "color", "overlay"]
+FormatQuery = Annotated[
+    Format,
+    Query(
+        description="json: metadata; labels: the lossless palette PNG of class ids; "
+        "color: an RGB PNG in the label set's colours; overlay: a JPEG of the mask on its frame"
+    ),
+]
+Since = Annotated[
+    datetime | None, Query(description="only results captured at or after (ISO 8601 or unix seconds)")
+]
+Until = Annotated[
+    datetime | None, Query(description="only results captured before (ISO 8601 or unix seconds)")
+]
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "no such stream or result"}
+}
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "metadata (json), or the mask as an image",
+        "content": {"image/png": {}, "image/jpeg": {}},
+    },
+    404: {"model": ErrorBody, "description": "no such stream or result"},
+    410: {"model": ErrorBody, "description": "overlay: the frame has left the recent-frames window"},
+}
+
+
+def _unix(when: datetime | None) -> float | None:
+    if when is None:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+@router.get("", response_model=StreamList, summary="The streams the caller may see, newest activity first")
+async def list_streams(context: Context, key: CurrentKey) -> dict[str, Any]:
+    ids = await context.queries.stream_ids()
+    infos = await context.queries.streams(ids)
+    return {"items": [i.to_dict() for i in infos if key.can_see(i.tenant)]}
+
+
+@router.get("/{stream_id}", response_model=StreamBody, responses=NOT_FOUND, summary="One stream")
+async def get_stream(stream_id: VisibleStream, context: Context) -> dict[str, Any]:
+    (info,) = await context.queries.streams([stream_id])
+    return info.to_dict()
+
+
+@router.get(
+    "/{stream_id}/masks", response_model=MaskPage, responses=NOT_FOUND, summary="Mask results, newest first"
+)
+async def list_masks(
+    stream_id: VisibleStream,
+    context: Context,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="results per page")] = 50,
+    cursor: Annotated[
+        int | None, Query(ge=0, description="next_cursor of the previous page: results older than it")
+    ] = None,
+    since: Since = None,
+    until: Until = None,
+) -> dict[str, Any]:
+    items, next_seq = await context.queries.page(
+        stream_id, limit, before=cursor, since=_unix(since), until=_unix(until)
+    )
+    return {
+        "items": [r.metadata() for r in items],
+        "next_cursor": str(next_seq) if next_seq is not None else None,
+    }
+
+
+async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Response:
+    if fmt == "labels":
+        return Response(result.labels_png, media_type=render.PNG)
+    cache_key = (result.stream, result.seq, fmt)
+    cached = context.renders.get(cache_key)
+    if cached is None:
+        if fmt == "color":
+            cached = await asyncio.to_thread(render.color_png, result)
+        else:
+            frame, window = await context.queries.recent_frame(result.stream, result.seq)
+            if frame is None:
+                held = f"it holds frames {window[0]}..{window[1]}" if window else "it is empty"
+                raise HTTPException(
+                    status.HTTP_410_GONE,
+                    f"frame {result.seq} of stream {result.stream!r} is no longer in the recent-frames "
+                    f"window ({held}); ask for format=color or format=labels",
+                )
+            cached = await asyncio.to_thread(render.overlay_jpeg, result, frame)
+        context.renders.put(cache_key, cached)
+    return Response(cached, media_type=render.PNG if fmt == "color" else render.JPEG)
+
+
+async def _mask(context: ApiContext, stream_id: str, seq: int | None, fmt: Format) -> Any:
+    result = await context.store.get(stream_id, seq) if seq is not None else None
+    if result is None:
+        what = f"result for frame {seq}" if seq is not None else "result yet"
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} has no {what}")
+    if fmt == "json":
+        return result.metadata()
+    return await _render(context, result, fmt)
+
+
+@router.get(
+    "/{stream_id}/masks/latest",
+    responses=IMAGE_RESPONSES,
+    summary="The newest mask result: metadata, or an image (?format=)",
+)
+async def latest_mask(stream_id: VisibleStream, context: Context, format: FormatQuery = "json") -> Any:
+    return await _mask(context, stream_id, await context.store.latest_seq(stream_id), format)
+
+
+@router.get(
+    "/{stream_id}/masks/{frame}",
+    responses=IMAGE_RESPONSES,
+    summary="The mask result of one frame: metadata, or an image (?format=)",
+)
+async def frame_mask(
+    stream_id: VisibleStream,
+    frame: Annotated[int, Path(ge=0, description="the frame's seq")],
+    context: Context,
+    format: FormatQuery = "json",
+) -> Any:
+    return await _mask(context, stream_id, frame, format)
+
+
+@router.get(
+    "/{stream_id}/stats",
+    response_model=StatsBody,
+    responses=NOT_FOUND,
+    summary="Per-class pixel shares over time, sampled evenly over the window",
+)
+async def stream_stats(
+    stream_id: VisibleStream,
+    context: Context,
+    points: Annotated[int, Query(ge=1, le=500, description="samples at most")] = 120,
+    since: Since = None,
+    until: Until = None,
+) -> dict[str, Any]:
+    results = await context.queries.sampled(stream_id, points, since=_unix(since), until=_unix(until))
+    present = sorted({cls for r in results for cls in r.shares})
+    label_set_name = results[-1].label_set if results else None
+    classes: list[dict[str, Any]] = []
+    if label_set_name is not None:
+        label_set = get_label_set(label_set_name)
+        classes = [
+            {"id": c, "name": label_set.class_names[c], "color": tuple(int(v) for v in label_set.palette[c])}
+            for c in present
+            if c < label_set.num_classes
+        ]
+    n = len(results) or 1
+    return {
+        "stream": stream_id,
+        "label_set": label_set_name,
+        "classes": classes,
+        "mean": {str(c): sum(r.shares.get(c, 0.0) for r in results) / n for c in present},
+        "series": [
+            {
+                "seq": r.seq,
+                "capture_ts": r.capture_ts,
+                "latency": r.latency,
+                "shares": {str(k): v for k, v in r.shares.items()},
+            }
+            for r in results
+        ],
+    }
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _mjpeg_part(image: bytes, seq: int) -> bytes:
+    head = f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(image)}\r\n"
+    return (head + f"X-Frame-Seq: {seq}\r\n\r\n").encode() + image + b"\r\n"
+
+
+async def _live_image(context: ApiContext, result: MaskResult) -> tuple[bytes, bool]:
+    """The overlay JPEG when the frame is still held, else the colour mask as JPEG."""
+    cache_key = (result.stream, result.seq, "live")
+    cached = context.renders.get(cache_key)
+    if cached is not None:
+        return cached[1:], cached[0] == 1
+    frame, _window = await context.queries.recent_frame(result.stream, result.seq)
+    if frame is not None:
+        data = await asyncio.to_thread(render.overlay_jpeg, result, frame)
+    else:
+        data = await asyncio.to_thread(lambda: render.jpeg(render.color_mask(result)))
+    context.renders.put(cache_key, bytes([frame is not None]) + data)
+    return data, frame is not None
+
+
+async def _live_events(
+    request: Request, context: ApiContext, stream_id: str, fps: float, mjpeg: bool
+) -> AsyncIterator[bytes]:
+    interval = 1.0 / min(fps, context.settings.live_max_fps)
+    deadline = time.monotonic() + context.settings.live_max_seconds
+    last_seq: int | None = None
+    last_sent = time.monotonic()
+    previous_capture: float | None = None
+    context.live_clients += 1
+    LIVE_VIEWERS.inc()
+    try:
+        if not mjpeg:
+            yield f"retry: 2000\n: live overlay of {stream_id}\n\n".encode()
+        while time.monotonic() < deadline and not await request.is_disconnected():
+            seq = await context.store.latest_seq(stream_id)
+            result = await context.store.get(stream_id, seq) if seq is not None and seq != last_seq else None
+            if result is not None:
+                last_seq = seq
+                image, blended = await _live_image(context, result)
+                if mjpeg:
+                    yield _mjpeg_part(image, result.seq)
+                else:
+                    gap = result.capture_ts - previous_capture if previous_capture is not None else None
+                    yield _sse(
+                        "mask",
+                        {
+                            "seq": result.seq,
+                            "capture_ts": result.capture_ts,
+                            "latency": result.latency,
+                            "fps": 1.0 / gap if gap else None,
+                            "overlay": blended,
+                            "width": result.width,
+                            "height": result.height,
+                            "shares": {str(k): v for k, v in result.shares.items()},
+                            "jpeg": base64.b64encode(image).decode(),
+                        },
+                    )
+                previous_capture = result.capture_ts
+                last_sent = time.monotonic()
+            elif not mjpeg and time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+                yield b": keepalive\n\n"
+                last_sent = time.monotonic()
+            await asyncio.sleep(interval)
+    except RedisError as exc:
+        log.warning("live view of %s ends: Redis failed: %s", stream_id, exc)
+        if not mjpeg:
+            yield _sse("error", {"detail": "Redis is unavailable", "error": "redis_unavailable"})
+    finally:
+        context.live_clients -= 1
+        LIVE_VIEWERS.dec()
+
+
+@router.get(
+    "/{stream_id}/live",
+    responses={
+        200: {
+            "description": "sse: server-sent events ('mask' events: JSON with a base64 JPEG 'jpeg' field, "
+            "latency and fps); mjpeg: multipart/x-mixed-replace JPEG frames",
+            "content": {"text/event-stream": {}, f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}": {}},
+        },
+        404: {"model": ErrorBody, "description": "no such stream"},
+        503: {"model": ErrorBody, "description": "too many live viewers"},
+    },
+    summary="A live overlay of the stream's newest masks (SSE or MJPEG)",
+)
+async def live(
+    request: Request,
+    stream_id: VisibleStream,
+    context: Context,
+    format: Annotated[Literal["sse", "mjpeg"], Query(description="sse or mjpeg")] = "sse",
+    fps: Annotated[float, Query(gt=0, le=60, description="images per second at most")] = 5.0,
+) -> StreamingResponse:
+    if context.live_clients >= context.settings.live_max_clients:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "too many live viewers; try again later")
+    mjpeg = format == "mjpeg"
+    media_type = f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}" if mjpeg else "text/event-stream"
+    return StreamingResponse(
+        _live_events(request, context, stream_id, fps, mjpeg),
+        media_type=media_type,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,116 @@
+"""Response and request bodies, so that the OpenAPI document describes every answer."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what went wrong, for a person")
+    error: str | None = Field(None, description="a short machine-readable code (e.g. redis_unavailable)")
+
+
+class LatencyBody(BaseModel):
+    samples: int = Field(description="newest results summarised")
+    p50: float | None = Field(None, description="capture-to-result latency, median, seconds")
+    p95: float | None = Field(None, description="capture-to-result latency, 95th percentile, seconds")
+    mean: float | None = None
+    max: float | None = None
+    result_fps: float | None = Field(None, description="results per second of capture time")
+
+
+class StreamBody(BaseModel):
+    stream_id: str
+    device: str | None
+    tenant: str | None
+    status: str = Field(description="live (frames arriving) or idle")
+    width: int | None = Field(None, description="resolution the edge sends")
+    height: int | None = None
+    fps: float | None = Field(None, description="frame rate the edge announced")
+    started: float | None = Field(None, description="unix seconds the current or last session began")
+    last_seen: float | None = Field(None, description="unix seconds of the last frame")
+    last_seq: int | None = Field(None, description="seq of the last frame the gateway published")
+    results: int = Field(description="mask results kept")
+    latest_result_seq: int | None = None
+    latency: LatencyBody
+
+
+class StreamList(BaseModel):
+    items: list[StreamBody]
+
+
+class MaskBody(BaseModel):
+    stream: str
+    seq: int
+    capture_ts: float
+    recv_ts: float
+    infer_start: float
+    infer_end: float
+    persisted_ts: float
+    model: str
+    model_version: str
+    label_set: str
+    width: int
+    height: int
+    shares: dict[str, float] = Field(description="class id -> fraction of pixels (absent classes omitted)")
+    latency: float = Field(description="capture to persisted, seconds")
+
+
+class MaskPage(BaseModel):
+    items: list[MaskBody] = Field(description="newest first")
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next (older) page")
+
+
+class ClassBody(BaseModel):
+    id: int
+    name: str
+    color: tuple[int, int, int]
+
+
+class SharePoint(BaseModel):
+    seq: int
+    capture_ts: float
+    latency: float
+    shares: dict[str, float]
+
+
+class StatsBody(BaseModel):
+    stream: str
+    label_set: str | None = Field(None, description="label set of the newest result in the window")
+    classes: list[ClassBody] = Field(description="classes present in the window")
+    mean: dict[str, float] = Field(description="class id -> mean share over the points")
+    series: list[SharePoint] = Field(description="oldest first")
+
+
+class DeviceCreate(BaseModel):
+    device_id: str = Field(description="1 to 64 characters from A-Z a-z 0-9 . _ -")
+    tenant: str = Field("default", description="the tenant whose readers see the device's stream")
+
+
+class DeviceBody(BaseModel):
+    device_id: str
+    tenant: str
+    created: float
+    rotated: float | None
+    revoked: float | None
+    active: bool
+
+
+class DeviceWithToken(DeviceBody):
+    token: str = Field(description="the device's token; shown only now")
+
+
+class DeviceList(BaseModel):
+    items: list[DeviceBody]
+
+
+class HealthBody(BaseModel):
+    status: str
+
+
+class ReadyBody(BaseModel):
+    status: str = Field(description="ready or not ready")
+    redis: bool
+    workers_ready: int
+    workers: list[dict[str, str | float]]
+    detail: str | None = None

@@ -1,0 +1,331 @@
+// FlowCloud dashboard: streams, a live overlay, latency and fps, class shares over time.
+// Plain browser JavaScript with no dependencies, so the page works offline. The API key comes
+// from the URL fragment (#key=..., never sent to the server), this tab's storage, or the form.
+"use strict";
+
+const REFRESH_MS = 3000;
+const STATS_POINTS = 120;
+const KEY_STORAGE = "flowcloud.apikey";
+
+const state = { key: null, selected: null, live: null, timer: null, lastEventAt: 0 };
+const $ = (id) => document.getElementById(id);
+
+function setStatus(text, isError = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function loadKey() {
+  const match = /(?:^|[#&])key=([^&]+)/.exec(location.hash);
+  if (match) {
+    const key = decodeURIComponent(match[1]);
+    sessionStorage.setItem(KEY_STORAGE, key);
+    history.replaceState(null, "", location.pathname + location.search);  // keep it out of history
+    return key;
+  }
+  return sessionStorage.getItem(KEY_STORAGE);
+}
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(`${status}: ${detail}`);
+    this.status = status;
+  }
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { Authorization: `Bearer ${state.key}`, ...(options.headers || {}) },
+  });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status, detail);
+  }
+  return response;
+}
+
+function fmtSeconds(s) {
+  if (s === null || s === undefined) return "-";
+  return s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(2)} s`;
+}
+function fmtNumber(x, digits = 1) {
+  return x === null || x === undefined ? "-" : Number(x).toFixed(digits);
+}
+function fmtAgo(ts) {
+  if (!ts) return "-";
+  const ago = Date.now() / 1000 - ts;
+  if (ago < 60) return `${Math.max(0, ago).toFixed(0)} s ago`;
+  if (ago < 3600) return `${(ago / 60).toFixed(0)} min ago`;
+  return new Date(ts * 1000).toLocaleString();
+}
+
+function cell(text) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  return td;
+}
+
+function renderStreams(items) {
+  const body = $("streams").querySelector("tbody");
+  body.replaceChildren();
+  $("no-streams").hidden = items.length > 0;
+  for (const s of items) {
+    const tr = document.createElement("tr");
+    tr.dataset.stream = s.stream_id;
+    tr.classList.toggle("selected", s.stream_id === state.selected);
+    const status = document.createElement("td");
+    const badge = document.createElement("span");
+    badge.className = `badge ${s.status}`;
+    badge.textContent = s.status;
+    status.append(badge);
+    const lat = s.latency || {};
+    tr.append(
+      cell(s.stream_id),
+      cell(s.tenant ?? "-"),
+      status,
+      cell(s.width && s.height ? `${s.width}x${s.height}` : "-"),
+      cell(fmtNumber(s.fps)),
+      cell(`${fmtSeconds(lat.p50)} / ${fmtSeconds(lat.p95)}`),
+      cell(String(s.results)),
+      cell(fmtAgo(s.last_seen)),
+    );
+    tr.addEventListener("click", () => select(s.stream_id));
+    body.append(tr);
+    if (s.stream_id === state.selected) {
+      $("fig-latency-summary").textContent = `${fmtSeconds(lat.p50)} / ${fmtSeconds(lat.p95)}`;
+    }
+  }
+  if (state.selected === null && items.length > 0) select(items[0].stream_id);
+}
+
+// --- live overlay: server-sent events read through fetch (EventSource cannot send a key) ------
+async function readEvents(response, onEvent, signal) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  while (!signal.aborted) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) onEvent(event, JSON.parse(data.join("\n")));
+    }
+  }
+}
+
+function showMask(m) {
+  const img = $("live");
+  img.onload = () => { img.dataset.seq = String(m.seq); };
+  img.src = `data:image/jpeg;base64,${m.jpeg}`;
+  $("fig-latency").textContent = fmtSeconds(m.latency);
+  $("fig-fps").textContent = fmtNumber(m.fps);
+  $("fig-seq").textContent = String(m.seq);
+  $("live-caption").textContent = m.overlay
+    ? `frame ${m.seq}, ${m.width}x${m.height}, mask over the frame`
+    : `frame ${m.seq}, ${m.width}x${m.height}, mask only (the frame has left the recent window)`;
+  state.lastEventAt = Date.now();
+}
+
+async function startLive(streamId) {
+  stopLive();
+  const controller = new AbortController();
+  state.live = controller;
+  while (!controller.signal.aborted) {
+    try {
+      const response = await api(`/streams/${encodeURIComponent(streamId)}/live?fps=5`, {
+        signal: controller.signal,
+        headers: { Accept: "text/event-stream" },
+      });
+      await readEvents(response, (event, data) => {
+        if (event === "mask") showMask(data);
+        else if (event === "error") setStatus(`live view: ${data.detail}`, true);
+      }, controller.signal);
+    } catch (err) {
+      if (controller.signal.aborted) return;
+      setStatus(`live view: ${err.message}`, true);
+      if (err.status === 401) return showKeyForm();
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2000));  // reconnect after a drop
+  }
+}
+
+function stopLive() {
+  if (state.live) state.live.abort();
+  state.live = null;
+}
+
+// --- charts drawn on canvas --------------------------------------------------------------
+function rgb(color) {
+  return `rgb(${color[0]}, ${color[1]}, ${color[2]})`;
+}
+
+function prepare(canvas) {
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  return ctx;
+}
+
+function axes(ctx, box, yLabels, xRange) {
+  ctx.strokeStyle = "#2e3440";
+  ctx.fillStyle = "#8a93a3";
+  ctx.font = "11px sans-serif";
+  ctx.lineWidth = 1;
+  for (const [value, label] of yLabels) {
+    const y = box.y + box.h - value * box.h;
+    ctx.beginPath();
+    ctx.moveTo(box.x, y);
+    ctx.lineTo(box.x + box.w, y);
+    ctx.stroke();
+    ctx.fillText(label, 4, y + 4);
+  }
+  if (xRange) {
+    const fmt = (t) => new Date(t * 1000).toLocaleTimeString();
+    ctx.fillText(fmt(xRange[0]), box.x, box.y + box.h + 14);
+    const right = fmt(xRange[1]);
+    ctx.fillText(right, box.x + box.w - ctx.measureText(right).width, box.y + box.h + 14);
+  }
+}
+
+function drawShares(stats) {
+  const canvas = $("shares-chart");
+  const ctx = prepare(canvas);
+  const series = stats.series;
+  canvas.dataset.points = String(series.length);
+  const box = { x: 40, y: 8, w: canvas.width - 48, h: canvas.height - 30 };
+  axes(ctx, box, [[0, "0%"], [0.5, "50%"], [1, "100%"]],
+    series.length ? [series[0].capture_ts, series[series.length - 1].capture_ts] : null);
+  if (series.length === 0) return;
+  const t0 = series[0].capture_ts;
+  const span = Math.max(series[series.length - 1].capture_ts - t0, 1e-6);
+  const xOf = (p, i) => box.x + (series.length === 1 ? box.w / 2 : ((p.capture_ts - t0) / span) * box.w);
+  const yOf = (v) => box.y + box.h - Math.min(v, 1) * box.h;
+  const below = new Array(series.length).fill(0);
+  // Stacked areas, largest mean share at the bottom.
+  const classes = [...stats.classes].sort((a, b) => (stats.mean[b.id] || 0) - (stats.mean[a.id] || 0));
+  for (const cls of classes) {
+    const above = series.map((p, i) => below[i] + (p.shares[String(cls.id)] || 0));
+    ctx.beginPath();
+    series.forEach((p, i) => (i === 0 ? ctx.moveTo(xOf(p, i), yOf(above[i])) : ctx.lineTo(xOf(p, i), yOf(above[i]))));
+    for (let i = series.length - 1; i >= 0; i--) ctx.lineTo(xOf(series[i], i), yOf(below[i]));
+    ctx.closePath();
+    ctx.fillStyle = rgb(cls.color);
+    ctx.fill();
+    above.forEach((v, i) => { below[i] = v; });
+  }
+  const legend = $("legend");
+  legend.replaceChildren();
+  for (const cls of classes) {
+    const li = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = rgb(cls.color);
+    li.append(swatch, `${cls.name} ${(100 * (stats.mean[cls.id] || 0)).toFixed(1)}%`);
+    legend.append(li);
+  }
+}
+
+function drawLatency(stats) {
+  const canvas = $("latency-chart");
+  const ctx = prepare(canvas);
+  const series = stats.series;
+  const box = { x: 40, y: 8, w: canvas.width - 48, h: canvas.height - 30 };
+  const top = Math.max(0.001, ...series.map((p) => p.latency)) * 1.1;
+  axes(ctx, box, [[0, "0"], [0.5, (top / 2).toFixed(2)], [1, top.toFixed(2)]],
+    series.length ? [series[0].capture_ts, series[series.length - 1].capture_ts] : null);
+  if (series.length === 0) return;
+  const t0 = series[0].capture_ts;
+  const span = Math.max(series[series.length - 1].capture_ts - t0, 1e-6);
+  ctx.strokeStyle = "#5e9cff";
+  ctx.lineWidth = 1.5;
+  ctx.beginPath();
+  series.forEach((p, i) => {
+    const x = box.x + (series.length === 1 ? box.w / 2 : ((p.capture_ts - t0) / span) * box.w);
+    const y = box.y + box.h - (p.latency / top) * box.h;
+    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+  });
+  ctx.stroke();
+}
+
+// --- polling ---------------------------------------------------------------------------
+async function refresh() {
+  try {
+    const streams = await (await api("/streams")).json();
+    renderStreams(streams.items);
+    if (state.selected) {
+      const id = encodeURIComponent(state.selected);
+      const stats = await (await api(`/streams/${id}/stats?points=${STATS_POINTS}`)).json();
+      drawShares(stats);
+      drawLatency(stats);
+    }
+    setStatus(`updated ${new Date().toLocaleTimeString()}`);
+  } catch (err) {
+    setStatus(err.message, true);
+    if (err.status === 401) showKeyForm();
+    if (err.status === 404 && state.selected) deselect();
+  }
+}
+
+function select(streamId) {
+  if (state.selected === streamId) return;
+  state.selected = streamId;
+  $("stream-panel").hidden = false;
+  $("stream-name").textContent = streamId;
+  $("live").removeAttribute("data-seq");
+  for (const tr of $("streams").querySelectorAll("tbody tr")) {
+    tr.classList.toggle("selected", tr.dataset.stream === streamId);
+  }
+  startLive(streamId);
+  refresh();
+}
+
+function deselect() {
+  stopLive();
+  state.selected = null;
+  $("stream-panel").hidden = true;
+}
+
+function showKeyForm() {
+  clearInterval(state.timer);
+  stopLive();
+  sessionStorage.removeItem(KEY_STORAGE);
+  state.key = null;
+  $("key-form").hidden = false;
+  $("key-input").focus();
+}
+
+function start(key) {
+  state.key = key;
+  $("key-form").hidden = true;
+  setStatus("loading...");
+  clearInterval(state.timer);
+  state.timer = setInterval(refresh, REFRESH_MS);
+  refresh();
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const key = $("key-input").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("key-input").value = "";
+  start(key);
+});
+
+const initialKey = loadKey();
+if (initialKey) start(initialKey);
+else setStatus("enter an API key (flowcloud apikeys add --role reader --tenant T)");

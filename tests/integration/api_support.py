@@ -1,0 +1,166 @@
+"""Helpers for the query API tests: data written through the real MaskStore and real Frame
+entries, API keys made by the real key store, and a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+
+from flowcloud import keys
+from flowcloud.frames import Frame, encode_image
+from flowcloud.labels import TRAIN_IDS, class_shares
+from flowcloud.redis_server import free_port
+from flowcloud.results import MaskResult, MaskStore, encode_label_map
+from flowcloud.settings import ApiSettings
+from services.api.apikeys import ApiKeyStore
+from services.api.main import build_server
+
+WIDTH, HEIGHT = 64, 32
+RECENT_MAXLEN = 8
+ROAD, BUILDING, SKY, CAR = 0, 2, 10, 13  # trainIds
+
+
+def class_map(seq: int) -> np.ndarray:
+    """A street-like class map whose car moves with the seq (so shares vary over time)."""
+    m = np.full((HEIGHT, WIDTH), BUILDING, dtype=np.uint8)
+    m[: HEIGHT // 4] = SKY
+    m[HEIGHT // 2 :] = ROAD
+    x = (seq * 3) % (WIDTH - 12)
+    m[HEIGHT // 2 - 4 : HEIGHT // 2 + 6, x : x + 4 + seq % 8] = CAR
+    return m
+
+
+def frame_image(seq: int) -> np.ndarray:
+    """An RGB frame: a horizontal gradient, brighter for later seqs."""
+    ramp = np.linspace(0, 200, WIDTH, dtype=np.float32)[None, :, None]
+    rgb = np.broadcast_to(ramp + (seq % 50), (HEIGHT, WIDTH, 3))
+    return np.ascontiguousarray(rgb.astype(np.uint8))
+
+
+@dataclass
+class SeededStream:
+    stream_id: str
+    tenant: str
+    seqs: list[int]  # oldest first
+    capture_ts: dict[int, float]
+    recent: list[int]  # seqs still in the recent-frames window
+
+
+async def _seed(
+    redis_url: str, stream_id: str, tenant: str, count: int, start_ts: float, period: float, live: bool
+) -> SeededStream:
+    redis = Redis.from_url(redis_url)
+    try:
+        store = MaskStore(redis)
+        results = []
+        capture = {}
+        for seq in range(count):
+            ts = start_ts + seq * period
+            capture[seq] = ts
+            cmap = class_map(seq)
+            results.append(
+                MaskResult(
+                    stream=stream_id,
+                    seq=seq,
+                    capture_ts=ts,
+                    recv_ts=ts + 0.01,
+                    infer_start=ts + 0.02,
+                    infer_end=ts + 0.05,
+                    persisted_ts=ts + 0.06 + 0.001 * (seq % 10),
+                    model="test-model",
+                    model_version="1",
+                    label_set=TRAIN_IDS.name,
+                    width=WIDTH,
+                    height=HEIGHT,
+                    shares=class_shares(cmap, TRAIN_IDS.num_classes),
+                    labels_png=encode_label_map(cmap, TRAIN_IDS),
+                )
+            )
+        await store.put_many(results)
+        recent = list(range(max(0, count - RECENT_MAXLEN), count))
+        for seq in recent:
+            frame = Frame(
+                stream=stream_id,
+                seq=seq,
+                capture_ts=capture[seq],
+                recv_ts=capture[seq] + 0.01,
+                width=WIDTH,
+                height=HEIGHT,
+                encoding="jpeg",
+                data=encode_image(frame_image(seq), "jpeg", quality=95),
+            )
+            fields: dict[Any, Any] = frame.to_fields()
+            await redis.xadd(keys.recent_frames(stream_id), fields, maxlen=RECENT_MAXLEN)
+        last = start_ts + (count - 1) * period if count else start_ts
+        seen = time.time() if live else last
+        await redis.hset(
+            keys.stream_meta(stream_id),
+            mapping={
+                keys.M_DEVICE: stream_id,
+                keys.M_TENANT: tenant,
+                keys.M_WIDTH: 1280,
+                keys.M_HEIGHT: 720,
+                keys.M_FPS: 1.0 / period,
+                keys.M_LAST_SEEN: repr(seen),
+                keys.M_STARTED: repr(start_ts),
+                keys.M_STATUS: keys.STATUS_LIVE if live else keys.STATUS_IDLE,
+                keys.M_LAST_SEQ: max(count - 1, 0),
+            },
+        )
+        await redis.zadd(keys.STREAMS_INDEX, {stream_id: seen})
+    finally:
+        await redis.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
+    return SeededStream(stream_id, tenant, list(range(count)), capture, recent)
+
+
+def seed_stream(
+    redis_url: str,
+    stream_id: str,
+    tenant: str,
+    count: int = 30,
+    start_ts: float = 1_700_000_000.0,
+    period: float = 0.1,
+    live: bool = True,
+) -> SeededStream:
+    """A stream described as the gateway does, ``count`` results as workers write them, and the
+    last RECENT_MAXLEN frames in its recent-frames window."""
+    return asyncio.run(_seed(redis_url, stream_id, tenant, count, start_ts, period, live))
+
+
+def make_key(redis_url: str, role: str, tenant: str) -> str:
+    async def add() -> str:
+        redis = Redis.from_url(redis_url)
+        try:
+            _key, token = await ApiKeyStore(redis).add(role, tenant)
+            return token
+        finally:
+            await redis.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
+
+    return asyncio.run(add())
+
+
+@contextmanager
+def running_api(settings: ApiSettings) -> Iterator[str]:
+    """A real uvicorn server with the app on 127.0.0.1 in a thread; yields its base URL."""
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": free_port()})
+    server = build_server(settings)
+    thread = threading.Thread(target=server.run, name="api-under-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
