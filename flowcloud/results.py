@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -106,24 +106,25 @@ class MaskStore:
         excess = int(await self.redis.zcard(index)) - self.max_per_stream
         if excess <= 0:
             return
-        old = await self.redis.zrange(index, 0, excess - 1)
+        old = cast(list[bytes], await self.redis.zrange(index, 0, excess - 1))
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))  # type: ignore[arg-type]
+        pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))
         pipe.zrem(index, *old)
         await pipe.execute()
 
     async def get(self, stream: str, seq: int) -> MaskResult | None:
-        fields = await self.redis.hgetall(keys.mask(stream, seq))
+        fields = cast(dict[bytes, bytes], await self.redis.hgetall(keys.mask(stream, seq)))
         return MaskResult.from_fields(fields) if fields else None
 
     async def latest_seq(self, stream: str) -> int | None:
-        newest: list[bytes] = await self.redis.zrange(keys.mask_index(stream), -1, -1)
+        newest = cast(list[bytes], await self.redis.zrange(keys.mask_index(stream), -1, -1))
         return int(newest[0]) if newest else None
 
     async def seqs(self, stream: str, before: int | None = None, limit: int = 50) -> list[int]:
         """Sequence numbers newest first, strictly below ``before`` when given (cursor paging)."""
         high = f"({before}" if before is not None else "+inf"
-        found: list[bytes] = await self.redis.zrevrangebyscore(
-            keys.mask_index(stream), high, "-inf", start=0, num=limit
+        found = cast(
+            list[bytes],
+            await self.redis.zrevrangebyscore(keys.mask_index(stream), high, "-inf", start=0, num=limit),
         )
         return [int(s) for s in found]
