@@ -1,0 +1,63 @@
+"""Shared helpers of the deployment checks: the real tools, and the CLI and settings contracts.
+
+CI has no cluster and no Docker engine, so these checks are static, but they use the real tools
+(helm, kubernetes-validate, hadolint) that `make tools` installs; a missing tool fails the test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from flowcloud.cli.main import COMMANDS
+from flowcloud.settings import ApiSettings, EdgeSettings, GatewaySettings, ServiceSettings, WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "flowcloud"
+SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (GatewaySettings, WorkerSettings, ApiSettings, EdgeSettings)
+
+
+def find_tool(name: str) -> str:
+    """A tool from .tools/bin (make tools), the venv's bin, or PATH; fails the test when absent."""
+    for candidate in (ROOT / ".tools" / "bin" / name, Path(sys.executable).parent / name):
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: run `make tools` (it installs helm, kubectl, hadolint)")
+    return found
+
+
+def settings_env_names() -> set[str]:
+    """Every environment variable a FlowCloud settings class reads."""
+    names: set[str] = set()
+    shared = set(ServiceSettings.model_fields)
+    for cls in SETTINGS_CLASSES:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for field in cls.model_fields:
+            if field not in shared:
+                names.add(f"{prefix}{field}".upper())
+    for field in ServiceSettings.model_fields.values():
+        alias = field.validation_alias
+        choices = getattr(alias, "choices", [alias])
+        names.update(str(c) for c in choices if str(c).startswith("FLOWCLOUD_"))
+    return names
+
+
+def secret_env_names() -> set[str]:
+    """Settings that hold secrets (SecretStr fields), plus the Redis URL (it carries the password)."""
+    names = {"FLOWCLOUD_REDIS_URL"}
+    for cls in SETTINGS_CLASSES:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for name, field in cls.model_fields.items():
+            if "SecretStr" in repr(field.annotation):
+                names.add(f"{prefix}{name}".upper())
+    return names
+
+
+def cli_commands() -> set[str]:
+    return set(COMMANDS)
