@@ -71,6 +71,14 @@ class GatewaySettings(ServiceSettings):
     max_width: int = Field(3840, ge=16, description="largest frame width accepted before decoding")
     max_height: int = Field(2160, ge=16, description="largest frame height accepted before decoding")
     record_dir: str | None = Field(None, description="save each session's raw RFC 4571 bytes here")
+    max_nal_size: int = Field(2_000_000, ge=1024, description="largest NAL unit accepted, in bytes")
+    max_access_unit_size: int = Field(4_000_000, ge=1024, description="largest access unit accepted, in bytes")
+    max_malformed: int = Field(100, ge=1, description="consecutive malformed packets that end a session")
+    decoder_backlog: int = Field(60, ge=1, description="access units in flight per decoder before dropping")
+    decoder_spares: int = Field(1, ge=0, le=16, description="started decoder processes kept ready")
+    publish_queue: int = Field(1024, ge=16, description="decoded frames buffered for Redis at most")
+    recent_maxlen: int = Field(64, ge=1, description="approximate MAXLEN of each stream's recent-frames stream")
+    drain_timeout: float = Field(5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM")
 
 
 class WorkerSettings(ServiceSettings):

@@ -1,0 +1,92 @@
+"""`flowcloud gateway`: run the ingest gateway until SIGTERM/SIGINT.
+
+Settings come from ``FLOWCLOUD_GATEWAY_*`` env vars (and ``FLOWCLOUD_REDIS_URL``); the options
+below override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from pydantic import ValidationError
+
+from flowcloud.cli.main import CommandError
+from flowcloud.observability import serve_health_and_metrics
+from flowcloud.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+# option -> settings field
+OPTIONS: dict[str, str] = {
+    "redis_url": "redis_url",
+    "host": "host",
+    "port": "port",
+    "metrics_port": "metrics_port",
+    "model_size": "model_size",
+    "frame_encoding": "frame_encoding",
+    "jpeg_quality": "jpeg_quality",
+    "record": "record_dir",
+    "max_sessions": "max_sessions",
+    "handshake_timeout": "handshake_timeout",
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", help="Redis URL (env FLOWCLOUD_REDIS_URL)")
+    parser.add_argument("--host", help="address to listen on (env FLOWCLOUD_GATEWAY_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="TCP port for edge devices (env FLOWCLOUD_GATEWAY_PORT, default 7000)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (default 9101)")
+    parser.add_argument("--model-size", help="HxW frames are resized to (default 256x512)")
+    parser.add_argument("--frame-encoding", choices=("jpeg", "raw"), help="frame bytes on the stream (default jpeg)")
+    parser.add_argument("--jpeg-quality", type=int, help="JPEG quality 10-100 (default 90)")
+    parser.add_argument("--record", metavar="DIR", help="save each session's raw RFC 4571 bytes in DIR")
+    parser.add_argument("--max-sessions", type=int, help="live sessions at most (default 256)")
+    parser.add_argument("--handshake-timeout", type=float, help="seconds to complete the handshake (default 5)")
+
+
+def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    overrides: dict[str, Any] = {
+        field: getattr(args, option) for option, field in OPTIONS.items() if getattr(args, option, None) is not None
+    }
+    try:
+        return GatewaySettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"invalid settings: {problems}") from None
+
+
+async def serve(settings: GatewaySettings) -> None:
+    from services.gateway.server import Gateway
+
+    try:
+        gateway = Gateway(settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    await gateway.start()
+    health = serve_health_and_metrics(settings.metrics_port, lambda: gateway.serving) if settings.metrics_port else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping: no new connections; draining sessions (up to %g s)", settings.drain_timeout)
+    finally:
+        await gateway.close()
+        if health is not None:
+            health.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    log.info("gateway settings: %s", settings.describe())
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+    return 0

@@ -1,0 +1,285 @@
+"""H.264 decoding in worker processes, one per session, so that a decoder crash ends only itself.
+
+PyAV (FFmpeg) can crash the whole process on hostile or truncated input, so no session decodes
+in the gateway's own process. Each session gets a child process (``python -m
+services.gateway.decoder``) that decodes access units, resizes each picture to the model input
+with swscale and encodes it (``flowcloud.frames.encode_image``), so the gateway's event loop only
+moves bytes. A process per session (rather than one per N sessions) keeps a crash to one stream
+and lets the OS spread sessions over the cores; it costs one ~60 MB process per live stream.
+`DecoderPool` keeps a started spare so that a new session or a restart after a crash does not
+wait for an interpreter to start.
+
+Messages on the child's stdin/stdout: a header ``>BQI`` (kind, tag, payload length) then the
+payload. The tag is the session's access-unit number; it travels as the packet's pts, so a
+decoded picture names the access unit it came from. For every access unit the child answers
+zero or more FRAME and ERROR messages (an ERROR names a refused access unit or picture), then
+exactly one DONE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">BQI")
+FRAME_INFO = struct.Struct(">HHHHf")  # source width, height; output width, height; seconds
+MAX_MESSAGE = 64 * 1024 * 1024
+
+# parent -> child
+KIND_CONFIG = 1
+KIND_ACCESS_UNIT = 2
+# child -> parent
+KIND_FRAME = 10
+KIND_DONE = 11
+KIND_ERROR = 12
+
+ERROR_DECODE = "decode_error"
+ERROR_DIMENSIONS = "dimensions"
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    out_width: int
+    out_height: int
+    encoding: str = "jpeg"
+    jpeg_quality: int = 90
+    max_width: int = 3840
+    max_height: int = 2160
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    tag: int
+    source_width: int
+    source_height: int
+    width: int
+    height: int
+    data: bytes
+    seconds: float  # decode + resize + encode time in the child
+
+
+@dataclass(frozen=True)
+class AccessUnitDone:
+    tag: int
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    tag: int
+    code: str  # ERROR_DECODE or ERROR_DIMENSIONS
+    message: str
+
+
+DecoderOutput = DecodedFrame | AccessUnitDone | DecodeFailure
+
+
+class DecoderCrashed(Exception):
+    """The decoder process is gone (crashed, killed or closed)."""
+
+
+class DecoderProcess:
+    """One decoder child process, driven from asyncio."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self._process = process
+
+    @classmethod
+    async def start(cls, config: DecoderConfig) -> DecoderProcess:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        decoder = cls(process)
+        await decoder._send(KIND_CONFIG, 0, json.dumps(asdict(config)).encode())
+        return decoder
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.returncode is None
+
+    async def _send(self, kind: int, tag: int, payload: bytes) -> None:
+        stdin = self._process.stdin
+        if stdin is None or stdin.is_closing() or not self.alive:
+            raise DecoderCrashed(f"decoder {self.pid} is not running")
+        try:
+            stdin.write(HEADER.pack(kind, tag, len(payload)) + payload)
+            await stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise DecoderCrashed(f"decoder {self.pid} is gone: {exc}") from None
+
+    async def decode(self, tag: int, access_unit: bytes) -> None:
+        """Queue one access unit (Annex B bytes) for decoding."""
+        await self._send(KIND_ACCESS_UNIT, tag, access_unit)
+
+    async def receive(self) -> DecoderOutput:
+        """The next output; DecoderCrashed once the process has ended."""
+        stdout = self._process.stdout
+        assert stdout is not None
+        try:
+            kind, tag, length = HEADER.unpack(await stdout.readexactly(HEADER.size))
+            if length > MAX_MESSAGE:
+                raise DecoderCrashed(f"decoder {self.pid} sent a {length}-byte message")
+            payload = await stdout.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self._process.wait()
+            raise DecoderCrashed(f"decoder {self.pid} exited with status {code}") from None
+        if kind == KIND_FRAME:
+            sw, sh, w, h, seconds = FRAME_INFO.unpack_from(payload)
+            return DecodedFrame(tag, sw, sh, w, h, payload[FRAME_INFO.size :], seconds)
+        if kind == KIND_DONE:
+            return AccessUnitDone(tag)
+        if kind == KIND_ERROR:
+            error, _, message = payload.decode(errors="replace").partition("\t")
+            return DecodeFailure(tag, error, message)
+        self.kill()
+        raise DecoderCrashed(f"decoder {self.pid} sent an unknown message kind {kind}")
+
+    def kill(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """End the process: EOF on its stdin, then a kill after ``timeout``."""
+        stdin = self._process.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._process.wait()
+        except TimeoutError:
+            self.kill()
+            await self._process.wait()
+
+
+class DecoderPool:
+    """Starts decoder processes, keeping ``spares`` started ones ready for the next session."""
+
+    def __init__(self, config: DecoderConfig, spares: int = 1) -> None:
+        self.config = config
+        self.spares = spares
+        self._ready: list[asyncio.Task[DecoderProcess]] = []
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the spares now (call from the running event loop)."""
+        self._refill()
+
+    def _refill(self) -> None:
+        while not self._closed and len(self._ready) < self.spares:
+            self._ready.append(asyncio.create_task(DecoderProcess.start(self.config)))
+
+    async def acquire(self) -> DecoderProcess:
+        """A started decoder process; the caller closes it."""
+        while self._ready:
+            task = self._ready.pop(0)
+            self._refill()
+            try:
+                decoder = await task
+            except OSError:
+                log.exception("a spare decoder process failed to start")
+                continue
+            if decoder.alive:
+                return decoder
+        self._refill()
+        return await DecoderProcess.start(self.config)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks, self._ready = self._ready, []
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await (await task).close()
+
+
+# --- the child process ------------------------------------------------------------------------
+
+
+def _read_message(stream: BinaryIO) -> tuple[int, int, bytes] | None:
+    header = stream.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    kind, tag, length = HEADER.unpack(header)
+    if length > MAX_MESSAGE:
+        raise ValueError(f"message of {length} bytes")
+    payload = stream.read(length)
+    if len(payload) < length:
+        return None
+    return kind, tag, payload
+
+
+def _write(stream: BinaryIO, kind: int, tag: int, payload: bytes = b"") -> None:
+    stream.write(HEADER.pack(kind, tag, len(payload)))
+    stream.write(payload)
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
+    """The child's loop: decode access units from ``stdin`` until EOF."""
+    import av  # imported here so that the gateway process never loads a decoder
+
+    from flowcloud.frames import encode_image
+
+    first = _read_message(stdin)
+    if first is None or first[0] != KIND_CONFIG:
+        return
+    config = DecoderConfig(**json.loads(first[2]))
+    codec = av.CodecContext.create("h264", "r")
+    codec.thread_count = 1  # one process per session already spreads the load over the cores
+    while (message := _read_message(stdin)) is not None:
+        kind, tag, payload = message
+        if kind != KIND_ACCESS_UNIT:
+            continue
+        started = time.perf_counter()
+        packet = av.Packet(payload)
+        packet.pts = tag
+        try:
+            pictures = codec.decode(packet)
+        except av.FFmpegError as exc:
+            _write(stdout, KIND_ERROR, tag, f"{ERROR_DECODE}\t{exc}".encode())
+            pictures = []
+        for picture in pictures:
+            picture_tag = picture.pts if picture.pts is not None else tag
+            if picture.width > config.max_width or picture.height > config.max_height:
+                text = f"{ERROR_DIMENSIONS}\tframe is {picture.width}x{picture.height}, above the cap "
+                text += f"{config.max_width}x{config.max_height}"
+                _write(stdout, KIND_ERROR, picture_tag, text.encode())
+                continue
+            rgb = picture.reformat(
+                width=config.out_width, height=config.out_height, format="rgb24", interpolation="BILINEAR"
+            ).to_ndarray()
+            data = encode_image(rgb, config.encoding, config.jpeg_quality)
+            info = FRAME_INFO.pack(
+                picture.width,
+                picture.height,
+                config.out_width,
+                config.out_height,
+                time.perf_counter() - started,
+            )
+            _write(stdout, KIND_FRAME, picture_tag, info + data)
+            started = time.perf_counter()
+        _write(stdout, KIND_DONE, tag)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="decoder %(process)d: %(levelname)s %(message)s")
+    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
+        serve(sys.stdin.buffer, sys.stdout.buffer)

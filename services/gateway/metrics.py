@@ -1,0 +1,56 @@
+"""Prometheus metrics of the ingest gateway (served by flowcloud.observability)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Reasons a frame is dropped (label values of FRAMES_DROPPED). The depacketizer's own reasons
+# (flowcloud.protocol.h264.DROP_*: loss, await_idr, malformed, incomplete, nal_too_large,
+# access_unit_too_large, ssrc_change) are counted under their own names; these are the gateway's.
+DROP_AWAIT_IDR = "await_idr"  # after a decoder error or restart, until the next IDR
+DROP_RATE_LIMIT = "rate_limit"  # above the device's frames/s
+DROP_DECODER_BACKLOG = "decoder_backlog"  # the session's decoder is too far behind
+DROP_DECODE_ERROR = "decode_error"  # the decoder refused the access unit
+DROP_DIMENSIONS = "dimensions"  # decoded picture above the frame-size cap
+DROP_DECODER_CRASH = "decoder_crash"  # in flight when the decoder process died
+DROP_SESSION_CLOSED = "session_closed"  # still decoding when the session ended
+DROP_PUBLISH_BACKLOG = "publish_backlog"  # the publish queue is full (Redis slow or down)
+DROP_REDIS_UNAVAILABLE = "redis_unavailable"  # a publish to Redis failed
+
+SESSIONS = Gauge("flowcloud_gateway_sessions", "live (authenticated) sessions")
+CONNECTIONS = Counter(
+    "flowcloud_gateway_connections_total", "connections by outcome (accepted or a REJECT code)", ["outcome"]
+)
+SESSION_ENDS = Counter("flowcloud_gateway_session_ends_total", "sessions ended, by reason", ["reason"])
+BYTES = Counter("flowcloud_gateway_bytes_total", "RTP bytes received from authenticated devices")
+PACKETS = Counter("flowcloud_gateway_packets_total", "RTP packets received from authenticated devices")
+PACKETS_REJECTED = Counter(
+    "flowcloud_gateway_packets_rejected_total",
+    "packets refused by the RTP/H.264 parser, by reason",
+    ["reason"],
+)
+FRAMES_DECODED = Counter("flowcloud_gateway_frames_decoded_total", "frames decoded")
+FRAMES_PUBLISHED = Counter("flowcloud_gateway_frames_published_total", "frames written to the frames stream")
+FRAMES_DROPPED = Counter("flowcloud_gateway_frames_dropped_total", "frames dropped, by reason", ["reason"])
+THROTTLED_SECONDS = Counter(
+    "flowcloud_gateway_throttled_seconds_total", "seconds sessions were paused by the bytes/s limit"
+)
+DECODER_RESTARTS = Counter(
+    "flowcloud_gateway_decoder_restarts_total", "decoder processes restarted after a crash"
+)
+DECODE_SECONDS = Histogram(
+    "flowcloud_gateway_decode_seconds",
+    "decode + resize + encode time of one frame in a decoder process",
+    buckets=(0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0),
+)
+PUBLISH_SECONDS = Histogram(
+    "flowcloud_gateway_publish_seconds",
+    "time of one pipelined publish to Redis (a batch of frames)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+PUBLISH_QUEUE = Gauge("flowcloud_gateway_publish_queue", "decoded frames waiting to be published")
+REDIS_UP = Gauge("flowcloud_gateway_redis_up", "1 while the last Redis operation succeeded")
+
+
+def drop(reason: str, count: int = 1) -> None:
+    FRAMES_DROPPED.labels(reason).inc(count)

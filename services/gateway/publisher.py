@@ -1,0 +1,196 @@
+"""Publishing decoded frames to Redis: the frames stream, each stream's recent frames, its metadata.
+
+One `FramePublisher` per gateway. Sessions hand it decoded frames without waiting
+(`submit`); a single task writes them in pipelined batches, so per-stream order is the order of
+submission. The queue is bounded: when Redis is slow or down the oldest frames are dropped and
+counted, sessions stay alive, memory stays bounded, and publishing resumes when Redis answers
+again. The publisher assigns each frame its ``seq``: one more than the stream's last published
+seq, which is kept in the stream's metadata hash (``keys.M_LAST_SEQ``) so that seqs stay
+monotonic across reconnects and gateway restarts, and results never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from flowcloud import keys
+from flowcloud.frames import Frame
+from services.gateway import metrics
+
+log = logging.getLogger(__name__)
+
+RECENT_MAXLEN = 64
+BATCH_MAX = 64
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+
+
+@dataclass(frozen=True)
+class PendingFrame:
+    """A decoded frame waiting for its seq and its write to Redis."""
+
+    stream: str
+    capture_ts: float
+    recv_ts: float
+    width: int
+    height: int
+    encoding: str
+    data: bytes
+
+
+class FramePublisher:
+    def __init__(
+        self, redis: Redis, frames_maxlen: int, queue_max: int = 512, recent_maxlen: int = RECENT_MAXLEN
+    ):
+        self.redis = redis
+        self.frames_maxlen = frames_maxlen
+        self.recent_maxlen = recent_maxlen
+        self._queue: deque[PendingFrame] = deque()
+        self._queue_max = queue_max
+        self._wakeup = asyncio.Event()
+        self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
+        self._last_seq: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.redis_up = True
+        self.published = 0
+
+    # --- used by sessions ---------------------------------------------------------------------
+
+    def submit(self, frame: PendingFrame) -> None:
+        """Queue a frame for publishing; never blocks (the oldest frame goes when the queue is full)."""
+        if len(self._queue) >= self._queue_max:
+            self._queue.popleft()
+            metrics.drop(metrics.DROP_PUBLISH_BACKLOG)
+        self._queue.append(frame)
+        metrics.PUBLISH_QUEUE.set(len(self._queue))
+        self._wakeup.set()
+
+    def set_meta(self, stream: str, fields: dict[str, str | int | float]) -> None:
+        """Fields of the stream's metadata hash, written with the next batch (retried until written)."""
+        self._meta.setdefault(stream, {}).update({k: str(v) for k, v in fields.items()})
+        self._wakeup.set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="publisher")
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Publish what is queued (within ``timeout``), then stop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            log.warning("publisher: %d frames left unpublished at shutdown", len(self._queue))
+            metrics.drop(metrics.DROP_REDIS_UNAVAILABLE, len(self._queue))
+            self._queue.clear()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            if not self._queue and not self._meta:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [self._queue.popleft() for _ in range(min(BATCH_MAX, len(self._queue)))]
+            metrics.PUBLISH_QUEUE.set(len(self._queue))
+            try:
+                await self._publish(batch)
+            except (RedisError, OSError) as exc:
+                if batch:
+                    metrics.drop(metrics.DROP_REDIS_UNAVAILABLE, len(batch))
+                if self.redis_up:
+                    log.warning("Redis unavailable, dropping frames until it answers: %s", exc)
+                self.redis_up = False
+                metrics.REDIS_UP.set(0)
+                if self._stopping:
+                    metrics.drop(metrics.DROP_REDIS_UNAVAILABLE, len(self._queue))
+                    self._queue.clear()
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                continue
+            if not self.redis_up:
+                log.info("Redis answers again; publishing resumed")
+            self.redis_up = True
+            metrics.REDIS_UP.set(1)
+            backoff = BACKOFF_MIN
+
+    async def _publish(self, batch: list[PendingFrame]) -> None:
+        started = time.perf_counter()
+        unknown = sorted({f.stream for f in batch} - self._last_seq.keys())
+        if unknown:
+            self._last_seq.update(await self._load_last_seqs(unknown))
+        meta, self._meta = self._meta, {}
+        pipe = self.redis.pipeline(transaction=False)
+        seqs = dict(self._last_seq)
+        last_seen: dict[str, float] = {}
+        for pending in batch:
+            seqs[pending.stream] += 1
+            frame = Frame(
+                stream=pending.stream,
+                seq=seqs[pending.stream],
+                capture_ts=pending.capture_ts,
+                recv_ts=pending.recv_ts,
+                width=pending.width,
+                height=pending.height,
+                encoding=pending.encoding,
+                data=pending.data,
+            )
+            entry = frame.to_fields()
+            pipe.xadd(keys.FRAMES_STREAM, entry, maxlen=self.frames_maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(
+                keys.recent_frames(pending.stream),
+                entry,  # type: ignore[arg-type]
+                maxlen=self.recent_maxlen,
+                approximate=True,
+            )
+            last_seen[pending.stream] = time.time()
+        for stream, seen in last_seen.items():
+            meta.setdefault(stream, {}).update(
+                {keys.M_LAST_SEEN: repr(seen), keys.M_LAST_SEQ: str(seqs[stream])}
+            )
+        for stream, fields in meta.items():
+            pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
+            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, time.time()))})
+        try:
+            await pipe.execute()
+        except BaseException:
+            # Some entries may have been written: never hand their seqs out again (gaps are fine).
+            self._last_seq = seqs
+            # Put the metadata back (newer updates win); frames of a failed batch are not retried.
+            for stream, fields in meta.items():
+                fields.pop(keys.M_LAST_SEQ, None)
+                fields.pop(keys.M_LAST_SEEN, None)
+                if fields:
+                    self._meta[stream] = {**fields, **self._meta.get(stream, {})}
+            raise
+        self._last_seq = seqs
+        self.published += len(batch)
+        metrics.FRAMES_PUBLISHED.inc(len(batch))
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _load_last_seqs(self, streams: list[str]) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.hget(keys.stream_meta(stream), keys.M_LAST_SEQ)
+        values = await pipe.execute()
+        return {s: int(v) if v is not None else 0 for s, v in zip(streams, values, strict=True)}

@@ -1,0 +1,56 @@
+"""`--record DIR`: each session's RTP packets saved as raw RFC 4571 bytes, for replay and debugging.
+
+A session writes ``DIR/<device>-<start>-<session>.rfc4571`` (2-byte big-endian length + packet,
+exactly as received after the handshake; the handshake itself, which holds the token, is not
+saved) and a ``.json`` beside it with the session's description and clock offset. Replay with
+``gst-launch-1.0 filesrc location=F ! application/x-rtp-stream,encoding-name=H264 !
+rtpstreamdepay ! rtph264depay ! avdec_h264 ! ...`` or by sending the file after a handshake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
+
+LENGTH = struct.Struct(">H")
+
+
+class SessionRecorder:
+    """Appends one session's packets to a file (buffered; closed with the session)."""
+
+    def __init__(
+        self, directory: str | Path, device_id: str, session_id: str, description: dict[str, Any]
+    ) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        self.path = directory / f"{device_id}-{stamp}-{session_id}.rfc4571"
+        self.path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+        self._file: BinaryIO | None = self.path.open("wb")
+        self.packets = 0
+
+    def write(self, packet: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(LENGTH.pack(len(packet)))
+            self._file.write(packet)
+            self.packets += 1
+        except OSError as exc:
+            # A full disk stops the recording, never the session.
+            log.warning("recording to %s stopped: %s", self.path, exc)
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                log.warning("closing recording %s: %s", self.path, exc)
+            self._file = None

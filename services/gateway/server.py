@@ -1,0 +1,247 @@
+"""The ingest gateway's TCP server: admission, sessions, revocation events, orderly shutdown.
+
+    async with Gateway(settings).listen(port=0) as gateway:   # tests: a real server on loopback
+        ... gateway.port ...
+
+A connection is first counted against its address (``max_connections_per_ip``; above it the
+gateway answers REJECT ``limit`` before reading a byte), then handed to a `Session`. The
+gateway subscribes to ``keys.DEVICE_EVENTS``: "revoked <id>" / "rotated <id>" closes that
+device's live session at once; after a lost subscription (Redis restarted) every live session
+is re-verified, so a revocation missed meanwhile still takes effect. `close()` (SIGTERM) stops
+accepting, ends every session letting frames in flight be decoded and published within
+``drain_timeout``, and stops the publisher and the spare decoders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from flowcloud import keys
+from flowcloud.protocol.framing import write_frame
+from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
+from flowcloud.registry import EVENT_REVOKED, DeviceRegistry, parse_event
+from flowcloud.settings import GatewaySettings
+from services.gateway import metrics
+from services.gateway.decoder import DecoderConfig, DecoderPool
+from services.gateway.limits import ConnectionLimiter
+from services.gateway.publisher import FramePublisher
+from services.gateway.session import END_REVOKED, END_ROTATED, END_SHUTDOWN, Refused, Session, SessionServices
+
+log = logging.getLogger(__name__)
+
+EVENTS_BACKOFF_MAX = 2.0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HxW"`` as (height, width)."""
+    try:
+        h, w = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not HxW (e.g. 256x512)") from None
+    if not (16 <= h <= 8192 and 16 <= w <= 8192):
+        raise ValueError(f"size {text!r} is out of range (16 to 8192 per side)")
+    return h, w
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client that fails fast (no long retries) so that the gateway notices an outage at once."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=5,
+    )
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        height, width = parse_size(settings.model_size)
+        self.redis = redis_client(settings.redis_url)
+        self.publisher = FramePublisher(
+            self.redis, settings.frames_maxlen, settings.publish_queue, recent_maxlen=settings.recent_maxlen
+        )
+        config = DecoderConfig(
+            out_width=width,
+            out_height=height,
+            encoding=settings.frame_encoding,
+            jpeg_quality=settings.jpeg_quality,
+            max_width=settings.max_width,
+            max_height=settings.max_height,
+        )
+        self.services = SessionServices(
+            settings, DeviceRegistry(self.redis), self.publisher, DecoderPool(config, settings.decoder_spares)
+        )
+        self.connections = ConnectionLimiter(settings.max_connections_per_ip)
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._events_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self.serving = False
+
+    @property
+    def sessions(self) -> dict[str, Session]:
+        """Live sessions by device id."""
+        return self.services.live
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str | None = None, port: int | None = None) -> Gateway:
+        host = self.settings.host if host is None else host
+        port = self.settings.port if port is None else port
+        self.publisher.start()
+        self.services.decoders.start()
+        self._events_task = asyncio.create_task(self._watch_device_events(), name="device-events")
+        self._server = await asyncio.start_server(self._on_connection, host, port, limit=1 << 16)
+        self.serving = True
+        log.info("gateway listening on %s:%d", host, self.port)
+        return self
+
+    @contextlib.asynccontextmanager
+    async def listen(self, port: int = 0, host: str = "127.0.0.1") -> AsyncIterator[Gateway]:
+        await self.start(host, port)
+        try:
+            yield self
+        finally:
+            await self.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, end sessions (frames in flight are still published), stop everything."""
+        if self._closed.is_set():
+            return
+        self.serving = False
+        if self._server is not None:
+            self._server.close()
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await asyncio.gather(*(s.close(END_SHUTDOWN) for s in list(self.sessions.values())))
+        except TimeoutError:
+            log.warning("sessions did not end within %g s", self.settings.drain_timeout)
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._events_task is not None:
+            self._events_task.cancel()
+            await asyncio.gather(self._events_task, return_exceptions=True)
+        await self.publisher.close(self.settings.drain_timeout)
+        await self.services.decoders.close()
+        await self.redis.aclose()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        self._closed.set()
+        log.info("gateway stopped")
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        try:
+            if not self.serving:
+                writer.close()
+                return
+            if not self.connections.acquire(address):
+                await self._refuse_early(writer, address)
+                return
+            try:
+                await self._serve(reader, writer)
+            finally:
+                self.connections.release(address)
+        except Exception:
+            log.exception("connection from %s failed", address)
+        finally:
+            self._handlers.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _refuse_early(self, writer: asyncio.StreamWriter, address: str) -> None:
+        metrics.CONNECTIONS.labels(REJECT_LIMIT).inc()
+        reason = f"too many connections from {address} (limit {self.settings.max_connections_per_ip})"
+        log.info("connection refused: %s", reason)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await write_frame(writer, Reject(REJECT_LIMIT, reason).to_bytes())
+        writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self.services, reader, writer)
+        try:
+            await session.handshake()
+        except Refused as refused:
+            await session.reject(refused)
+            return
+        except (ConnectionError, OSError) as exc:
+            await session.reject(Refused(None, f"connection error: {exc}"))
+            return
+        metrics.CONNECTIONS.labels("accepted").inc()
+        await session.stream()
+
+    async def _watch_device_events(self) -> None:
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(keys.DEVICE_EVENTS)
+                if not first:
+                    await self._recheck_sessions()
+                first = False
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        await self._on_device_event(message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("device events unavailable (%s); retrying in %.1f s", exc, backoff)
+                first = False
+                await asyncio.sleep(backoff)
+                backoff = min(EVENTS_BACKOFF_MAX, backoff * 2)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _on_device_event(self, data: bytes | str) -> None:
+        event = parse_event(data)
+        if event is None:
+            return
+        kind, device_id = event
+        session = self.sessions.get(device_id)
+        if session is None:
+            return
+        log.info("device %s %s: closing session %s", device_id, kind, session.session_id)
+        # A rotated token ends the session too: the edge must reconnect with its new token.
+        self._close_soon(session, END_REVOKED if kind == EVENT_REVOKED else END_ROTATED)
+
+    def _close_soon(self, session: Session, reason: str) -> None:
+        task = asyncio.create_task(session.close(reason))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _recheck_sessions(self) -> None:
+        for device_id, session in list(self.sessions.items()):
+            try:
+                ok = await session.still_authorized()
+            except (RedisError, OSError):
+                return
+            if not ok:
+                log.info(
+                    "device %s is no longer authorized: closing session %s", device_id, session.session_id
+                )
+                self._close_soon(session, END_REVOKED)

@@ -1,0 +1,211 @@
+"""Helpers for the gateway tests: real H.264 (libx264 through PyAV, and GStreamer's
+``rtph264pay ! rtpstreampay``), a test edge client that performs the real handshake with the
+protocol module, registered devices, and reading frames back from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from flowcloud import keys
+from flowcloud.frames import Frame
+from flowcloud.protocol.capture_time import capture_time_extension
+from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame
+from flowcloud.protocol.handshake import Accept, ClockSync, Hello, Reject, StreamInfo, client_handshake
+from flowcloud.protocol.h264 import Packetizer
+from flowcloud.protocol.rtp import RtpPacket
+from flowcloud.registry import DeviceRegistry
+from flowcloud.settings import GatewaySettings
+
+MODEL_H, MODEL_W = 64, 96
+FPS = 30.0
+
+
+def gateway_settings(redis_url: str, **overrides: Any) -> GatewaySettings:
+    base: dict[str, Any] = {
+        "redis_url": redis_url,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "model_size": f"{MODEL_H}x{MODEL_W}",
+        "handshake_timeout": 2.0,
+        "decoder_spares": 1,
+        "drain_timeout": 5.0,
+    }
+    base.update(overrides)
+    return GatewaySettings(**base)
+
+
+def libx264_access_units(frames: int, width: int = 320, height: int = 240, gop: int = 15) -> list[list[bytes]]:
+    """NAL units of each access unit of a real libx264 zerolatency stream with moving content."""
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+    codec.time_base = Fraction(1, 30)
+    codec.gop_size = gop
+    codec.thread_count = 1
+    codec.options = {"preset": "ultrafast", "tune": "zerolatency", "x264-params": f"keyint={gop}:min-keyint={gop}"}
+    yy, xx = np.mgrid[0:height, 0:width]
+    out: list[list[bytes]] = []
+
+    def collect(packets: Iterable[av.Packet]) -> None:
+        for packet in packets:
+            out.append(_split(bytes(packet)))
+
+    for i in range(frames):
+        image = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + 8 * i) % 256], axis=-1)
+        picture = av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")
+        picture.pts = i
+        collect(codec.encode(picture))
+    collect(codec.encode(None))
+    return out
+
+
+def _split(annexb: bytes) -> list[bytes]:
+    from flowcloud.protocol.h264 import split_annexb
+
+    return split_annexb(annexb)
+
+
+def rtp_packets(access_units: list[list[bytes]], t0: float, fps: float = FPS, mtu: int = 1200) -> list[bytes]:
+    """RTP packets of the access units, each with its capture time t0 + i / fps."""
+    packetizer = Packetizer(mtu=mtu)
+    out: list[bytes] = []
+    for i, nals in enumerate(access_units):
+        capture = t0 + i / fps
+        ts = packetizer.timestamp_of(i / fps)
+        out.extend(bytes(p) for p in packetizer.packetize(nals, ts, capture_time_extension(capture)))
+    return out
+
+
+def gst_capture(path: Path, frames: int, width: int = 320, height: int = 240) -> bytes:
+    """RFC 4571 bytes written by GStreamer (x264enc ! rtph264pay ! rtpstreampay), made once per path."""
+    if not path.exists():
+        pipeline = (
+            f"videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width={width},height={height},"
+            "framerate=30/1 ! x264enc tune=zerolatency key-int-max=15 speed-preset=ultrafast ! "
+            f"rtph264pay config-interval=1 mtu=1000 ! rtpstreampay ! filesink location={path}"
+        )
+        subprocess.run(["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=60, capture_output=True)
+    return path.read_bytes()
+
+
+def with_capture_times(rfc4571: bytes, t0: float, fps: float = FPS) -> list[bytes]:
+    """GStreamer's packets, each access unit's first packet given the capture-time extension."""
+    packets = [RtpPacket.parse(p) for p in Rfc4571Decoder().feed(rfc4571)]
+    out: list[bytes] = []
+    first_ts = packets[0].timestamp
+    previous_ts: int | None = None
+    for p in packets:
+        if p.timestamp != previous_ts:
+            seconds = ((p.timestamp - first_ts) % (1 << 32)) / 90_000
+            p.extensions = {**p.extensions, **capture_time_extension(t0 + seconds)}
+            previous_ts = p.timestamp
+        out.append(bytes(p))
+    return out
+
+
+async def register(redis_url: str, device_id: str, tenant: str = "acme") -> str:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        _, token = await DeviceRegistry(client).add(device_id, tenant)
+    finally:
+        await client.aclose()
+    return token
+
+
+@dataclass
+class Edge:
+    """A test edge: a real TCP connection that did the real handshake."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    accept: Accept
+    clock: ClockSync
+
+    async def send(self, packets: Iterable[bytes], fps: float = 2 * FPS) -> None:
+        """Send packets, pacing access units (marker bit) at ``fps`` (0: as fast as possible)."""
+        start = time.monotonic()
+        units = 0
+        for packet in packets:
+            self.writer.write(frame(packet))
+            if fps and len(packet) >= 2 and packet[1] & 0x80:
+                units += 1
+                await self.writer.drain()
+                await asyncio.sleep(max(0.0, start + units / fps - time.monotonic()))
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+    async def closed_by_gateway(self, timeout: float) -> bool:
+        """True when the gateway closes the connection within ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(4096):
+                    pass
+            return True
+        except TimeoutError:
+            return False
+        except (ConnectionError, OSError):
+            return True
+
+
+async def connect(
+    port: int, device_id: str, token: str, width: int = 320, height: int = 240, fps: float = FPS
+) -> Edge:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    hello = Hello(device_id, token, StreamInfo(width, height, fps))
+    accept, clock = await client_handshake(reader, writer, hello, timeout=5.0)
+    return Edge(reader, writer, accept, clock)
+
+
+async def read_reject(reader: asyncio.StreamReader, timeout: float = 5.0) -> Reject:
+    async with asyncio.timeout(timeout):
+        return Reject.parse(await read_frame(reader, 4096))
+
+
+def frames_on_redis(redis_url: str, stream: str, key: str = keys.FRAMES_STREAM) -> list[Frame]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(key)
+    finally:
+        client.close()
+    frames = [Frame.from_fields(fields) for _, fields in entries]
+    return [f for f in frames if f.stream == stream]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def dropped(reason: str) -> float:
+    return metric("flowcloud_gateway_frames_dropped_total", reason=reason)
+
+
+async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(step)
