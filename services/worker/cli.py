@@ -1,0 +1,122 @@
+"""`flowcloud worker`: consume frames, segment them in batches, persist masks (at least once).
+
+Every option has a ``FLOWCLOUD_WORKER_*`` environment variable (``--batch-size`` is
+``FLOWCLOUD_WORKER_BATCH_SIZE``); an option given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+
+from flowcloud.cli.errors import CommandError
+from flowcloud.inference import COMPILE_MODES, PRECISIONS, parse_size
+from flowcloud.labels import LABEL_SETS
+from flowcloud.observability import serve_health_and_metrics
+from flowcloud.settings import WorkerSettings
+from flowcloud.zoo import MODEL_NAMES, WeightsError
+
+from .policy import MODES
+
+log = logging.getLogger(__name__)
+
+_FLAG_FIELDS = ("random_weights", "compile", "channels_last")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    fields = WorkerSettings.model_fields
+
+    def option(flag: str, **kwargs: Any) -> None:
+        name = flag.removeprefix("--").replace("-", "_")
+        kwargs.setdefault("help", fields[name].description)
+        parser.add_argument(flag, dest=name, default=None, **kwargs)
+
+    option("--redis-url", metavar="URL", help="Redis URL (env FLOWCLOUD_REDIS_URL)")
+    option("--name", help="consumer name in the group (default: hostname-pid)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=MODEL_NAMES, default=None, help=fields["model"].description)
+    model.add_argument("--weights", default=None, help=fields["weights"].description)
+    model.add_argument(
+        "--random-weights", action="store_true", default=None, help=fields["random_weights"].description
+    )
+    model.add_argument(
+        "--label-set", choices=sorted(LABEL_SETS), default=None, help=fields["label_set"].description
+    )
+    model.add_argument("--device", default=None, help=fields["device"].description)
+    model.add_argument("--precision", choices=PRECISIONS, default=None, help=fields["precision"].description)
+    model.add_argument("--input-size", metavar="HxW", default=None, help=fields["input_size"].description)
+    model.add_argument("--warmup-size", metavar="HxW", default=None, help=fields["warmup_size"].description)
+    model.add_argument("--threads", type=int, default=None, help=fields["threads"].description)
+    model.add_argument("--decode-threads", type=int, default=None, help=fields["decode_threads"].description)
+    model.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        default=None,
+        help="NCHW memory format",
+    )
+    model.add_argument("--compile", action="store_true", default=None, help=fields["compile"].description)
+    model.add_argument(
+        "--compile-mode", choices=COMPILE_MODES, default=None, help=fields["compile_mode"].description
+    )
+    option("--batch-size", type=int)
+    option("--batch-timeout-ms", type=int)
+    option("--mode", choices=MODES)
+    option("--max-frame-age", type=float, metavar="SECONDS")
+    option("--claim-idle-ms", type=int)
+    option("--max-attempts", type=int)
+    option("--drain-timeout", type=float, metavar="SECONDS")
+    option("--results-max-per-stream", type=int)
+    option("--results-ttl", type=int, metavar="SECONDS")
+    option("--dead-letter-maxlen", type=int)
+    option("--heartbeat-interval", type=float, metavar="SECONDS")
+    option("--poll-ms", type=int)
+    option("--metrics-port", type=int)
+
+
+def settings_from(args: argparse.Namespace) -> WorkerSettings:
+    """Environment settings overridden by the options given on the command line."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in WorkerSettings.model_fields}
+    try:
+        settings = WorkerSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CommandError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    for size in (settings.input_size, settings.warmup_size):
+        if size is not None:
+            try:
+                parse_size(size)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+    if settings.precision not in PRECISIONS:
+        raise CommandError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if settings.mode not in MODES:
+        raise CommandError(f"mode must be one of {', '.join(MODES)}")
+    if settings.weights and settings.random_weights:
+        raise CommandError("--weights and --random-weights exclude each other")
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from .consumer import Worker
+
+    settings = settings_from(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    log.info("worker settings: %s", settings.describe())
+    worker = Worker(settings)
+    health = (
+        serve_health_and_metrics(settings.metrics_port, ready=lambda: worker.ready)
+        if settings.metrics_port
+        else None
+    )
+    try:
+        return asyncio.run(worker.run())
+    except (WeightsError, RuntimeError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        if health is not None:
+            health.close()

@@ -1,0 +1,86 @@
+"""A worker's visible state: the heartbeat hash the API reads, and the consumer-group gauges."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from flowcloud import keys
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+LOADING, WARMING, READY, DRAINING = "loading", "warming", "ready", "draining"
+INDEX_HORIZON = 3600.0  # workers silent this long leave the index (their hashes expired long before)
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class Heartbeat:
+    """Writes ``keys.worker(name)`` (a hash with a TTL) and scores ``keys.WORKERS_INDEX``."""
+
+    redis: Redis
+    name: str
+    interval: float
+    static: Mapping[str, str | int | float]
+    state: str = LOADING
+    stats: dict[str, str | int | float] = field(default_factory=dict)
+
+    @property
+    def ttl(self) -> int:
+        return max(2, int(self.interval * 3 + 0.999))
+
+    async def beat(self) -> None:
+        """One heartbeat plus the group's lag and pending counts; Redis errors are logged, not raised."""
+        now = time.time()
+        fields = {**self.static, **self.stats, "state": self.state, "heartbeat": now}
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(keys.worker(self.name), mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(keys.worker(self.name), self.ttl)
+            pipe.zadd(keys.WORKERS_INDEX, {self.name: now})
+            pipe.zremrangebyscore(keys.WORKERS_INDEX, "-inf", now - INDEX_HORIZON)
+            await pipe.execute()
+            await self._group_gauges()
+        except RedisError as exc:
+            log.debug("heartbeat failed: %s", exc)
+
+    async def _group_gauges(self) -> None:
+        try:
+            groups = await self.redis.xinfo_groups(keys.FRAMES_STREAM)
+        except RedisError:
+            return  # no stream yet
+        for group in groups:
+            info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in group.items()}
+            name = info.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) != keys.WORKER_GROUP:
+                continue
+            if info.get("lag") is not None:
+                metrics.CONSUMER_LAG.set(int(info["lag"]))
+            metrics.PENDING.set(int(info.get("pending") or 0))
+
+    async def leave(self) -> None:
+        """Remove this worker from the index, and from the group when it holds no pending frames."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(keys.worker(self.name))
+            pipe.zrem(keys.WORKERS_INDEX, self.name)
+            await pipe.execute()
+            mine = await self.redis.xpending_range(
+                keys.FRAMES_STREAM, keys.WORKER_GROUP, min="-", max="+", count=1, consumername=self.name
+            )
+            if not mine:
+                await self.redis.xgroup_delconsumer(keys.FRAMES_STREAM, keys.WORKER_GROUP, self.name)
+        except RedisError as exc:
+            log.warning("could not deregister worker %s: %s", self.name, exc)

@@ -1,0 +1,45 @@
+"""Prometheus metrics of a segmentation worker (served on /metrics with /healthz and /readyz)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BATCH_SIZE = Histogram(
+    "flowcloud_worker_batch_size",
+    "Frames per inference batch",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+INFERENCE_SECONDS = Histogram(
+    "flowcloud_worker_inference_seconds",
+    "Wall time of one batch on the model (upload, forward, upsample, argmax, download)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+BATCH_SECONDS = Histogram(
+    "flowcloud_worker_batch_seconds",
+    "Wall time of one batch from read to acknowledged",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+END_TO_END_SECONDS = Histogram(
+    "flowcloud_worker_end_to_end_latency_seconds",
+    "Capture (edge, on the gateway clock) to result persisted",
+    buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+)
+CONSUMER_LAG = Gauge(
+    "flowcloud_worker_consumer_lag", "Entries of the frames stream not yet read by the group"
+)
+PENDING = Gauge("flowcloud_worker_pending", "Entries the group has read but not acknowledged")
+FRAMES_PROCESSED = Counter("flowcloud_worker_frames_processed_total", "Frames segmented and persisted")
+FRAMES_DROPPED = Counter(
+    "flowcloud_worker_frames_dropped_total", "Frames acknowledged without inference", ["reason"]
+)
+FRAMES_FAILED = Counter("flowcloud_worker_frames_failed_total", "Failed attempts at a frame", ["stage"])
+FRAMES_DEAD_LETTERED = Counter(
+    "flowcloud_worker_frames_dead_lettered_total", "Frames moved to the dead-letter stream"
+)
+FRAMES_RECLAIMED = Counter(
+    "flowcloud_worker_frames_reclaimed_total", "Pending frames of idle consumers taken over with XAUTOCLAIM"
+)
+REDIS_ERRORS = Counter("flowcloud_worker_redis_errors_total", "Redis connection failures (then reconnect)")
+READY = Gauge(
+    "flowcloud_worker_ready", "1 once the model is loaded and warmed up, 0 while loading or draining"
+)

@@ -1,0 +1,37 @@
+"""Which frames get inference: in real-time mode stale frames are dropped so the newest win."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowcloud.frames import Frame
+
+MODES = ("realtime", "complete")
+
+
+@dataclass(frozen=True)
+class FramePolicy:
+    """``realtime``: a frame older than ``max_age`` seconds (capture to now) is dropped unseen.
+
+    Under overload the backlog then ages out cheaply (parse and acknowledge, no decode, no
+    inference), so the worker catches up with the newest frames instead of falling further
+    behind. ``complete``: every frame is processed, however late.
+    """
+
+    mode: str = "realtime"
+    max_age: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_age <= 0:
+            raise ValueError(f"max_age must be positive, got {self.max_age}")
+
+    def is_stale(self, frame: Frame, now: float) -> bool:
+        return self.mode == "realtime" and now - frame.capture_ts > self.max_age
+
+    def split(self, frames: list[Frame], now: float) -> tuple[list[Frame], list[Frame]]:
+        """(frames to process, frames to drop), each in stream order."""
+        keep = [f for f in frames if not self.is_stale(f, now)]
+        drop = [f for f in frames if self.is_stale(f, now)]
+        return keep, drop
