@@ -61,3 +61,24 @@ def secret_env_names() -> set[str]:
 
 def cli_commands() -> set[str]:
     return set(COMMANDS)
+
+
+def parse_cli(argv: list[str]) -> None:
+    """Parse `flowcloud COMMAND ARGS...` with the command's own argparse parser; fails the test on error."""
+    import argparse
+    import importlib
+
+    assert argv[0] == "flowcloud", argv
+    command, rest = argv[1], argv[2:]
+    assert command in COMMANDS, f"`flowcloud {command}` is not a CLI command ({sorted(COMMANDS)})"
+    module_name = COMMANDS[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        pytest.fail(f"cannot import {module_name} to check `flowcloud {command}`: {exc}")
+    parser = argparse.ArgumentParser(prog=f"flowcloud {command}", exit_on_error=False)
+    module.configure(parser)
+    try:
+        parser.parse_args(rest)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        pytest.fail(f"`flowcloud {command} {' '.join(rest)}` does not parse: {exc}")
