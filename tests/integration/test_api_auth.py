@@ -1,0 +1,194 @@
+"""Auth walks every route of the OpenAPI document: 401 without a valid key, 403 for a reader on
+admin routes, 404 for another tenant's stream, and success for the right key."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from api_support import make_key, running_api, seed_stream
+from redis.asyncio import Redis
+
+from flowcloud.registry import DeviceRegistry
+from flowcloud.settings import ApiSettings
+from services.api.apikeys import ApiKeyStore
+from services.api.main import create_app
+
+ADMIN_KEY = "bootstrap-admin-key-for-tests"
+PUBLIC = {
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/"),
+    ("GET", "/dashboard"),
+    ("GET", "/dashboard/{asset}"),
+}
+EXPECTED = PUBLIC | {
+    ("GET", "/metrics"),
+    ("GET", "/streams"),
+    ("GET", "/streams/{stream_id}"),
+    ("GET", "/streams/{stream_id}/masks"),
+    ("GET", "/streams/{stream_id}/masks/latest"),
+    ("GET", "/streams/{stream_id}/masks/{frame}"),
+    ("GET", "/streams/{stream_id}/stats"),
+    ("GET", "/streams/{stream_id}/live"),
+    ("POST", "/devices"),
+    ("GET", "/devices"),
+    ("DELETE", "/devices/{device_id}"),
+    ("POST", "/devices/{device_id}/rotate"),
+}
+
+
+def documented_routes() -> set[tuple[str, str]]:
+    schema = create_app(ApiSettings()).openapi()
+    return {(method.upper(), path) for path, ops in schema["paths"].items() for method in ops}
+
+
+@dataclass
+class Setup:
+    client: httpx.Client
+    redis_url: str
+    reader_alpha: str
+    reader_beta: str
+    admin: str  # a stored admin key (the bootstrap key is ADMIN_KEY)
+
+
+@pytest.fixture
+def api(redis_url: str) -> Iterator[Setup]:
+    seed_stream(redis_url, "cam-alpha", "alpha", count=12)
+    seed_stream(redis_url, "cam-beta", "beta", count=12)
+
+    async def devices() -> None:
+        redis = Redis.from_url(redis_url)
+        registry = DeviceRegistry(redis)
+        for device_id in ("cam-rotate", "cam-delete"):
+            await registry.add(device_id, "beta")
+        await redis.aclose()  # type: ignore[attr-defined,unused-ignore]
+
+    asyncio.run(devices())
+    settings = ApiSettings(redis_url=redis_url, admin_key=ADMIN_KEY, auth_cache_seconds=0)
+    with running_api(settings) as base, httpx.Client(base_url=base, timeout=10) as client:
+        yield Setup(
+            client,
+            redis_url,
+            make_key(redis_url, "reader", "alpha"),
+            make_key(redis_url, "reader", "beta"),
+            make_key(redis_url, "admin", "alpha"),
+        )
+
+
+def concrete(method: str, path: str, stream: str = "cam-beta") -> tuple[str, dict[str, str] | None]:
+    """A URL for a route template, and the JSON body it needs."""
+    device = "cam-delete" if method == "DELETE" else "cam-rotate"
+    url = (
+        path.replace("{stream_id}", stream)
+        .replace("{frame}", "11")
+        .replace("{device_id}", device)
+        .replace("{asset}", "dashboard.js")
+    )
+    body = {"device_id": "cam-new", "tenant": "beta"} if (method, path) == ("POST", "/devices") else None
+    return url, body
+
+
+def call(
+    client: httpx.Client, method: str, path: str, token: str | None, stream: str = "cam-beta"
+) -> httpx.Response:
+    url, body = concrete(method, path, stream)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = client.build_request(method, url, headers=headers, json=body)
+    response = client.send(request, stream=True)  # /live never ends by itself
+    try:
+        if not response.headers.get("content-type", "").startswith(("text/event-stream", "multipart/")):
+            response.read()
+    finally:
+        response.close()
+    return response
+
+
+def test_the_document_lists_every_route() -> None:
+    assert documented_routes() == EXPECTED
+
+
+def test_every_route_but_health_and_the_page_needs_a_valid_key(api: Setup) -> None:
+    revoked = make_key(api.redis_url, "admin", "alpha")
+
+    async def revoke() -> None:
+        redis = Redis.from_url(api.redis_url)
+        store = ApiKeyStore(redis)
+        await store.revoke(revoked.removeprefix("fck_").split(".")[0])
+        await redis.aclose()  # type: ignore[attr-defined,unused-ignore]
+
+    asyncio.run(revoke())
+    key_id = api.admin.removeprefix("fck_").split(".")[0]
+    bad_tokens = {
+        "no key": None,
+        "garbage": "not-a-key",
+        "wrong secret": f"fck_{key_id}.{'x' * 43}",
+        "unknown id": f"fck_{'0' * 12}.{'x' * 43}",
+        "revoked": revoked,
+        "oversized": "fck_" + "a" * 5000,
+    }
+    for method, path in sorted(documented_routes()):
+        for what, token in bad_tokens.items():
+            response = call(api.client, method, path, token)
+            if (method, path) in PUBLIC:
+                assert response.status_code in (200, 307), (method, path, what, response.status_code)
+            else:
+                assert response.status_code == 401, (method, path, what, response.status_code)
+                assert response.headers["www-authenticate"] == "Bearer"
+                assert response.json()["detail"]
+    # A non-bearer scheme is no key either.
+    response = api.client.get("/streams", headers={"Authorization": f"Basic {api.admin}"})
+    assert response.status_code == 401
+
+
+def test_admin_routes_refuse_readers(api: Setup) -> None:
+    admin_routes = [r for r in documented_routes() if r[1].startswith("/devices")]
+    assert len(admin_routes) == 4
+    for method, path in admin_routes:
+        response = call(api.client, method, path, api.reader_beta)
+        assert response.status_code == 403, (method, path, response.status_code)
+        assert response.json()["detail"] == "this route needs an admin key"
+
+
+def test_another_tenants_stream_answers_404_on_every_stream_route(api: Setup) -> None:
+    stream_routes = sorted(r for r in documented_routes() if "{stream_id}" in r[1])
+    assert len(stream_routes) == 6
+    for method, path in stream_routes:
+        other = call(api.client, method, path, api.reader_alpha, stream="cam-beta")
+        unknown = call(api.client, method, path, api.reader_alpha, stream="cam-nowhere")
+        own = call(api.client, method, path, api.reader_beta, stream="cam-beta")
+        assert other.status_code == 404, (path, other.status_code)
+        assert unknown.status_code == 404, (path, unknown.status_code)
+        # Nothing tells another tenant's stream from one that does not exist.
+        assert other.json()["detail"].replace("cam-beta", "X") == unknown.json()["detail"].replace(
+            "cam-nowhere", "X"
+        )
+        assert own.status_code == 200, (path, own.status_code)
+
+
+def test_readers_list_only_their_tenant_and_admins_see_all(api: Setup) -> None:
+    seen = {}
+    for name, token in (("alpha", api.reader_alpha), ("beta", api.reader_beta), ("admin", api.admin)):
+        response = api.client.get("/streams", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+        seen[name] = {s["stream_id"] for s in response.json()["items"]}
+    assert seen == {"alpha": {"cam-alpha"}, "beta": {"cam-beta"}, "admin": {"cam-alpha", "cam-beta"}}
+
+
+@pytest.mark.parametrize("token_kind", ["bootstrap", "stored"])
+def test_admin_keys_reach_every_route(api: Setup, token_kind: str) -> None:
+    token = ADMIN_KEY if token_kind == "bootstrap" else api.admin
+    for method, path in sorted(documented_routes(), key=lambda r: (r[0] == "DELETE", r)):
+        response = call(api.client, method, path, token)
+        expected = {("POST", "/devices"): 201, ("GET", "/"): 307}.get((method, path), 200)
+        assert response.status_code == expected, (method, path, response.status_code)
+
+
+def test_metrics_can_be_opened_to_plain_scrapers(redis_url: str) -> None:
+    with running_api(ApiSettings(redis_url=redis_url, metrics_public=True)) as base:
+        response = httpx.get(f"{base}/metrics")
+    assert response.status_code == 200
+    assert "flowcloud_api_requests_total" in response.text
