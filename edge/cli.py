@@ -1,0 +1,145 @@
+"""`flowcloud edge`: capture (or relay) video, encode H.264, send it to a gateway.
+
+Every option can also come from the environment (``FLOWCLOUD_EDGE_GATEWAY``,
+``FLOWCLOUD_EDGE_DEVICE_ID``, ``FLOWCLOUD_EDGE_TOKEN``, ``FLOWCLOUD_EDGE_SOURCE``, ...; see
+`flowcloud.settings.EdgeSettings`); an option on the command line wins. Prefer the environment
+for the token: a command line is visible to every user of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+
+from pydantic import ValidationError
+
+from edge.daemon import DaemonConfig, EdgeDaemon
+from edge.encoder import ENCODERS
+from edge.frames import StreamShape
+from edge.sender import Backoff, FatalRejection
+from edge.sources import FileSource, SourceError, open_source
+from flowcloud.cli.main import CommandError
+from flowcloud.observability import serve_health_and_metrics
+from flowcloud.settings import EdgeSettings
+
+log = logging.getLogger(__name__)
+
+# argparse dest -> EdgeSettings field
+_SETTINGS = (
+    "gateway",
+    "device_id",
+    "token",
+    "source",
+    "bitrate",
+    "keyframe_interval",
+    "metrics_port",
+    "encoder",
+    "mtu",
+    "width",
+    "height",
+    "fps",
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway", metavar="HOST:PORT", help="the ingest gateway to dial")
+    parser.add_argument("--device-id", metavar="ID", help="this device's registered id")
+    parser.add_argument("--token", help="this device's token (better: FLOWCLOUD_EDGE_TOKEN)")
+    parser.add_argument(
+        "--source",
+        metavar="SRC",
+        help="synthetic (default), camera:/dev/videoN, gst:PIPELINE, a video file, rtsp://..., rfc4571://HOST:PORT",
+    )
+    parser.add_argument("--loop", action="store_true", help="repeat a video file forever")
+    parser.add_argument("--frames", type=int, metavar="N", help="stop after N frames")
+    parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    parser.add_argument("--bitrate", type=int, metavar="BPS", help="H.264 target bitrate in bits/s")
+    parser.add_argument("--keyframe-interval", type=int, metavar="N", help="frames between IDR frames")
+    parser.add_argument(
+        "--encoder", choices=ENCODERS, help="H.264 encoder (auto: Jetson hardware when present)"
+    )
+    parser.add_argument("--mtu", type=int, help="largest RTP packet in bytes")
+    parser.add_argument("--width", type=int, help="picture width (cameras, synthetic; files: resize)")
+    parser.add_argument("--height", type=int, help="picture height")
+    parser.add_argument("--fps", type=float, help="frame rate (cameras, synthetic; files: pacing)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _settings(args: argparse.Namespace) -> EdgeSettings:
+    given = {name: getattr(args, name) for name in _SETTINGS if getattr(args, name, None) is not None}
+    try:
+        return EdgeSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CommandError(f"invalid setting {where}: {first['msg']}") from None
+
+
+def _gateway(value: str | None) -> tuple[str, int]:
+    if not value:
+        raise CommandError("no gateway: give --gateway HOST:PORT or set FLOWCLOUD_EDGE_GATEWAY")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommandError(f"--gateway {value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    host, port = _gateway(settings.gateway)
+    if not settings.device_id:
+        raise CommandError("no device id: give --device-id or set FLOWCLOUD_EDGE_DEVICE_ID")
+    if settings.token is None or not settings.token.get_secret_value():
+        raise CommandError("no token: set FLOWCLOUD_EDGE_TOKEN (or give --token)")
+    if args.frames is not None and args.frames < 1:
+        raise CommandError("--frames must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        raise CommandError("--duration must be positive")
+    logging.getLogger().setLevel(settings.log_level.upper())
+    log.info("edge settings: %s", settings.describe())
+    shape = StreamShape(settings.width, settings.height, settings.fps)
+    try:
+        source = open_source(settings.source, shape, loop=args.loop)
+        if isinstance(source, FileSource) and settings.model_fields_set & {"width", "height", "fps"}:
+            native = source.shape
+            source.shape = StreamShape(
+                settings.width if "width" in settings.model_fields_set else native.width,
+                settings.height if "height" in settings.model_fields_set else native.height,
+                settings.fps if "fps" in settings.model_fields_set else native.fps,
+            )
+    except SourceError as exc:
+        raise CommandError(str(exc)) from None
+    config = DaemonConfig(
+        host=host,
+        port=port,
+        device_id=settings.device_id,
+        token=settings.token.get_secret_value(),
+        mtu=settings.mtu,
+        bitrate=settings.bitrate,
+        keyframe_interval=settings.keyframe_interval,
+        encoder=settings.encoder,
+        frames=args.frames,
+        duration=args.duration,
+        queue_size=settings.queue_size,
+        backoff=Backoff(maximum=settings.reconnect_max_delay),
+    )
+    health = serve_health_and_metrics(settings.metrics_port) if settings.metrics_port else None
+    try:
+        result = asyncio.run(EdgeDaemon(config, source).run())
+    except FatalRejection as exc:
+        raise CommandError(str(exc)) from None
+    except SourceError as exc:
+        raise CommandError(f"source: {exc}") from None
+    finally:
+        if health is not None:
+            health.close()
+    summary = {"captured": result.captured, "sent": result.sent, "sessions": result.sessions}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"sent {result.sent} of {result.captured} frames in {result.sessions} session(s)")
+    return 0

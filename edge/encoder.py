@@ -1,0 +1,237 @@
+"""H.264 encoders for the edge: PyAV libx264 (zerolatency), or a GStreamer encoder element such
+as the Jetson hardware encoder ``nvv4l2h264enc``.
+
+Both turn `Picture`s into `EncodedFrame`s (NAL units of one access unit, SPS/PPS repeated with
+every IDR) and can be asked for an IDR, which the sender does after every (re)connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+from collections import deque
+from fractions import Fraction
+from queue import Empty, Queue
+from typing import Protocol
+
+import av
+import numpy as np
+
+from edge.frames import EncodedFrame, Picture, StreamShape
+from flowcloud.protocol.errors import ProtocolError
+from flowcloud.protocol.framing import Rfc4571Decoder
+from flowcloud.protocol.h264 import NAL_TYPE_IDR, Depacketizer, nal_type, split_annexb
+from flowcloud.protocol.rtp import RtpPacket
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("auto", "libx264", "x264enc", "nvv4l2h264enc")
+JETSON_ELEMENT = "nvv4l2h264enc"
+
+
+class Encoder(Protocol):
+    def encode(self, picture: Picture) -> list[EncodedFrame]: ...
+
+    def flush(self) -> list[EncodedFrame]: ...
+
+    def request_keyframe(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _is_keyframe(nals: list[bytes]) -> bool:
+    return any(nal_type(n) == NAL_TYPE_IDR for n in nals)
+
+
+class Libx264Encoder:
+    """PyAV libx264: ultrafast, zerolatency (no B-frames, one picture in, one access unit out)."""
+
+    def __init__(self, shape: StreamShape, bitrate: int, keyframe_interval: int, threads: int = 0) -> None:
+        self.shape = shape
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height = shape.width, shape.height
+        codec.pix_fmt = "yuv420p"
+        codec.time_base = Fraction(1, 90_000)
+        codec.framerate = Fraction(shape.fps).limit_denominator(1001)
+        codec.bit_rate = bitrate
+        codec.gop_size = keyframe_interval
+        codec.thread_count = threads
+        codec.options = {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "forced-idr": "1",
+            # repeat-headers: SPS/PPS with every IDR, so a receiver can join at any keyframe.
+            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:repeat-headers=1:"
+            f"vbv-maxrate={bitrate // 1000}:vbv-bufsize={max(1, bitrate // 1000 // 2)}",
+        }
+        codec.open()
+        self._codec = codec
+        self._times: deque[float] = deque()
+        self._start: float | None = None
+        self._force_idr = False
+
+    def request_keyframe(self) -> None:
+        self._force_idr = True
+
+    def encode(self, picture: Picture) -> list[EncodedFrame]:
+        image = picture.image
+        if image.shape[:2] != (self.shape.height, self.shape.width):
+            raise ValueError(
+                f"picture is {image.shape[1]}x{image.shape[0]}, encoder expects "
+                f"{self.shape.width}x{self.shape.height}"
+            )
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(
+            format="yuv420p"
+        )
+        if self._start is None:
+            self._start = picture.capture_time
+        frame.pts = round((picture.capture_time - self._start) * 90_000)
+        if self._force_idr:
+            frame.pict_type = av.video.frame.PictureType.I
+            self._force_idr = False
+        self._times.append(picture.capture_time)
+        return self._collect(self._codec.encode(frame))
+
+    def flush(self) -> list[EncodedFrame]:
+        return self._collect(self._codec.encode(None))
+
+    def _collect(self, packets: list[av.Packet]) -> list[EncodedFrame]:
+        out = []
+        for packet in packets:
+            nals = split_annexb(bytes(packet))
+            capture_time = self._times.popleft() if self._times else 0.0
+            out.append(EncodedFrame(nals, _is_keyframe(nals), capture_time))
+        return out
+
+    def close(self) -> None:
+        self._times.clear()
+
+
+def gst_encoder_pipeline(element: str, shape: StreamShape, bitrate: int, keyframe_interval: int) -> str:
+    """A gst-launch pipeline: raw RGB on stdin -> H.264 -> RTP in RFC 4571 on stdout."""
+    fps = Fraction(shape.fps).limit_denominator(1001)
+    rate = f"{fps.numerator}/{fps.denominator}"
+    caps = f"video/x-raw,format=RGB,width={shape.width},height={shape.height},framerate={rate}"
+    if element == JETSON_ELEMENT:
+        encode = (
+            "nvvidconv ! video/x-raw(memory:NVMM),format=I420 ! "
+            f"nvv4l2h264enc bitrate={bitrate} iframeinterval={keyframe_interval} "
+            f"idrinterval={keyframe_interval} "
+            "insert-sps-pps=true maxperf-enable=true control-rate=1"
+        )
+    elif element == "x264enc":
+        encode = (
+            "videoconvert ! video/x-raw,format=I420 ! "
+            f"x264enc tune=zerolatency speed-preset=ultrafast bitrate={max(1, bitrate // 1000)} "
+            f"key-int-max={keyframe_interval}"
+        )
+    else:
+        raise ValueError(f"unknown GStreamer encoder {element!r}")
+    return (
+        f"fdsrc fd=0 blocksize={shape.width * shape.height * 3} ! rawvideoparse format=rgb "
+        f"width={shape.width} height={shape.height} framerate={rate} ! {caps} ! "
+        f"{encode} ! h264parse config-interval=-1 ! video/x-h264,stream-format=byte-stream,alignment=au ! "
+        "rtph264pay config-interval=0 mtu=65000 ! rtpstreampay ! fdsink fd=1 sync=false"
+    )
+
+
+class GstEncoder:
+    """A GStreamer encoder element in a ``gst-launch-1.0`` child process.
+
+    Raw pictures go to its stdin; it answers RTP in RFC 4571 framing on stdout, which this side
+    depacketizes back into access units (the marker bit gives exact access-unit boundaries). One
+    picture in gives one access unit out, in order, so capture times are matched first in, first
+    out. It cannot force an IDR; after a reconnect the sender waits for the next one.
+    """
+
+    def __init__(self, element: str, shape: StreamShape, bitrate: int, keyframe_interval: int) -> None:
+        gst = shutil.which("gst-launch-1.0")
+        if gst is None:
+            raise RuntimeError("gst-launch-1.0 is not installed")
+        self.shape = shape
+        self.pipeline = gst_encoder_pipeline(element, shape, bitrate, keyframe_interval)
+        log.info("GStreamer encoder: %s", self.pipeline)
+        self._proc = subprocess.Popen(
+            [gst, "-q", *self.pipeline.split()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._times: deque[float] = deque()
+        self._out: Queue[list[bytes] | None] = Queue()
+        self._reader = threading.Thread(target=self._read, name="gst-encoder", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        framing = Rfc4571Decoder()
+        depacketizer = Depacketizer()
+        try:
+            while chunk := self._proc.stdout.read1(65536):  # type: ignore[attr-defined]
+                for body in framing.feed(chunk):
+                    for au in depacketizer.push(RtpPacket.parse(body)):
+                        self._out.put(au.nals)
+            for au in depacketizer.flush():
+                self._out.put(au.nals)
+        except ProtocolError as exc:
+            log.error("GStreamer encoder output is malformed: %s", exc)
+        finally:
+            self._out.put(None)
+
+    def request_keyframe(self) -> None:
+        pass  # not possible through gst-launch; the sender waits for the next IDR
+
+    def encode(self, picture: Picture) -> list[EncodedFrame]:
+        if self._proc.poll() is not None or self._proc.stdin is None:
+            raise RuntimeError(f"GStreamer encoder exited with status {self._proc.returncode}")
+        self._times.append(picture.capture_time)
+        self._proc.stdin.write(np.ascontiguousarray(picture.image, dtype=np.uint8).tobytes())
+        self._proc.stdin.flush()
+        return self._drain(block=False)
+
+    def flush(self) -> list[EncodedFrame]:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        return self._drain(block=True)
+
+    def _drain(self, block: bool) -> list[EncodedFrame]:
+        out = []
+        while True:
+            try:
+                nals = self._out.get(timeout=10) if block else self._out.get_nowait()
+            except Empty:
+                break
+            if nals is None:
+                break
+            capture_time = self._times.popleft() if self._times else 0.0
+            out.append(EncodedFrame(nals, _is_keyframe(nals), capture_time))
+        return out
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def gst_element_available(element: str) -> bool:
+    inspect = shutil.which("gst-inspect-1.0")
+    if inspect is None:
+        return False
+    return subprocess.run([inspect, element], capture_output=True, timeout=30).returncode == 0
+
+
+def make_encoder(name: str, shape: StreamShape, bitrate: int, keyframe_interval: int) -> Encoder:
+    """``auto`` picks the Jetson hardware encoder when GStreamer has it, else PyAV libx264."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r} (choose from {', '.join(ENCODERS)})")
+    if name == "auto":
+        name = JETSON_ELEMENT if gst_element_available(JETSON_ELEMENT) else "libx264"
+    if name == "libx264":
+        return Libx264Encoder(shape, bitrate, keyframe_interval)
+    return GstEncoder(name, shape, bitrate, keyframe_interval)

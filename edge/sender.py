@@ -1,0 +1,258 @@
+"""The sender: dial the gateway, handshake, then RTP/H.264 in RFC 4571 framing; reconnect on loss.
+
+After every (re)connect the first access unit sent is an IDR (the encoder is asked for one;
+relayed streams wait for their next), so the gateway's decoder can start cleanly. Reconnects
+back off exponentially with jitter. A REJECT for a permanent reason (unknown device, bad token,
+revoked, version, malformed) ends the daemon; busy and limit are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge import metrics
+from edge.frames import EncodedFrame, StreamShape
+from flowcloud.protocol.capture_time import capture_time_extension
+from flowcloud.protocol.errors import ProtocolError
+from flowcloud.protocol.framing import frame, read_frame
+from flowcloud.protocol.h264 import Packetizer
+from flowcloud.protocol.handshake import (
+    MAX_CONTROL_SIZE,
+    REJECT_BUSY,
+    REJECT_LIMIT,
+    HandshakeRejected,
+    Hello,
+    Reject,
+    StreamInfo,
+    client_handshake,
+    parse_control,
+)
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_REJECTS = (REJECT_BUSY, REJECT_LIMIT)
+END = None  # queue sentinel: the source has ended
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with "equal jitter": half the delay fixed, half random."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        base = min(self.maximum, self.initial * self.factor**attempt)
+        return base / 2 + (rng or random).uniform(0, base / 2)
+
+
+class FatalRejection(Exception):
+    """The gateway refused this device for a reason retrying cannot fix."""
+
+
+class FrameQueue:
+    """A bounded queue of access units that drops the oldest when full (real time wins)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: asyncio.Queue[EncodedFrame | None] = asyncio.Queue()
+        self.maxsize = maxsize
+        self._ended = False
+
+    def put(self, item: EncodedFrame | None) -> None:
+        """Must run on the event loop thread (use loop.call_soon_threadsafe from threads)."""
+        if item is not None:
+            while self._queue.qsize() >= self.maxsize:
+                dropped = self._queue.get_nowait()
+                if dropped is None:  # keep the end marker
+                    self._queue.put_nowait(dropped)
+                    break
+                metrics.FRAMES_DROPPED.labels("queue_full").inc()
+        else:
+            self._ended = True
+        self._queue.put_nowait(item)
+
+    async def get(self) -> EncodedFrame | None:
+        return await self._queue.get()
+
+    def discard_queued(self) -> int:
+        """Drop every queued access unit (stale after a disconnect); keeps the end marker."""
+        dropped = 0
+        ended = False
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                ended = True
+            else:
+                dropped += 1
+        if ended:
+            self._queue.put_nowait(None)
+        return dropped
+
+    @property
+    def ended(self) -> bool:
+        """The source's end marker is queued."""
+        return self._ended
+
+
+class Sender:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        device_id: str,
+        token: str,
+        mtu: int,
+        request_keyframe: Callable[[], None] = lambda: None,
+        backoff: Backoff | None = None,
+        handshake_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.device_id, self._token = device_id, token
+        self.packetizer = Packetizer(mtu=mtu)
+        self.request_keyframe = request_keyframe
+        self.backoff = backoff or Backoff()
+        self.handshake_timeout = handshake_timeout
+        self.connect_timeout = connect_timeout
+        self.frames_sent = 0
+        self.sessions = 0
+        self._clock_base = time.time()
+        self._ts_base = self.packetizer.timestamp_of(0) + random.getrandbits(31)
+
+    def _rtp_timestamp(self, capture_time: float) -> int:
+        return self._ts_base + self.packetizer.timestamp_of(capture_time - self._clock_base)
+
+    async def run(self, queue: FrameQueue, shape: StreamShape) -> None:
+        """Send until the queue yields its end marker; raises FatalRejection."""
+        hello = Hello(self.device_id, self._token, StreamInfo(shape.width, shape.height, shape.fps))
+        attempt = 0
+        while True:
+            try:
+                done = await self._session(queue, hello)
+            except HandshakeRejected as exc:
+                metrics.CONNECTS.labels(f"rejected_{exc.code}").inc()
+                if exc.code not in RETRYABLE_REJECTS:
+                    raise FatalRejection(str(exc)) from None
+                log.warning("%s; retrying", exc)
+            except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
+                log.warning("gateway %s:%d: %s", self.host, self.port, exc or type(exc).__name__)
+            else:
+                if done:
+                    return
+                attempt = 0
+            finally:
+                metrics.CONNECTED.set(0)
+            if queue.ended:
+                # Queued frames would be stale by the next session (it starts at a fresh IDR).
+                left = queue.discard_queued()
+                metrics.FRAMES_DROPPED.labels("disconnected").inc(left)
+                log.info("the source has ended while disconnected; %d frame(s) not sent", left)
+                return
+            delay = self.backoff.delay(attempt)
+            attempt += 1
+            log.info("reconnecting in %.2f s", delay)
+            await asyncio.sleep(delay)
+
+    async def _session(self, queue: FrameQueue, hello: Hello) -> bool:
+        """One connection; True when the source has ended and everything was sent."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+        except TimeoutError:
+            metrics.CONNECTS.labels("timeout").inc()
+            raise OSError(f"connect timed out after {self.connect_timeout:g} s") from None
+        except OSError:
+            metrics.CONNECTS.labels("refused").inc()
+            raise
+        try:
+            accept, clock = await client_handshake(reader, writer, hello, self.handshake_timeout)
+            metrics.CONNECTS.labels("accepted").inc()
+            metrics.CONNECTED.set(1)
+            metrics.CLOCK_OFFSET.set(clock.offset)
+            metrics.RTT.set(clock.rtt)
+            self.sessions += 1
+            log.info(
+                "session %s with %s:%d (clock offset %+.4f s, rtt %.1f ms)",
+                accept.session_id,
+                self.host,
+                self.port,
+                clock.offset,
+                clock.rtt * 1000,
+            )
+            stale = queue.discard_queued()
+            if stale:
+                metrics.FRAMES_DROPPED.labels("disconnected").inc(stale)
+            self.request_keyframe()
+            return await self._stream(queue, reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _stream(
+        self, queue: FrameQueue, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        watch = asyncio.create_task(self._watch_gateway(reader))
+        need_keyframe = True
+        item: EncodedFrame | None = None
+        try:
+            while True:
+                item = None
+                get = asyncio.create_task(queue.get())
+                finished, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if watch in finished:
+                    get.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        item = await get  # it may have completed in the same turn
+                    if item is not None:
+                        metrics.FRAMES_DROPPED.labels("disconnected").inc()
+                    watch.result()  # raises why the gateway went away
+                    raise ConnectionError("gateway closed the connection")
+                item = get.result()
+                if item is None:
+                    await writer.drain()
+                    return True
+                if need_keyframe and not item.keyframe:
+                    metrics.FRAMES_DROPPED.labels("await_keyframe").inc()
+                    continue
+                need_keyframe = False
+                packets = self.packetizer.packetize(
+                    item.nals,
+                    self._rtp_timestamp(item.capture_time),
+                    capture_time_extension(item.capture_time),
+                )
+                data = b"".join(frame(bytes(p)) for p in packets)
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except OSError:
+                    metrics.FRAMES_DROPPED.labels("disconnected").inc()
+                    raise
+                item = None
+                self.frames_sent += 1
+                metrics.FRAMES_SENT.inc()
+                metrics.PACKETS_SENT.inc(len(packets))
+                metrics.BYTES_SENT.inc(len(data))
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+
+    async def _watch_gateway(self, reader: asyncio.StreamReader) -> None:
+        """Returns when the gateway closes; raises HandshakeRejected on a REJECT (e.g. revoked)."""
+        while True:
+            try:
+                body = await read_frame(reader, MAX_CONTROL_SIZE)
+            except asyncio.IncompleteReadError:
+                return
+            message = parse_control(body)
+            if isinstance(message, Reject):
+                raise HandshakeRejected(message.code, message.reason)
+            log.debug("ignoring a %s message from the gateway", type(message).__name__)
