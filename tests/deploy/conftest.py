@@ -18,7 +18,12 @@ from flowcloud.settings import ApiSettings, EdgeSettings, GatewaySettings, Servi
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "flowcloud"
-SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (GatewaySettings, WorkerSettings, ApiSettings, EdgeSettings)
+SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
+    GatewaySettings,
+    WorkerSettings,
+    ApiSettings,
+    EdgeSettings,
+)
 
 
 def find_tool(name: str) -> str:
@@ -41,8 +46,8 @@ def settings_env_names() -> set[str]:
         for field in cls.model_fields:
             if field not in shared:
                 names.add(f"{prefix}{field}".upper())
-    for field in ServiceSettings.model_fields.values():
-        alias = field.validation_alias
+    for info in ServiceSettings.model_fields.values():
+        alias = info.validation_alias
         choices = getattr(alias, "choices", [alias])
         names.update(str(c) for c in choices if str(c).startswith("FLOWCLOUD_"))
     return names

@@ -48,7 +48,9 @@ def by_kind(objs: list[Obj], kind: str) -> list[Obj]:
 
 
 def one(objs: list[Obj], kind: str, component: str) -> Obj:
-    found = [o for o in by_kind(objs, kind) if o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    found = [
+        o for o in by_kind(objs, kind) if o["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
     assert len(found) == 1, f"expected one {kind} for {component}, got {len(found)}"
     return found[0]
 
@@ -103,7 +105,9 @@ def test_every_object_validates_against_the_kubernetes_schemas(rendered: list[Ob
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes {version}: {exc}")
+                pytest.fail(
+                    f"{obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes {version}: {exc}"
+                )
 
 
 def test_strict_validation_catches_a_bad_object(default_objs: list[Obj]) -> None:
@@ -118,7 +122,9 @@ def test_names_and_labels(default_objs: list[Obj]) -> None:
     release = "r" * 53  # the longest release name helm allows
     out = helm("template", release, str(CHART), "--api-versions", KEDA_API).stdout
     long = [doc for doc in yaml.safe_load_all(out) if doc]
-    assert any(o["metadata"]["name"].endswith("-worker") for o in long), "component suffixes survive truncation"
+    assert any(o["metadata"]["name"].endswith("-worker") for o in long), (
+        "component suffixes survive truncation"
+    )
     for obj in default_objs + long:
         assert len(obj["metadata"]["name"]) <= 63, obj["metadata"]["name"]
         labels = obj["metadata"]["labels"]
@@ -145,7 +151,10 @@ def test_pods_meet_the_restricted_pod_security_standard(rendered: list[Obj]) -> 
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
             assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
-            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], (where, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], (
+                where,
+                c["name"],
+            )
             assert sc["seccompProfile"]["type"] == "RuntimeDefault", (where, c["name"])
             assert sc.get("privileged", False) is False, (where, c["name"])
             assert sc.get("runAsUser", 1) != 0, (where, c["name"])
@@ -158,7 +167,12 @@ def test_every_container_has_requests_and_limits(rendered: list[Obj]) -> None:
         for c in containers(obj):
             for kind in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
-                    assert c["resources"][kind][resource], (obj["metadata"]["name"], c["name"], kind, resource)
+                    assert c["resources"][kind][resource], (
+                        obj["metadata"]["name"],
+                        c["name"],
+                        kind,
+                        resource,
+                    )
 
 
 def test_services_have_liveness_and_readiness_probes_that_differ(rendered: list[Obj]) -> None:
@@ -190,7 +204,9 @@ def test_no_secret_is_a_literal_env_value_or_in_a_configmap(rendered: list[Obj])
                 if env["name"] in secret_names or pattern.search(env["name"]):
                     assert "value" not in env, f"{c['name']}: {env['name']} is a literal"
                     assert "secretKeyRef" in env["valueFrom"], f"{c['name']}: {env['name']} not from a Secret"
-                assert "redis://:" not in str(env.get("value", "")) and "rediss://:" not in str(env.get("value", ""))
+                assert "redis://:" not in str(env.get("value", "")) and "rediss://:" not in str(
+                    env.get("value", "")
+                )
             text = " ".join(c.get("args", []) + c.get("command", []))
             assert "requirepass" not in text or "$REDIS_PASSWORD" in text
     for cm in by_kind(rendered, "ConfigMap"):
@@ -260,9 +276,13 @@ def test_ports_match_the_service_contract(default_objs: list[Obj]) -> None:
     assert data["flowcloud-api"]["FLOWCLOUD_API_PORT"] == "8000"
     # Whole numbers reach the services as integers, not 8e+06.
     assert data["flowcloud-gateway"]["FLOWCLOUD_GATEWAY_MAX_BYTES_PER_SECOND"] == "8000000"
-    gateway_svc = next(s for s in by_kind(default_objs, "Service") if s["metadata"]["name"] == "flowcloud-gateway")
+    gateway_svc = next(
+        s for s in by_kind(default_objs, "Service") if s["metadata"]["name"] == "flowcloud-gateway"
+    )
     assert gateway_svc["spec"]["type"] == "LoadBalancer"
-    assert gateway_svc["spec"]["ports"] == [{"name": "ingest", "port": 7000, "targetPort": "ingest", "protocol": "TCP"}]
+    assert gateway_svc["spec"]["ports"] == [
+        {"name": "ingest", "port": 7000, "targetPort": "ingest", "protocol": "TCP"}
+    ]
 
 
 def test_gateway_service_can_be_a_node_port(ci_objs: list[Obj]) -> None:
@@ -280,7 +300,9 @@ def test_gpu_worker_requests_gpus_and_cpu_mode_does_not(ci_objs: list[Obj]) -> N
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["runtimeClassName"] == "nvidia"
     assert {"name": "weights", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
-    worker_cm = next(cm for cm in by_kind(ci_objs, "ConfigMap") if cm["metadata"]["name"] == "flowcloud-worker")
+    worker_cm = next(
+        cm for cm in by_kind(ci_objs, "ConfigMap") if cm["metadata"]["name"] == "flowcloud-worker"
+    )
     assert worker_cm["data"]["FLOWCLOUD_WORKER_DEVICE"] == "cuda"
     assert worker_cm["data"]["FLOWCLOUD_WORKER_WEIGHTS"] == "/models/deeplabv3_resnet50.pt"
 
@@ -300,7 +322,11 @@ def test_keda_scales_workers_on_the_frames_group_lag(ci_objs: list[Obj]) -> None
     scaled = one(ci_objs, "ScaledObject", "worker")
     spec = scaled["spec"]
     worker = one(ci_objs, "Deployment", "worker")
-    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker["metadata"]["name"]}
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": worker["metadata"]["name"],
+    }
     assert "replicas" not in worker["spec"], "the autoscaler owns the replica count"
     assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["cooldownPeriod"]) == (0, 16, 600)
     (trigger,) = spec["triggers"]
@@ -329,7 +355,9 @@ def test_keda_with_the_in_cluster_redis_authenticates_from_its_secret() -> None:
 def test_hpa_is_the_fallback_without_keda(default_objs: list[Obj]) -> None:
     assert not by_kind(default_objs, "ScaledObject")
     hpa = one(default_objs, "HorizontalPodAutoscaler", "worker")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == one(default_objs, "Deployment", "worker")["metadata"]["name"]
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"] == one(default_objs, "Deployment", "worker")["metadata"]["name"]
+    )
     assert hpa["spec"]["minReplicas"] >= 1
     zero = render("--set", "worker.autoscaling.minReplicas=0")
     assert one(zero, "HorizontalPodAutoscaler", "worker")["spec"]["minReplicas"] == 1
@@ -359,7 +387,10 @@ def test_external_redis_replaces_the_statefulset(ci_objs: list[Obj]) -> None:
 def test_only_flowcloud_pods_reach_redis(default_objs: list[Obj]) -> None:
     policy = one(default_objs, "NetworkPolicy", "redis")
     redis = one(default_objs, "StatefulSet", "redis")
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"].items()
+        <= redis["spec"]["template"]["metadata"]["labels"].items()
+    )
     (rule,) = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
     flowcloud_peer = rule["from"][0]["podSelector"]["matchLabels"]
@@ -368,7 +399,10 @@ def test_only_flowcloud_pods_reach_redis(default_objs: list[Obj]) -> None:
             labels = obj["spec"]["template"]["metadata"]["labels"]
             assert flowcloud_peer.items() <= labels.items(), f"{obj['metadata']['name']} cannot reach Redis"
     # No other pod in the namespace matches: the peer needs this release's FlowCloud labels.
-    assert flowcloud_peer == {"app.kubernetes.io/instance": "flowcloud", "app.kubernetes.io/part-of": "flowcloud"}
+    assert flowcloud_peer == {
+        "app.kubernetes.io/instance": "flowcloud",
+        "app.kubernetes.io/part-of": "flowcloud",
+    }
     keda_peer = rule["from"][1]
     assert keda_peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
 
@@ -384,7 +418,9 @@ def test_ingress_and_service_monitors(ci_objs: list[Obj]) -> None:
     ingress = one(ci_objs, "Ingress", "api")
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": "flowcloud-api", "port": {"name": "http"}}
-    monitors = {m["metadata"]["labels"]["app.kubernetes.io/component"]: m for m in by_kind(ci_objs, "ServiceMonitor")}
+    monitors = {
+        m["metadata"]["labels"]["app.kubernetes.io/component"]: m for m in by_kind(ci_objs, "ServiceMonitor")
+    }
     assert set(monitors) == {"gateway", "worker", "api"}
     services = by_kind(ci_objs, "Service")
     for component, monitor in monitors.items():
@@ -414,7 +450,12 @@ def test_notes_explain_devices_and_the_api() -> None:
 
 
 def test_schema_rejects_typos_and_bad_values() -> None:
-    for bad in ("gateway.prot=7001", "worker.mode=tpu", "worker.autoscaling.engine=magic", "redis.appendfsync=often"):
+    for bad in (
+        "gateway.prot=7001",
+        "worker.mode=tpu",
+        "worker.autoscaling.engine=magic",
+        "redis.appendfsync=often",
+    ):
         result = helm("template", "x", str(CHART), "--set", bad, check=False)
         assert result.returncode != 0, f"{bad} was accepted"
         assert "schema" in result.stderr, result.stderr

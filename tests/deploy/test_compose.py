@@ -104,13 +104,23 @@ def test_ports_match_the_chart(compose: dict[str, Any]) -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     services = compose["services"]
     assert services["gateway"]["environment"]["FLOWCLOUD_GATEWAY_PORT"] == str(values["gateway"]["port"])
-    assert services["gateway"]["environment"]["FLOWCLOUD_GATEWAY_METRICS_PORT"] == str(values["gateway"]["metricsPort"])
-    assert services["worker"]["environment"]["FLOWCLOUD_WORKER_METRICS_PORT"] == str(values["worker"]["metricsPort"])
+    assert services["gateway"]["environment"]["FLOWCLOUD_GATEWAY_METRICS_PORT"] == str(
+        values["gateway"]["metricsPort"]
+    )
+    assert services["worker"]["environment"]["FLOWCLOUD_WORKER_METRICS_PORT"] == str(
+        values["worker"]["metricsPort"]
+    )
     assert services["api"]["environment"]["FLOWCLOUD_API_PORT"] == str(values["api"]["port"])
     assert services["edge"]["environment"]["FLOWCLOUD_EDGE_METRICS_PORT"] == str(
         EdgeSettings.model_fields["metrics_port"].default
     )
-    for name, port in (("gateway", 9101), ("worker", 9102), ("worker-gpu", 9102), ("api", 8000), ("edge", 9103)):
+    for name, port in (
+        ("gateway", 9101),
+        ("worker", 9102),
+        ("worker-gpu", 9102),
+        ("api", 8000),
+        ("edge", 9103),
+    ):
         probe = " ".join(services[name]["healthcheck"]["test"])
         assert f"127.0.0.1:{port}/" in probe, f"{name} healthcheck does not probe port {port}"
 

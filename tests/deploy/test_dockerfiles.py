@@ -23,7 +23,11 @@ DOCKERFILES = {
 
 def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [find_tool("hadolint"), "--no-color", str(path)], capture_output=True, text=True, timeout=60, check=False
+        [find_tool("hadolint"), "--no-color", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
