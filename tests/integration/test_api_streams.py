@@ -10,15 +10,24 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import cv2
 import httpx
 import numpy as np
 import pytest
 import redis
-from api_support import HEIGHT, RECENT_MAXLEN, WIDTH, class_map, frame_image, make_key, running_api, seed_stream
+from api_support import (
+    HEIGHT,
+    RECENT_MAXLEN,
+    WIDTH,
+    class_map,
+    frame_image,
+    make_key,
+    running_api,
+    seed_stream,
+)
 from PIL import Image
 
 from flowcloud import keys
+from flowcloud.frames import decode_image
 from flowcloud.labels import TRAIN_IDS, blend_overlay
 from flowcloud.settings import ApiSettings
 
@@ -150,7 +159,7 @@ def test_image_formats(client: httpx.Client) -> None:
 
     overlay = client.get(f"/streams/cam-1/masks/{seq}", params={"format": "overlay"})
     assert overlay.headers["content-type"] == "image/jpeg"
-    got = cv2.cvtColor(cv2.imdecode(np.frombuffer(overlay.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    got = decode_image(overlay.content, "jpeg", WIDTH, HEIGHT)  # raises unless the size is right
     want = blend_overlay(frame_image(seq), TRAIN_IDS.colorize(class_map(seq)), 0.5)
     assert got.shape == (HEIGHT, WIDTH, 3)
     assert np.abs(got.astype(int) - want.astype(int)).mean() < 6  # two JPEG generations apart
@@ -202,7 +211,7 @@ def test_live_sse_sends_overlays_with_latency(client: httpx.Client) -> None:
     assert data["seq"] == COUNT - 1 and data["overlay"] is True
     assert data["latency"] == pytest.approx(0.069, abs=1e-3)
     jpeg = base64.b64decode(data["jpeg"])
-    assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (HEIGHT, WIDTH, 3)
+    assert decode_image(jpeg, "jpeg", WIDTH, HEIGHT).shape == (HEIGHT, WIDTH, 3)
 
 
 def test_live_mjpeg_parts(client: httpx.Client) -> None:
@@ -216,13 +225,16 @@ def test_live_mjpeg_parts(client: httpx.Client) -> None:
     head, _, body = buffer.partition(b"\r\n\r\n")
     assert head.startswith(f"--{boundary}".encode()) and b"Content-Type: image/jpeg" in head
     length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-    assert cv2.imdecode(np.frombuffer(body[:length], np.uint8), cv2.IMREAD_COLOR) is not None
+    assert decode_image(body[:length], "jpeg", WIDTH, HEIGHT).shape == (HEIGHT, WIDTH, 3)
 
 
 def test_devices_admin_round_trip(redis_url: str) -> None:
     admin = make_key(redis_url, "admin", "*")
     headers = {"Authorization": f"Bearer {admin}"}
-    with running_api(ApiSettings(redis_url=redis_url)) as base, httpx.Client(base_url=base, headers=headers) as c:
+    with (
+        running_api(ApiSettings(redis_url=redis_url)) as base,
+        httpx.Client(base_url=base, headers=headers) as c,
+    ):
         made = c.post("/devices", json={"device_id": "jetson-7", "tenant": "acme"})
         assert made.status_code == 201 and made.json()["token"] and made.json()["active"]
         assert c.post("/devices", json={"device_id": "jetson-7"}).status_code == 409
