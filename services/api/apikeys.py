@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from redis.asyncio import Redis
 
 from flowcloud import keys, tokens
-from services.api.queries import text
+from services.api.replies import text
 
 Role = Literal["admin", "reader"]
 ROLES: tuple[str, ...] = get_args(Role)

@@ -12,27 +12,18 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.frames import Frame, FrameFormatError
 from flowcloud.results import MaskResult, MaskStore
+from services.api.replies import as_fields, text
 
 LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
 MAX_STREAMS = 1000  # streams listed at most (newest activity first)
 RECENT_SCAN = 256  # entries of a recent-frames stream searched for a seq at most
-
-
-def text(value: object) -> str:
-    """A Redis reply (bytes without decode_responses) as text."""
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def as_fields(reply: object) -> dict[bytes, bytes]:
-    """A hash or stream-entry reply as the bytes mapping the core's ``from_fields`` parse."""
-    return cast(dict[bytes, bytes], reply or {})
 
 
 def _text(fields: Mapping[Any, Any], name: str) -> str | None:
