@@ -77,7 +77,7 @@ END_SHUTDOWN = "shutdown"
 END_MALFORMED = "malformed"
 END_ERROR = "error"
 
-FLUSH_TIMEOUT = 2.0  # how long a session that ends waits for its frames in flight
+FLUSH_TIMEOUT = 5.0  # how long a session that ends waits for its frames in flight
 
 
 class Refused(Exception):
@@ -107,6 +107,7 @@ class SessionServices:
     decoders: DecoderPool
     live: dict[str, Session] = field(default_factory=dict)  # device id -> its live session
     limits: dict[str, DeviceLimits] = field(default_factory=dict)
+    ended: Counter[str] = field(default_factory=Counter)  # device id -> sessions that have ended
 
     def device_limits(self, device_id: str) -> DeviceLimits:
         if device_id not in self.limits:
@@ -152,6 +153,11 @@ class Session:
     def device_id(self) -> str | None:
         return self.device.device_id if self.device else None
 
+    @property
+    def decoder_pid(self) -> int | None:
+        """The process id of this session's decoder (None before the handshake)."""
+        return self._decoder.pid if self._decoder is not None else None
+
     # --- handshake --------------------------------------------------------------------------
 
     async def handshake(self) -> None:
@@ -195,7 +201,6 @@ class Session:
         live = self.services.live
         if device.device_id not in live and len(live) >= s.max_sessions:
             raise Refused(REJECT_LIMIT, f"the gateway holds its maximum of {s.max_sessions} sessions")
-        self._decoder = await self.services.decoders.acquire()
         accept = Accept(self.session_id, hello.edge_time, gateway_recv, time.time())
         await write_frame(self.writer, accept.to_bytes())
         try:
@@ -248,6 +253,7 @@ class Session:
             self.clock.offset,
             self.clock.rtt,
         )
+        self._decoder = await self.services.decoders.acquire()
         results = asyncio.create_task(self._receive_decoded(), name=f"decoded:{self.session_id}")
         self._stream_task = asyncio.create_task(self._read_packets(), name=f"packets:{self.session_id}")
         try:
@@ -447,6 +453,7 @@ class Session:
             del self.services.live[device_id]
             self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
         metrics.SESSIONS.dec()
+        self.services.ended[device_id] += 1
         metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()
         log.info(
             "session %s: device %s ended (%s): %d packets, %d frames decoded, dropped %s",

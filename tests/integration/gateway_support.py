@@ -23,8 +23,8 @@ from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame
-from flowcloud.protocol.handshake import Accept, ClockSync, Hello, Reject, StreamInfo, client_handshake
 from flowcloud.protocol.h264 import Packetizer
+from flowcloud.protocol.handshake import Accept, ClockSync, Hello, Reject, StreamInfo, client_handshake
 from flowcloud.protocol.rtp import RtpPacket
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import GatewaySettings
@@ -48,14 +48,20 @@ def gateway_settings(redis_url: str, **overrides: Any) -> GatewaySettings:
     return GatewaySettings(**base)
 
 
-def libx264_access_units(frames: int, width: int = 320, height: int = 240, gop: int = 15) -> list[list[bytes]]:
+def libx264_access_units(
+    frames: int, width: int = 320, height: int = 240, gop: int = 15
+) -> list[list[bytes]]:
     """NAL units of each access unit of a real libx264 zerolatency stream with moving content."""
     codec = av.CodecContext.create("libx264", "w")
     codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
     codec.time_base = Fraction(1, 30)
     codec.gop_size = gop
     codec.thread_count = 1
-    codec.options = {"preset": "ultrafast", "tune": "zerolatency", "x264-params": f"keyint={gop}:min-keyint={gop}"}
+    codec.options = {
+        "preset": "ultrafast",
+        "tune": "zerolatency",
+        "x264-params": f"keyint={gop}:min-keyint={gop}",
+    }
     yy, xx = np.mgrid[0:height, 0:width]
     out: list[list[bytes]] = []
 
@@ -97,7 +103,9 @@ def gst_capture(path: Path, frames: int, width: int = 320, height: int = 240) ->
             "framerate=30/1 ! x264enc tune=zerolatency key-int-max=15 speed-preset=ultrafast ! "
             f"rtph264pay config-interval=1 mtu=1000 ! rtpstreampay ! filesink location={path}"
         )
-        subprocess.run(["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=60, capture_output=True)
+        subprocess.run(
+            ["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=60, capture_output=True
+        )
     return path.read_bytes()
 
 
@@ -198,7 +206,9 @@ def dropped(reason: str) -> float:
     return metric("flowcloud_gateway_frames_dropped_total", reason=reason)
 
 
-async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, step: float = 0.05) -> bool:
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, step: float = 0.05
+) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -209,3 +219,8 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(step)
+
+
+async def session_ended(gateway: Any, device_id: str, count: int = 1, timeout: float = 10.0) -> bool:
+    """Wait until ``count`` sessions of the device have ended on the gateway."""
+    return await wait_for(lambda: gateway.services.ended[device_id] >= count, timeout)

@@ -1,0 +1,347 @@
+"""Bad input against a real gateway: each case gets its clear REJECT or a counted drop, while a
+good stream running at the same time on the same gateway loses no frame."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from functools import cache
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from gateway_support import (
+    FPS,
+    connect,
+    dropped,
+    frames_on_redis,
+    gateway_settings,
+    libx264_access_units,
+    metric,
+    read_reject,
+    register,
+    rtp_packets,
+    session_ended,
+    wait_for,
+)
+
+from flowcloud.protocol.framing import frame
+from flowcloud.protocol.h264 import NAL_TYPE_FU_A
+from flowcloud.protocol.handshake import Hello, StreamInfo
+from flowcloud.protocol.rtp import RtpPacket
+from flowcloud.registry import DeviceRegistry
+from services.gateway.server import Gateway
+
+GOOD_FRAMES = 45
+T0 = 1_764_000_000.0
+
+
+@cache
+def good_units() -> list[list[bytes]]:
+    return libx264_access_units(GOOD_FRAMES)
+
+
+def run_beside_good_stream(
+    redis_url: str, bad: Callable[[Gateway], Awaitable[None]], **settings: Any
+) -> None:
+    """Run ``bad`` while a good device streams 45 frames on the same gateway; check it lost none."""
+
+    async def main() -> None:
+        token = await register(redis_url, "good")
+        packets = rtp_packets(good_units(), T0)
+        async with Gateway(gateway_settings(redis_url, **settings)).listen(port=0) as gw:
+            edge = await connect(gw.port, "good", token)
+
+            async def good() -> None:
+                await edge.send(packets, fps=FPS)
+                assert await wait_for(lambda: len(frames_on_redis(redis_url, "good")) >= GOOD_FRAMES, 20)
+                await edge.close()
+
+            await asyncio.gather(good(), bad(gw))
+        frames = frames_on_redis(redis_url, "good")
+        assert [f.seq for f in frames] == list(range(1, GOOD_FRAMES + 1))
+        for i, f in enumerate(frames):
+            assert f.capture_ts == pytest.approx(T0 + i / FPS + edge.clock.offset, abs=2e-6)
+
+    asyncio.run(main())
+
+
+async def raw_hello(
+    port: int, device_id: str, token: str, **stream: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    info = StreamInfo(stream.get("width", 320), stream.get("height", 240), stream.get("fps", FPS))
+    writer.write(frame(Hello(device_id, token, info, edge_time=time.time()).to_bytes()))
+    await writer.drain()
+    return reader, writer
+
+
+def test_refusals_unknown_wrong_token_version_oversized_slow(redis_url: str) -> None:
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "cam")
+        cases = [
+            ("ghost", token, "unknown_device", "not registered"),
+            ("cam", "nope", "bad_token", "wrong token"),
+        ]
+        for device_id, tok, code, text in cases:
+            reader, writer = await raw_hello(gw.port, device_id, tok)
+            reject = await read_reject(reader)
+            assert (reject.code, text in reject.reason) == (code, True)
+            writer.close()
+        # Another protocol version.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        body = (
+            Hello("cam", token, StreamInfo(320, 240, FPS)).to_bytes().replace(b'"version":1', b'"version":7')
+        )
+        writer.write(frame(body))
+        assert (await read_reject(reader)).code == "version"
+        writer.close()
+        # An oversized HELLO is refused from its length alone.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(struct.pack(">H", 5000) + b"{" * 100)
+        reject = await read_reject(reader)
+        assert reject.code == "malformed" and "exceeds the limit of 4096" in reject.reason
+        writer.close()
+        # Not JSON.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(frame(b"\xff\x00garbage"))
+        assert (await read_reject(reader)).code == "malformed"
+        writer.close()
+        # A slow handshake: half a HELLO, then nothing, until the deadline.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(struct.pack(">H", 200) + b'{"type":"hello"')
+        started = time.monotonic()
+        reject = await read_reject(reader, timeout=5)
+        assert reject.code == "malformed" and "not completed within 1 s" in reject.reason
+        assert 0.9 <= time.monotonic() - started < 2.0
+        assert await reader.read() == b""  # then closed
+        writer.close()
+        # A declared frame size above the cap.
+        reader, writer = await raw_hello(gw.port, "cam", token, width=4000, height=3000)
+        reject = await read_reject(reader)
+        assert reject.code == "limit" and "above the cap 1920x1080" in reject.reason
+        writer.close()
+        assert "cam" not in gw.sessions
+
+    run_beside_good_stream(redis_url, bad, handshake_timeout=1.0, max_width=1920, max_height=1080)
+
+
+def test_revoked_mid_stream_closes_within_a_second(redis_url: str) -> None:
+    packets = rtp_packets(libx264_access_units(90), T0)
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "doomed")
+        edge = await connect(gw.port, "doomed", token)
+        sender = asyncio.create_task(edge.send(packets, fps=FPS))
+        assert await wait_for(lambda: len(frames_on_redis(redis_url, "doomed")) >= 5, 10)
+        client = aioredis.Redis.from_url(redis_url)
+        await DeviceRegistry(client).revoke("doomed")
+        revoked_at = time.monotonic()
+        assert await edge.closed_by_gateway(timeout=1.0)
+        assert time.monotonic() - revoked_at < 1.0
+        assert await session_ended(gw, "doomed", timeout=1.0)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        reader, writer = await raw_hello(gw.port, "doomed", token)
+        assert (await read_reject(reader)).code == "revoked"
+        writer.close()
+        await client.aclose()
+
+    ends = metric("flowcloud_gateway_session_ends_total", reason="revoked")
+    run_beside_good_stream(redis_url, bad)
+    assert metric("flowcloud_gateway_session_ends_total", reason="revoked") == ends + 1
+
+
+def test_rotated_token_closes_session_and_old_token_fails(redis_url: str) -> None:
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "rot")
+        edge = await connect(gw.port, "rot", token)
+        client = aioredis.Redis.from_url(redis_url)
+        _, new_token = await DeviceRegistry(client).rotate("rot")
+        await client.aclose()
+        assert await edge.closed_by_gateway(timeout=1.0)
+        reader, writer = await raw_hello(gw.port, "rot", token)
+        assert (await read_reject(reader)).code == "bad_token"
+        writer.close()
+        edge = await connect(gw.port, "rot", new_token)
+        assert await wait_for(lambda: "rot" in gw.sessions, 2)
+        await edge.close()
+
+    run_beside_good_stream(redis_url, bad)
+
+
+def test_garbage_after_handshake_ends_only_that_session(redis_url: str) -> None:
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "noisy")
+        edge = await connect(gw.port, "noisy", token)
+        # Frames whose bodies are not RTP (version 0): every one is refused and counted.
+        edge.writer.write(b"".join(frame(b"\x00" + os.urandom(30)) for _ in range(60)))
+        # Then random bytes: random lengths, random bodies.
+        edge.writer.write(os.urandom(20_000))
+        await edge.writer.drain()
+        assert await edge.closed_by_gateway(timeout=5.0)
+
+    rejected = metric("flowcloud_gateway_packets_rejected_total", reason="malformed")
+    ends = metric("flowcloud_gateway_session_ends_total", reason="malformed")
+    run_beside_good_stream(redis_url, bad, max_malformed=50)
+    assert metric("flowcloud_gateway_packets_rejected_total", reason="malformed") >= rejected + 50
+    assert metric("flowcloud_gateway_session_ends_total", reason="malformed") == ends + 1
+
+
+def _fu_a_without_start(seq: int, ts: int) -> bytes:
+    return bytes(
+        RtpPacket(
+            sequence_number=seq, timestamp=ts, ssrc=7, payload=bytes((0x60 | NAL_TYPE_FU_A, 0x05)) + b"x" * 50
+        )
+    )
+
+
+def test_malformed_rtp_and_loss_are_counted_and_recovered_at_the_next_idr(redis_url: str) -> None:
+    packets = rtp_packets(libx264_access_units(45, gop=15), T0 + 100)
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "broken")
+        edge = await connect(gw.port, "broken", token)
+        stap_overflow = bytes((0x78,)) + (1000).to_bytes(2, "big") + b"\x65" * 10
+        huge_fragments = [bytes((0x7C, 0x85 if i == 0 else 0x05)) + b"\x11" * 1100 for i in range(6)]
+        bad_packets = [
+            _fu_a_without_start(1, 1000),
+            bytes(RtpPacket(sequence_number=2, timestamp=2000, ssrc=7, payload=stap_overflow, marker=True)),
+            b"",  # a zero-length frame
+            b"\x80\x60\x00",  # a truncated RTP header
+            *(
+                bytes(RtpPacket(sequence_number=3 + i, timestamp=3000, ssrc=7, payload=p))
+                for i, p in enumerate(huge_fragments)
+            ),
+        ]
+        await edge.send(bad_packets, fps=0)
+        # Then a real stream with packets lost in the middle of it: frames resume at the next IDR.
+        lossy = packets[:40] + packets[46:]
+        await edge.send(lossy, fps=2 * FPS)
+        await edge.close()
+        assert await session_ended(gw, "broken")
+
+    before = {r: dropped(r) for r in ("malformed", "nal_too_large", "loss", "await_idr")}
+    rejected = metric("flowcloud_gateway_packets_rejected_total", reason="malformed")
+    run_beside_good_stream(redis_url, bad, max_nal_size=4096)
+    assert metric("flowcloud_gateway_packets_rejected_total", reason="malformed") >= rejected + 5
+    for reason in before:
+        assert dropped(reason) > before[reason], reason
+    # The frames before the loss and those from the next IDR on arrived, in order.
+    frames = frames_on_redis(redis_url, "broken")
+    assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+    assert 15 <= len(frames) < 45
+    assert frames[-1].capture_ts - frames[0].capture_ts == pytest.approx(44 / FPS, abs=2e-6)
+
+
+def test_crashed_decoder_restarts_at_next_idr(redis_url: str) -> None:
+    packets = rtp_packets(libx264_access_units(90, gop=15), T0 + 200)
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "crashy")
+        edge = await connect(gw.port, "crashy", token)
+        sender = asyncio.create_task(edge.send(packets, fps=FPS))
+        assert await wait_for(lambda: len(frames_on_redis(redis_url, "crashy")) >= 10, 10)
+        pid = gw.sessions["crashy"].decoder_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert await wait_for(lambda: gw.sessions["crashy"].decoder_pid not in (None, pid), 5)
+        await sender
+        await edge.close()
+        assert await session_ended(gw, "crashy")
+        frames = frames_on_redis(redis_url, "crashy")
+        seqs = [f.seq for f in frames]
+        assert seqs == list(range(1, len(frames) + 1))
+        # Frames from after the crash (resumed at an IDR) arrived, and some were lost to it.
+        assert 45 <= len(frames) < 90
+        assert frames[-1].capture_ts == pytest.approx(T0 + 200 + 89 / FPS + edge.clock.offset, abs=2e-6)
+
+    restarts = metric("flowcloud_gateway_decoder_restarts_total")
+    idr = dropped("await_idr")
+    run_beside_good_stream(redis_url, bad)
+    assert metric("flowcloud_gateway_decoder_restarts_total") == restarts + 1
+    assert dropped("await_idr") > idr
+
+
+def test_second_connection_newest_wins(redis_url: str) -> None:
+    packets = [rtp_packets(libx264_access_units(15), t) for t in (T0 + 300, T0 + 400)]
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "twin")
+        first = await connect(gw.port, "twin", token)
+        await first.send(packets[0], fps=2 * FPS)
+        assert await wait_for(lambda: len(frames_on_redis(redis_url, "twin")) >= 15, 10)
+        old = gw.sessions["twin"]
+        second = await connect(gw.port, "twin", token)
+        assert await first.closed_by_gateway(timeout=2.0)
+        assert await wait_for(lambda: gw.sessions.get("twin") not in (None, old), 2)
+        assert old.end_reason == "replaced"
+        await second.send(packets[1], fps=2 * FPS)
+        assert await wait_for(lambda: len(frames_on_redis(redis_url, "twin")) >= 30, 10)
+        await second.close()
+        frames = frames_on_redis(redis_url, "twin")
+        assert [f.seq for f in frames] == list(range(1, 31))
+        assert frames[15].capture_ts == pytest.approx(T0 + 400 + second.clock.offset, abs=2e-6)
+
+    run_beside_good_stream(redis_url, bad)
+
+
+def test_connection_and_session_limits(redis_url: str) -> None:
+    async def bad(gw: Gateway) -> None:
+        # Per address: the good stream holds one connection of 3; two more idle ones fill it.
+        idle = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        reject = await read_reject(reader)
+        assert reject.code == "limit" and "too many connections from 127.0.0.1" in reject.reason
+        writer.close()
+        for _, w in idle:
+            w.close()
+        assert await wait_for(lambda: gw.connections.open_count("127.0.0.1") == 1, 2)
+        # Total sessions: the good stream holds 1 of 2.
+        tokens = [await register(redis_url, f"extra-{i}") for i in range(2)]
+        edge = await connect(gw.port, "extra-0", tokens[0])
+        reader, writer = await raw_hello(gw.port, "extra-1", tokens[1])
+        reject = await read_reject(reader)
+        assert reject.code == "limit" and "maximum of 2 sessions" in reject.reason
+        writer.close()
+        await edge.close()
+
+    run_beside_good_stream(redis_url, bad, max_connections_per_ip=3, max_sessions=2)
+
+
+def test_frame_rate_limit_drops(redis_url: str) -> None:
+    packets = rtp_packets(libx264_access_units(45), T0 + 500)
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "greedy")
+        edge = await connect(gw.port, "greedy", token)
+        await edge.send(packets, fps=0)  # a burst: 45 frames at once
+        await edge.close()
+        assert await session_ended(gw, "greedy")
+        assert 0 < len(frames_on_redis(redis_url, "greedy")) < 45
+
+    limited = dropped("rate_limit")
+    run_beside_good_stream(redis_url, bad, max_frames_per_second=40)
+    assert dropped("rate_limit") > limited
+
+
+def test_byte_rate_limit_throttles_without_loss(redis_url: str) -> None:
+    packets = rtp_packets(libx264_access_units(45), T0 + 600)
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "bulky")
+        edge = await connect(gw.port, "bulky", token)
+        started = time.monotonic()
+        await edge.send(packets, fps=0)  # ~72 kB at once
+        await edge.close()
+        assert await session_ended(gw, "bulky")
+        assert time.monotonic() - started > 1.0  # paced to the byte rate, not dropped
+        assert len(frames_on_redis(redis_url, "bulky")) == 45
+
+    throttled = metric("flowcloud_gateway_throttled_seconds_total")
+    run_beside_good_stream(redis_url, bad, max_bytes_per_second=30_000)
+    assert metric("flowcloud_gateway_throttled_seconds_total") > throttled + 1.0
