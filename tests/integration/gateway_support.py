@@ -183,6 +183,16 @@ async def connect(
     return Edge(reader, writer, accept, clock)
 
 
+async def raw_hello(
+    port: int, device_id: str, token: str, **stream: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    info = StreamInfo(stream.get("width", 320), stream.get("height", 240), stream.get("fps", FPS))
+    writer.write(frame(Hello(device_id, token, info, edge_time=time.time()).to_bytes()))
+    await writer.drain()
+    return reader, writer
+
+
 async def read_reject(reader: asyncio.StreamReader, timeout: float = 5.0) -> Reject:
     async with asyncio.timeout(timeout):
         return Reject.parse(await read_frame(reader, 4096))

@@ -22,6 +22,7 @@ from gateway_support import (
     gateway_settings,
     libx264_access_units,
     metric,
+    raw_hello,
     read_reject,
     register,
     rtp_packets,
@@ -68,16 +69,6 @@ def run_beside_good_stream(
             assert f.capture_ts == pytest.approx(T0 + i / FPS + edge.clock.offset, abs=2e-6)
 
     asyncio.run(main())
-
-
-async def raw_hello(
-    port: int, device_id: str, token: str, **stream: Any
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    info = StreamInfo(stream.get("width", 320), stream.get("height", 240), stream.get("fps", FPS))
-    writer.write(frame(Hello(device_id, token, info, edge_time=time.time()).to_bytes()))
-    await writer.drain()
-    return reader, writer
 
 
 def test_refusals_unknown_wrong_token_version_oversized_slow(redis_url: str) -> None:
