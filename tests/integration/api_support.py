@@ -28,20 +28,21 @@ RECENT_MAXLEN = 8
 ROAD, BUILDING, SKY, CAR = 0, 2, 10, 13  # trainIds
 
 
-def class_map(seq: int) -> np.ndarray:
+def class_map(seq: int, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
     """A street-like class map whose car moves with the seq (so shares vary over time)."""
-    m = np.full((HEIGHT, WIDTH), BUILDING, dtype=np.uint8)
-    m[: HEIGHT // 4] = SKY
-    m[HEIGHT // 2 :] = ROAD
-    x = (seq * 3) % (WIDTH - 12)
-    m[HEIGHT // 2 - 4 : HEIGHT // 2 + 6, x : x + 4 + seq % 8] = CAR
+    m = np.full((height, width), BUILDING, dtype=np.uint8)
+    m[: height // 4] = SKY
+    m[height // 2 :] = ROAD
+    unit = max(1, width // 64)
+    x = (seq * 3 * unit) % (width - 12 * unit)
+    m[height // 2 - 4 * unit : height // 2 + 6 * unit, x : x + (4 + seq % 8) * unit] = CAR
     return m
 
 
-def frame_image(seq: int) -> np.ndarray:
+def frame_image(seq: int, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
     """An RGB frame: a horizontal gradient, brighter for later seqs."""
-    ramp = np.linspace(0, 200, WIDTH, dtype=np.float32)[None, :, None]
-    rgb = np.broadcast_to(ramp + (seq % 50), (HEIGHT, WIDTH, 3))
+    ramp = np.linspace(0, 200, width, dtype=np.float32)[None, :, None]
+    rgb = np.broadcast_to(ramp + (seq % 50), (height, width, 3))
     return np.ascontiguousarray(rgb.astype(np.uint8))
 
 
@@ -55,8 +56,16 @@ class SeededStream:
 
 
 async def _seed(
-    redis_url: str, stream_id: str, tenant: str, count: int, start_ts: float, period: float, live: bool
+    redis_url: str,
+    stream_id: str,
+    tenant: str,
+    count: int,
+    start_ts: float,
+    period: float,
+    live: bool,
+    size: tuple[int, int],
 ) -> SeededStream:
+    width, height = size
     redis = Redis.from_url(redis_url)
     try:
         store = MaskStore(redis)
@@ -65,7 +74,7 @@ async def _seed(
         for seq in range(count):
             ts = start_ts + seq * period
             capture[seq] = ts
-            cmap = class_map(seq)
+            cmap = class_map(seq, width, height)
             results.append(
                 MaskResult(
                     stream=stream_id,
@@ -78,8 +87,8 @@ async def _seed(
                     model="test-model",
                     model_version="1",
                     label_set=TRAIN_IDS.name,
-                    width=WIDTH,
-                    height=HEIGHT,
+                    width=width,
+                    height=height,
                     shares=class_shares(cmap, TRAIN_IDS.num_classes),
                     labels_png=encode_label_map(cmap, TRAIN_IDS),
                 )
@@ -92,10 +101,10 @@ async def _seed(
                 seq=seq,
                 capture_ts=capture[seq],
                 recv_ts=capture[seq] + 0.01,
-                width=WIDTH,
-                height=HEIGHT,
+                width=width,
+                height=height,
                 encoding="jpeg",
-                data=encode_image(frame_image(seq), "jpeg", quality=95),
+                data=encode_image(frame_image(seq, width, height), "jpeg", quality=95),
             )
             fields: dict[Any, Any] = frame.to_fields()
             await redis.xadd(keys.recent_frames(stream_id), fields, maxlen=RECENT_MAXLEN)
@@ -129,10 +138,11 @@ def seed_stream(
     start_ts: float = 1_700_000_000.0,
     period: float = 0.1,
     live: bool = True,
+    size: tuple[int, int] = (WIDTH, HEIGHT),
 ) -> SeededStream:
     """A stream described as the gateway does, ``count`` results as workers write them, and the
     last RECENT_MAXLEN frames in its recent-frames window."""
-    return asyncio.run(_seed(redis_url, stream_id, tenant, count, start_ts, period, live))
+    return asyncio.run(_seed(redis_url, stream_id, tenant, count, start_ts, period, live, size))
 
 
 def make_key(redis_url: str, role: str, tenant: str) -> str:

@@ -7,7 +7,7 @@ const REFRESH_MS = 3000;
 const STATS_POINTS = 120;
 const KEY_STORAGE = "flowcloud.apikey";
 
-const state = { key: null, selected: null, live: null, timer: null, lastEventAt: 0 };
+const state = { key: null, selected: null, live: null, timer: null, liveFps: null, summaryFps: null };
 const $ = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
@@ -99,6 +99,8 @@ function renderStreams(items) {
     body.append(tr);
     if (s.stream_id === state.selected) {
       $("fig-latency-summary").textContent = `${fmtSeconds(lat.p50)} / ${fmtSeconds(lat.p95)}`;
+      state.summaryFps = lat.result_fps;
+      showFps();
     }
   }
   if (state.selected === null && items.length > 0) select(items[0].stream_id);
@@ -128,17 +130,22 @@ async function readEvents(response, onEvent, signal) {
   }
 }
 
+// Results per second: measured between live events, else over the newest results.
+function showFps() {
+  $("fig-fps").textContent = fmtNumber(state.liveFps ?? state.summaryFps);
+}
+
 function showMask(m) {
   const img = $("live");
   img.onload = () => { img.dataset.seq = String(m.seq); };
   img.src = `data:image/jpeg;base64,${m.jpeg}`;
   $("fig-latency").textContent = fmtSeconds(m.latency);
-  $("fig-fps").textContent = fmtNumber(m.fps);
+  if (m.fps) state.liveFps = m.fps;
+  showFps();
   $("fig-seq").textContent = String(m.seq);
   $("live-caption").textContent = m.overlay
     ? `frame ${m.seq}, ${m.width}x${m.height}, mask over the frame`
     : `frame ${m.seq}, ${m.width}x${m.height}, mask only (the frame has left the recent window)`;
-  state.lastEventAt = Date.now();
 }
 
 async function startLive(streamId) {
@@ -283,6 +290,8 @@ async function refresh() {
 function select(streamId) {
   if (state.selected === streamId) return;
   state.selected = streamId;
+  state.liveFps = null;
+  state.summaryFps = null;
   $("stream-panel").hidden = false;
   $("stream-name").textContent = streamId;
   $("live").removeAttribute("data-seq");

@@ -1,0 +1,137 @@
+"""The dashboard in headless Chromium (Debian's chromium driven by Playwright) against a real
+uvicorn: it lists the stream, shows its live overlay, latency and fps, and draws class shares,
+with every request kept on the API's own origin (the page works offline)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from api_support import make_key, running_api, seed_stream
+from playwright.sync_api import Browser, Page, Route, sync_playwright
+
+from flowcloud.labels import TRAIN_IDS
+from flowcloud.settings import ApiSettings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SIZE = (384, 192)
+# Set to a path (e.g. docs/img/dashboard.png) to keep a copy of the screenshot for the README.
+SCREENSHOT_COPY = os.environ.get("FLOWCLOUD_DASHBOARD_SCREENSHOT")
+ROAD = tuple(int(v) for v in TRAIN_IDS.palette[0])
+
+
+@dataclass
+class Dashboard:
+    base: str
+    token: str
+    browser: Browser
+
+
+@pytest.fixture
+def dashboard(redis_url: str) -> Iterator[Dashboard]:
+    now = time.time()
+    seed_stream(redis_url, "cam-street", "acme", count=80, start_ts=now - 8.0, period=0.1, size=SIZE)
+    seed_stream(redis_url, "cam-hidden", "other", count=3, start_ts=now - 1.0, period=0.1)
+    token = make_key(redis_url, "reader", "acme")
+    with running_api(ApiSettings(redis_url=redis_url)) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield Dashboard(base, token, browser)
+        finally:
+            browser.close()
+
+
+def open_page(dash: Dashboard, url: str, offsite: list[str]) -> Page:
+    page = dash.browser.new_page(viewport={"width": 1280, "height": 1000})
+
+    def only_our_origin(route: Route) -> None:
+        if route.request.url.startswith(dash.base) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            offsite.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_our_origin)
+    page.goto(url)
+    return page
+
+
+def test_dashboard_lists_the_stream_and_shows_its_overlay(dashboard: Dashboard, tmp_path: Path) -> None:
+    offsite: list[str] = []
+    page = open_page(dashboard, f"{dashboard.base}/dashboard#key={dashboard.token}", offsite)
+    row = page.locator('#streams tbody tr[data-stream="cam-street"]')
+    row.wait_for(timeout=15_000)
+    assert page.locator("#streams tbody tr").count() == 1  # another tenant's stream is not listed
+    assert "live" in row.inner_text() and "acme" in row.inner_text()
+    assert "key=" not in page.url  # the key leaves the address bar at once
+    assert not page.locator("#key-form").is_visible()
+
+    # The live overlay arrives over SSE and is drawn at the stream's resolution.
+    page.wait_for_function(
+        "() => { const img = document.getElementById('live');"
+        " return img.dataset.seq === '79' && img.complete && img.naturalWidth > 0; }",
+        timeout=15_000,
+    )
+    size = page.evaluate(
+        "() => [document.getElementById('live').naturalWidth, document.getElementById('live').naturalHeight]"
+    )
+    assert tuple(size) == SIZE
+    assert page.inner_text("#fig-seq") == "79"
+    assert page.inner_text("#fig-latency").endswith("ms")
+    page.wait_for_function("() => document.getElementById('fig-fps').textContent === '10.0'")
+    assert "mask over the frame" in page.inner_text("#live-caption")
+
+    # Class shares over time: a stacked chart on canvas with a legend, road at the bottom.
+    page.wait_for_function(
+        "() => Number(document.getElementById('shares-chart').dataset.points) > 0", timeout=15_000
+    )
+    legend = page.inner_text("#legend")
+    for name in ("road", "building", "sky", "car"):
+        assert name in legend
+    pixel = page.evaluate(
+        "() => { const c = document.getElementById('shares-chart');"
+        " return Array.from(c.getContext('2d').getImageData(c.width / 2, c.height - 30, 1, 1).data); }"
+    )
+    assert tuple(pixel[:3]) == ROAD
+    page.wait_for_function("() => document.getElementById('fig-latency-summary').textContent.includes('ms')")
+
+    shot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if SCREENSHOT_COPY:
+        Path(SCREENSHOT_COPY).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT_COPY)
+    assert offsite == []
+    page.close()
+
+
+def test_dashboard_asks_for_a_key_and_refuses_a_bad_one(dashboard: Dashboard) -> None:
+    offsite: list[str] = []
+    page = open_page(dashboard, f"{dashboard.base}/dashboard", offsite)
+    assert "enter an API key" in page.inner_text("#status")
+    assert page.locator("#streams tbody tr").count() == 0
+    page.fill("#key-input", "fck_000000000000.wrong")
+    page.click("#key-form button")
+    page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
+    assert "401" in page.inner_text("#status")
+    assert page.locator("#key-form").is_visible()
+    page.fill("#key-input", dashboard.token)
+    page.click("#key-form button")
+    page.locator('#streams tbody tr[data-stream="cam-street"]').wait_for(timeout=15_000)
+    assert not page.locator("#key-form").is_visible()
+    assert offsite == []
+    page.close()
