@@ -76,7 +76,9 @@ class Batch:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, redis: Redis | None = None) -> None:
+    def __init__(
+        self, settings: WorkerSettings, redis: Redis | None = None, segmenter: Segmenter | None = None
+    ) -> None:
         self.settings = settings
         self.name = settings.name or default_name()
         self.redis = redis or Redis.from_url(
@@ -87,7 +89,7 @@ class Worker:
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.stop = asyncio.Event()
         self.ready = False
-        self.segmenter: Segmenter | None = None
+        self.segmenter = segmenter  # built from the settings by start() unless given
         self.cpu_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="frames")
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="infer")  # every model call: one thread
         self.heartbeat = Heartbeat(
@@ -120,15 +122,19 @@ class Worker:
                 return 0
             return await self.serve()
         finally:
-            self.ready = False
-            metrics.READY.set(0)
             beating.cancel()
-            await self.heartbeat.leave()
-            await self.redis.aclose()
-            self.cpu_pool.shutdown(wait=False, cancel_futures=True)
-            self.infer_pool.shutdown(wait=False, cancel_futures=True)
+            await self.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    async def close(self) -> None:
+        """Leave the worker index (and the group, when nothing is pending), release Redis and threads."""
+        self.ready = False
+        metrics.READY.set(0)
+        await self.heartbeat.leave()
+        await self.redis.aclose()
+        self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        self.infer_pool.shutdown(wait=False, cancel_futures=True)
 
     def request_stop(self) -> None:
         if not self.stop.is_set():
@@ -144,7 +150,8 @@ class Worker:
         if s.threads:
             torch.set_num_threads(s.threads)
         loop = asyncio.get_running_loop()
-        self.segmenter = await loop.run_in_executor(self.infer_pool, self._load)
+        if self.segmenter is None:
+            self.segmenter = await loop.run_in_executor(self.infer_pool, self._load)
         info = self.segmenter.loaded.info
         self.heartbeat.static = {**self.heartbeat.static, "model": info.name, "model_version": info.version}
         self.heartbeat.state = WARMING
