@@ -38,19 +38,27 @@ OPTIONS: dict[str, str] = {
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", help="Redis URL (env FLOWCLOUD_REDIS_URL)")
     parser.add_argument("--host", help="address to listen on (env FLOWCLOUD_GATEWAY_HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="TCP port for edge devices (env FLOWCLOUD_GATEWAY_PORT, default 7000)")
+    parser.add_argument(
+        "--port", type=int, help="TCP port for edge devices (env FLOWCLOUD_GATEWAY_PORT, default 7000)"
+    )
     parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (default 9101)")
     parser.add_argument("--model-size", help="HxW frames are resized to (default 256x512)")
-    parser.add_argument("--frame-encoding", choices=("jpeg", "raw"), help="frame bytes on the stream (default jpeg)")
+    parser.add_argument(
+        "--frame-encoding", choices=("jpeg", "raw"), help="frame bytes on the stream (default jpeg)"
+    )
     parser.add_argument("--jpeg-quality", type=int, help="JPEG quality 10-100 (default 90)")
     parser.add_argument("--record", metavar="DIR", help="save each session's raw RFC 4571 bytes in DIR")
     parser.add_argument("--max-sessions", type=int, help="live sessions at most (default 256)")
-    parser.add_argument("--handshake-timeout", type=float, help="seconds to complete the handshake (default 5)")
+    parser.add_argument(
+        "--handshake-timeout", type=float, help="seconds to complete the handshake (default 5)"
+    )
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
     overrides: dict[str, Any] = {
-        field: getattr(args, option) for option, field in OPTIONS.items() if getattr(args, option, None) is not None
+        field: getattr(args, option)
+        for option, field in OPTIONS.items()
+        if getattr(args, option, None) is not None
     }
     try:
         return GatewaySettings(**overrides)
@@ -67,7 +75,11 @@ async def serve(settings: GatewaySettings) -> None:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     await gateway.start()
-    health = serve_health_and_metrics(settings.metrics_port, lambda: gateway.serving) if settings.metrics_port else None
+    health = (
+        serve_health_and_metrics(settings.metrics_port, lambda: gateway.serving)
+        if settings.metrics_port
+        else None
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

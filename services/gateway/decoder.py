@@ -168,6 +168,10 @@ class DecoderProcess:
         except TimeoutError:
             self.kill()
             await self._process.wait()
+        # Close the pipes now, not when the object is collected (maybe after the loop has closed).
+        transport = getattr(self._process, "_transport", None)
+        if transport is not None:
+            transport.close()
 
 
 class DecoderPool:

@@ -5,13 +5,14 @@ protocol module, registered devices, and reading frames back from Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import av
 import numpy as np
@@ -156,10 +157,8 @@ class Edge:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
     async def closed_by_gateway(self, timeout: float) -> bool:
         """True when the gateway closes the connection within ``timeout`` seconds."""
@@ -201,7 +200,7 @@ async def read_reject(reader: asyncio.StreamReader, timeout: float = 5.0) -> Rej
 def frames_on_redis(redis_url: str, stream: str, key: str = keys.FRAMES_STREAM) -> list[Frame]:
     client = redis.Redis.from_url(redis_url)
     try:
-        entries = client.xrange(key)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(key))
     finally:
         client.close()
     frames = [Frame.from_fields(fields) for _, fields in entries]

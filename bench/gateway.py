@@ -1,0 +1,300 @@
+"""Ingest gateway throughput: N concurrent 640x480 30 fps H.264 streams through a real gateway
+(real sockets, real redis-server, decoder processes), against bare PyAV decoding of the same bytes
+in one process.
+
+    python -m bench.gateway                       # 8 real-time streams + a saturation run
+    python -m bench.gateway --streams 12 --seconds 6
+
+Reports, in one table:
+  * bare decode: frames/s of one PyAV decoder (one thread) on the same access units;
+  * saturation: N streams sent as fast as the gateway takes them; frames/s published, the ratio
+    per core to bare decode (wall clock), and the CPU seconds per frame of the whole gateway
+    (main process + decoder processes, Redis excluded) against bare decode's: the per-core
+    efficiency, which does not depend on what else the machine runs;
+  * real time: N streams paced at 30 fps; frames sent vs. published (held without loss?);
+  * bytes per frame on Redis (JPEG at the model size, and at 640x480 for reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import cast
+
+import av
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+
+from flowcloud import keys
+from flowcloud.frames import Frame
+from flowcloud.protocol.capture_time import capture_time_extension
+from flowcloud.protocol.framing import frame
+from flowcloud.protocol.h264 import Packetizer, split_annexb
+from flowcloud.protocol.handshake import Hello, StreamInfo, client_handshake
+from flowcloud.redis_server import EmbeddedRedis
+from flowcloud.registry import DeviceRegistry
+from flowcloud.settings import GatewaySettings
+
+WIDTH, HEIGHT, FPS = 640, 480, 30
+
+
+def encode(frames: int, bitrate: int = 2_000_000, gop: int = 30) -> list[list[bytes]]:
+    """NAL units per access unit of a moving 640x480 scene, libx264 zerolatency (like the edge)."""
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    codec.time_base = Fraction(1, FPS)
+    codec.framerate = Fraction(FPS, 1)
+    codec.bit_rate = bitrate
+    codec.gop_size = gop
+    codec.options = {
+        "preset": "veryfast",
+        "tune": "zerolatency",
+        "x264-params": f"keyint={gop}:min-keyint={gop}",
+    }
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 24, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    out: list[list[bytes]] = []
+    for i in range(frames):
+        img = np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, ((xx // 4 + yy // 4) + 5 * i) % 256], axis=-1)
+        img = img.astype(np.uint8) + noise
+        cx, cy = int(320 + 220 * np.sin(i / 15)), int(240 + 150 * np.cos(i / 20))
+        img[max(0, cy - 50) : cy + 50, max(0, cx - 70) : cx + 70] = (230, 40, 40)
+        picture = av.VideoFrame.from_ndarray(img, format="rgb24")
+        picture.pts = i
+        out.extend(split_annexb(bytes(p)) for p in codec.encode(picture))
+    out.extend(split_annexb(bytes(p)) for p in codec.encode(None))
+    return out
+
+
+def bare_decode_fps(units: list[list[bytes]], repeats: int = 3) -> float:
+    """Frames/s of one single-threaded PyAV decoder on these access units (best of ``repeats``)."""
+    best = 0.0
+    data = [b"".join(b"\x00\x00\x00\x01" + n for n in u) for u in units]
+    for _ in range(repeats):
+        codec = av.CodecContext.create("h264", "r")
+        codec.thread_count = 1
+        started = time.perf_counter()
+        count = 0
+        for d in data:
+            count += len(codec.decode(av.Packet(d)))
+        count += len(codec.decode(None))
+        best = max(best, count / (time.perf_counter() - started))
+    return best
+
+
+def packets_of(units: list[list[bytes]], t0: float) -> list[bytes]:
+    packetizer = Packetizer(mtu=1200)
+    out: list[bytes] = []
+    for i, nals in enumerate(units):
+        ts = packetizer.timestamp_of(i / FPS)
+        out.extend(
+            frame(bytes(p)) for p in packetizer.packetize(nals, ts, capture_time_extension(t0 + i / FPS))
+        )
+    return out
+
+
+def _is_marker(framed: bytes) -> bool:
+    return len(framed) > 3 and bool(framed[3] & 0x80)
+
+
+async def _stream(port: int, device: str, token: str, packets: list[bytes], paced: bool) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await client_handshake(reader, writer, Hello(device, token, StreamInfo(WIDTH, HEIGHT, FPS)), timeout=10)
+    started = time.monotonic()
+    units = 0
+    for p in packets:
+        writer.write(p)
+        if _is_marker(p):
+            units += 1
+            if paced:
+                await writer.drain()
+                await asyncio.sleep(max(0.0, started + units / FPS - time.monotonic()))
+            elif units % 8 == 0:
+                await writer.drain()
+    await writer.drain()
+    writer.close()
+
+
+@dataclass
+class RunResult:
+    streams: int
+    frames_sent: int
+    frames_published: int
+    wall_s: float
+    window_s: float  # the steady-state window CPU was measured over
+    window_frames: int
+    cpu_s: float
+    main_cpu_s: float  # of cpu_s, the gateway's own process (sessions, publisher; the bench's senders too)
+    dropped: dict[str, float]
+    bytes_per_frame: float
+    per_stream_min: int
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _streams_seen(client: redis.Redis, n: int) -> set[bytes]:
+    """Streams with at least one frame published (from the last few hundred entries)."""
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrevrange(keys.FRAMES_STREAM, count=50 * n))
+    return {fields[keys.F_STREAM.encode()] for _, fields in entries}
+
+
+async def run_gateway(
+    redis_url: str, n: int, units: list[list[bytes]], paced: bool, model_size: str = "256x512"
+) -> RunResult:
+    from prometheus_client import REGISTRY
+
+    from services.gateway.server import Gateway
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    aclient = aioredis.Redis.from_url(redis_url)
+    registry = DeviceRegistry(aclient)
+    tokens = [(await registry.add(f"bench-{i}"))[1] for i in range(n)]
+    await aclient.aclose()
+    settings = GatewaySettings(
+        redis_url=redis_url,
+        port=0,
+        metrics_port=0,
+        model_size=model_size,
+        frames_maxlen=100_000,
+        decoder_backlog=100_000 if not paced else 60,
+        max_frames_per_second=1000,
+        max_bytes_per_second=10**9,
+        publish_queue=100_000,
+        decoder_spares=min(n, 8),
+    )
+    t0 = time.time()
+    all_packets = packets_of(units, t0)
+
+    def drops() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric in REGISTRY.collect():
+            if metric.name == "flowcloud_gateway_frames_dropped":
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        out[sample.labels["reason"]] = sample.value
+        return out
+
+    before = drops()
+    expected = n * len(units)
+    async with Gateway(settings).listen(port=0) as gw:
+        await asyncio.sleep(1.0)  # spare decoders started
+        started = time.monotonic()
+        async with asyncio.TaskGroup() as group:
+            for i in range(n):
+                group.create_task(_stream(gw.port, f"bench-{i}", tokens[i], all_packets, paced))
+            # Measure the steady state: from every stream publishing to 90% of the frames published
+            # (decoder start-up, an interpreter per session, is not decoding work).
+            while len({f for f in _streams_seen(client, n)}) < n:
+                await asyncio.sleep(0.01)
+            pids = [os.getpid()] + [s.decoder_pid for s in gw.sessions.values() if s.decoder_pid]
+            window_start, cpu_start = time.monotonic(), sum(_proc_cpu(p) for p in pids)
+            main_start = _proc_cpu(os.getpid())
+            published_start = client.xlen(keys.FRAMES_STREAM)
+            while client.xlen(keys.FRAMES_STREAM) < 0.9 * expected and time.monotonic() - started < 120:
+                if not paced and gw.services.ended.total() >= n:
+                    break
+                await asyncio.sleep(0.01)
+            window = time.monotonic() - window_start
+            cpu = sum(_proc_cpu(p) for p in pids) - cpu_start
+            main_cpu = _proc_cpu(os.getpid()) - main_start
+            window_frames = client.xlen(keys.FRAMES_STREAM) - published_start
+        while time.monotonic() - started < 120 and gw.services.ended.total() < n:
+            await asyncio.sleep(0.02)
+        wall = time.monotonic() - started
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.FRAMES_STREAM))
+    frames = [Frame.from_fields(f) for _, f in entries]
+    sizes = [sum(len(k) + len(v) for k, v in fields.items()) for _, fields in entries]
+    per_stream = [sum(1 for f in frames if f.stream == f"bench-{i}") for i in range(n)]
+    after = drops()
+    client.close()
+    return RunResult(
+        streams=n,
+        frames_sent=expected,
+        frames_published=len(frames),
+        wall_s=wall,
+        window_s=window,
+        window_frames=window_frames,
+        cpu_s=cpu,
+        main_cpu_s=main_cpu,
+        dropped={k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0},
+        bytes_per_frame=statistics.fmean(sizes) if sizes else 0.0,
+        per_stream_min=min(per_stream),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=8, help="real-time streams (default 8)")
+    parser.add_argument("--saturate", type=int, default=4, help="streams in the saturation run (default 4)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each stream (default 8 s)")
+    args = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    frames = int(args.seconds * FPS)
+    print(f"encoding {frames} frames of 640x480 H.264 (libx264 veryfast zerolatency, 2 Mb/s) ...", flush=True)
+    units = encode(frames)
+    kb_per_frame = sum(len(n) for u in units for n in u) / len(units) / 1024
+    bare = bare_decode_fps(units)
+    bare_cpu_per_frame = 1.0 / bare
+    print(
+        f"bare PyAV decode: {bare:.0f} frames/s on one core ({kb_per_frame:.1f} KB of H.264 per frame)",
+        flush=True,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server:
+        sat = asyncio.run(run_gateway(server.url, args.saturate, units, paced=False))
+        rt = asyncio.run(run_gateway(server.url, args.streams, units, paced=True))
+        full = asyncio.run(run_gateway(server.url, 1, units[: 2 * FPS], paced=True, model_size="480x640"))
+
+    sat_fps = sat.window_frames / sat.window_s
+    sat_cpu = sat.cpu_s / max(1, sat.window_frames)
+    rt_cpu = rt.cpu_s / max(1, rt.window_frames)
+    sat_main = sat.main_cpu_s / max(1, sat.window_frames)
+    held = "yes" if rt.frames_published == rt.frames_sent else f"no, dropped {rt.dropped}"
+    rows = [
+        ("machine", f"{cores} cores, {os.uname().machine}, no GPU"),
+        ("bare PyAV decode, 1 process, 1 thread", f"{bare:.0f} frames/s ({1000 / bare:.2f} ms CPU/frame)"),
+        (f"gateway saturated, {sat.streams} streams", f"{sat_fps:.0f} frames/s published"),
+        ("  frames published", f"{sat.frames_published}/{sat.frames_sent}"),
+        ("  ratio per core (wall clock)", f"{sat_fps / cores / bare:.2f}"),
+        ("  CPU per frame: gateway + decoders", f"{1000 * sat_cpu:.2f} ms"),
+        ("    of which the gateway process", f"{1000 * sat_main:.2f} ms"),
+        ("  efficiency per core (bare CPU / gateway CPU)", f"{bare_cpu_per_frame / sat_cpu:.2f}"),
+        (
+            f"real time, {rt.streams} x 30 fps for {args.seconds:g} s",
+            f"{rt.frames_published}/{rt.frames_sent}",
+        ),
+        ("  fewest frames of one stream", f"{rt.per_stream_min}"),
+        ("  held without loss", held),
+        ("  CPU load (steady state)", f"{rt.cpu_s / rt.window_s:.2f} cores, {1000 * rt_cpu:.2f} ms/frame"),
+        ("bytes per frame on Redis (JPEG q90 256x512)", f"{sat.bytes_per_frame / 1024:.1f} KB"),
+        ("bytes per frame on Redis (JPEG q90 480x640)", f"{full.bytes_per_frame / 1024:.1f} KB"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if sat.dropped:
+        print(f"saturation drops: {sat.dropped}")
+
+
+if __name__ == "__main__":
+    main()
