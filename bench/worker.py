@@ -32,7 +32,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import redis
 import torch
@@ -54,10 +53,14 @@ from services.worker.recovery import ensure_group
 MOBILE = "lraspp_mobilenet_v3_large"
 MODELS = ("deeplabv3_resnet50", MOBILE)
 SIZES = ("256x512", "512x1024")
-# Frames per (model, size) on a 2-core CPU, where ResNet50 at 512x1024 takes seconds per frame.
-CPU_FRAMES = {("deeplabv3_resnet50", "512x1024"): 4, ("deeplabv3_resnet50", "256x512"): 8}
-CPU_FRAMES_DEFAULT = 16
-GPU_FRAMES = 960
+# (naive frames, worker frames, worker batch): on a 2-core CPU ResNet50 at 512x1024 takes many
+# seconds per frame, so few frames there; enough everywhere to see the difference.
+CPU_PLAN = {
+    ("deeplabv3_resnet50", "512x1024"): (2, 4, 2),
+    ("deeplabv3_resnet50", "256x512"): (4, 8, 4),
+}
+CPU_PLAN_DEFAULT = (8, 16, 4)
+GPU_PLAN = (128, 960, 32)
 DISTINCT_SCENES = 8
 
 
@@ -93,6 +96,7 @@ class Row:
     device: str
     precision: str
     batch_size: int
+    naive_frames: int
     frames: int
     naive_fps: float
     worker_fps: float
@@ -113,9 +117,7 @@ def naive_loop(loaded: LoadedModel, frames: list[Frame], device: str) -> tuple[f
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true fp32 reference
 
     def one(frame: Frame) -> np.ndarray:
-        bgr = cv2.imdecode(np.frombuffer(frame.data, np.uint8), cv2.IMREAD_COLOR)
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        x = TF.normalize(TF.to_tensor(rgb), IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0).to(device)
+        x = TF.normalize(TF.to_tensor(frame.image()), IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0).to(device)
         out = model(x)["out"]
         class_map = out.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
         encode_label_map(class_map, loaded.label_set)
@@ -124,7 +126,7 @@ def naive_loop(loaded: LoadedModel, frames: list[Frame], device: str) -> tuple[f
 
     try:
         with torch.no_grad():
-            for frame in frames[: 3 if cuda else 0]:  # CUDA context and kernels; too slow to repeat on CPU
+            for frame in frames[: 3 if cuda else 1]:  # CUDA context, kernel choice, oneDNN primitives
                 one(frame)
             if cuda:
                 torch.cuda.synchronize()
@@ -173,15 +175,18 @@ async def worker_pipeline(
     return seconds, maps
 
 
-def bench_one(loaded: LoadedModel, size: str, count: int, args: argparse.Namespace, redis_url: str) -> Row:
+def bench_one(
+    loaded: LoadedModel, size: str, plan: tuple[int, int, int], args: argparse.Namespace, redis_url: str
+) -> Row:
+    naive_count, count, batch_size = plan
     height, width = parse_size(size)
     frames = street_frames(count, height, width)
-    naive_s, reference = naive_loop(loaded, frames, args.device)
+    naive_s, reference = naive_loop(loaded, frames[:naive_count], args.device)
     options = SegmenterOptions(
         device=args.device,
         precision=args.precision,
         compile=args.compile_mode if args.compile else None,
-        static_batch=args.batch_size if args.compile else None,
+        static_batch=batch_size if args.compile else None,
     )
     segmenter = Segmenter(loaded, options)
     settings = WorkerSettings(
@@ -189,7 +194,7 @@ def bench_one(loaded: LoadedModel, size: str, count: int, args: argparse.Namespa
         name="bench",
         device=args.device,
         precision=args.precision,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         batch_timeout_ms=20,
         mode="complete",
         warmup_size=size,
@@ -198,10 +203,10 @@ def bench_one(loaded: LoadedModel, size: str, count: int, args: argparse.Namespa
         metrics_port=0,
     )
     worker_s, maps = asyncio.run(worker_pipeline(segmenter, frames, settings))
-    agree = float(np.mean([np.mean(a == b) for a, b in zip(maps, reference, strict=True)]))
-    naive_fps, worker_fps = count / naive_s, count / worker_s
+    agree = float(np.mean([np.mean(a == b) for a, b in zip(maps, reference, strict=False)]))
+    naive_fps, worker_fps = naive_count / naive_s, count / worker_s
     return Row(
-        loaded.info.name, size, args.device, args.precision, args.batch_size, count,
+        loaded.info.name, size, args.device, args.precision, batch_size, naive_count, count,
         naive_fps, worker_fps, worker_fps / naive_fps, agree,
     )  # fmt: skip
 
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="zoo models to run")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), help="frame sizes HxW")
     parser.add_argument("--frames", type=int, help="frames per model and size (default: by device)")
-    parser.add_argument("--batch-size", type=int, help="worker batch size (default: 4 on CPU, 32 on GPU)")
+    parser.add_argument("--batch-size", type=int, help="worker batch size (default: by model, size, device)")
     parser.add_argument("--precision", help="worker precision (default: fp32 on CPU, fp16 on GPU)")
     parser.add_argument("--decode-threads", type=int, default=min(8, os.cpu_count() or 2))
     parser.add_argument("--compile", action="store_true", help="torch.compile the worker's model")
@@ -236,39 +241,40 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and not torch.cuda.is_available():
         print("bench.worker: --device cuda, but no CUDA device is available", file=sys.stderr)
         return 2
-    args.batch_size = args.batch_size or (32 if cuda else 4)
     args.precision = args.precision or ("fp16" if cuda else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"{os.cpu_count()}-core CPU ({torch.get_num_threads()} threads)"
-    )
+    cores = f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} torch threads"
+    machine = f"{torch.cuda.get_device_name()} ({cores})" if cuda else cores
     print(f"worker vs naive loop on {machine}; torch {torch.__version__}", flush=True)
-    header = (
-        f"{'model':<28} {'size':>9} {'frames':>6} {'naive/s':>9} {'worker/s':>9} {'ratio':>6} {'agree':>8}"
+    columns = (
+        ("size", 9),
+        ("frames", 9),
+        ("batch", 5),
+        ("naive/s", 9),
+        ("worker/s", 9),
+        ("ratio", 6),
+        ("agree", 8),
     )
-    print(header, flush=True)
+    print(f"{'model':<28} " + " ".join(f"{name:>{width}}" for name, width in columns))
     rows = []
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp,
-        EmbeddedRedis(tmp, appendonly=False) as server,
-    ):
+    tmp = tempfile.TemporaryDirectory(prefix="bench-worker-")
+    with tmp, EmbeddedRedis(tmp.name, appendonly=False) as server:
         for name in args.models:
             loaded = load(name, args)
             for size in args.sizes:
-                count = args.frames or (
-                    GPU_FRAMES if cuda else CPU_FRAMES.get((name, size), CPU_FRAMES_DEFAULT)
-                )
-                row = bench_one(loaded, size, count, args, server.url)
+                naive_n, count, batch = GPU_PLAN if cuda else CPU_PLAN.get((name, size), CPU_PLAN_DEFAULT)
+                if args.frames:
+                    naive_n, count = min(naive_n, args.frames), args.frames
+                row = bench_one(loaded, size, (naive_n, count, args.batch_size or batch), args, server.url)
                 rows.append(row)
+                frames = f"{row.naive_frames}/{row.frames}"
                 print(
-                    f"{row.model:<28} {row.size:>9} {row.frames:>6} {row.naive_fps:>9.2f} "
+                    f"{row.model:<28} {row.size:>9} {frames:>9} {row.batch_size:>5} {row.naive_fps:>9.2f} "
                     f"{row.worker_fps:>9.2f} {row.ratio:>5.2f}x {row.agreement:>8.2%}",
                     flush=True,
                 )
-    print(f"(worker: batch {args.batch_size}, {args.precision}; naive: batch 1, fp32)")
+    print(f"(frames naive/worker; worker {args.precision}; naive batch 1 fp32; agree: pixels equal to naive)")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2))
     return 0
