@@ -29,9 +29,3 @@ class FramePolicy:
 
     def is_stale(self, frame: Frame, now: float) -> bool:
         return self.mode == "realtime" and now - frame.capture_ts > self.max_age
-
-    def split(self, frames: list[Frame], now: float) -> tuple[list[Frame], list[Frame]]:
-        """(frames to process, frames to drop), each in stream order."""
-        keep = [f for f in frames if not self.is_stale(f, now)]
-        drop = [f for f in frames if self.is_stale(f, now)]
-        return keep, drop
