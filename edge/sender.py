@@ -1,9 +1,11 @@
 """The sender: dial the gateway, handshake, then RTP/H.264 in RFC 4571 framing; reconnect on loss.
 
-After every (re)connect the first access unit sent is an IDR (the encoder is asked for one;
-relayed streams wait for their next), so the gateway's decoder can start cleanly. Reconnects
-back off exponentially with jitter. A REJECT for a permanent reason (unknown device, bad token,
-revoked, version, malformed) ends the daemon; busy and limit are retried.
+After every (re)connect the first access unit sent is an IDR: queued access units older than
+the queue's ``max_age`` are dropped as stale, and unless the queue then starts at a keyframe the
+encoder is asked for one (relayed streams wait for their next), so the gateway's decoder can
+start cleanly. Reconnects back off exponentially with jitter. A REJECT for a permanent reason
+(unknown device, bad token, revoked, version, malformed) ends the daemon; busy and limit are
+retried.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,47 +61,57 @@ class FatalRejection(Exception):
 
 
 class FrameQueue:
-    """A bounded queue of access units that drops the oldest when full (real time wins)."""
+    """A bounded queue of access units that drops the oldest when full (real time wins).
 
-    def __init__(self, maxsize: int) -> None:
-        self._queue: asyncio.Queue[EncodedFrame | None] = asyncio.Queue()
+    Written from the event loop thread only (the capture thread uses call_soon_threadsafe).
+    """
+
+    def __init__(self, maxsize: int, max_age: float = 2.0) -> None:
         self.maxsize = maxsize
+        self.max_age = max_age
+        self._items: deque[EncodedFrame] = deque()
         self._ended = False
+        self._ready = asyncio.Event()
 
     def put(self, item: EncodedFrame | None) -> None:
-        """Must run on the event loop thread (use loop.call_soon_threadsafe from threads)."""
-        if item is not None:
-            while self._queue.qsize() >= self.maxsize:
-                dropped = self._queue.get_nowait()
-                if dropped is None:  # keep the end marker
-                    self._queue.put_nowait(dropped)
-                    break
-                metrics.FRAMES_DROPPED.labels("queue_full").inc()
-        else:
+        if item is None:
             self._ended = True
-        self._queue.put_nowait(item)
+        else:
+            while len(self._items) >= self.maxsize:
+                self._items.popleft()
+                metrics.FRAMES_DROPPED.labels("queue_full").inc()
+            self._items.append(item)
+        self._ready.set()
 
     async def get(self) -> EncodedFrame | None:
-        return await self._queue.get()
-
-    def discard_queued(self) -> int:
-        """Drop every queued access unit (stale after a disconnect); keeps the end marker."""
-        dropped = 0
-        ended = False
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is None:
-                ended = True
-            else:
-                dropped += 1
-        if ended:
-            self._queue.put_nowait(None)
-        return dropped
+        """The oldest access unit; None once the source has ended and the queue is empty."""
+        while not self._items:
+            if self._ended:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
     @property
     def ended(self) -> bool:
-        """The source's end marker is queued."""
+        """The source has ended (access units may still be queued)."""
         return self._ended
+
+    def head_is_keyframe(self) -> bool:
+        return bool(self._items) and self._items[0].keyframe
+
+    def drop_stale(self, now: float) -> int:
+        """Drop queued access units captured more than ``max_age`` seconds before ``now``."""
+        dropped = 0
+        while self._items and self._items[0].capture_time < now - self.max_age:
+            self._items.popleft()
+            dropped += 1
+        return dropped
+
+    def discard_queued(self) -> int:
+        dropped = len(self._items)
+        self._items.clear()
+        return dropped
 
 
 class Sender:
@@ -186,10 +199,11 @@ class Sender:
                 clock.offset,
                 clock.rtt * 1000,
             )
-            stale = queue.discard_queued()
+            stale = queue.drop_stale(time.time())
             if stale:
-                metrics.FRAMES_DROPPED.labels("disconnected").inc(stale)
-            self.request_keyframe()
+                metrics.FRAMES_DROPPED.labels("stale").inc(stale)
+            if not queue.head_is_keyframe():
+                self.request_keyframe()  # sessions start at an IDR: ask for one instead of waiting
             return await self._stream(queue, reader, writer)
         finally:
             writer.close()

@@ -339,11 +339,26 @@ class DemuxRelaySource(_Stoppable):
             container.close()
 
 
+def dedupe_parameter_sets(nals: list[bytes]) -> list[bytes]:
+    """Drop repeats of an SPS/PPS within one access unit (``rtph264pay config-interval`` puts
+    them before every IDR slice, which makes FFmpeg's parser cut the picture apart)."""
+    seen: set[bytes] = set()
+    out = []
+    for nal in nals:
+        if nal_type(nal) in (NAL_TYPE_SPS, NAL_TYPE_PPS):
+            if nal in seen:
+                continue
+            seen.add(nal)
+        out.append(nal)
+    return out
+
+
 def _decoded_size(nals: list[bytes]) -> tuple[int, int] | None:
     codec = av.CodecContext.create("h264", "r")
     data = b"".join(b"\x00\x00\x00\x01" + n for n in nals)
     try:
-        frames = [f for p in codec.parse(data) for f in codec.decode(p)]
+        packets = codec.parse(data) + codec.parse(b"")  # b"" flushes the parser's last picture
+        frames = [f for p in packets for f in codec.decode(p)]
         frames += codec.decode(None)
     except av.error.FFmpegError:
         return None
@@ -354,8 +369,8 @@ class Rfc4571RelaySource(_Stoppable):
     """Listen on HOST:PORT for RTP/H.264 in RFC 4571 framing and relay the access units.
 
     One upstream connection at a time; when it ends, the next one is accepted (a restarted local
-    pipeline). Capture times are re-stamped on arrival of each access unit; the stream size is
-    learned by decoding the first keyframe.
+    pipeline). Capture times are re-stamped on arrival of each access unit; repeated SPS/PPS in
+    one access unit are dropped; the stream size is learned by decoding the first keyframe.
     """
 
     def __init__(self, host: str, port: int, fps: float) -> None:
@@ -403,7 +418,7 @@ class Rfc4571RelaySource(_Stoppable):
                                 log.warning("rfc4571 relay: dropped a bad packet: %s", exc)
                                 continue
                             for au in aus:
-                                yield EncodedFrame(au.nals, au.keyframe, time.time())
+                                yield EncodedFrame(dedupe_parameter_sets(au.nals), au.keyframe, time.time())
                     except ProtocolError as exc:  # framing lost: this connection is unusable
                         log.warning("rfc4571 relay: closing the upstream connection: %s", exc)
                         break

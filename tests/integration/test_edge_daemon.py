@@ -22,6 +22,8 @@ from edge.sources import SyntheticSource, open_source
 from flowcloud.cli.main import main
 from flowcloud.protocol.h264 import NAL_TYPE_IDR, nal_type
 
+pytestmark = pytest.mark.timeout(90)
+
 SHAPE = StreamShape(160, 120, 30.0)
 FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2)
 REPO = Path(__file__).resolve().parents[2]
@@ -118,8 +120,8 @@ def test_busy_is_retried_and_a_bad_token_is_fatal() -> None:
     async def scenario() -> None:
         async with TestGateway(rejects=["busy", "limit"]) as gw:
             result = await run_daemon(config(gw.port, frames=5))
-        # Frames queued while refused are stale and dropped; the session starts at a fresh IDR.
-        assert gw.connections == 3 and 1 <= result.sent <= 5
+        # Frames queued while refused are younger than the queue's max age: all are sent.
+        assert gw.connections == 3 and result.sent == 5
         assert len(gw.access_units) == result.sent and gw.access_units[0].keyframe
         async with TestGateway(rejects=["bad_token"]) as gw:
             with pytest.raises(
