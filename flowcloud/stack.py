@@ -96,14 +96,15 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)  # extra FLOWCLOUD_* settings for every service
     host: str = "127.0.0.1"
 
+    def __post_init__(self) -> None:
+        # Port 0 means "any free port": pick it here, since the stack must know where to look.
+        for name in ("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port"):
+            if getattr(self, name) == 0:
+                setattr(self, name, free_port())
+
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs: object) -> StackConfig:
-        ports = {
-            "gateway_port": free_port(),
-            "api_port": free_port(),
-            "gateway_metrics_port": free_port(),
-            "worker_metrics_port": free_port(),
-        }
+        ports = dict.fromkeys(("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port"), 0)
         return cls(data_dir=data_dir, **{**ports, **kwargs})  # type: ignore[arg-type]
 
 
