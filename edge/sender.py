@@ -92,6 +92,9 @@ class FrameQueue:
             await self._ready.wait()
         return self._items.popleft()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     @property
     def ended(self) -> bool:
         """The source has ended (access units may still be queued)."""
@@ -147,6 +150,8 @@ class Sender:
         hello = Hello(self.device_id, self._token, StreamInfo(shape.width, shape.height, shape.fps))
         attempt = 0
         while True:
+            if queue.ended and not len(queue):
+                return  # the source ended during the backoff with nothing left to send
             try:
                 done = await self._session(queue, hello)
             except HandshakeRejected as exc:

@@ -122,7 +122,7 @@ class TestGateway:
                         await write_frame(
                             writer, Reject(self.reject_mid_stream, "revoked by test").to_bytes()
                         )
-                    break
+                    return  # what is in flight is lost, as with a real gateway going away
             session.access_units += session.depacketizer.flush()
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             if session is not None:

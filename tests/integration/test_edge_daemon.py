@@ -86,8 +86,11 @@ def test_reconnects_after_the_server_closes_and_restarts_at_an_idr() -> None:
             result = await run_daemon(config(gw.port, frames=45))
         assert result.sessions >= 3
         assert len(gw.sessions) == result.sessions
-        for session in gw.sessions:
-            assert session.access_units, "every session got frames"
+        for i, session in enumerate(gw.sessions):
+            if not session.access_units:
+                # Only the last session may be empty: the source ended before its first IDR.
+                assert i == len(gw.sessions) - 1
+                continue
             first = session.access_units[0]
             assert first.keyframe and any(nal_type(n) == NAL_TYPE_IDR for n in first.nals)
             assert session.depacketizer.dropped == {} and session.errors == []
