@@ -127,37 +127,49 @@ class SceneOracle:
         return cv2.resize(self._render(best)[1], size, interpolation=cv2.INTER_NEAREST)
 
 
-def score_stream(
-    client: redis.Redis, stream: str, base_seq: int, oracle: SceneOracle, max_frames: int = 24
+def recent_frames(client: redis.Redis, stream: str, after_seq: int) -> dict[int, Frame]:
+    """The frames still in the stream's recent window, by seq, newer than ``after_seq``."""
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.recent_frames(stream)))
+    frames = (Frame.from_fields(fields) for _, fields in entries)
+    return {frame.seq: frame for frame in frames if frame.seq > after_seq}
+
+
+def score_masks(
+    frames: dict[int, Frame], masks: dict[int, MaskResult], base_seq: int, oracle: SceneOracle
 ) -> tuple[float | None, float | None, int]:
-    """mIoU and pixel accuracy of the newest masks whose frames are still in the recent window."""
+    """mIoU and pixel accuracy of masks against the scenes their frames show (frames matched by seq).
+
+    Scored in the model's own label set: classes it cannot predict are ignored.
+    """
     from training.metrics import ConfusionMatrix
 
-    recent: dict[int, Frame] = {}
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.recent_frames(stream)))
-    for _, fields in entries:
-        frame = Frame.from_fields(fields)
-        if frame.seq > base_seq:
-            recent[frame.seq] = frame
     matrix: ConfusionMatrix | None = None
     scored = 0
-    for seq in sorted(recent)[-max_frames:]:
-        blob = cast(dict[bytes, bytes], client.hgetall(keys.mask(stream, seq)))
-        if not blob:
-            continue  # not segmented (yet, or dropped as stale)
-        result = MaskResult.from_fields(blob)
+    for seq in sorted(frames.keys() & masks.keys()):
+        result = masks[seq]
         label_set = get_label_set(result.label_set)
-        predicted = label_set.to_label_ids(decode_label_map(result.labels_png))
-        truth = oracle.ground_truth(recent[seq].image(), seq - base_seq - 1)
-        if matrix is None:
-            matrix = ConfusionMatrix(label_set.num_classes)
-        # Score in the model's own label set: classes it cannot predict are ignored.
-        matrix.update(label_set.from_label_ids(truth), label_set.from_label_ids(predicted))
+        predicted = decode_label_map(result.labels_png)
+        truth = oracle.ground_truth(frames[seq].image(), seq - base_seq - 1)
+        matrix = matrix or ConfusionMatrix(label_set.num_classes)
+        matrix.update(label_set.from_label_ids(truth), predicted)
         scored += 1
     if matrix is None:
         return None, None, 0
     scores = matrix.scores()
     return scores.mean_iou, scores.pixel_accuracy, scored
+
+
+def score_stream(
+    client: redis.Redis, stream: str, base_seq: int, oracle: SceneOracle, max_frames: int = 24
+) -> tuple[float | None, float | None, int]:
+    """Score the newest masks whose frames are still in the recent window."""
+    frames = recent_frames(client, stream, base_seq)
+    masks = {}
+    for seq in sorted(frames)[-max_frames:]:
+        blob = cast(dict[bytes, bytes], client.hgetall(keys.mask(stream, seq)))
+        if blob:  # else not segmented (yet, or dropped as stale)
+            masks[seq] = MaskResult.from_fields(blob)
+    return score_masks(frames, masks, base_seq, oracle)
 
 
 def latencies(client: redis.Redis, stream: str, base_seq: int, count: int = 200) -> list[float]:
