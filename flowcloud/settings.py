@@ -132,6 +132,12 @@ class ApiSettings(ServiceSettings):
     require_worker: bool = Field(False, description="/readyz fails while no worker is ready")
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is not counted")
     redis_timeout: float = Field(2.0, gt=0, description="seconds to wait on Redis before answering 503")
+    tenant_cache_seconds: float = Field(
+        2.0, ge=0, le=60, description="how long a stream's tenant is trusted before Redis is asked again"
+    )
+    latest_cache_ms: float = Field(
+        50.0, ge=0, le=5000, description="/masks/latest answers from a copy at most this old (0: always read)"
+    )
 
 
 class EdgeSettings(ServiceSettings):

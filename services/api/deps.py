@@ -35,9 +35,14 @@ class ApiContext:
     live_clients: int = 0
 
 
-def get_context(request: Request) -> ApiContext:
+def app_context(request: Request) -> ApiContext:
     context: ApiContext = request.app.state.context
     return context
+
+
+async def get_context(request: Request) -> ApiContext:
+    # async on purpose: FastAPI runs a plain-def dependency in a worker thread (costly per request).
+    return app_context(request)
 
 
 Context = Annotated[ApiContext, Depends(get_context)]
@@ -49,15 +54,20 @@ def unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def current_key(
-    context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> ApiKey:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
     if credentials is None:
         raise unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
-    key = await context.auth.authenticate(credentials.credentials)
+    key = await app_context(request).auth.authenticate(credentials.credentials)
     if key is None:
         raise unauthorized("the API key is unknown, revoked or malformed")
     return key
+
+
+async def current_key(request: Request, credentials: Credentials) -> ApiKey:
+    return await authenticate(request, credentials)
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
@@ -74,10 +84,12 @@ AdminKey = Annotated[ApiKey, Depends(admin_key)]
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id (the device id)")]
 
 
-async def visible_stream(stream_id: StreamId, context: Context, key: CurrentKey) -> str:
+async def visible_stream(request: Request, stream_id: StreamId, credentials: Credentials) -> str:
     """The stream id when it exists and the caller may see it; 404 otherwise (another tenant's
-    stream answers exactly like a stream that does not exist)."""
-    exists, tenant = await context.queries.stream_tenant(stream_id)
+    stream answers exactly like a stream that does not exist). One dependency that calls the key
+    check itself rather than a chain of them: each dependency costs on the hottest routes."""
+    key = await authenticate(request, credentials)
+    exists, tenant = await app_context(request).queries.stream_tenant(stream_id)
     if not exists or not key.can_see(tenant):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}")
     return stream_id

@@ -78,7 +78,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             settings=settings,
             redis=redis,
             store=store,
-            queries=StreamQueries(redis, store, settings.live_window),
+            queries=StreamQueries(
+                redis,
+                store,
+                settings.live_window,
+                tenant_ttl=settings.tenant_cache_seconds,
+                latest_ttl=settings.latest_cache_ms / 1000.0,
+            ),
             apikeys=apikeys,
             auth=Authenticator(apikeys, admin, settings.auth_cache_seconds),
             registry=DeviceRegistry(redis),
@@ -104,8 +110,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
     app.add_exception_handler(RedisError, _internal_error)
     app.add_exception_handler(Exception, _internal_error)
-    app.include_router(health.router)
     app.include_router(streams.router)
+    app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(dashboard.router)
     return app

@@ -7,6 +7,7 @@ the number of series stays bounded whatever clients ask for.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +21,7 @@ LATENCY = Histogram(
 )
 REDIS_ERRORS = Counter("flowcloud_api_redis_errors_total", "requests answered 503 because Redis failed")
 LIVE_VIEWERS = Gauge("flowcloud_api_live_viewers", "open /streams/{id}/live responses")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404s of unknown paths)
 
 
@@ -28,6 +30,8 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Bounded: methods x route templates x status codes.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,8 +42,14 @@ class RequestMetrics:
 
         def record(status_code: int) -> None:
             label = getattr(scope.get("route"), "path", UNMATCHED)
-            LATENCY.labels(scope["method"], label).observe(time.perf_counter() - start)
-            REQUESTS.labels(scope["method"], label, str(status_code)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            key = (method, label, status_code)
+            children = self._children.get(key)
+            if children is None:  # labels() costs a lock and a lookup; keep the children
+                children = (LATENCY.labels(key[0], label), REQUESTS.labels(key[0], label, str(status_code)))
+                self._children[key] = children
+            children[0].observe(time.perf_counter() - start)
+            children[1].inc()
 
         async def send_and_time(message: Message) -> None:
             nonlocal started

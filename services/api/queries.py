@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from flowcloud import keys
 from flowcloud.frames import Frame, FrameFormatError
 from flowcloud.results import MaskResult, MaskStore
+from services.api.cache import TtlCache
 from services.api.replies import as_fields, text
 
 LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
@@ -101,20 +102,32 @@ def _int(value: float | None) -> int | None:
 class StreamQueries:
     """Queries over one Redis (bytes responses) and the MaskStore on it."""
 
-    def __init__(self, redis: Redis, store: MaskStore, live_window: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        store: MaskStore,
+        live_window: float,
+        tenant_ttl: float = 0.0,
+        latest_ttl: float = 0.0,
+    ) -> None:
         self.redis = redis
         self.store = store
         self.live_window = live_window
+        # A stream's tenant is set when its device is registered; it barely ever changes.
+        self._tenants: TtlCache[str, tuple[bool, str | None]] = TtlCache(tenant_ttl)
+        self._latest: TtlCache[str, MaskResult | None] = TtlCache(latest_ttl)
 
     # --- streams ----------------------------------------------------------------------------
     async def stream_tenant(self, stream_id: str) -> tuple[bool, str | None]:
-        """(exists, tenant) of a stream: it exists when the gateway has described or indexed it."""
+        """(exists, tenant) of a stream: it exists once the gateway has described it."""
+        return await self._tenants.get(stream_id, lambda: self._read_tenant(stream_id))
+
+    async def _read_tenant(self, stream_id: str) -> tuple[bool, str | None]:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hget(keys.stream_meta(stream_id), keys.M_TENANT)
         pipe.exists(keys.stream_meta(stream_id))
-        pipe.zscore(keys.STREAMS_INDEX, stream_id)
-        tenant, has_meta, score = await pipe.execute()
-        return bool(has_meta) or score is not None, text(tenant) if tenant is not None else None
+        tenant, has_meta = await pipe.execute()
+        return bool(has_meta), text(tenant) if tenant is not None else None
 
     async def stream_ids(self) -> list[str]:
         ids = await self.redis.zrevrange(keys.STREAMS_INDEX, 0, MAX_STREAMS - 1)
@@ -175,6 +188,14 @@ class StreamQueries:
         )
 
     # --- results ----------------------------------------------------------------------------
+    async def latest(self, stream_id: str) -> MaskResult | None:
+        """The newest result of a stream; at most ``latest_ttl`` old when that cache is on."""
+        return await self._latest.get(stream_id, lambda: self._read_latest(stream_id))
+
+    async def _read_latest(self, stream_id: str) -> MaskResult | None:
+        seq = await self.store.latest_seq(stream_id)
+        return await self.store.get(stream_id, seq) if seq is not None else None
+
     async def results(self, stream_id: str, seqs: list[int]) -> list[MaskResult]:
         """The results of ``seqs`` in one round trip, in that order; expired ones are left out."""
         if not seqs:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from services.api.deps import Context, bearer, current_key
+from services.api.deps import Context, Credentials, current_key
 from services.api.schemas import ErrorBody, HealthBody, ReadyBody
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,10 @@ async def readyz(context: Context) -> Any:
     return body
 
 
-async def metrics_access(
-    context: Context, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> None:
+async def metrics_access(request: Request, context: Context, credentials: Credentials) -> None:
     """Any valid key, unless FLOWCLOUD_API_METRICS_PUBLIC=true opens /metrics to plain scrapers."""
     if not context.settings.metrics_public:
-        await current_key(context, credentials)
+        await current_key(request, credentials)
 
 
 @router.get(

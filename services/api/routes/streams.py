@@ -18,9 +18,9 @@ from redis.exceptions import RedisError
 from flowcloud.labels import get_label_set
 from flowcloud.results import MaskResult
 from services.api import render
-from services.api.deps import ApiContext, Context, CurrentKey, VisibleStream
+from services.api.deps import ApiContext, Context, CurrentKey, VisibleStream, app_context
 from services.api.metrics import LIVE_VIEWERS
-from services.api.schemas import ErrorBody, MaskPage, StatsBody, StreamBody, StreamList
+from services.api.schemas import ErrorBody, MaskBody, MaskPage, StatsBody, StreamBody, StreamList
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
+        "model": MaskBody,
         "description": "metadata (json), or the mask as an image",
         "content": {"image/png": {}, "image/jpeg": {}},
     },
@@ -62,6 +63,53 @@ def _unix(when: datetime | None) -> float | None:
     if when is None:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Response:
+    if fmt == "labels":
+        return Response(result.labels_png, media_type=render.PNG)
+    cache_key = (result.stream, result.seq, fmt)
+    cached = context.renders.get(cache_key)
+    if cached is None:
+        if fmt == "color":
+            cached = await asyncio.to_thread(render.color_png, result)
+        else:
+            frame, window = await context.queries.recent_frame(result.stream, result.seq)
+            if frame is None:
+                held = f"it holds frames {window[0]}..{window[1]}" if window else "it is empty"
+                raise HTTPException(
+                    status.HTTP_410_GONE,
+                    f"frame {result.seq} of stream {result.stream!r} is no longer in the recent-frames "
+                    f"window ({held}); ask for format=color or format=labels",
+                )
+            cached = await asyncio.to_thread(render.overlay_jpeg, result, frame)
+        context.renders.put(cache_key, cached)
+    return Response(cached, media_type=render.PNG if fmt == "color" else render.JPEG)
+
+
+async def _mask(context: ApiContext, result: MaskResult | None, fmt: Format, missing: str) -> Response:
+    if result is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, missing)
+    if fmt != "json":
+        return await _render(context, result, fmt)
+    # Encoded once per result and kept, not by FastAPI's generic encoder: this is the hottest route.
+    body = context.renders.get((result.stream, result.seq, fmt))
+    if body is None:
+        body = json.dumps(result.metadata()).encode()
+        context.renders.put((result.stream, result.seq, fmt), body)
+    return Response(body, media_type="application/json")
+
+
+# Registered first: routes are tried in order, and this is the one clients poll.
+@router.get(
+    "/{stream_id}/masks/latest",
+    responses=IMAGE_RESPONSES,
+    summary="The newest mask result: metadata, or an image (?format=)",
+)
+async def latest_mask(stream_id: VisibleStream, request: Request, format: FormatQuery = "json") -> Response:
+    context = app_context(request)
+    result = await context.queries.latest(stream_id)
+    return await _mask(context, result, format, f"stream {stream_id!r} has no result yet")
 
 
 @router.get("", response_model=StreamList, summary="The streams the caller may see, newest activity first")
@@ -99,47 +147,6 @@ async def list_masks(
     }
 
 
-async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Response:
-    if fmt == "labels":
-        return Response(result.labels_png, media_type=render.PNG)
-    cache_key = (result.stream, result.seq, fmt)
-    cached = context.renders.get(cache_key)
-    if cached is None:
-        if fmt == "color":
-            cached = await asyncio.to_thread(render.color_png, result)
-        else:
-            frame, window = await context.queries.recent_frame(result.stream, result.seq)
-            if frame is None:
-                held = f"it holds frames {window[0]}..{window[1]}" if window else "it is empty"
-                raise HTTPException(
-                    status.HTTP_410_GONE,
-                    f"frame {result.seq} of stream {result.stream!r} is no longer in the recent-frames "
-                    f"window ({held}); ask for format=color or format=labels",
-                )
-            cached = await asyncio.to_thread(render.overlay_jpeg, result, frame)
-        context.renders.put(cache_key, cached)
-    return Response(cached, media_type=render.PNG if fmt == "color" else render.JPEG)
-
-
-async def _mask(context: ApiContext, stream_id: str, seq: int | None, fmt: Format) -> Any:
-    result = await context.store.get(stream_id, seq) if seq is not None else None
-    if result is None:
-        what = f"result for frame {seq}" if seq is not None else "result yet"
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} has no {what}")
-    if fmt == "json":
-        return result.metadata()
-    return await _render(context, result, fmt)
-
-
-@router.get(
-    "/{stream_id}/masks/latest",
-    responses=IMAGE_RESPONSES,
-    summary="The newest mask result: metadata, or an image (?format=)",
-)
-async def latest_mask(stream_id: VisibleStream, context: Context, format: FormatQuery = "json") -> Any:
-    return await _mask(context, stream_id, await context.store.latest_seq(stream_id), format)
-
-
 @router.get(
     "/{stream_id}/masks/{frame}",
     responses=IMAGE_RESPONSES,
@@ -150,8 +157,9 @@ async def frame_mask(
     frame: Annotated[int, Path(ge=0, description="the frame's seq")],
     context: Context,
     format: FormatQuery = "json",
-) -> Any:
-    return await _mask(context, stream_id, frame, format)
+) -> Response:
+    result = await context.store.get(stream_id, frame)
+    return await _mask(context, result, format, f"stream {stream_id!r} has no result for frame {frame}")
 
 
 @router.get(
@@ -294,6 +302,7 @@ async def live(
 ) -> StreamingResponse:
     if context.live_clients >= context.settings.live_max_clients:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "too many live viewers; try again later")
+    await context.redis.ping()  # Redis down: a 503 now, not a 200 stream that ends at once
     mjpeg = format == "mjpeg"
     media_type = f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}" if mjpeg else "text/event-stream"
     return StreamingResponse(
