@@ -289,3 +289,18 @@ def test_metrics_count_requests_by_route(client: httpx.Client) -> None:
     assert _sample(after, count, **one) - _sample(before, count, **one) == 1
     seconds = "flowcloud_api_request_seconds_count"
     assert _sample(after, seconds, **latest) - _sample(before, seconds, **latest) == 3
+
+
+def test_latest_follows_new_results_within_the_cache_window(redis_url: str) -> None:
+    seed_stream(redis_url, "cam-1", "acme", count=5)
+    token = make_key(redis_url, "reader", "acme")
+    settings = ApiSettings(redis_url=redis_url, latest_cache_ms=100)
+    with (
+        running_api(settings) as base,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c,
+    ):
+        assert c.get("/streams/cam-1/masks/latest").json()["seq"] == 4
+        seed_stream(redis_url, "cam-1", "acme", count=9)  # a worker persists frames 5..8
+        time.sleep(0.15)
+        assert c.get("/streams/cam-1/masks/latest").json()["seq"] == 8
+        assert c.get("/streams/cam-1/masks/latest", params={"format": "labels"}).status_code == 200
