@@ -104,7 +104,12 @@ class DecoderProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         decoder = cls(process)
-        await decoder._send(KIND_CONFIG, 0, json.dumps(asdict(config)).encode())
+        try:
+            await decoder._send(KIND_CONFIG, 0, json.dumps(asdict(config)).encode())
+        except BaseException:
+            decoder.kill()
+            await asyncio.shield(decoder.close())
+            raise
         return decoder
 
     @property
@@ -181,6 +186,7 @@ class DecoderPool:
         self.config = config
         self.spares = spares
         self._ready: list[asyncio.Task[DecoderProcess]] = []
+        self._started: set[DecoderProcess] = set()  # every live process, so that close() ends them all
         self._closed = False
 
     def start(self) -> None:
@@ -189,7 +195,13 @@ class DecoderPool:
 
     def _refill(self) -> None:
         while not self._closed and len(self._ready) < self.spares:
-            self._ready.append(asyncio.create_task(DecoderProcess.start(self.config)))
+            self._ready.append(asyncio.create_task(self._start()))
+
+    async def _start(self) -> DecoderProcess:
+        decoder = await DecoderProcess.start(self.config)
+        self._started = {d for d in self._started if d.alive}
+        self._started.add(decoder)
+        return decoder
 
     async def acquire(self) -> DecoderProcess:
         """A started decoder process; the caller closes it."""
@@ -204,14 +216,17 @@ class DecoderPool:
             if decoder.alive:
                 return decoder
         self._refill()
-        return await DecoderProcess.start(self.config)
+        return await self._start()
 
     async def close(self) -> None:
+        """End the spares and any process a cancelled caller left behind."""
         self._closed = True
         tasks, self._ready = self._ready, []
         for task in tasks:
             with contextlib.suppress(Exception):
-                await (await task).close()
+                await task
+        started, self._started = self._started, set()
+        await asyncio.gather(*(d.close(timeout=1.0) for d in started), return_exceptions=True)
 
 
 # --- the child process ------------------------------------------------------------------------

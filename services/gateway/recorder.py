@@ -1,9 +1,9 @@
 """`--record DIR`: each session's RTP packets saved as raw RFC 4571 bytes, for replay and debugging.
 
-A session writes ``DIR/<device>-<start>-<session>.rfc4571`` (2-byte big-endian length + packet,
-exactly as received after the handshake; the handshake itself, which holds the token, is not
-saved) and a ``.json`` beside it with the session's description and clock offset. Replay with
-``gst-launch-1.0 filesrc location=F ! application/x-rtp-stream,encoding-name=H264 !
+A session writes ``DIR/<device>-<start>-<session>.rfc4571``: the bytes exactly as received after
+the handshake (2-byte big-endian length + RTP packet, repeated; the handshake itself, which holds
+the token, is not saved) and a ``.json`` beside it with the session's description and clock
+offset. Replay with ``gst-launch-1.0 filesrc location=F ! application/x-rtp-stream,encoding-name=H264 !
 rtpstreamdepay ! rtph264depay ! avdec_h264 ! ...`` or by sending the file after a handshake.
 """
 
@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
-
-LENGTH = struct.Struct(">H")
 
 
 class SessionRecorder:
@@ -33,15 +30,15 @@ class SessionRecorder:
         self.path = directory / f"{device_id}-{stamp}-{session_id}.rfc4571"
         self.path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
         self._file: BinaryIO | None = self.path.open("wb")
-        self.packets = 0
+        self.bytes = 0
 
-    def write(self, packet: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Append bytes as received (already RFC 4571 framed)."""
         if self._file is None:
             return
         try:
-            self._file.write(LENGTH.pack(len(packet)))
-            self._file.write(packet)
-            self.packets += 1
+            self._file.write(data)
+            self.bytes += len(data)
         except OSError as exc:
             # A full disk stops the recording, never the session.
             log.warning("recording to %s stopped: %s", self.path, exc)
