@@ -1,0 +1,158 @@
+"""Edge -> gateway -> Redis with real processes: `flowcloud devices add`, `flowcloud gateway`,
+`flowcloud edge --source synthetic`. Frame count, order, dimensions and capture times are
+checked on the Redis frames stream; the edge survives a gateway restart."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import cast
+
+import pytest
+import redis
+
+from flowcloud import keys
+from flowcloud.frames import Frame
+from flowcloud.redis_server import free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parents[2]
+DEVICE = "e2e-edge"
+WIDTH, HEIGHT, FPS = 160, 120, 30
+MODEL_H, MODEL_W = 64, 96
+
+
+def flowcloud(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flowcloud.cli.main", *args]
+
+
+def register(redis_url: str) -> str:
+    out = subprocess.run(
+        flowcloud("devices", "--redis-url", redis_url, "add", DEVICE, "--json"),
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    token = json.loads(out)["token"]
+    assert isinstance(token, str) and token
+    return token
+
+
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+@contextmanager
+def gateway(redis_url: str, port: int) -> Iterator[subprocess.Popen[str]]:
+    env = {**os.environ, "FLOWCLOUD_GATEWAY_HOST": "127.0.0.1"}
+    cmd = flowcloud("gateway", "--redis-url", redis_url, "--port", str(port), "--metrics-port", "0")
+    cmd += ["--model-size", f"{MODEL_H}x{MODEL_W}", "--frame-encoding", "raw"]
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_listening(port)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.communicate()
+
+
+def edge(port: int, token: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, **(env or {}), "FLOWCLOUD_EDGE_TOKEN": token}
+    cmd = flowcloud(
+        "edge", "--gateway", f"127.0.0.1:{port}", "--device-id", DEVICE, "--source", "synthetic",
+        "--width", str(WIDTH), "--height", str(HEIGHT), "--fps", str(FPS), "--encoder", "libx264",
+        "--keyframe-interval", "10", "--mtu", "800", "--metrics-port", "0", "--json", *args,
+    )  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def frames_on_redis(redis_url: str) -> list[Frame]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.FRAMES_STREAM))
+    finally:
+        client.close()
+    return [f for f in (Frame.from_fields(fields) for _, fields in entries) if f.stream == DEVICE]
+
+
+def wait_frames(redis_url: str, count: int, timeout: float = 30.0) -> list[Frame]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frames = frames_on_redis(redis_url)
+        if len(frames) >= count:
+            return frames
+        time.sleep(0.2)
+    return frames_on_redis(redis_url)
+
+
+def test_synthetic_edge_to_gateway_to_redis(redis_url: str) -> None:
+    token = register(redis_url)
+    port = free_port()
+    frames_sent = 30
+    with gateway(redis_url, port):
+        started = time.time()
+        process = edge(port, token, "--frames", str(frames_sent))
+        out, err = process.communicate(timeout=120)
+        finished = time.time()
+        assert process.returncode == 0, err
+        assert json.loads(out) == {"captured": frames_sent, "sent": frames_sent, "sessions": 1}
+        frames = wait_frames(redis_url, frames_sent)
+    assert len(frames) == frames_sent
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(seqs) and len(set(seqs)) == frames_sent
+    assert {(f.width, f.height) for f in frames} == {(MODEL_W, MODEL_H)}
+    assert all(len(f.data) == MODEL_W * MODEL_H * 3 for f in frames)
+    assert frames[0].image().shape == (MODEL_H, MODEL_W, 3)
+    # Capture times: edge clock mapped to the gateway's (same host: offset ~ 0), in order, paced.
+    captures = [f.capture_ts for f in frames]
+    assert all(started - 0.5 <= t <= finished + 0.5 for t in captures)
+    assert captures == sorted(captures)
+    gaps = [b - a for a, b in itertools.pairwise(captures)]
+    assert all(0 < g < 0.5 for g in gaps)
+    assert (frames_sent - 1) / FPS * 0.8 < captures[-1] - captures[0] < (frames_sent - 1) / FPS * 3
+    assert all(f.recv_ts >= f.capture_ts - 0.05 for f in frames)
+    meta = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.stream_meta(DEVICE))
+    assert (int(meta[keys.M_WIDTH]), int(meta[keys.M_HEIGHT])) == (WIDTH, HEIGHT)
+    assert float(meta[keys.M_FPS]) == FPS
+
+
+def test_edge_survives_a_gateway_restart_and_stops_on_sigterm(redis_url: str) -> None:
+    token = register(redis_url)
+    port = free_port()
+    with gateway(redis_url, port):
+        process = edge(port, token, "--duration", "60", env={"FLOWCLOUD_EDGE_RECONNECT_MAX_DELAY": "0.5"})
+        first = wait_frames(redis_url, 10)
+        assert len(first) >= 10
+    # The gateway went away; the edge keeps capturing and redials with backoff until it is back.
+    with gateway(redis_url, port):
+        before = len(frames_on_redis(redis_url))
+        after = wait_frames(redis_url, before + 10)
+        assert len(after) >= before + 10
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["sessions"] == 2 and summary["sent"] >= len(after)
+    seqs = [f.seq for f in frames_on_redis(redis_url)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
