@@ -46,7 +46,7 @@ from flowcloud.labels import LABEL_IDS, class_shares
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.results import decode_label_map, encode_label_map
 from flowcloud.settings import WorkerSettings
-from flowcloud.zoo import LoadedModel, ModelInfo, build_model, load_model
+from flowcloud.zoo import LoadedModel, ModelInfo, build_model, calibrate_batch_norm, load_model
 from services.worker.consumer import Worker
 from services.worker.recovery import ensure_group
 
@@ -67,16 +67,8 @@ DISTINCT_SCENES = 8
 def calibrated_random_model(name: str, images: np.ndarray, seed: int = 0) -> nn.Module:
     """A zoo model with random weights and BatchNorm statistics measured on ``images`` (NHWC uint8)."""
     torch.manual_seed(seed)
-    module = build_model(name, LABEL_IDS)
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.reset_running_stats()
-            layer.momentum = None  # a cumulative average over the calibration batch
-    module.train()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    with torch.no_grad():
-        module(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
-    return module.eval()
+    return calibrate_batch_norm(build_model(name, LABEL_IDS), TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def street_frames(count: int, height: int, width: int) -> list[Frame]:

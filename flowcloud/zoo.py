@@ -229,3 +229,20 @@ def save_weights(module: nn.Module, path: str | Path, info: ModelInfo) -> None:
     meta = {"name": info.name, "label_set": info.label_set, "version": info.version, **info.extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": module.state_dict(), "meta": meta}, path)
+
+
+def calibrate_batch_norm(module: nn.Module, batch: torch.Tensor) -> nn.Module:
+    """Set each BatchNorm's running statistics to those of ``batch`` (NCHW, as the model sees it).
+
+    For random-weight models in tests and benchmarks: plain random initialisation predicts one
+    class everywhere, while calibrated statistics give masks that vary per pixel like a trained
+    model's, so comparing two inference paths' masks means something. Returns the model in eval mode.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.reset_running_stats()
+            layer.momentum = None  # a cumulative average: exactly this batch's statistics
+    module.train()
+    with torch.no_grad():
+        module(batch)
+    return module.eval()

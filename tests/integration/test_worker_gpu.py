@@ -11,6 +11,7 @@ import redis
 import torch
 from worker_support import (
     STARTUP_TIMEOUT,
+    calibrated_model,
     frame,
     make_weights,
     pending_total,
@@ -21,7 +22,6 @@ from worker_support import (
     wait_ready,
 )
 
-from bench.worker import calibrated_random_model, street_frames
 from flowcloud import keys
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LABEL_IDS
@@ -36,9 +36,12 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def resnet() -> LoadedModel:
-    images = np.stack([f.image() for f in street_frames(2, 128, 256)])
-    module = calibrated_random_model("deeplabv3_resnet50", images)
+    module = calibrated_model("deeplabv3_resnet50")
     return LoadedModel(module, ModelInfo(name="deeplabv3_resnet50"), LABEL_IDS, "calibrated random")
+
+
+def scenes(count: int, height: int, width: int) -> list[np.ndarray]:
+    return [frame("gpu", i, height, width).image() for i in range(count)]
 
 
 def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -47,7 +50,7 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_masks_match_fp32(resnet: LoadedModel, precision: str) -> None:
-    images = [f.image() for f in street_frames(8, 256, 512)]
+    images = scenes(8, 256, 512)
     torch.backends.cudnn.allow_tf32 = False
     try:
         reference = Segmenter(resnet, SegmenterOptions(device="cuda", fuse=False)).predict(images)
@@ -58,7 +61,7 @@ def test_half_precision_masks_match_fp32(resnet: LoadedModel, precision: str) ->
 
 
 def test_compiled_static_batches_match_eager_and_pad_partial_batches(resnet: LoadedModel) -> None:
-    images = [f.image() for f in street_frames(6, 256, 512)]
+    images = scenes(6, 256, 512)
     eager = Segmenter(resnet, SegmenterOptions(device="cuda", precision="fp16")).predict(images)
     options = SegmenterOptions(device="cuda", precision="fp16", compile="reduce-overhead", static_batch=4)
     compiled = Segmenter(resnet, options)
@@ -71,7 +74,7 @@ def test_compiled_static_batches_match_eager_and_pad_partial_batches(resnet: Loa
 def test_pinned_batches_and_cpu_gpu_agreement() -> None:
     loaded = load_model("lraspp_mobilenet_v3_large", random_weights=True)
     segmenter = Segmenter(loaded, SegmenterOptions(device="cuda"))
-    images = [f.image() for f in street_frames(4, 128, 256)]
+    images = scenes(4, 128, 256)
     batch = segmenter.to_tensor(images)
     assert batch.is_pinned() and batch.shape == (4, 128, 256, 3)
     cpu = Segmenter(loaded, SegmenterOptions(device="cpu")).predict(images)

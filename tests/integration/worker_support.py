@@ -14,26 +14,36 @@ from pathlib import Path
 import cv2
 import numpy as np
 import redis
+import torch
+import torchvision.transforms.functional as TF
+from torch import nn
 
-from bench.worker import calibrated_random_model
 from flowcloud import keys
 from flowcloud.frames import Frame, encode_image
-from flowcloud.zoo import ModelInfo, save_weights
+from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD
+from flowcloud.labels import LABEL_IDS
+from flowcloud.zoo import ModelInfo, build_model, calibrate_batch_norm, save_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "lraspp_mobilenet_v3_large"
 STARTUP_TIMEOUT = 150.0  # importing torch on a busy 2-core machine is slow
 
 
-def make_weights(path: Path, model: str = MODEL, seed: int = 0) -> Path:
-    """Random weights with BatchNorm statistics calibrated on images, so that masks vary per pixel.
+def calibrated_model(model: str = MODEL, seed: int = 0) -> nn.Module:
+    """A zoo model with random weights and BatchNorm statistics calibrated on a few images.
 
     (Plain random initialisation predicts one class everywhere, which would make comparing
     masks meaningless.)
     """
-    images = np.stack([scene(64, 128, seed + i) for i in range(4)])
-    module = calibrated_random_model(model, images, seed)
-    save_weights(module, path, ModelInfo(name=model, version=f"test-{seed}"))
+    torch.manual_seed(seed)
+    images = torch.from_numpy(np.stack([scene(64, 128, seed + i) for i in range(4)]))
+    batch = TF.normalize(images.permute(0, 3, 1, 2).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    return calibrate_batch_norm(build_model(model, LABEL_IDS), batch)
+
+
+def make_weights(path: Path, model: str = MODEL, seed: int = 0) -> Path:
+    """A weights file of ``calibrated_model`` for ``flowcloud worker --weights``."""
+    save_weights(calibrated_model(model, seed), path, ModelInfo(name=model, version=f"test-{seed}"))
     return path
 
 
