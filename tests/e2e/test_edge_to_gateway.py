@@ -1,6 +1,7 @@
 """Edge -> gateway -> Redis with real processes: `flowcloud devices add`, `flowcloud gateway`,
-`flowcloud edge --source synthetic`. Frame count, order, dimensions and capture times are
-checked on the Redis frames stream; the edge survives a gateway restart."""
+`flowcloud edge`. Frame count, order, dimensions and capture times are checked on the Redis
+frames stream; the edge survives a gateway restart; a GStreamer `rtph264pay ! rtpstreampay`
+stream passes the edge's rfc4571:// relay and the gateway with every frame decoded."""
 
 from __future__ import annotations
 
@@ -156,3 +157,32 @@ def test_edge_survives_a_gateway_restart_and_stops_on_sigterm(redis_url: str) ->
     assert summary["sessions"] == 2 and summary["sent"] >= len(after)
     seqs = [f.seq for f in frames_on_redis(redis_url)]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_gstreamer_stream_through_the_edge_relay_and_the_gateway(redis_url: str) -> None:
+    token = register(redis_url)
+    port, relay_port = free_port(), free_port()
+    frames_sent = 30
+    with gateway(redis_url, port):
+        process = edge(
+            port, token, "--source", f"rfc4571://127.0.0.1:{relay_port}", "--frames", str(frames_sent)
+        )
+        wait_listening(relay_port)  # this probe connection is an upstream that sends nothing
+        pipeline = (
+            f"videotestsrc num-buffers={frames_sent} pattern=ball ! "
+            "video/x-raw,width=192,height=128,framerate=30/1 ! "
+            "x264enc tune=zerolatency key-int-max=10 bitrate=300 ! "
+            "rtph264pay config-interval=1 mtu=600 ! rtpstreampay ! "
+            f"tcpclientsink host=127.0.0.1 port={relay_port}"
+        )
+        subprocess.run(
+            ["gst-launch-1.0", "-q", *pipeline.split()], check=True, timeout=60, capture_output=True
+        )
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert json.loads(out)["sent"] == frames_sent
+        frames = wait_frames(redis_url, frames_sent)
+    assert len(frames) == frames_sent
+    assert {(f.width, f.height) for f in frames} == {(MODEL_W, MODEL_H)}
+    meta = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.stream_meta(DEVICE))
+    assert (int(meta[keys.M_WIDTH]), int(meta[keys.M_HEIGHT])) == (192, 128)
