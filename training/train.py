@@ -31,7 +31,7 @@ from flowcloud.cli.main import CommandError
 from flowcloud.inference import parse_size
 from flowcloud.labels import IGNORE_INDEX, LABEL_IDS, LABEL_SETS, LabelSet, get_label_set
 from flowcloud.zoo import MODEL_NAMES, ModelInfo, WeightsError, build_model, read_weights_file
-from training.cityscapes import CityscapesError, CityscapesSegmentation
+from training.cityscapes import CityscapesError, CityscapesSegmentation, read_label_ids
 from training.evaluate import evaluate, format_table, resolve_device
 from training.metrics import ConfusionMatrix
 from training.presets import SegmentationPresetEval, SegmentationPresetTrain
@@ -84,6 +84,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--freeze-backbone", action="store_true", help="train only the head(s)")
     model.add_argument("--aux-loss", action="store_true", help="auxiliary classifier and loss (DeepLabV3)")
+    model.add_argument(
+        "--class-weights",
+        action="store_true",
+        help="weight the loss by sqrt(median class frequency / class frequency) of the training labels",
+    )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=30)
     optim.add_argument("--batch-size", type=int, default=8)
@@ -100,6 +105,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--output-dir", type=Path, default=Path("runs/train"), help="checkpoints and metrics"
     )
     run_group.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    run_group.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="end this invocation after N epochs (resume later; 0 = run all)",
+    )
     run_group.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     run_group.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     run_group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -163,12 +174,32 @@ def make_optimizer(args: argparse.Namespace, params: list[nn.Parameter]) -> torc
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def criterion(outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+def class_weights(dataset: CityscapesSegmentation, num_classes: int) -> torch.Tensor:
+    """Per-class loss weights, sqrt(median frequency / frequency), clipped to [0.2, 10]; absent classes 1.
+
+    Softened median-frequency balancing: small classes (poles, signs, people) are not drowned
+    by road and sky, without the boundary noise of full inverse-frequency weighting.
+    """
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for _, label_path in tqdm(dataset.pairs, desc="class frequencies", unit="image", leave=False):
+        target = dataset.label_set.from_label_ids(read_label_ids(label_path))
+        flat = torch.from_numpy(target).long().flatten()
+        counts += torch.bincount(flat[flat < num_classes], minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    freq = counts[present] / counts.sum()
+    weights[present] = (freq.median() / freq).sqrt().clamp(0.2, 10.0)
+    return weights.float()
+
+
+def criterion(
+    outputs: dict[str, torch.Tensor], target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     losses = {}
     for name, logits in outputs.items():
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        losses[name] = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
+        losses[name] = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE_INDEX)
     return losses["out"] + AUX_WEIGHT * losses["aux"] if "aux" in losses else losses["out"]
 
 
@@ -232,8 +263,14 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.resume is not None:
         start_epoch, history = _resume(args, model, optimizer, lr_scheduler, scaler)
     info = ModelInfo(name=args.model, label_set=label_set.name, version=args.version or out_dir.name)
+    weight = class_weights(train_set, label_set.num_classes).to(device) if args.class_weights else None
+    if weight is not None:
+        log.info(
+            "class weights: %s", {label_set.class_names[i]: round(float(w), 2) for i, w in enumerate(weight)}
+        )
 
-    for epoch in range(start_epoch, args.epochs):
+    last_epoch = args.epochs if args.stop_after <= 0 else min(args.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, last_epoch):
         seed_everything(args.seed * 1000 + epoch)  # the same epoch sees the same data, resumed or not
         loader = DataLoader(
             train_set,
@@ -246,7 +283,7 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         started = time.perf_counter()
         stats = _train_epoch(
-            model, loader, steps, optimizer, lr_scheduler, scaler, device, amp, label_set, epoch, args
+            model, loader, steps, optimizer, lr_scheduler, scaler, device, amp, label_set, epoch, args, weight
         )
         record: dict[str, Any] = {"epoch": epoch, "lr": lr_scheduler.get_last_lr()[0], **stats}
         if val_loader is not None:
@@ -286,6 +323,7 @@ def _train_epoch(
     label_set: LabelSet,
     epoch: int,
     args: argparse.Namespace,
+    weight: torch.Tensor | None = None,
 ) -> dict[str, float]:
     model.train()
     if args.freeze_backbone:
@@ -301,15 +339,15 @@ def _train_epoch(
             target = target.to(device, non_blocking=True)
             with autocast:
                 outputs = model(image)
-                loss = criterion(outputs, target)
-            if not math.isfinite(float(loss)):
-                raise CommandError(f"the loss became {float(loss)} at epoch {epoch}; lower --lr")
+                loss = criterion(outputs, target, weight)
+            if not math.isfinite(float(loss.detach())):
+                raise CommandError(f"the loss became {float(loss.detach())} at epoch {epoch}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             lr_scheduler.step()
-            loss_sum += float(loss) * image.shape[0]
+            loss_sum += float(loss.detach()) * image.shape[0]
             seen += image.shape[0]
             matrix.update(target, outputs["out"].detach().argmax(1))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
