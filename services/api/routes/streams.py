@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 
-from flowcloud.labels import get_label_set
+from flowcloud.labels import LABEL_SETS
 from flowcloud.results import MaskResult
 from services.api import render
 from services.api.deps import ApiContext, Context, CurrentKey, VisibleStream, app_context
@@ -179,8 +179,8 @@ async def stream_stats(
     present = sorted({cls for r in results for cls in r.shares})
     label_set_name = results[-1].label_set if results else None
     classes: list[dict[str, Any]] = []
-    if label_set_name is not None:
-        label_set = get_label_set(label_set_name)
+    if label_set_name in LABEL_SETS:
+        label_set = LABEL_SETS[label_set_name]
         classes = [
             {"id": c, "name": label_set.class_names[c], "color": tuple(int(v) for v in label_set.palette[c])}
             for c in present
