@@ -79,6 +79,10 @@ class FramePublisher:
         self._meta.setdefault(stream, {}).update({k: str(v) for k, v in fields.items()})
         self._wakeup.set()
 
+    def last_seq(self, stream: str) -> int:
+        """The seq of the stream's last frame published by this process (0: none yet)."""
+        return self._last_seq.get(stream, 0)
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
