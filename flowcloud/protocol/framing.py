@@ -43,34 +43,33 @@ class Rfc4571Decoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
+        """The frames completed by ``data``. A bad length raises `ProtocolError`, at once when no
+        frame came before it in ``data``, else on the next call (the good frames are returned)."""
         if self._error is not None:
             raise self._error
+        if self._buffer:
+            self._buffer += data
+            buf = bytes(self._buffer)
+        else:
+            buf = bytes(data)
         out: list[bytes] = []
-        view = memoryview(data)
-        while view:
-            if len(self._buffer) < LENGTH_SIZE:
-                take = LENGTH_SIZE - len(self._buffer)
-                self._buffer += view[:take]
-                view = view[take:]
-                if len(self._buffer) < LENGTH_SIZE:
-                    break
-                size = int.from_bytes(self._buffer[:LENGTH_SIZE], "big")
-                if size > self.max_frame_size:
-                    self._error = ProtocolError(
-                        f"RFC 4571 frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes"
-                    )
-                    raise self._error
-            size = int.from_bytes(self._buffer[:LENGTH_SIZE], "big")
-            need = LENGTH_SIZE + size - len(self._buffer)
-            self._buffer += view[:need]
-            view = view[need:]
-            if len(self._buffer) == LENGTH_SIZE + size:
-                out.append(bytes(self._buffer[LENGTH_SIZE:]))
-                self._buffer.clear()
-        # A frame whose header arrived last with length 0 is complete already.
-        if len(self._buffer) == LENGTH_SIZE and int.from_bytes(self._buffer, "big") == 0:
-            out.append(b"")
-            self._buffer.clear()
+        pos, n = 0, len(buf)
+        while n - pos >= LENGTH_SIZE:
+            size = (buf[pos] << 8) | buf[pos + 1]
+            if size > self.max_frame_size:
+                self._error = ProtocolError(
+                    f"RFC 4571 frame of {size} bytes exceeds the limit of {self.max_frame_size} bytes"
+                )
+                self._buffer = bytearray()
+                if out:
+                    return out
+                raise self._error
+            end = pos + LENGTH_SIZE + size
+            if end > n:
+                break
+            out.append(buf[pos + LENGTH_SIZE : end])
+            pos = end
+        self._buffer = bytearray(buf[pos:])
         return out
 
 

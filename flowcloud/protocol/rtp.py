@@ -46,7 +46,7 @@ def seq_newer(a: int, b: int) -> bool:
     return seq_diff(a, b) > 0
 
 
-@dataclass
+@dataclass(slots=True)
 class RtpPacket:
     payload_type: int = 96
     sequence_number: int = 0
@@ -60,7 +60,8 @@ class RtpPacket:
 
     @classmethod
     def parse(cls, data: bytes) -> RtpPacket:
-        data = bytes(data)
+        if not isinstance(data, bytes):
+            data = bytes(data)
         if len(data) < RTP_HEADER_SIZE:
             raise ProtocolError(
                 f"RTP packet too short: {len(data)} bytes, the header needs {RTP_HEADER_SIZE}"
@@ -75,7 +76,7 @@ class RtpPacket:
         pos = RTP_HEADER_SIZE
         if len(data) < pos + 4 * cc:
             raise ProtocolError(f"RTP packet too short for {cc} CSRCs: {len(data)} bytes")
-        csrc = list(struct.unpack_from(f"!{cc}I", data, pos))
+        csrc = list(struct.unpack_from(f"!{cc}I", data, pos)) if cc else []
         pos += 4 * cc
         extensions: dict[int, bytes] = {}
         if has_extension:

@@ -97,3 +97,10 @@ def test_read_frame_refuses_an_oversized_length_before_reading_the_body() -> Non
             await asyncio.wait_for(read_frame(reader, 100), 1)
 
     asyncio.run(scenario())
+
+
+def test_frames_before_a_bad_length_in_the_same_chunk_are_returned_first() -> None:
+    decoder = Rfc4571Decoder(max_frame_size=100)
+    assert decoder.feed(b"\x00\x01a\x00\x01b\xff\xffjunk") == [b"a", b"b"]
+    with pytest.raises(ProtocolError, match="^RFC 4571 frame of 65535 bytes exceeds the limit of 100 bytes$"):
+        decoder.feed(b"")
