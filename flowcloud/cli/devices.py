@@ -29,20 +29,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("FLOWCLOUD_REDIS_URL", DEFAULT_REDIS_URL),
         help="Redis URL (default: $FLOWCLOUD_REDIS_URL or %(default)s)",
     )
+    # --redis-url is accepted after the action too (SUPPRESS keeps the value given before it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-url", default=argparse.SUPPRESS, help="Redis URL")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = sub.add_parser("add", help="register a device and print its token (shown only once)")
+    add = sub.add_parser(
+        "add", parents=[common], help="register a device and print its token (shown only once)"
+    )
     add.add_argument("device_id", metavar="ID")
     add.add_argument(
         "--tenant", default=DEFAULT_TENANT, help="tenant the device belongs to (default: %(default)s)"
     )
     add.add_argument("--json", action="store_true", help="print JSON for scripts")
-    lst = sub.add_parser("list", help="list registered devices")
+    lst = sub.add_parser("list", parents=[common], help="list registered devices")
     lst.add_argument("--tenant", default=None, help="only this tenant's devices")
     lst.add_argument("--json", action="store_true", help="print JSON for scripts")
-    rev = sub.add_parser("revoke", help="revoke a device for good (closes its live session)")
+    rev = sub.add_parser(
+        "revoke", parents=[common], help="revoke a device for good (closes its live session)"
+    )
     rev.add_argument("device_id", metavar="ID")
     rev.add_argument("--json", action="store_true", help="print JSON for scripts")
-    rot = sub.add_parser("rotate", help="issue a new token (the old one stops working at once)")
+    rot = sub.add_parser(
+        "rotate", parents=[common], help="issue a new token (the old one stops working at once)"
+    )
     rot.add_argument("device_id", metavar="ID")
     rot.add_argument("--json", action="store_true", help="print JSON for scripts")
 

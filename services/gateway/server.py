@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from flowcloud import keys
+from flowcloud.frames import ENCODINGS
 from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
 from flowcloud.registry import EVENT_REVOKED, DeviceRegistry, parse_event
@@ -66,6 +67,10 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         height, width = parse_size(settings.model_size)
+        if settings.frame_encoding not in ENCODINGS:
+            raise ValueError(
+                f"frame encoding {settings.frame_encoding!r} is not one of {', '.join(ENCODINGS)}"
+            )
         self.redis = redis_client(settings.redis_url)
         self.publisher = FramePublisher(
             self.redis, settings.frames_maxlen, settings.publish_queue, recent_maxlen=settings.recent_maxlen

@@ -173,6 +173,10 @@ def test_cli_add_list_rotate_revoke(redis_url: str, capsys: pytest.CaptureFixtur
     assert [(d["device_id"], d["active"]) for d in listed] == [("cam-9", False)]
     assert cli_main([*base, "list"]) == 0
     assert "revoked" in capsys.readouterr().out
+    assert (
+        cli_main(["devices", "list", "--json", "--redis-url", redis_url]) == 0
+    )  # the option after the action
+    assert len(json.loads(capsys.readouterr().out)) == 1
     assert cli_main([*base, "revoke", "nope"]) == 1
     assert "not registered" in capsys.readouterr().err
 
