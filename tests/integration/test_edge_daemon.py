@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from edge_test_gateway import TestGateway, decode_access_units
+from prometheus_client import REGISTRY
 
 from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
@@ -53,7 +54,12 @@ def test_synthetic_frames_arrive_in_order_with_capture_times() -> None:
     async def scenario() -> None:
         async with TestGateway(clock_skew=50.0) as gw:
             started = time.time()
+            sent_before = REGISTRY.get_sample_value("flowcloud_edge_frames_sent_total") or 0.0
             result = await run_daemon(config(gw.port, frames=20))
+            assert REGISTRY.get_sample_value("flowcloud_edge_frames_sent_total") == sent_before + 20
+            assert REGISTRY.get_sample_value("flowcloud_edge_clock_offset_seconds") == pytest.approx(
+                50.0, abs=0.05
+            )
             finished = time.time()
             await gw.wait_for(lambda: gw.sessions and gw.sessions[0].closed.is_set())
         assert (result.captured, result.sent, result.sessions) == (20, 20, 1)
