@@ -39,8 +39,9 @@ def flowcloud(*args: str) -> list[str]:
 
 def register(redis_url: str) -> str:
     out = subprocess.run(
-        flowcloud("devices", "--redis-url", redis_url, "add", DEVICE, "--json"),
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+        flowcloud("devices", "add", DEVICE, "--json"),
+        cwd=REPO, env={**os.environ, "FLOWCLOUD_REDIS_URL": redis_url},
+        capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     token = json.loads(out)["token"]
     assert isinstance(token, str) and token
