@@ -293,7 +293,8 @@ class DemuxRelaySource(_Stoppable):
         super().__init__()
         self.url = url
         self.pace = pace
-        self._options = {"rtsp_transport": "tcp", "stimeout": "5000000"} if url.startswith("rtsp") else {}
+        # FFmpeg 7: "timeout" is the RTSP socket I/O timeout in microseconds.
+        self._options = {"rtsp_transport": "tcp", "timeout": "5000000"} if url.startswith("rtsp") else {}
         self._container: av.container.InputContainer | None = None
 
     def open(self) -> StreamShape:
