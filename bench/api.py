@@ -211,6 +211,12 @@ def _run_generator(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench(seconds: float, connections: int, rate: float, latest_cache_ms: float) -> int:
     rows: list[tuple[str, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server:
@@ -223,7 +229,11 @@ def bench(seconds: float, connections: int, rate: float, latest_cache_ms: float)
                 _run_generator(port, path, token, 1.0, connections, 0)
             for mode, r in (("closed", 0.0), (f"open {rate:.0f}/s", rate)):
                 for path, name in routes:
-                    rows.append((name, mode, _run_generator(port, path, token, seconds, connections, r)))
+                    before = _cpu_seconds(api.pid)
+                    result = _run_generator(port, path, token, seconds, connections, r)
+                    # CPU per request of the API process: what the route costs, whatever else runs.
+                    result["cpu_us"] = (_cpu_seconds(api.pid) - before) * 1e6 / max(result["requests"], 1)
+                    rows.append((name, mode, result))
         finally:
             api.terminate()
             api.wait(timeout=20)
@@ -233,16 +243,23 @@ def bench(seconds: float, connections: int, rate: float, latest_cache_ms: float)
         f"\nQuery API, one uvicorn worker, {os.cpu_count()} CPUs (load average {load1:.1f} at the end), "
         f"{connections} keep-alive connections, {seconds:.0f} s per run, latest cache {latest_cache_ms:g} ms"
     )
-    print(f"{'route':<14} {'mode':<12} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(
+        f"{'route':<14} {'mode':<12} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'CPU us/req':>11}"
+    )
     for name, mode, s in rows:
         print(
             f"{name:<14} {mode:<12} {s['rps']:>8.0f} {s['p50'] * 1e3:>8.2f} {s['p95'] * 1e3:>8.2f} "
-            f"{s['p99'] * 1e3:>8.2f} {s['errors']:>7.0f}"
+            f"{s['p99'] * 1e3:>8.2f} {s['errors']:>7.0f} {s['cpu_us']:>11.0f}"
         )
     closed = {name: s for name, mode, s in rows if mode == "closed"}
     opened = {name: s for name, mode, s in rows if mode != "closed"}
     ratio = closed["masks/latest"]["rps"] / closed["baseline"]["rps"]
+    cpu = closed["masks/latest"]["cpu_us"]
     print(f"\nmasks/latest throughput / healthz throughput: {ratio:.2f}")
+    print(
+        f"masks/latest API CPU per request: {cpu:.0f} us, so one free core serves about {1e6 / cpu:.0f} req/s"
+    )
     latest = opened["masks/latest"]
     met = (
         closed["masks/latest"]["rps"] >= GOAL_RPS

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from api_support import make_key, running_api, seed_stream
 
+from flowcloud.cli.main import main as cli_main
 from flowcloud.redis_server import EmbeddedRedis, free_port
 from flowcloud.settings import ApiSettings
 
@@ -74,21 +75,27 @@ def flowcloud(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def test_apikeys_cli_add_list_revoke(redis_url: str) -> None:
+def test_apikeys_cli_add_list_revoke(
+    redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One run through the entry point in its own process, the rest in this one.
     added = flowcloud(
         "apikeys", "--redis-url", redis_url, "add", "--role", "reader", "--tenant", "acme", "--json"
     )
     assert added.returncode == 0, added.stderr
     key = json.loads(added.stdout)
     assert key["role"] == "reader" and key["tenant"] == "acme" and key["token"].startswith("fck_")
-    listed = flowcloud("apikeys", "list", "--json", env={"FLOWCLOUD_REDIS_URL": redis_url})
-    assert [k["key_id"] for k in json.loads(listed.stdout)] == [key["key_id"]]
-    assert key["token"] not in listed.stdout
-    table = flowcloud("apikeys", "--redis-url", redis_url, "list")
-    assert table.stdout.splitlines()[0].split() == ["ID", "ROLE", "TENANT", "CREATED", "REVOKED"]
-    assert key["key_id"] in table.stdout
-    revoked = flowcloud("apikeys", "--redis-url", redis_url, "revoke", key["key_id"])
-    assert revoked.returncode == 0 and revoked.stdout.strip() == f"API key {key['key_id']} revoked"
+    monkeypatch.setenv("FLOWCLOUD_REDIS_URL", redis_url)
+    assert cli_main(["apikeys", "list", "--json"]) == 0
+    listed = capsys.readouterr().out
+    assert [k["key_id"] for k in json.loads(listed)] == [key["key_id"]]
+    assert key["token"] not in listed
+    assert cli_main(["apikeys", "--redis-url", redis_url, "list"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["ID", "ROLE", "TENANT", "CREATED", "REVOKED"]
+    assert key["key_id"] in table
+    assert cli_main(["apikeys", "--redis-url", redis_url, "revoke", key["key_id"]]) == 0
+    assert capsys.readouterr().out.strip() == f"API key {key['key_id']} revoked"
     # The revoked token no longer opens the API.
     with running_api(ApiSettings(redis_url=redis_url)) as base:
         response = httpx.get(f"{base}/streams", headers={"Authorization": f"Bearer {key['token']}"})
@@ -99,27 +106,24 @@ def test_apikeys_cli_add_list_revoke(redis_url: str) -> None:
     ("args", "message"),
     [
         (("revoke", "0123456789ab"), "flowcloud apikeys: API key '0123456789ab' does not exist"),
-        (
-            ("add", "--role", "reader", "--tenant", "*"),
-            "flowcloud apikeys: only an admin key may have tenant *",
-        ),
+        (("add", "--role", "reader", "--tenant", "*"), "flowcloud apikeys: only an admin key may have"),
         (("add", "--role", "reader", "--tenant", "a b"), "flowcloud apikeys: invalid tenant 'a b'"),
     ],
 )
 def test_apikeys_cli_reports_bad_input_in_one_line(
-    redis_url: str, args: tuple[str, ...], message: str
+    redis_url: str, args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = flowcloud("apikeys", "--redis-url", redis_url, *args)
-    assert result.returncode == 1
-    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1
+    assert cli_main(["apikeys", "--redis-url", redis_url, *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1
 
 
-def test_apikeys_cli_without_redis_says_so() -> None:
+def test_apikeys_cli_without_redis_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    result = flowcloud("apikeys", "--redis-url", url, "list")
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"flowcloud apikeys: cannot reach Redis at {url}")
-    assert "Traceback" not in result.stderr
+    assert cli_main(["apikeys", "--redis-url", url, "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"flowcloud apikeys: cannot reach Redis at {url}")
+    assert "Traceback" not in err
 
 
 def test_flowcloud_api_serves_and_stops_on_sigterm(redis_url: str) -> None:
@@ -155,7 +159,6 @@ def test_flowcloud_api_serves_and_stops_on_sigterm(redis_url: str) -> None:
             process.wait()
 
 
-def test_flowcloud_api_rejects_a_bad_setting() -> None:
-    result = flowcloud("api", "--port", "70000")
-    assert result.returncode == 1
-    assert result.stderr.startswith("flowcloud api: bad setting port:")
+def test_flowcloud_api_rejects_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["api", "--port", "70000"]) == 1
+    assert capsys.readouterr().err.startswith("flowcloud api: bad setting port:")

@@ -29,6 +29,7 @@ from PIL import Image
 from flowcloud import keys
 from flowcloud.frames import decode_image
 from flowcloud.labels import TRAIN_IDS, blend_overlay
+from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.settings import ApiSettings
 
 COUNT = 250
@@ -36,16 +37,19 @@ START = 1_700_000_000.0
 PERIOD = 0.1
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[httpx.Client]:
-    seed_stream(redis_url, "cam-1", "acme", count=COUNT, start_ts=START, period=PERIOD)
-    seed_stream(redis_url, "cam-old", "acme", count=3, start_ts=START, period=PERIOD, live=False)
-    token = make_key(redis_url, "reader", "acme")
-    with (
-        running_api(ApiSettings(redis_url=redis_url)) as base,
-        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c,
-    ):
-        yield c
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """One seeded Redis and API for the read-only tests of this module (its own redis-server, so
+    the per-test flush of the shared one cannot touch it)."""
+    with EmbeddedRedis(tmp_path_factory.mktemp("api-streams-redis"), appendonly=False) as server:
+        seed_stream(server.url, "cam-1", "acme", count=COUNT, start_ts=START, period=PERIOD)
+        seed_stream(server.url, "cam-old", "acme", count=3, start_ts=START, period=PERIOD, live=False)
+        token = make_key(server.url, "reader", "acme")
+        with (
+            running_api(ApiSettings(redis_url=server.url)) as base,
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c,
+        ):
+            yield c
 
 
 def test_streams_describe_status_resolution_and_latency(client: httpx.Client) -> None:
