@@ -152,3 +152,12 @@ def test_gst_picture_source() -> None:
     assert result.sent == 8
     frames = decode_access_units(gw.access_units)
     assert len(frames) == 8 and (frames[0].width, frames[0].height) == (96, 64)
+
+
+def test_an_unreachable_rtsp_camera_is_a_source_error() -> None:
+    from edge.sources import SourceError
+    from flowcloud.redis_server import free_port
+
+    url = f"rtsp://127.0.0.1:{free_port()}/cam"
+    with pytest.raises(SourceError, match=f"^cannot open {url}: "):
+        DemuxRelaySource(url).open()
