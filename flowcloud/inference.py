@@ -81,10 +81,10 @@ class Segmenter:
         module = loaded.module.eval()
         if self.options.fuse:
             module = _fold_batch_norm(module)
-        self.model: nn.Module = module.to(self.device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        self.model: nn.Module = module.to(self.device).to(memory_format=self.memory_format)
         self._forward: Callable[[torch.Tensor], Any] = self.model
         if self.options.compile is not None:
-            self._forward = torch.compile(self.model, mode=self.options.compile, dynamic=False)  # type: ignore[assignment]
+            self._forward = torch.compile(self.model, mode=self.options.compile, dynamic=False)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
 
