@@ -80,6 +80,7 @@ def worker_command(redis_url: str, weights: Path, name: str, *extra: str) -> lis
         "--poll-ms", "200",
         "--threads", "1",
         "--decode-threads", "2",
+        "--metrics-port", "0",  # off unless a test names a (free) port: later options win
         *extra,
     ]  # fmt: skip
 
