@@ -55,8 +55,11 @@ def dashboard(redis_url: str) -> Iterator[Dashboard]:
             browser.close()
 
 
-def open_page(dash: Dashboard, url: str, offsite: list[str]) -> Page:
+def open_page(dash: Dashboard, url: str, offsite: list[str], errors: list[str] | None = None) -> Page:
     page = dash.browser.new_page(viewport={"width": 1280, "height": 1000})
+    if errors is not None:  # console errors: script failures, CSP violations, failed loads
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
 
     def only_our_origin(route: Route) -> None:
         if route.request.url.startswith(dash.base) or route.request.url.startswith("data:"):
@@ -72,7 +75,8 @@ def open_page(dash: Dashboard, url: str, offsite: list[str]) -> Page:
 
 def test_dashboard_lists_the_stream_and_shows_its_overlay(dashboard: Dashboard, tmp_path: Path) -> None:
     offsite: list[str] = []
-    page = open_page(dashboard, f"{dashboard.base}/dashboard#key={dashboard.token}", offsite)
+    errors: list[str] = []
+    page = open_page(dashboard, f"{dashboard.base}/dashboard#key={dashboard.token}", offsite, errors)
     row = page.locator('#streams tbody tr[data-stream="cam-street"]')
     row.wait_for(timeout=15_000)
     assert page.locator("#streams tbody tr").count() == 1  # another tenant's stream is not listed
@@ -115,7 +119,7 @@ def test_dashboard_lists_the_stream_and_shows_its_overlay(dashboard: Dashboard, 
     if SCREENSHOT_COPY:
         Path(SCREENSHOT_COPY).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT_COPY)
-    assert offsite == []
+    assert offsite == [] and errors == []
     page.close()
 
 

@@ -13,6 +13,12 @@ router = APIRouter(tags=["dashboard"])
 
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+# Everything from this origin only (no CDN, no third party); the live overlay arrives as data: URLs.
+PAGE_HEADERS = {
+    **HEADERS,
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _static(name: str) -> bytes:
@@ -30,7 +36,7 @@ async def root() -> RedirectResponse:
     "/dashboard", response_class=HTMLResponse, summary="The dashboard page (no key needed to load it)"
 )
 async def dashboard() -> HTMLResponse:
-    return HTMLResponse(_static("dashboard.html"), headers=HEADERS)
+    return HTMLResponse(_static("dashboard.html"), headers=PAGE_HEADERS)
 
 
 @router.get(
