@@ -108,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("worker settings: %s", settings.describe())
     worker = Worker(settings)
-    health = (
-        serve_health_and_metrics(settings.metrics_port, ready=lambda: worker.ready)
-        if settings.metrics_port
-        else None
-    )
+    try:
+        health = (
+            serve_health_and_metrics(settings.metrics_port, ready=lambda: worker.ready)
+            if settings.metrics_port
+            else None
+        )
+    except OSError as exc:
+        raise CommandError(f"cannot serve /metrics on port {settings.metrics_port}: {exc}") from None
     try:
         return asyncio.run(worker.run())
     except (WeightsError, RuntimeError, ValueError) as exc:
