@@ -134,7 +134,8 @@ class StreamQueries:
         return [text(i) for i in ids]
 
     async def streams(self, stream_ids: list[str]) -> list[StreamInfo]:
-        """Descriptions of the given streams, in two round trips whatever their number."""
+        """Descriptions of the given streams that the gateway has described, in two round trips
+        whatever their number."""
         if not stream_ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -155,7 +156,8 @@ class StreamQueries:
         out = []
         for sid, meta, count, seqs in zip(stream_ids, metas, counts, newest, strict=True):
             results = [MaskResult.from_fields(f) for f in (next(fetched) for _ in seqs) if f]
-            out.append(self._info(sid, meta, int(count), seqs[0] if seqs else None, results, now))
+            if meta:  # an index entry whose description is gone is no stream (as in stream_tenant)
+                out.append(self._info(sid, meta, int(count), seqs[0] if seqs else None, results, now))
         return out
 
     def _info(

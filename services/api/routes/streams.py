@@ -121,8 +121,10 @@ async def list_streams(context: Context, key: CurrentKey) -> dict[str, Any]:
 
 @router.get("/{stream_id}", response_model=StreamBody, responses=NOT_FOUND, summary="One stream")
 async def get_stream(stream_id: VisibleStream, context: Context) -> dict[str, Any]:
-    (info,) = await context.queries.streams([stream_id])
-    return info.to_dict()
+    infos = await context.queries.streams([stream_id])
+    if not infos:  # its description expired since the visibility check
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}")
+    return infos[0].to_dict()
 
 
 @router.get(
