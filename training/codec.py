@@ -15,7 +15,7 @@ FPS = 30
 def h264_roundtrip(frames: Iterable[np.ndarray], crf: int, preset: str = "veryfast") -> Iterator[np.ndarray]:
     """Encode RGB frames with libx264 at ``crf`` and yield them decoded again, in order."""
     encoder: av.VideoCodecContext | None = None
-    decoder = av.CodecContext.create("h264", "r")
+    decoder: av.VideoCodecContext = av.CodecContext.create("h264", "r")
     for index, rgb in enumerate(frames):
         if encoder is None:
             encoder = _encoder(rgb.shape[1], rgb.shape[0], crf, preset)
@@ -37,10 +37,10 @@ def _encoder(width: int, height: int, crf: int, preset: str) -> av.VideoCodecCon
     encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
     encoder.time_base = Fraction(1, FPS)
     encoder.options = {"crf": str(crf), "preset": preset, "tune": "zerolatency"}
-    return encoder  # type: ignore[return-value]
+    return encoder
 
 
-def _decode(decoder: av.CodecContext, packet: av.Packet) -> Iterator[np.ndarray]:
+def _decode(decoder: av.VideoCodecContext, packet: av.Packet) -> Iterator[np.ndarray]:
     for frame in decoder.decode(packet):
         yield frame.to_ndarray(format="rgb24")
 

@@ -245,7 +245,7 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
             p.requires_grad_(False)
     model.to(device)
     if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, params)
     batches_per_epoch = len(train_set) // args.batch_size

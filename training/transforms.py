@@ -128,9 +128,10 @@ class RandomJpeg:
         ok, buf = cv2.imencode(
             ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
         )
-        if not ok:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
+        if decoded is None:
             return image, target
-        return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), target
+        return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB), target
 
 
 class RandomBlur:

@@ -13,11 +13,11 @@ from flowcloud.cli.main import main
 from flowcloud.labels import LABEL_IDS
 from flowcloud.zoo import ModelInfo, build_model, save_weights
 from training.evaluate import format_table
-from training.metrics import ConfusionMatrix
+from training.metrics import ConfusionMatrix, SegmentationScores
 from training.synth_cli import write_dataset
 
 
-def scores_of(target: list[int], prediction: list[int], n: int = 3):  # type: ignore[no-untyped-def]
+def scores_of(target: list[int], prediction: list[int], n: int = 3) -> SegmentationScores:
     matrix = ConfusionMatrix(n)
     matrix.update(torch.tensor(target), torch.tensor(prediction))
     return matrix.scores()

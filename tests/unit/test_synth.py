@@ -112,7 +112,8 @@ def test_synth_cli_writes_cityscapes_layout_and_video(
     assert len(labels) == 5
     # Ground truth is exact: the label PNG of sequence 1, frame 1 is that scene's frame 1.
     expected = SceneSequence(scene_seed(4, 1), 128, 64).frame(1)[1]
-    assert np.array_equal(cv2.imread(str(labels[4]), cv2.IMREAD_UNCHANGED), expected)
+    written = cv2.imread(str(labels[4]), cv2.IMREAD_UNCHANGED)
+    assert written is not None and np.array_equal(written, expected)
     with av.open(str(out / "video.mp4")) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
