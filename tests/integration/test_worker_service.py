@@ -146,16 +146,17 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp
         assert metric(port, "flowcloud_worker_frames_processed_total") >= 8 + 12
         assert metric(port, "flowcloud_worker_end_to_end_latency_seconds_count") >= 20
 
-        # SIGTERM with a batch in flight: it is finished and acknowledged, then the worker exits 0.
-        late = [frame("cam-a", 100 + i, 64, 128) for i in range(BATCH)]
-        ids = publish(client, late)
-        wait_for("the worker to read the new batch", lambda: bool(pending_of(client, "w1")), 30, proc)
+        # SIGTERM with batches in flight: they are finished and acknowledged, then the worker exits 0.
+        # (Three batches' worth, one stream each, so that some are surely in flight when it comes.)
+        late = [frame(f"cam-t{i % 3}", i, 64, 128) for i in range(3 * BATCH)]
+        by_id = dict(zip(publish(client, late), late, strict=True))
+        wait_for("the worker to read new frames", lambda: bool(pending_of(client, "w1")), 30, proc)
         in_flight = pending_of(client, "w1")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(STARTUP_TIMEOUT) == 0, worker_log(tmp_path, "w1")
-        assert in_flight and set(in_flight) <= set(ids)
+        assert in_flight and set(in_flight) <= set(by_id)
         assert pending_total(client) == 0
-        assert all(client.exists(keys.mask("cam-a", f.seq)) for f in late)
+        assert all(client.exists(keys.mask(by_id[i].stream, by_id[i].seq)) for i in in_flight)
         # It left the worker index and the consumer group on its way out.
         assert not client.exists(keys.worker("w1"))
         assert client.zscore(keys.WORKERS_INDEX, "w1") is None
