@@ -14,6 +14,7 @@ from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKey, ApiKeyStore
 from services.api.auth import Authenticator
+from services.api.metrics import AUTH_FAILURES
 from services.api.queries import StreamQueries
 from services.api.render import RenderCache
 
@@ -59,9 +60,11 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 async def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
     if credentials is None:
+        AUTH_FAILURES.labels("missing").inc()
         raise unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
     key = await app_context(request).auth.authenticate(credentials.credentials)
     if key is None:
+        AUTH_FAILURES.labels("invalid").inc()
         raise unauthorized("the API key is unknown, revoked or malformed")
     return key
 
@@ -75,6 +78,7 @@ CurrentKey = Annotated[ApiKey, Depends(current_key)]
 
 async def admin_key(key: CurrentKey) -> ApiKey:
     if not key.is_admin:
+        AUTH_FAILURES.labels("forbidden").inc()
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this route needs an admin key")
     return key
 

@@ -20,6 +20,9 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 REDIS_ERRORS = Counter("flowcloud_api_redis_errors_total", "requests answered 503 because Redis failed")
+AUTH_FAILURES = Counter(
+    "flowcloud_api_auth_failures_total", "requests refused for their key", ["reason"]
+)  # reason: missing, invalid (unknown, revoked or malformed), forbidden (wrong role)
 LIVE_VIEWERS = Gauge("flowcloud_api_live_viewers", "open /streams/{id}/live responses")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404s of unknown paths)

@@ -144,13 +144,22 @@ def test_every_route_but_health_and_the_page_needs_a_valid_key(api: Setup) -> No
     assert response.status_code == 401
 
 
+def _forbidden(client: httpx.Client) -> float:
+    for row in client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text.splitlines():
+        if row.startswith('flowcloud_api_auth_failures_total{reason="forbidden"}'):
+            return float(row.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_admin_routes_refuse_readers(api: Setup) -> None:
     admin_routes = [r for r in documented_routes() if r[1].startswith("/devices")]
     assert len(admin_routes) == 4
+    before = _forbidden(api.client)
     for method, path in admin_routes:
         response = call(api.client, method, path, api.reader_beta)
         assert response.status_code == 403, (method, path, response.status_code)
         assert response.json()["detail"] == "this route needs an admin key"
+    assert _forbidden(api.client) - before == 4  # counted for the operators
 
 
 def test_another_tenants_stream_answers_404_on_every_stream_route(api: Setup) -> None:
