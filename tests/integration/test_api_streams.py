@@ -308,3 +308,25 @@ def test_latest_follows_new_results_within_the_cache_window(redis_url: str) -> N
         time.sleep(0.15)
         assert c.get("/streams/cam-1/masks/latest").json()["seq"] == 8
         assert c.get("/streams/cam-1/masks/latest", params={"format": "labels"}).status_code == 200
+
+
+def test_live_viewers_are_bounded(redis_url: str) -> None:
+    seed_stream(redis_url, "cam-1", "acme", count=3)
+    token = make_key(redis_url, "reader", "acme")
+    settings = ApiSettings(redis_url=redis_url, live_max_clients=1)
+    with (
+        running_api(settings) as base,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c,
+    ):
+        with c.stream("GET", "/streams/cam-1/live") as first:
+            assert first.status_code == 200
+            next(first.iter_lines())  # the stream is open and counted
+            second = c.get("/streams/cam-1/live")
+            assert second.status_code == 503 and "too many live viewers" in second.json()["detail"]
+        deadline = time.monotonic() + 5  # the first viewer left: a place is free again
+        while True:
+            with c.stream("GET", "/streams/cam-1/live") as again:
+                if again.status_code == 200 or time.monotonic() > deadline:
+                    break
+            time.sleep(0.1)
+        assert again.status_code == 200
