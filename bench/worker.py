@@ -41,13 +41,13 @@ from torch import nn
 
 from flowcloud import keys
 from flowcloud.frames import Frame, encode_image
-from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD, Segmenter, SegmenterOptions, parse_size
+from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD, Segmenter, parse_size
 from flowcloud.labels import LABEL_IDS, class_shares
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.results import decode_label_map, encode_label_map
 from flowcloud.settings import WorkerSettings
 from flowcloud.zoo import LoadedModel, ModelInfo, build_model, calibrate_batch_norm, load_model
-from services.worker.consumer import Worker
+from services.worker.consumer import Worker, segmenter_options
 from services.worker.recovery import ensure_group
 
 MOBILE = "lraspp_mobilenet_v3_large"
@@ -172,13 +172,6 @@ def bench_one(
     height, width = parse_size(size)
     frames = street_frames(count, height, width)
     naive_s, reference = naive_loop(loaded, frames[:naive_count], args.device)
-    options = SegmenterOptions(
-        device=args.device,
-        precision=args.precision,
-        compile=args.compile_mode if args.compile else None,
-        static_batch=batch_size if args.compile else None,
-    )
-    segmenter = Segmenter(loaded, options)
     settings = WorkerSettings(
         redis_url=redis_url,
         name="bench",
@@ -191,7 +184,10 @@ def bench_one(
         decode_threads=args.decode_threads,
         results_max_per_stream=max(count, 10),
         metrics_port=0,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
     )
+    segmenter = Segmenter(loaded, segmenter_options(settings))  # exactly as `flowcloud worker` builds it
     worker_s, maps = asyncio.run(worker_pipeline(segmenter, frames, settings))
     agree = float(np.mean([np.mean(a == b) for a, b in zip(maps, reference, strict=False)]))
     naive_fps, worker_fps = naive_count / naive_s, count / worker_s

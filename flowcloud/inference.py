@@ -52,6 +52,9 @@ class SegmenterOptions:
     compile: str | None = None
     # Pad every batch to this many frames so shapes stay static (what compiled graphs want).
     static_batch: int | None = None
+    # Pad each batch to the next power of two (at most this many frames): a few shapes, which
+    # cudnn.benchmark can tune once at warm-up instead of on live frames.
+    bucket_batches: int | None = None
 
 
 class Segmenter:
@@ -68,8 +71,10 @@ class Segmenter:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.options.precision!r}")
         if self.options.compile is not None and self.options.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.options.compile!r}")
-        if self.options.static_batch is not None and self.options.static_batch < 1:
-            raise ValueError(f"static_batch must be positive, got {self.options.static_batch}")
+        for name in ("static_batch", "bucket_batches"):
+            value = getattr(self.options, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.device = torch.device(self.options.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
@@ -125,8 +130,9 @@ class Segmenter:
                 [self.predict_tensor(part, out_size) for part in batch_nhwc.split(static)], dim=0
             )
         x = batch_nhwc.to(self.device, non_blocking=True)
-        if static is not None and count < static:
-            x = torch.cat([x, x.new_zeros((static - count, height, width, 3))], dim=0)
+        padded = self.padded_count(count)
+        if padded > count:
+            x = torch.cat([x, x.new_zeros((padded - count, height, width, 3))], dim=0)
         # NHWC uint8 permuted to NCHW is already channels_last in memory: no copy before the model.
         x = x.permute(0, 3, 1, 2).float()
         x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
@@ -137,6 +143,19 @@ class Segmenter:
         if tuple(logits.shape[-2:]) != out_size:
             logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
         return logits[:count].argmax(dim=1).to(torch.uint8)
+
+    def padded_count(self, count: int) -> int:
+        """How many frames a batch of ``count`` is padded to before the model sees it."""
+        if self.options.static_batch is not None:
+            return max(count, self.options.static_batch)
+        cap = self.options.bucket_batches
+        if cap is None or count >= cap:
+            return count
+        return min(1 << (count - 1).bit_length(), cap)
+
+    def batch_shapes(self, largest: int) -> list[int]:
+        """The distinct padded batch sizes that batches of 1..``largest`` frames run as."""
+        return sorted({self.padded_count(n) for n in range(1, largest + 1)})
 
     def predict(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Class maps (HxW uint8) for same-sized HxWx3 uint8 RGB frames."""

@@ -75,6 +75,20 @@ class Batch:
         return sum(len(g.entries) for g in self.groups)
 
 
+def segmenter_options(s: WorkerSettings) -> SegmenterOptions:
+    """How a worker runs its model: compiled graphs want one static batch shape; on a GPU eager
+    batches are padded to a few sizes that cudnn.benchmark tunes during the warm-up."""
+    return SegmenterOptions(
+        device=s.device,
+        size=parse_size(s.input_size) if s.input_size else None,
+        precision=s.precision,
+        channels_last=s.channels_last,
+        compile=s.compile_mode if s.compile else None,
+        static_batch=s.batch_size if s.compile else None,
+        bucket_batches=s.batch_size if s.device.startswith("cuda") and not s.compile else None,
+    )
+
+
 class Worker:
     def __init__(
         self, settings: WorkerSettings, redis: Redis | None = None, segmenter: Segmenter | None = None
@@ -168,15 +182,7 @@ class Worker:
     def _load(self) -> Segmenter:
         s = self.settings
         loaded = load_model(s.model, s.weights, s.label_set, s.random_weights)
-        options = SegmenterOptions(
-            device=s.device,
-            size=parse_size(s.input_size) if s.input_size else None,
-            precision=s.precision,
-            channels_last=s.channels_last,
-            compile=s.compile_mode if s.compile else None,
-            static_batch=s.batch_size if s.compile else None,
-        )
-        segmenter = Segmenter(loaded, options)
+        segmenter = Segmenter(loaded, segmenter_options(s))
         log.info(
             "model %s (version %s, %s) from %s on %s, %s",
             loaded.info.name,
@@ -189,16 +195,20 @@ class Worker:
         return segmenter
 
     def _warm_up(self) -> float:
-        """Run full batches until compiled and tuned; the seconds the last one took."""
-        assert self.segmenter is not None
+        """Run the model until compiled and tuned; the seconds the last full batch took."""
+        segmenter = self.segmenter
+        assert segmenter is not None
         height, width = parse_size(self.settings.warmup_size)
-        batch = torch.zeros((self.settings.batch_size, height, width, 3), dtype=torch.uint8)
-        # On a GPU the first passes compile, autotune (cudnn.benchmark) and capture graphs.
-        passes = 3 if self.segmenter.device.type == "cuda" else 1
+        full = self.settings.batch_size
+        if segmenter.device.type == "cuda":
+            # cudnn.benchmark tunes each new shape on first sight: every padded batch size now,
+            # rather than on live frames after reporting ready.
+            for count in segmenter.batch_shapes(full):
+                segmenter.predict_tensor(torch.zeros((count, height, width, 3), dtype=torch.uint8)).cpu()
         took = 0.0
-        for _ in range(passes):
+        for _ in range(2 if segmenter.device.type == "cuda" else 1):  # compile and capture graphs
             started = time.perf_counter()
-            self.segmenter.predict_tensor(batch).cpu()
+            segmenter.predict_tensor(torch.zeros((full, height, width, 3), dtype=torch.uint8)).cpu()
             took = time.perf_counter() - started
         return took
 

@@ -68,3 +68,14 @@ def test_bad_options_are_refused(loaded: LoadedModel) -> None:
         Segmenter(loaded, SegmenterOptions(compile="fastest"))
     with pytest.raises(ValueError, match="static_batch must be positive"):
         Segmenter(loaded, SegmenterOptions(static_batch=0))
+
+
+def test_bucketed_batches_pad_to_powers_of_two_up_to_the_cap(loaded: LoadedModel) -> None:
+    bucketed = Segmenter(loaded, SegmenterOptions(bucket_batches=6))
+    assert [bucketed.padded_count(n) for n in range(1, 8)] == [1, 2, 4, 4, 6, 6, 7]
+    assert bucketed.batch_shapes(6) == [1, 2, 4, 6]
+    images = _images(3)
+    assert (
+        _agreement(bucketed.predict(images), Segmenter(loaded, SegmenterOptions()).predict(images)) >= 0.999
+    )
+    assert Segmenter(loaded, SegmenterOptions(static_batch=4)).batch_shapes(4) == [4]
