@@ -120,7 +120,10 @@ class StreamQueries:
     # --- streams ----------------------------------------------------------------------------
     async def stream_tenant(self, stream_id: str) -> tuple[bool, str | None]:
         """(exists, tenant) of a stream: it exists once the gateway has described it."""
-        return await self._tenants.get(stream_id, lambda: self._read_tenant(stream_id))
+        found = await self._tenants.get(stream_id, lambda: self._read_tenant(stream_id))
+        if not found[0]:
+            self._tenants.forget(stream_id)  # a stream that starts is visible at once
+        return found
 
     async def _read_tenant(self, stream_id: str) -> tuple[bool, str | None]:
         pipe = self.redis.pipeline(transaction=False)
