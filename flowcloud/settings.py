@@ -76,6 +76,10 @@ class GatewaySettings(ServiceSettings):
     max_malformed: int = Field(100, ge=1, description="consecutive malformed packets that end a session")
     decoder_backlog: int = Field(60, ge=1, description="access units in flight per decoder before dropping")
     decoder_spares: int = Field(1, ge=0, le=16, description="started decoder processes kept ready")
+    decoder_stall_timeout: float = Field(
+        10.0, gt=0, description="seconds a decoder with work may stay silent before it is killed and restarted"
+    )
+    decoder_memory_mb: int = Field(1024, ge=0, description="address-space cap of each decoder process (0 = none)")
     publish_queue: int = Field(1024, ge=16, description="decoded frames buffered for Redis at most")
     recent_maxlen: int = Field(64, ge=1, description="approximate MAXLEN of each stream's recent-frames stream")
     drain_timeout: float = Field(5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM")

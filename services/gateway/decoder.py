@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import struct
 import sys
 import time
@@ -42,6 +43,7 @@ KIND_ACCESS_UNIT = 2
 KIND_FRAME = 10
 KIND_DONE = 11
 KIND_ERROR = 12
+KIND_READY = 13  # sent once, when the decoder is set up
 
 ERROR_DECODE = "decode_error"
 ERROR_DIMENSIONS = "dimensions"
@@ -55,6 +57,7 @@ class DecoderConfig:
     jpeg_quality: int = 90
     max_width: int = 3840
     max_height: int = 2160
+    memory_limit_mb: int = 1024  # address-space cap of the child (0 = none): a hostile stream stays contained
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,16 @@ class DecoderProcess:
         decoder = cls(process)
         try:
             await decoder._send(KIND_CONFIG, 0, json.dumps(asdict(config)).encode())
+            # Wait until it has imported PyAV and opened the codec: a spare is then truly ready.
+            stdout = process.stdout
+            assert stdout is not None
+            kind, _, length = HEADER.unpack(await stdout.readexactly(HEADER.size))
+            if kind != KIND_READY or length:
+                raise DecoderCrashed(f"decoder {process.pid} did not start (message kind {kind})")
+        except asyncio.IncompleteReadError:
+            decoder.kill()
+            await asyncio.shield(decoder.close())
+            raise DecoderCrashed(f"decoder {process.pid} exited while starting") from None
         except BaseException:
             decoder.kill()
             await asyncio.shield(decoder.close())
@@ -207,12 +220,17 @@ class DecoderPool:
         """A started decoder process; the caller closes it."""
         while self._ready:
             task = self._ready.pop(0)
-            self._refill()
             try:
-                decoder = await task
-            except OSError:
+                decoder = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not self._closed:
+                    self._ready.insert(0, task)  # still a good spare for the next session
+                raise
+            except (OSError, DecoderCrashed):
                 log.exception("a spare decoder process failed to start")
                 continue
+            finally:
+                self._refill()
             if decoder.alive:
                 return decoder
         self._refill()
@@ -260,8 +278,13 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
     if first is None or first[0] != KIND_CONFIG:
         return
     config = DecoderConfig(**json.loads(first[2]))
+    if config.memory_limit_mb > 0:
+        limit = config.memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     codec = av.CodecContext.create("h264", "r")
     codec.thread_count = 1  # one process per session already spreads the load over the cores
+    _write(stdout, KIND_READY, 0)
+    stdout.flush()
     while (message := _read_message(stdin)) is not None:
         kind, tag, payload = message
         if kind != KIND_ACCESS_UNIT:

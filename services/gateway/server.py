@@ -82,6 +82,7 @@ class Gateway:
             jpeg_quality=settings.jpeg_quality,
             max_width=settings.max_width,
             max_height=settings.max_height,
+            memory_limit_mb=settings.decoder_memory_mb,
         )
         self.services = SessionServices(
             settings, DeviceRegistry(self.redis), self.publisher, DecoderPool(config, settings.decoder_spares)
@@ -169,6 +170,8 @@ class Gateway:
                 await self._serve(reader, writer)
             finally:
                 self.connections.release(address)
+        except asyncio.CancelledError:
+            pass  # shutdown: the session has been ended; a cancelled handler would be logged as an error
         except Exception:
             log.exception("connection from %s failed", address)
         finally:

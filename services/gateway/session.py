@@ -78,6 +78,7 @@ END_MALFORMED = "malformed"
 END_ERROR = "error"
 
 READ_CHUNK = 1 << 16
+DRAIN_READ_TIMEOUT = 0.1
 FLUSH_TIMEOUT = 5.0  # how long a session that ends waits for its frames in flight
 
 
@@ -115,7 +116,8 @@ class SessionServices:
             s = self.settings
             self.limits[device_id] = DeviceLimits(
                 TokenBucket(s.max_bytes_per_second, s.max_bytes_per_second),
-                TokenBucket(s.max_frames_per_second, max(1.0, s.max_frames_per_second)),
+                # Two seconds of frames: a stall on our side (GC, a busy core) must not cost a good stream.
+                TokenBucket(s.max_frames_per_second, max(1.0, 2 * s.max_frames_per_second)),
             )
         return self.limits[device_id]
 
@@ -145,9 +147,12 @@ class Session:
         self._next_tag = 0
         self._in_flight = 0
         self._pending: dict[int, tuple[float, float]] = {}  # tag -> (capture_ts, recv_ts)
+        self._last_output = time.monotonic()
         self._all_done = asyncio.Event()
         self._all_done.set()
         self._stream_task: asyncio.Task[None] | None = None
+        self._main_task: asyncio.Task[object] | None = None
+        self._draining = False
         self._closing = False
         self._ended = asyncio.Event()
 
@@ -255,10 +260,14 @@ class Session:
             self.clock.offset,
             self.clock.rtt,
         )
-        self._decoder = await self.services.decoders.acquire()
-        results = asyncio.create_task(self._receive_decoded(), name=f"decoded:{self.session_id}")
-        self._stream_task = asyncio.create_task(self._read_packets(), name=f"packets:{self.session_id}")
+        self._main_task = asyncio.current_task()
+        results: asyncio.Task[None] | None = None
+        watchdog: asyncio.Task[None] | None = None
         try:
+            self._decoder = await self.services.decoders.acquire()
+            results = asyncio.create_task(self._receive_decoded(), name=f"decoded:{self.session_id}")
+            watchdog = asyncio.create_task(self._watch_decoder(), name=f"watchdog:{self.session_id}")
+            self._stream_task = asyncio.create_task(self._read_packets(), name=f"packets:{self.session_id}")
             await self._stream_task
             self.end_reason = self.end_reason or END_EOF
         except asyncio.CancelledError:
@@ -271,6 +280,8 @@ class Session:
             log.info("session %s: connection error: %s", self.session_id, exc)
             self.end_reason = self.end_reason or END_EOF
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             try:
                 await self._finish(results)
             finally:
@@ -284,6 +295,11 @@ class Session:
         self.end_reason = reason
         if self._stream_task is not None:
             self._stream_task.cancel()
+        elif reason in (END_REVOKED, END_ROTATED):
+            if self._main_task is not None:
+                self._main_task.cancel()  # still setting up (waiting for its decoder): stop now
+        else:
+            self._draining = True  # still setting up: decode what has arrived, then end
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FLUSH_TIMEOUT + 1.0):
                     await self._ended.wait()
@@ -314,7 +330,14 @@ class Session:
         framer = Rfc4571Decoder()  # reads whole chunks: far fewer awaits than one per packet
         malformed = 0
         while True:
-            chunk = await self.reader.read(READ_CHUNK)
+            if self._draining:
+                try:
+                    async with asyncio.timeout(DRAIN_READ_TIMEOUT):  # only what has arrived already
+                        chunk = await self.reader.read(READ_CHUNK)
+                except TimeoutError:
+                    return
+            else:
+                chunk = await self.reader.read(READ_CHUNK)
             if not chunk:
                 return
             recv_ts = time.time()
@@ -381,6 +404,8 @@ class Session:
         if len(self._pending) > 4 * self.settings.decoder_backlog:
             self._pending.pop(next(iter(self._pending)))
         self._need_idr = False
+        if self._in_flight == 0:
+            self._last_output = time.monotonic()
         self._in_flight += 1
         self._all_done.clear()
         # On a crash _receive_decoded sees it too, counts what was in flight and restarts the decoder.
@@ -395,6 +420,7 @@ class Session:
             assert decoder is not None
             try:
                 out = await decoder.receive()
+                self._last_output = time.monotonic()
             except DecoderCrashed as exc:
                 if self._closing:
                     return
@@ -436,7 +462,19 @@ class Session:
                 if self._in_flight == 0:
                     self._all_done.set()
 
-    async def _finish(self, results: asyncio.Task[None]) -> None:
+    async def _watch_decoder(self) -> None:
+        """Kill a decoder that has work but has said nothing for a while (it then restarts)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.decoder_stall_timeout / 2))
+            decoder = self._decoder
+            stalled = time.monotonic() - self._last_output > self.settings.decoder_stall_timeout
+            if decoder is not None and decoder.alive and self._in_flight and stalled:
+                log.warning("session %s: decoder %d stalled with %d frames; killing it", self.session_id,
+                            decoder.pid, self._in_flight)  # fmt: skip
+                decoder.kill()
+                self._last_output = time.monotonic()
+
+    async def _finish(self, results: asyncio.Task[None] | None) -> None:
         assert self.device is not None
         device_id = self.device.device_id
         self._close_writer()
@@ -446,9 +484,10 @@ class Session:
                 async with asyncio.timeout(FLUSH_TIMEOUT):
                     await self._all_done.wait()
         self._closing = True
-        results.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await results
+        if results is not None:
+            results.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await results
         if self._in_flight:
             self._drop(metrics.DROP_SESSION_CLOSED, self._in_flight)
         if self._decoder is not None:
