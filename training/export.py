@@ -124,7 +124,9 @@ def export(
             traced = torch.jit.trace(wrapper, sample[:1], strict=False)
         torchscript.parent.mkdir(parents=True, exist_ok=True)
         traced.save(str(torchscript))
-        scripted = torch.jit.load(str(torchscript), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(torchscript), map_location="cpu")
         diff = _check(scripted(sample), reference, TORCHSCRIPT_TOLERANCE, str(torchscript))
         report.checks[str(torchscript)] = diff
 
