@@ -188,9 +188,20 @@ def latencies(client: redis.Redis, stream: str, base_seq: int, count: int = 200)
     return values
 
 
+def edge_final_summary(edge: Service) -> dict[str, Any] | None:
+    """The JSON summary the edge prints when it ends (the last line of its log)."""
+    assert edge.log_path is not None
+    lines = edge.log_path.read_text(errors="replace").strip().splitlines()
+    try:
+        summary = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def edge_frames_sent(metrics_port: int) -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1.0) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=3.0) as reply:
             text = reply.read().decode()
     except OSError:
         return 0
@@ -234,6 +245,7 @@ def start_edge(stack: Stack, token: str, args: argparse.Namespace, metrics_port:
         "--height", str(args.height),
         "--fps", str(args.fps),
         "--metrics-port", str(metrics_port),
+        "--json",
     ]  # fmt: skip
     if args.duration:
         command += ["--duration", str(args.duration)]
@@ -270,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         edge_metrics = free_port()
         edge = start_edge(stack, token, args, edge_metrics)
         oracle = SceneOracle(args.width, args.height)
-        print(f"dashboard  {stack.api_url}/dashboard")
+        print(f"dashboard  {stack.api_url}/dashboard#key={admin_key}")
         print(f"API key    {admin_key}   (admin; send as 'Authorization: Bearer <key>')")
         print(f"masks      {stack.api_url}/streams/{DEMO_DEVICE}/masks/latest?format=overlay")
         print(f"logs       {Path(stack.config.data_dir).resolve()}")
@@ -290,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(
                 f"the edge daemon exited with status {edge.process.returncode}; see {edge.log_path}"
             )
+        final = edge_final_summary(edge)
+        sent = int(final["sent"]) if final else sent
         wait_for_drain(client, base_seq)
         summary = collect(client, base_seq, oracle, sent)
     except KeyboardInterrupt:
