@@ -289,20 +289,19 @@ class Session:
 
     async def close(self, reason: str) -> None:
         """End the session (from outside: replaced, revoked, shutdown) and wait until it has ended."""
-        if self._closing:
-            return
-        self._closing = True
-        self.end_reason = reason
-        if self._stream_task is not None:
-            self._stream_task.cancel()
-        elif reason in (END_REVOKED, END_ROTATED):
-            if self._main_task is not None:
-                self._main_task.cancel()  # still setting up (waiting for its decoder): stop now
-        else:
-            self._draining = True  # still setting up: decode what has arrived, then end
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FLUSH_TIMEOUT + 1.0):
-                    await self._ended.wait()
+        if not self._closing:
+            self._closing = True
+            self.end_reason = reason
+            if self._stream_task is not None:
+                self._stream_task.cancel()
+            elif reason in (END_REVOKED, END_ROTATED):
+                if self._main_task is not None:
+                    self._main_task.cancel()  # still setting up (waiting for its decoder): stop now
+            else:
+                self._draining = True  # still setting up: decode what has arrived, then end
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_TIMEOUT + 1.0):
+                await self._ended.wait()
 
     def _open_recorder(self, started: float) -> SessionRecorder | None:
         assert self.device is not None and self.hello is not None and self.clock is not None
@@ -478,37 +477,40 @@ class Session:
         assert self.device is not None
         device_id = self.device.device_id
         self._close_writer()
-        if self.end_reason not in (END_REVOKED, END_ROTATED):
-            # Let the frames in flight come out of the decoder (a revoked device's are discarded).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FLUSH_TIMEOUT):
-                    await self._all_done.wait()
-        self._closing = True
-        if results is not None:
-            results.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await results
-        if self._in_flight:
-            self._drop(metrics.DROP_SESSION_CLOSED, self._in_flight)
-        if self._decoder is not None:
-            await self._decoder.close()
-        if self._recorder is not None:
-            self._recorder.close()
-        if self.services.live.get(device_id) is self:
-            del self.services.live[device_id]
-            self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
-        metrics.SESSIONS.dec()
-        self.services.ended[device_id] += 1
-        metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()
-        log.info(
-            "session %s: device %s ended (%s): %d packets, %d frames decoded, dropped %s",
-            self.session_id,
-            device_id,
-            self.end_reason,
-            self._depacketizer.packets,
-            self.decoded,
-            dict(self.dropped) or "none",
-        )
+        try:
+            if self.end_reason not in (END_REVOKED, END_ROTATED):
+                # Let the frames in flight come out of the decoder (a revoked device's are discarded).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FLUSH_TIMEOUT):
+                        await self._all_done.wait()
+            self._closing = True
+            if results is not None:
+                results.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await results
+            if self._decoder is not None:
+                await self._decoder.close()
+        finally:
+            # Bookkeeping happens even when the gateway's shutdown cancels the cleanup above.
+            if self._in_flight:
+                self._drop(metrics.DROP_SESSION_CLOSED, self._in_flight)
+            if self._recorder is not None:
+                self._recorder.close()
+            if self.services.live.get(device_id) is self:
+                del self.services.live[device_id]
+                self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
+            metrics.SESSIONS.dec()
+            self.services.ended[device_id] += 1
+            metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()
+            log.info(
+                "session %s: device %s ended (%s): %d packets, %d frames decoded, dropped %s",
+                self.session_id,
+                device_id,
+                self.end_reason,
+                self._depacketizer.packets,
+                self.decoded,
+                dict(self.dropped) or "none",
+            )
 
     def _close_writer(self) -> None:
         with contextlib.suppress(Exception):
