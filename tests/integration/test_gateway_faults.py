@@ -239,6 +239,10 @@ def _kill_decoder_then_resume(redis_url: str, device: str, sig: int, **settings:
     async def bad(gw: Gateway) -> None:
         token = await register(redis_url, device)
         edge = await connect(gw.port, device, token)
+        # The decoder is up before the stream starts, so that the signal lands mid-stream.
+        assert await wait_for(
+            lambda: device in gw.sessions and gw.sessions[device].decoder_pid is not None, 10
+        )
         sender = asyncio.create_task(edge.send(before, fps=FPS))
         assert await wait_for(lambda: len(frames_on_redis(redis_url, device)) >= 1, 10)
         pid = gw.sessions[device].decoder_pid
