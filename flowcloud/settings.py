@@ -35,6 +35,7 @@ class ServiceSettings(BaseSettings):
         DEFAULT_REDIS_URL,
         validation_alias=AliasChoices("FLOWCLOUD_REDIS_URL", "redis_url"),
         description="Redis URL (redis:// or rediss://); a password in it is never logged",
+        repr=False,  # may hold a password; describe() shows it redacted
     )
     log_level: str = Field(
         "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"
@@ -72,17 +73,27 @@ class GatewaySettings(ServiceSettings):
     max_height: int = Field(2160, ge=16, description="largest frame height accepted before decoding")
     record_dir: str | None = Field(None, description="save each session's raw RFC 4571 bytes here")
     max_nal_size: int = Field(2_000_000, ge=1024, description="largest NAL unit accepted, in bytes")
-    max_access_unit_size: int = Field(4_000_000, ge=1024, description="largest access unit accepted, in bytes")
+    max_access_unit_size: int = Field(
+        4_000_000, ge=1024, description="largest access unit accepted, in bytes"
+    )
     max_malformed: int = Field(100, ge=1, description="consecutive malformed packets that end a session")
     decoder_backlog: int = Field(60, ge=1, description="access units in flight per decoder before dropping")
     decoder_spares: int = Field(1, ge=0, le=16, description="started decoder processes kept ready")
     decoder_stall_timeout: float = Field(
-        10.0, gt=0, description="seconds a decoder with work may stay silent before it is killed and restarted"
+        10.0,
+        gt=0,
+        description="seconds a decoder with work may stay silent before it is killed and restarted",
     )
-    decoder_memory_mb: int = Field(1024, ge=0, description="address-space cap of each decoder process (0 = none)")
+    decoder_memory_mb: int = Field(
+        1024, ge=0, description="address-space cap of each decoder process (0 = none)"
+    )
     publish_queue: int = Field(1024, ge=16, description="decoded frames buffered for Redis at most")
-    recent_maxlen: int = Field(64, ge=1, description="approximate MAXLEN of each stream's recent-frames stream")
-    drain_timeout: float = Field(5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM")
+    recent_maxlen: int = Field(
+        64, ge=1, description="approximate MAXLEN of each stream's recent-frames stream"
+    )
+    drain_timeout: float = Field(
+        5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM"
+    )
 
 
 class WorkerSettings(ServiceSettings):
@@ -105,7 +116,8 @@ class WorkerSettings(ServiceSettings):
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     compile_mode: str = Field(
-        "reduce-overhead", description="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune"
+        "reduce-overhead",
+        description="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune",
     )
     random_weights: bool = Field(False, description="random weights instead of a file (benchmarks and tests)")
     label_set: str | None = Field(None, description="label set (default: what the weights say)")
@@ -116,7 +128,9 @@ class WorkerSettings(ServiceSettings):
     channels_last: bool = Field(True, description="run the model in channels_last memory format")
     dead_letter_maxlen: int = Field(10_000, ge=10, description="approximate MAXLEN of the dead-letter stream")
     heartbeat_interval: float = Field(2.0, gt=0, le=60, description="seconds between heartbeats")
-    poll_ms: int = Field(500, ge=10, le=10_000, description="longest blocking read, so SIGTERM is seen quickly")
+    poll_ms: int = Field(
+        500, ge=10, le=10_000, description="longest blocking read, so SIGTERM is seen quickly"
+    )
 
 
 class ApiSettings(ServiceSettings):
@@ -131,7 +145,9 @@ class ApiSettings(ServiceSettings):
     )
     live_window: float = Field(10.0, gt=0, description="a stream seen within this many seconds is live")
     live_max_clients: int = Field(32, ge=1, description="concurrent /live viewers at most")
-    live_max_fps: float = Field(10.0, gt=0, le=60, description="most overlay frames per second sent to a viewer")
+    live_max_fps: float = Field(
+        10.0, gt=0, le=60, description="most overlay frames per second sent to a viewer"
+    )
     live_max_seconds: float = Field(3600.0, gt=0, description="a /live response ends after this long")
     require_worker: bool = Field(False, description="/readyz fails while no worker is ready")
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is not counted")
@@ -154,7 +170,9 @@ class EdgeSettings(ServiceSettings):
     bitrate: int = Field(2_000_000, ge=10_000, description="H.264 target bitrate in bits/s")
     keyframe_interval: int = Field(30, ge=1, description="frames between IDR frames")
     metrics_port: int = Field(9103, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
-    encoder: str = Field("auto", description="auto (nvv4l2h264enc when present, else libx264), libx264, x264enc")
+    encoder: str = Field(
+        "auto", description="auto (nvv4l2h264enc when present, else libx264), libx264, x264enc"
+    )
     mtu: int = Field(1200, ge=64, le=65535, description="largest RTP packet in bytes")
     width: int = Field(640, ge=16, le=8192, description="picture width for cameras and synthetic video")
     height: int = Field(480, ge=16, le=8192, description="picture height for cameras and synthetic video")
