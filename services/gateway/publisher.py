@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import replace
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -33,17 +33,7 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
 
 
-@dataclass(frozen=True)
-class PendingFrame:
-    """A decoded frame waiting for its seq and its write to Redis."""
-
-    stream: str
-    capture_ts: float
-    recv_ts: float
-    width: int
-    height: int
-    encoding: str
-    data: bytes
+UNASSIGNED_SEQ = 0  # a queued frame's seq: the publisher assigns the real one when it writes
 
 
 class FramePublisher:
@@ -53,7 +43,7 @@ class FramePublisher:
         self.redis = redis
         self.frames_maxlen = frames_maxlen
         self.recent_maxlen = recent_maxlen
-        self._queue: deque[PendingFrame] = deque()
+        self._queue: deque[Frame] = deque()
         self._queue_max = queue_max
         self._wakeup = asyncio.Event()
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
@@ -65,7 +55,7 @@ class FramePublisher:
 
     # --- used by sessions ---------------------------------------------------------------------
 
-    def submit(self, frame: PendingFrame) -> None:
+    def submit(self, frame: Frame) -> None:
         """Queue a frame for publishing; never blocks (the oldest frame goes when the queue is full)."""
         if len(self._queue) >= self._queue_max:
             self._queue.popleft()
@@ -138,7 +128,7 @@ class FramePublisher:
             metrics.REDIS_UP.set(1)
             backoff = BACKOFF_MIN
 
-    async def _publish(self, batch: list[PendingFrame]) -> None:
+    async def _publish(self, batch: list[Frame]) -> None:
         started = time.perf_counter()
         unknown = sorted({f.stream for f in batch} - self._last_seq.keys())
         if unknown:
@@ -149,16 +139,7 @@ class FramePublisher:
         last_seen: dict[str, float] = {}
         for pending in batch:
             seqs[pending.stream] += 1
-            frame = Frame(
-                stream=pending.stream,
-                seq=seqs[pending.stream],
-                capture_ts=pending.capture_ts,
-                recv_ts=pending.recv_ts,
-                width=pending.width,
-                height=pending.height,
-                encoding=pending.encoding,
-                data=pending.data,
-            )
+            frame = replace(pending, seq=seqs[pending.stream])
             entry = frame.to_fields()
             pipe.xadd(keys.FRAMES_STREAM, entry, maxlen=self.frames_maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.xadd(

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import RedisError
 
 from flowcloud import keys
+from flowcloud.frames import Frame
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import Rfc4571Decoder, read_frame, write_frame
 from flowcloud.protocol.h264 import AccessUnit, Depacketizer
@@ -63,7 +64,7 @@ from services.gateway.decoder import (
     DecoderProcess,
 )
 from services.gateway.limits import TokenBucket
-from services.gateway.publisher import FramePublisher, PendingFrame
+from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.gateway.recorder import SessionRecorder
 
 log = logging.getLogger(__name__)
@@ -439,8 +440,9 @@ class Session:
                 metrics.FRAMES_DECODED.inc()
                 metrics.DECODE_SECONDS.observe(out.seconds)
                 self.services.publisher.submit(
-                    PendingFrame(
+                    Frame(
                         stream=stream,
+                        seq=UNASSIGNED_SEQ,
                         capture_ts=capture_ts,
                         recv_ts=recv_ts,
                         width=out.width,
