@@ -115,3 +115,9 @@ WORKERS_INDEX = f"{PREFIX}:workers"  # sorted set: worker name -> last heartbeat
 def worker(name: str) -> str:
     """Hash with a TTL: model, device, state (loading/ready/draining), batch stats."""
     return f"{PREFIX}:worker:{name}"
+
+
+# Fields and states of a worker's heartbeat hash.
+W_STATE = "state"
+W_HEARTBEAT = "heartbeat"  # unix seconds of the last beat
+WORKER_LOADING, WORKER_WARMING, WORKER_READY, WORKER_DRAINING = "loading", "warming", "ready", "draining"

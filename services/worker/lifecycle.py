@@ -18,7 +18,12 @@ from . import metrics
 
 log = logging.getLogger(__name__)
 
-LOADING, WARMING, READY, DRAINING = "loading", "warming", "ready", "draining"
+LOADING, WARMING, READY, DRAINING = (
+    keys.WORKER_LOADING,
+    keys.WORKER_WARMING,
+    keys.WORKER_READY,
+    keys.WORKER_DRAINING,
+)
 INDEX_HORIZON = 3600.0  # workers silent this long leave the index (their hashes expired long before)
 
 
@@ -44,7 +49,7 @@ class Heartbeat:
     async def beat(self) -> None:
         """One heartbeat plus the group's lag and pending counts; Redis errors are logged, not raised."""
         now = time.time()
-        fields = {**self.static, **self.stats, "state": self.state, "heartbeat": now}
+        fields = {**self.static, **self.stats, keys.W_STATE: self.state, keys.W_HEARTBEAT: now}
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.worker(self.name), mapping=fields)  # type: ignore[arg-type]

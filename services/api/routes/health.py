@@ -11,14 +11,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from flowcloud import keys
 from services.api.deps import Context, Credentials, current_key
 from services.api.schemas import ErrorBody, HealthBody, ReadyBody
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
-
-WORKER_READY = "ready"  # the state a worker's heartbeat reports once its model is warm
 
 
 @router.get("/healthz", response_model=HealthBody, summary="Liveness: the process answers (no key needed)")
@@ -50,7 +49,7 @@ async def readyz(context: Context) -> Any:
             "detail": "Redis is unreachable",
         }
         return JSONResponse(body, status_code=503)
-    ready = sum(1 for w in workers if w.get("state") == WORKER_READY)
+    ready = sum(1 for w in workers if w.get(keys.W_STATE) == keys.WORKER_READY)
     body = {"status": "ready", "redis": True, "workers_ready": ready, "workers": workers, "detail": None}
     if settings.require_worker and ready == 0:
         body.update(status="not ready", detail="no worker is ready")
