@@ -5,8 +5,7 @@
 # no pydantic, and cannot reach a package registry:
 #
 #   1. here, with PyPI reachable:      bash bench/gpu_check.sh --prepare
-#      puts Python 3.12 wheels and a redis-server (with its libraries) into .gpu-deps/ and
-#      ignores that folder in .git/info/exclude
+#      puts Python 3.12 wheels and a redis-server (with its libraries) into .gpu-deps/ (gitignored)
 #   2. on the lent machine (device tool `run`, carry [".gpu-deps"], timeout_s 480):
 #                                      bash bench/gpu_check.sh
 #      writes nvidia-smi.txt, bench_worker_cuda.txt, bench_worker_cuda.json and gpu_tests.txt
@@ -22,7 +21,6 @@ if [[ "${1:-}" == "--prepare" ]]; then
     set -e
     PIP=${PIP:-.venv/bin/pip}
     rm -rf "$DEPS" && mkdir -p "$DEPS/wheels" "$DEPS/bin" "$DEPS/lib"
-    grep -qx "/$DEPS/" .git/info/exclude 2>/dev/null || echo "/$DEPS/" >> .git/info/exclude
     # Exact versions of what the worker imports beyond the GPU image's packages.
     pkgs=$("$PIP" list --format=freeze 2>/dev/null | grep -iE \
         '^(redis|pydantic|pydantic[-_]core|pydantic[-_]settings|annotated[-_]types|typing[-_]inspection|python[-_]dotenv)==')
