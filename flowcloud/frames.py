@@ -75,13 +75,20 @@ def encode_image(rgb: np.ndarray, encoding: str = "jpeg", quality: int = DEFAULT
     if encoding == "raw":
         return np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
     if encoding == "jpeg":
-        ok, buf = cv2.imencode(
-            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-        )
-        if not ok:
-            raise FrameFormatError("JPEG encoding failed")
-        return buf.tobytes()
+        return encode_bgr_jpeg(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
     raise FrameFormatError(f"unknown frame encoding {encoding!r}")
+
+
+def encode_bgr_jpeg(bgr: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
+    """An HxWx3 uint8 array in OpenCV's BGR order as ``jpeg`` frame bytes (what ``encode_image``
+    makes of the same picture in RGB, byte for byte). For producers that can emit BGR directly
+    (the gateway's decoder has swscale write bgr24), which saves a channel swap per frame."""
+    if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+        raise FrameFormatError(f"expected an HxWx3 uint8 BGR array, got {bgr.dtype} {bgr.shape}")
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise FrameFormatError("JPEG encoding failed")
+    return buf.tobytes()
 
 
 def decode_image(data: bytes, encoding: str, width: int, height: int) -> np.ndarray:
