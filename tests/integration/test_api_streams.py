@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -310,23 +311,102 @@ def test_latest_follows_new_results_within_the_cache_window(redis_url: str) -> N
         assert c.get("/streams/cam-1/masks/latest", params={"format": "labels"}).status_code == 200
 
 
-def test_live_viewers_are_bounded(redis_url: str) -> None:
+def _sse_mask_seqs(response: httpx.Response) -> Iterator[int]:
+    """The seq of each 'mask' event of an SSE live view, as it arrives."""
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event == "mask":
+            yield json.loads(line[5:])["seq"]
+
+
+def _mjpeg_part_seqs(response: httpx.Response) -> Iterator[int]:
+    """The X-Frame-Seq of each whole JPEG part of an MJPEG live view, as it arrives."""
+    buffer = b""
+    for chunk in response.iter_bytes():
+        buffer += chunk
+        while (head_end := buffer.find(b"\r\n\r\n")) >= 0:
+            head = buffer[:head_end]
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            end = head_end + 4 + length + 2
+            if len(buffer) < end:
+                break
+            assert buffer[head_end + 4 : head_end + 6] == b"\xff\xd8"  # a JPEG
+            yield int(head.split(b"X-Frame-Seq: ")[1].split(b"\r\n")[0])
+            buffer = buffer[end:]
+
+
+LIVE_SEQS = {"sse": _sse_mask_seqs, "mjpeg": _mjpeg_part_seqs}
+
+
+def _wait_for_a_free_place(c: httpx.Client, params: dict[str, str | int]) -> None:
+    """A new viewer is let in within a few seconds (a place was given back)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with c.stream("GET", "/streams/cam-1/live", params=params) as again:
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+        time.sleep(0.05)
+    assert again.status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["sse", "mjpeg"])
+def test_live_viewers_are_bounded_and_the_first_keeps_streaming(redis_url: str, fmt: str) -> None:
     seed_stream(redis_url, "cam-1", "acme", count=3)
     token = make_key(redis_url, "reader", "acme")
     settings = ApiSettings(redis_url=redis_url, live_max_clients=1)
+    params: dict[str, str | int] = {"format": fmt, "fps": 20}
     with (
         running_api(settings) as base,
-        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c,
     ):
-        with c.stream("GET", "/streams/cam-1/live") as first:
+        with c.stream("GET", "/streams/cam-1/live", params=params) as first:
             assert first.status_code == 200
-            next(first.iter_lines())  # the stream is open and counted
-            second = c.get("/streams/cam-1/live")
+            # One iterator for the whole response: httpx closes the connection when a discarded
+            # (garbage-collected) iter_lines()/iter_bytes() generator is finalized mid-body.
+            seqs = LIVE_SEQS[fmt](first)
+            assert next(seqs) == 2  # open, counted, and sending the newest mask
+            second = c.get("/streams/cam-1/live", params=params)
             assert second.status_code == 503 and "too many live viewers" in second.json()["detail"]
-        deadline = time.monotonic() + 5  # the first viewer left: a place is free again
-        while True:
-            with c.stream("GET", "/streams/cam-1/live") as again:
-                if again.status_code == 200 or time.monotonic() > deadline:
-                    break
-            time.sleep(0.1)
-        assert again.status_code == 200
+            seed_stream(redis_url, "cam-1", "acme", count=4)  # a worker persists frame 3
+            assert next(seqs) == 3  # the first viewer is still served after the refusal
+        _wait_for_a_free_place(c, params)  # the first viewer left: its place is free again
+
+
+def test_concurrent_viewers_never_exceed_the_bound(redis_url: str) -> None:
+    """Viewers arriving at once: exactly live_max_clients get a stream, the rest a 503, and every
+    place comes back when they leave (including viewers that leave before reading anything)."""
+    seed_stream(redis_url, "cam-1", "acme", count=3)
+    token = make_key(redis_url, "reader", "acme")
+    settings = ApiSettings(redis_url=redis_url, live_max_clients=2)
+    arrivals = 6
+    start = threading.Barrier(arrivals)
+    leave = threading.Event()
+    statuses: list[int] = []
+    done = threading.Semaphore(0)
+
+    def viewer(base: str) -> None:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+            start.wait()
+            with c.stream("GET", "/streams/cam-1/live") as response:
+                statuses.append(response.status_code)
+                seqs = _sse_mask_seqs(response)  # kept: a discarded one would close the connection
+                if response.status_code == 200:
+                    assert next(seqs) == 2  # served, and holding its place until told to leave
+                done.release()
+                leave.wait(10)
+
+    with running_api(settings) as base:
+        threads = [threading.Thread(target=viewer, args=(base,)) for _ in range(arrivals)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert done.acquire(timeout=15)
+        leave.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        assert sorted(statuses) == [200, 200] + [503] * (arrivals - 2)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+            for _ in range(3):  # more than the bound, one after another: no place leaked
+                _wait_for_a_free_place(c, {"format": "sse"})

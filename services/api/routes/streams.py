@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
+from starlette.types import Receive, Scope, Send
 
 from flowcloud.labels import LABEL_SETS
 from flowcloud.results import MaskResult
@@ -29,6 +30,7 @@ router = APIRouter(prefix="/streams", tags=["streams"])
 MAX_PAGE = 100
 KEEPALIVE_SECONDS = 15.0
 MJPEG_BOUNDARY = "flowcloudframe"
+TOO_MANY_VIEWERS = "too many live viewers; try again later"
 
 Format = Literal["json", "labels", "color", "overlay"]
 FormatQuery = Annotated[
@@ -238,11 +240,11 @@ async def _live_events(
     last_seq: int | None = None
     last_sent = time.monotonic()
     previous_capture: float | None = None
-    context.live_clients += 1
-    LIVE_VIEWERS.inc()
     try:
         if not mjpeg:
             yield f"retry: 2000\n: live overlay of {stream_id}\n\n".encode()
+        # Starlette also cancels this iterator when the client leaves (ASGI < 2.4 servers such as
+        # uvicorn); the check ends an idle stream on servers that report it only on a failed send.
         while time.monotonic() < deadline and not await request.is_disconnected():
             seq = await context.store.latest_seq(stream_id)
             result = await context.store.get(stream_id, seq) if seq is not None and seq != last_seq else None
@@ -277,9 +279,37 @@ async def _live_events(
         log.warning("live view of %s ends: Redis failed: %s", stream_id, exc)
         if not mjpeg:
             yield _sse("error", {"detail": "Redis is unavailable", "error": "redis_unavailable"})
-    finally:
-        context.live_clients -= 1
-        LIVE_VIEWERS.dec()
+
+
+class LiveResponse(StreamingResponse):
+    """A live view that holds one of the ``live_max_clients`` places for exactly as long as it runs.
+
+    The place is taken when the server starts the response (no await between the check and the
+    count, so concurrent requests cannot both take the last place) and given back in the same
+    frame's ``finally``: once, whether the stream ends, the client leaves, or the task is
+    cancelled. A response the server never starts never counted. A request that lost the race
+    for the last place after the route's early check gets the same 503.
+    """
+
+    def __init__(self, context: ApiContext, content: AsyncIterator[bytes], media_type: str) -> None:
+        super().__init__(
+            content, media_type=media_type, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+        self.context = context
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.context.live_clients >= self.context.settings.live_max_clients:
+            await JSONResponse({"detail": TOO_MANY_VIEWERS}, status.HTTP_503_SERVICE_UNAVAILABLE)(
+                scope, receive, send
+            )
+            return
+        self.context.live_clients += 1
+        LIVE_VIEWERS.inc()
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.context.live_clients -= 1
+            LIVE_VIEWERS.dec()
 
 
 @router.get(
@@ -302,13 +332,9 @@ async def live(
     format: Annotated[Literal["sse", "mjpeg"], Query(description="sse or mjpeg")] = "sse",
     fps: Annotated[float, Query(gt=0, le=60, description="images per second at most")] = 5.0,
 ) -> StreamingResponse:
-    if context.live_clients >= context.settings.live_max_clients:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "too many live viewers; try again later")
+    if context.live_clients >= context.settings.live_max_clients:  # early; LiveResponse decides
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, TOO_MANY_VIEWERS)
     await context.redis.ping()  # Redis down: a 503 now, not a 200 stream that ends at once
     mjpeg = format == "mjpeg"
     media_type = f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}" if mjpeg else "text/event-stream"
-    return StreamingResponse(
-        _live_events(request, context, stream_id, fps, mjpeg),
-        media_type=media_type,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return LiveResponse(context, _live_events(request, context, stream_id, fps, mjpeg), media_type)
