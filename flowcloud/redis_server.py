@@ -38,7 +38,7 @@ class EmbeddedRedis:
     """Start with ``start()`` (or ``with``), stop with ``stop()``; ``url`` is the client URL."""
 
     def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server changes into --dir before opening its log
         self.port = port or free_port()
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import redis
 
 from flowcloud import keys
 from flowcloud.frames import Frame, FrameFormatError, decode_image, encode_image
 from flowcloud.labels import LABEL_IDS
+from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.results import MaskResult, decode_label_map, encode_label_map
 from flowcloud.settings import ApiSettings, GatewaySettings, redact_url
 from flowcloud.tokens import hash_token, new_salt, new_token, verify_token
@@ -99,3 +103,12 @@ def test_tokens_hash_and_verify() -> None:
     assert not verify_token("", salt, digest)
     assert not verify_token("x" * 10_000, salt, digest)
     assert hash_token(token, new_salt()) != digest
+
+
+def test_embedded_redis_accepts_a_relative_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRedis(Path("state") / "redis", appendonly=True) as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.ping()
+        client.close()
+    assert (tmp_path / "state" / "redis" / "redis.log").is_file()
