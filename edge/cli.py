@@ -20,7 +20,7 @@ from edge.encoder import ENCODERS
 from edge.frames import StreamShape
 from edge.sender import Backoff, FatalRejection
 from edge.sources import FileSource, SourceError, open_source
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.settings import EdgeSettings
 
@@ -73,9 +73,7 @@ def _settings(args: argparse.Namespace) -> EdgeSettings:
     try:
         return EdgeSettings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CommandError(f"invalid setting {where}: {first['msg']}") from None
+        raise settings_error(exc) from None
 
 
 def _gateway(value: str | None) -> tuple[str, int]:

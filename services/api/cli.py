@@ -7,7 +7,7 @@ import logging
 
 from pydantic import ValidationError
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import settings_error
 from flowcloud.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,7 @@ def settings_from(args: argparse.Namespace) -> ApiSettings:
     try:
         return ApiSettings(**overrides)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise CommandError(f"bad setting {where}: {first['msg']}") from None
+        raise settings_error(exc) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.settings import GatewaySettings
 
@@ -63,8 +63,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     try:
         return GatewaySettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise CommandError(f"invalid settings: {problems}") from None
+        raise settings_error(exc) from None
 
 
 async def serve(settings: GatewaySettings) -> None:

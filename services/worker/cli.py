@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowcloud.cli.errors import CommandError
+from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.inference import COMPILE_MODES, PRECISIONS, parse_size
 from flowcloud.labels import LABEL_SETS
 from flowcloud.observability import serve_health_and_metrics
@@ -84,8 +84,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
     try:
         settings = WorkerSettings(**given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CommandError(f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise settings_error(exc) from None
     for size in (settings.input_size, settings.warmup_size):
         if size is not None:
             try:

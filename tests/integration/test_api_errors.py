@@ -161,4 +161,4 @@ def test_flowcloud_api_serves_and_stops_on_sigterm(redis_url: str) -> None:
 
 def test_flowcloud_api_rejects_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["api", "--port", "70000"]) == 1
-    assert capsys.readouterr().err.startswith("flowcloud api: bad setting port:")
+    assert capsys.readouterr().err.startswith("flowcloud api: invalid settings: port:")

@@ -235,7 +235,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], monkeypatch
     )
     status, line = edge("--gateway", "127.0.0.1:9", "--device-id", "x", "--mtu", "10")
     assert status == 1
-    assert line == "flowcloud edge: invalid setting mtu: Input should be greater than or equal to 64"
+    assert line == "flowcloud edge: invalid settings: mtu: Input should be greater than or equal to 64"
 
 
 def test_open_source_names() -> None:
