@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -18,6 +19,9 @@ from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.labels import LabelSet
+
+META_FIELD = "meta"  # JSON metadata of a result hash
+LABELS_FIELD = "labels_png"  # the label map of a result hash
 
 
 def encode_label_map(class_map: np.ndarray, label_set: LabelSet) -> bytes:
@@ -70,13 +74,14 @@ class MaskResult:
     def to_fields(self) -> dict[str, str | bytes]:
         meta = self.metadata()
         del meta["latency"]
-        return {"meta": json.dumps(meta), "labels_png": self.labels_png}
+        return {META_FIELD: json.dumps(meta), LABELS_FIELD: self.labels_png}
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> MaskResult:
-        meta = json.loads(fields[b"meta"])
+        """A result from its hash; without the label-map field, ``labels_png`` is empty."""
+        meta = json.loads(fields[META_FIELD.encode()])
         meta["shares"] = {int(k): float(v) for k, v in meta["shares"].items()}
-        return cls(**meta, labels_png=fields.get(b"labels_png", b""))
+        return cls(**meta, labels_png=fields.get(LABELS_FIELD.encode(), b""))
 
 
 class MaskStore:
@@ -112,9 +117,33 @@ class MaskStore:
         pipe.zrem(index, *old)
         await pipe.execute()
 
-    async def get(self, stream: str, seq: int) -> MaskResult | None:
-        fields = cast(dict[bytes, bytes], await self.redis.hgetall(keys.mask(stream, seq)))
-        return MaskResult.from_fields(fields) if fields else None
+    async def get(self, stream: str, seq: int, labels: bool = True) -> MaskResult | None:
+        (result,) = await self.get_many([(stream, seq)], labels)
+        return result
+
+    async def get_many(self, refs: Sequence[tuple[str, int]], labels: bool = True) -> list[MaskResult | None]:
+        """Results of (stream, seq) pairs in one round trip, in order; None where there is none.
+
+        With ``labels=False`` only the metadata is read (``labels_png`` is empty): listings and
+        statistics need no label maps, which are most of a result's bytes.
+        """
+        if not refs:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, seq in refs:
+            if labels:
+                pipe.hgetall(keys.mask(stream, seq))
+            else:
+                pipe.hget(keys.mask(stream, seq), META_FIELD)
+        out: list[MaskResult | None] = []
+        for reply in await pipe.execute():
+            if not reply:
+                out.append(None)
+            elif labels:
+                out.append(MaskResult.from_fields(reply))
+            else:
+                out.append(MaskResult.from_fields({META_FIELD.encode(): reply}))
+        return out
 
     async def latest_seq(self, stream: str) -> int | None:
         newest = cast(list[bytes], await self.redis.zrange(keys.mask_index(stream), -1, -1))

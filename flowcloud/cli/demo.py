@@ -31,7 +31,7 @@ from flowcloud.frames import Frame
 from flowcloud.labels import get_label_set
 from flowcloud.redis_server import free_port
 from flowcloud.registry import DeviceRegistry
-from flowcloud.results import MaskResult, decode_label_map
+from flowcloud.results import META_FIELD, MaskResult, decode_label_map
 from flowcloud.stack import Service, Stack
 
 DEMO_DEVICE = "demo-cam"
@@ -179,7 +179,7 @@ def latencies(client: redis.Redis, stream: str, base_seq: int, count: int = 200)
     )
     pipe = client.pipeline(transaction=False)
     for seq in seqs:
-        pipe.hget(keys.mask(stream, int(seq)), "meta")
+        pipe.hget(keys.mask(stream, int(seq)), META_FIELD)
     values = []
     for meta in pipe.execute():
         if meta:

@@ -150,15 +150,12 @@ class StreamQueries:
         metas = replies[0::3]
         counts = replies[1::3]
         newest = [[int(s) for s in seqs] for seqs in replies[2::3]]
-        pipe = self.redis.pipeline(transaction=False)
-        for sid, seqs in zip(stream_ids, newest, strict=True):
-            for seq in seqs:
-                pipe.hgetall(keys.mask(sid, seq))
-        fetched = iter(await pipe.execute())
+        refs = [(sid, seq) for sid, seqs in zip(stream_ids, newest, strict=True) for seq in seqs]
+        fetched = iter(await self.store.get_many(refs, labels=False))
         now = time.time()
         out = []
         for sid, meta, count, seqs in zip(stream_ids, metas, counts, newest, strict=True):
-            results = [MaskResult.from_fields(f) for f in (next(fetched) for _ in seqs) if f]
+            results = [r for r in (next(fetched) for _ in seqs) if r is not None]
             if meta:  # an index entry whose description is gone is no stream (as in stream_tenant)
                 out.append(self._info(sid, meta, int(count), seqs[0] if seqs else None, results, now))
         return out
@@ -202,13 +199,10 @@ class StreamQueries:
         return await self.store.get(stream_id, seq) if seq is not None else None
 
     async def results(self, stream_id: str, seqs: list[int]) -> list[MaskResult]:
-        """The results of ``seqs`` in one round trip, in that order; expired ones are left out."""
-        if not seqs:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for seq in seqs:
-            pipe.hgetall(keys.mask(stream_id, seq))
-        return [MaskResult.from_fields(f) for f in await pipe.execute() if f]
+        """The metadata of ``seqs`` (no label maps) in one round trip, in that order; expired
+        ones are left out."""
+        found = await self.store.get_many([(stream_id, seq) for seq in seqs], labels=False)
+        return [result for result in found if result is not None]
 
     async def _seq_at_rank(self, stream_id: str, rank: int) -> int:
         found = await self.redis.zrange(keys.mask_index(stream_id), rank, rank)
@@ -220,7 +214,7 @@ class StreamQueries:
         while low < high:
             mid = (low + high) // 2
             seq = await self._seq_at_rank(stream_id, mid)
-            result = await self.store.get(stream_id, seq)
+            result = await self.store.get(stream_id, seq, labels=False)
             # An expired hash (TTL) sorts as old: retention removes the oldest first.
             if result is None or result.capture_ts < when:
                 low = mid + 1

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
 from flowcloud import keys
 from flowcloud.frames import Frame, FrameFormatError, decode_image, encode_image
 from flowcloud.labels import LABEL_IDS
 from flowcloud.redis_server import EmbeddedRedis
-from flowcloud.results import MaskResult, decode_label_map, encode_label_map
+from flowcloud.results import MaskResult, MaskStore, decode_label_map, encode_label_map
 from flowcloud.settings import ApiSettings, GatewaySettings, redact_url
 from flowcloud.tokens import hash_token, new_salt, new_token, verify_token
 
@@ -112,3 +114,27 @@ def test_embedded_redis_accepts_a_relative_data_dir(tmp_path: Path, monkeypatch:
         assert client.ping()
         client.close()
     assert (tmp_path / "state" / "redis" / "redis.log").is_file()
+
+
+def test_mask_store_reads_with_and_without_label_maps(redis_url: str) -> None:
+    results = [
+        MaskResult(
+            "cam-1", seq, 1.0, 1.1, 1.2, 1.3, 1.4, "m", "v1", LABEL_IDS.name, 4, 2, {7: 1.0}, b"png%d" % seq
+        )
+        for seq in (1, 2, 3)
+    ]
+
+    async def scenario() -> None:
+        client = AsyncRedis.from_url(redis_url)
+        store = MaskStore(client, max_per_stream=2)
+        await store.put_many(results)
+        await store.put_many(results[2:])  # the same frame twice leaves one result
+        full = await store.get_many([("cam-1", 3), ("cam-1", 1), ("cam-9", 1)])
+        assert full == [results[2], None, None]  # seq 1 was trimmed by the count bound
+        meta_only = await store.get_many([("cam-1", 2), ("cam-1", 3)], labels=False)
+        assert [r.labels_png if r else None for r in meta_only] == [b"", b""]
+        assert [r.metadata() if r else None for r in meta_only] == [r.metadata() for r in results[1:]]
+        assert await store.seqs("cam-1") == [3, 2]
+        await client.aclose()
+
+    asyncio.run(scenario())
