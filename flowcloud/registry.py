@@ -21,17 +21,23 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from flowcloud import keys, tokens
+from flowcloud.protocol.handshake import (
+    REJECT_BAD_TOKEN,
+    REJECT_MALFORMED,
+    REJECT_REVOKED,
+    REJECT_UNKNOWN_DEVICE,
+)
 
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_TENANT = "default"
 EVENT_REVOKED = "revoked"
 EVENT_ROTATED = "rotated"
 
-# DeviceAuthError codes; they are the REJECT codes of the handshake.
-UNKNOWN_DEVICE = "unknown_device"
-BAD_TOKEN = "bad_token"
-REVOKED = "revoked"
-MALFORMED = "malformed"
+# DeviceAuthError codes are the handshake's REJECT codes (one owner: flowcloud.protocol.handshake).
+UNKNOWN_DEVICE = REJECT_UNKNOWN_DEVICE
+BAD_TOKEN = REJECT_BAD_TOKEN
+REVOKED = REJECT_REVOKED
+MALFORMED = REJECT_MALFORMED
 
 
 class RegistryError(Exception):
