@@ -6,7 +6,18 @@ Stream ids are device ids: one device sends one live stream.
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "fc"
+
+# Names that become part of key names (device ids = stream ids, tenants): one rule for all.
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+IDENTIFIER_RULE = "1 to 64 characters from A-Z a-z 0-9 . _ - starting with a letter or digit"
+
+
+def is_identifier(name: object) -> bool:
+    return isinstance(name, str) and IDENTIFIER.fullmatch(name) is not None
+
 
 # --- frames: gateway -> workers ------------------------------------------------------------
 FRAMES_STREAM = f"{PREFIX}:frames"  # one stream for all devices; workers share one group

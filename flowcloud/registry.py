@@ -12,7 +12,6 @@ Used by the CLI (`flowcloud devices`), the gateway (`verify`) and the API (`/dev
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,6 @@ from flowcloud.protocol.handshake import (
     REJECT_UNKNOWN_DEVICE,
 )
 
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DEFAULT_TENANT = "default"
 EVENT_REVOKED = "revoked"
 EVENT_ROTATED = "rotated"
@@ -90,11 +88,8 @@ class Device:
 
 def validate_device_id(device_id: str) -> str:
     """``device_id`` itself, or a RegistryError saying what a device id may contain."""
-    if not isinstance(device_id, str) or DEVICE_ID_PATTERN.fullmatch(device_id) is None:
-        raise RegistryError(
-            f"invalid device id {device_id!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit"
-        )
+    if not keys.is_identifier(device_id):
+        raise RegistryError(f"invalid device id {device_id!r}: use {keys.IDENTIFIER_RULE}")
     return device_id
 
 
@@ -135,8 +130,8 @@ class DeviceRegistry:
     async def add(self, device_id: str, tenant: str = DEFAULT_TENANT) -> tuple[Device, str]:
         """Register a device; returns it and its token (the only time the token is seen)."""
         validate_device_id(device_id)
-        if not tenant or len(tenant) > 64:
-            raise RegistryError("a tenant is 1 to 64 characters")
+        if not keys.is_identifier(tenant):  # the same rule as API key tenants, so they can match
+            raise RegistryError(f"invalid tenant {tenant!r}: use {keys.IDENTIFIER_RULE}")
         token = tokens.new_token()
         salt = tokens.new_salt()
         now = time.time()
@@ -161,7 +156,7 @@ class DeviceRegistry:
         return Device(device_id, tenant, now), token
 
     async def get(self, device_id: str) -> Device | None:
-        if DEVICE_ID_PATTERN.fullmatch(device_id) is None:
+        if not keys.is_identifier(device_id):
             return None
         fields = await self.redis.hgetall(keys.device(device_id))
         return _device(device_id, fields) if fields else None
@@ -212,7 +207,7 @@ class DeviceRegistry:
 
     async def verify(self, device_id: str, token: str) -> Device:
         """The device when ``token`` is its current token; else DeviceAuthError with a REJECT code."""
-        if not isinstance(device_id, str) or DEVICE_ID_PATTERN.fullmatch(device_id) is None:
+        if not keys.is_identifier(device_id):
             raise DeviceAuthError(MALFORMED, "device id is not a valid id")
         if not isinstance(token, str) or not token or len(token) > tokens.MAX_TOKEN_LENGTH:
             raise DeviceAuthError(BAD_TOKEN, "token is missing or too long")

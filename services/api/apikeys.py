@@ -24,7 +24,6 @@ ROLES: tuple[str, ...] = get_args(Role)
 ALL_TENANTS = "*"  # the tenant of the bootstrap admin key
 TOKEN_PREFIX = "fck_"
 KEY_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
-TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}|\*")
 BOOTSTRAP_ID = "bootstrap"
 
 
@@ -74,11 +73,8 @@ def validate_role(role: str) -> Role:
 
 
 def validate_tenant(tenant: str) -> str:
-    if not isinstance(tenant, str) or TENANT_PATTERN.fullmatch(tenant) is None:
-        raise ApiKeyError(
-            f"invalid tenant {tenant!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit (or * for all tenants)"
-        )
+    if tenant != ALL_TENANTS and not keys.is_identifier(tenant):
+        raise ApiKeyError(f"invalid tenant {tenant!r}: use {keys.IDENTIFIER_RULE} (or * for all tenants)")
     return tenant
 
 

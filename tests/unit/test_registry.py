@@ -87,6 +87,9 @@ def test_add_twice_and_invalid_ids(redis_url: str) -> None:
         for bad in ("", "a b", "x" * 65, "-lead", "a:b"):
             with pytest.raises(RegistryError, match="invalid device id"):
                 await registry.add(bad)
+        for bad_tenant in ("", "acme corp", "*", "t" * 65):  # the API-key tenant rule, so they can match
+            with pytest.raises(RegistryError, match="invalid tenant"):
+                await registry.add("cam-2", bad_tenant)
 
     with_registry(redis_url, body)
 
