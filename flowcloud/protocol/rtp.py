@@ -91,9 +91,9 @@ class RtpPacket:
                 )
             block = data[pos:end]
             if profile == EXTENSION_PROFILE_ONE_BYTE:
-                extensions = _parse_one_byte(block)
+                extensions = _parse_elements(block, two_byte=False)
             elif profile & EXTENSION_PROFILE_TWO_BYTE_MASK == EXTENSION_PROFILE_TWO_BYTE:
-                extensions = _parse_two_byte(block)
+                extensions = _parse_elements(block, two_byte=True)
             pos = end
         end = len(data)
         padding_size = 0
@@ -165,40 +165,25 @@ class RtpPacket:
         return bytes(out)
 
 
-def _parse_one_byte(block: bytes) -> dict[int, bytes]:
+def _parse_elements(block: bytes, two_byte: bool) -> dict[int, bytes]:
+    """The elements of an RFC 8285 one-byte or two-byte header extension block, by id."""
     out: dict[int, bytes] = {}
     pos = 0
     while pos < len(block):
-        head = block[pos]
-        if head == 0:  # padding between elements
+        if block[pos] == 0:  # padding between elements
             pos += 1
             continue
-        ext_id, length = head >> 4, (head & 0x0F) + 1
-        if ext_id == ONE_BYTE_ID_RESERVED:
-            break
-        pos += 1
-        if pos + length > len(block):
-            raise ProtocolError(
-                f"header extension element {ext_id} of {length} bytes overruns the block "
-                f"({len(block) - pos} left)"
-            )
-        out[ext_id] = block[pos : pos + length]
-        pos += length
-    return out
-
-
-def _parse_two_byte(block: bytes) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    pos = 0
-    while pos < len(block):
-        ext_id = block[pos]
-        if ext_id == 0:  # padding between elements
+        if two_byte:
+            ext_id = block[pos]
+            if pos + 2 > len(block):
+                raise ProtocolError(f"header extension element {ext_id} lacks its length byte")
+            length = block[pos + 1]
+            pos += 2
+        else:
+            ext_id, length = block[pos] >> 4, (block[pos] & 0x0F) + 1
+            if ext_id == ONE_BYTE_ID_RESERVED:
+                break
             pos += 1
-            continue
-        if pos + 2 > len(block):
-            raise ProtocolError(f"header extension element {ext_id} lacks its length byte")
-        length = block[pos + 1]
-        pos += 2
         if pos + length > len(block):
             raise ProtocolError(
                 f"header extension element {ext_id} of {length} bytes overruns the block "
