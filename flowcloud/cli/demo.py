@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import time
@@ -36,6 +37,7 @@ from flowcloud.stack import Service, Stack
 
 DEMO_DEVICE = "demo-cam"
 DEMO_TENANT = "demo"
+RENDER_CACHE = 96  # rendered scenes kept (a scoring pass asks for about 24 frames ± the window)
 ALIGN_WINDOW = 3  # frames either side of the expected index searched when matching a frame to the scene
 
 
@@ -105,12 +107,8 @@ class SceneOracle:
 
         self.scenes = SceneSequence(SYNTHETIC_SEED, width, height)
         self.offset = 0
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if index not in self._cache:
-            self._cache[index] = self.scenes.frame(index)
-        return self._cache[index]
+        # Bounded: a demo may run for hours, and only scenes near the newest frames are asked for.
+        self._render = functools.lru_cache(maxsize=RENDER_CACHE)(self.scenes.frame)
 
     def ground_truth(self, frame_rgb: np.ndarray, expected_index: int) -> np.ndarray:
         """The labelId map of the scene that ``frame_rgb`` shows, at the frame's size."""
