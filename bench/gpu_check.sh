@@ -23,7 +23,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     rm -rf "$DEPS" && mkdir -p "$DEPS/wheels" "$DEPS/bin" "$DEPS/lib"
     # Exact versions of what the worker imports beyond the GPU image's packages.
     pkgs=$("$PIP" list --format=freeze 2>/dev/null | grep -iE \
-        '^(redis|pydantic|pydantic[-_]core|pydantic[-_]settings|annotated[-_]types|typing[-_]inspection|python[-_]dotenv)==')
+        '^(redis|simplejpeg|pydantic|pydantic[-_]core|pydantic[-_]settings|annotated[-_]types|typing[-_]inspection|python[-_]dotenv)==')
     # shellcheck disable=SC2086
     "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+import simplejpeg
 
 from flowcloud import keys
 
@@ -71,36 +71,49 @@ class Frame:
 
 
 def encode_image(rgb: np.ndarray, encoding: str = "jpeg", quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
-    """An HxWx3 uint8 RGB array as frame bytes."""
+    """An HxWx3 uint8 RGB array as frame bytes (JPEG: baseline JFIF, 4:2:0, libjpeg-turbo)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise FrameFormatError(f"expected an HxWx3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
     if encoding == "raw":
-        return np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+        return np.ascontiguousarray(rgb).tobytes()
     if encoding == "jpeg":
-        return encode_bgr_jpeg(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), quality)
+        return bytes(simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality, "RGB", "420"))
     raise FrameFormatError(f"unknown frame encoding {encoding!r}")
 
 
-def encode_bgr_jpeg(bgr: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
-    """An HxWx3 uint8 array in OpenCV's BGR order as ``jpeg`` frame bytes (what ``encode_image``
-    makes of the same picture in RGB, byte for byte). For producers that can emit BGR directly
-    (the gateway's decoder has swscale write bgr24), which saves a channel swap per frame."""
-    if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
-        raise FrameFormatError(f"expected an HxWx3 uint8 BGR array, got {bgr.dtype} {bgr.shape}")
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise FrameFormatError("JPEG encoding failed")
-    return buf.tobytes()
+def encode_yuv420_jpeg(
+    y: np.ndarray, u: np.ndarray, v: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY
+) -> bytes:
+    """Full-range BT.601 4:2:0 planes (FFmpeg's ``yuvj420p``) as ``jpeg`` frame bytes.
+
+    JFIF stores exactly this, so libjpeg-turbo compresses the planes as they are: no conversion to
+    RGB and back, no chroma downsampling. For a decoder that already holds 4:2:0 pictures (the
+    gateway's), this is the cheap way to a frame; `decode_image` reads it like any other JPEG.
+    Planes may be strided views (a row pitch wider than the picture)."""
+    height, width = y.shape[:2] if y.ndim == 2 else (0, 0)
+    chroma = ((height + 1) // 2, (width + 1) // 2)
+    if not (y.ndim == u.ndim == v.ndim == 2) or u.shape != chroma or v.shape != chroma or height == 0:
+        raise FrameFormatError(f"expected 4:2:0 planes, got Y {y.shape}, U {u.shape}, V {v.shape}")
+    if not (y.dtype == u.dtype == v.dtype == np.uint8):
+        raise FrameFormatError("YUV planes must be uint8")
+    return bytes(simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality))
 
 
 def decode_image(data: bytes, encoding: str, width: int, height: int) -> np.ndarray:
+    """Frame bytes as an HxWx3 uint8 RGB array; the size must be the one the entry states."""
     if encoding == "raw":
         if len(data) != width * height * 3:
             raise FrameFormatError(f"raw frame has {len(data)} bytes, expected {width * height * 3}")
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
     if encoding == "jpeg":
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise FrameFormatError("frame data is not a decodable JPEG")
-        if bgr.shape[:2] != (height, width):
-            raise FrameFormatError(f"JPEG is {bgr.shape[1]}x{bgr.shape[0]}, entry says {width}x{height}")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        try:
+            # The header first: a JPEG that claims another size is refused before anything is allocated.
+            jpeg_height, jpeg_width, _, _ = simplejpeg.decode_jpeg_header(data)
+            same_size = (jpeg_width, jpeg_height) == (width, height)
+            rgb = simplejpeg.decode_jpeg(data, "RGB") if same_size else None
+        except ValueError as exc:  # libjpeg-turbo refused it (truncation included: decoding is strict)
+            raise FrameFormatError(f"frame data is not a decodable JPEG: {exc}") from None
+        if rgb is None:
+            raise FrameFormatError(f"JPEG is {jpeg_width}x{jpeg_height}, entry says {width}x{height}")
+        return np.asarray(rgb)
     raise FrameFormatError(f"unknown frame encoding {encoding!r}")
