@@ -19,6 +19,16 @@ buckets (bytes/s: the reader pauses, TCP pushes back, nothing is lost; frames/s:
 units are dropped and decoding resumes at the next IDR), and the session's own decoder process.
 Every drop is counted in ``flowcloud_gateway_frames_dropped_total`` by reason. A decoder crash
 loses only the access units in flight; the decoder restarts and resumes at the next IDR.
+
+**Frame sizes are checked before decoding.** Each SPS (NAL type 7) in an access unit is parsed
+(`flowcloud.protocol.sps`) before the unit may reach the decoder. An SPS that announces a picture
+above the session's cap (``max_width`` x ``max_height``, the cap of the handshake and of the
+decoder) is refused, not the session: its access unit and every one after it are dropped with
+reason ``dimensions`` until an acceptable SPS with the same id arrives, and then until the next
+IDR (``await_idr``), as after a loss. An SPS that does not parse drops its access unit as
+``malformed`` and decoding resumes at the next IDR with a valid SPS. The edge may change its
+size within the cap at any IDR (the decoder resizes); the decoder's own check of each decoded
+picture stays as the second line of defence.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import Rfc4571Decoder, read_frame, write_frame
-from flowcloud.protocol.h264 import AccessUnit, Depacketizer
+from flowcloud.protocol.h264 import DROP_MALFORMED, NAL_TYPE_SPS, AccessUnit, Depacketizer, nal_type
 from flowcloud.protocol.handshake import (
     MAX_CONTROL_SIZE,
     REJECT_BUSY,
@@ -51,6 +61,7 @@ from flowcloud.protocol.handshake import (
     UnsupportedVersion,
 )
 from flowcloud.protocol.rtp import RtpPacket
+from flowcloud.protocol.sps import SequenceParameterSet
 from flowcloud.registry import Device, DeviceAuthError, DeviceRegistry
 from flowcloud.settings import GatewaySettings
 from services.gateway import metrics
@@ -145,6 +156,7 @@ class Session:
         self._depacketizer_dropped: Counter[str] = Counter()
         self._dropped_seen = 0
         self._need_idr = False
+        self._oversized_sps: set[int] = set()  # ids of refused SPSs not yet replaced by acceptable ones
         self._next_tag = 0
         self._in_flight = 0
         self._pending: dict[int, tuple[float, float]] = {}  # tag -> (capture_ts, recv_ts)
@@ -379,7 +391,42 @@ class Session:
         self.dropped[reason] += count
         metrics.drop(reason, count)
 
+    def _size_allowed(self, au: AccessUnit) -> bool:
+        """Check the access unit's SPS against the size cap; False (counted) when it may not be decoded."""
+        s = self.settings
+        for nal in au.nals:
+            if nal_type(nal) != NAL_TYPE_SPS:
+                continue
+            try:
+                sps = SequenceParameterSet.parse(nal)
+            except ProtocolError as exc:
+                log.debug("session %s: access unit dropped: %s", self.session_id, exc)
+                self._drop(DROP_MALFORMED)
+                self._need_idr = True
+                return False
+            if sps.width <= s.max_width and sps.height <= s.max_height:
+                self._oversized_sps.discard(sps.sps_id)
+                continue
+            if sps.sps_id not in self._oversized_sps:
+                log.info(
+                    "session %s: SPS %d announces %dx%d, above the cap %dx%d; dropping until a smaller one",
+                    self.session_id,
+                    sps.sps_id,
+                    sps.width,
+                    sps.height,
+                    s.max_width,
+                    s.max_height,
+                )
+            self._oversized_sps.add(sps.sps_id)
+        if self._oversized_sps:
+            self._drop(metrics.DROP_DIMENSIONS)
+            self._need_idr = True
+            return False
+        return True
+
     async def _decode(self, au: AccessUnit, recv_ts: float, limits: DeviceLimits) -> None:
+        if not self._size_allowed(au):
+            return
         if self._need_idr and not au.keyframe:
             self._drop(metrics.DROP_AWAIT_IDR)
             return
