@@ -4,6 +4,12 @@ Every option can also come from the environment (``FLOWCLOUD_EDGE_GATEWAY``,
 ``FLOWCLOUD_EDGE_DEVICE_ID``, ``FLOWCLOUD_EDGE_TOKEN``, ``FLOWCLOUD_EDGE_SOURCE``, ...; see
 `flowcloud.settings.EdgeSettings`); an option on the command line wins. Prefer the environment
 for the token: a command line is visible to every user of the machine.
+
+TLS: ``--tls`` verifies the gateway against the system trust store, ``--tls-ca FILE`` against
+that CA; ``--tls-cert``/``--tls-key`` present a client certificate (mutual TLS), and
+``--tls-server-name`` is the name to verify when ``--gateway`` is an address the certificate
+does not name. Any ``--tls-*`` option turns TLS on. Certificate failures end the daemon
+(status 1), like a permanent refusal: see edge.sender.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import ssl
 
 from pydantic import ValidationError
 
@@ -22,6 +29,7 @@ from edge.sender import Backoff, FatalRejection
 from edge.sources import FileSource, SourceError, open_source
 from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.observability import serve_health_and_metrics
+from flowcloud.protocol.tls import client_context
 from flowcloud.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,11 @@ _SETTINGS = (
     "width",
     "height",
     "fps",
+    "tls",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "tls_server_name",
 )
 
 
@@ -65,6 +78,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="picture height")
     parser.add_argument("--fps", type=float, help="frame rate (cameras, synthetic; files: pacing)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=None,
+        help="connect with TLS, verifying the gateway against the system trust store",
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="verify the gateway against this PEM CA (implies --tls)"
+    )
+    parser.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM client certificate for mutual TLS (implies --tls)"
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in the --tls-cert file)"
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name the gateway's certificate must carry (default: the --gateway host; implies --tls)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -74,6 +107,18 @@ def _settings(args: argparse.Namespace) -> EdgeSettings:
         return EdgeSettings(**given)
     except ValidationError as exc:
         raise settings_error(exc) from None
+
+
+def _tls(settings: EdgeSettings) -> ssl.SSLContext | None:
+    """The TLS context the settings ask for (None: plain TCP)."""
+    if not (
+        settings.tls or settings.tls_ca or settings.tls_cert or settings.tls_key or settings.tls_server_name
+    ):
+        return None
+    try:
+        return client_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _gateway(value: str | None) -> tuple[str, int]:
@@ -97,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--frames must be at least 1")
     if args.duration is not None and args.duration <= 0:
         raise CommandError("--duration must be positive")
+    tls = _tls(settings)
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("edge settings: %s", settings.describe())
+    if tls is None:
+        log.warning("TLS is off: the device token and video travel in clear (use --tls or --tls-ca)")
     shape = StreamShape(settings.width, settings.height, settings.fps)
     try:
         source = open_source(settings.source, shape, loop=args.loop)
@@ -124,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration,
         queue_size=settings.queue_size,
         backoff=Backoff(maximum=settings.reconnect_max_delay),
+        tls=tls,
+        tls_server_name=settings.tls_server_name,
     )
     health = serve_health_and_metrics(settings.metrics_port) if settings.metrics_port else None
     try:

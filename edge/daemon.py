@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class DaemonConfig:
     queue_size: int = 60
     handshake_timeout: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
+    tls: ssl.SSLContext | None = None  # None: plain TCP
+    tls_server_name: str | None = None  # default: host
 
 
 @dataclass
@@ -114,13 +117,14 @@ class EdgeDaemon:
         c = self.config
         shape = await asyncio.to_thread(self._open)
         log.info(
-            "stream %dx%d at %g fps to %s:%d as %s",
+            "stream %dx%d at %g fps to %s:%d as %s (%s)",
             shape.width,
             shape.height,
             shape.fps,
             c.host,
             c.port,
             c.device_id,
+            "plain TCP" if c.tls is None else "TLS",
         )
         queue = FrameQueue(c.queue_size)
         sender = Sender(
@@ -132,6 +136,8 @@ class EdgeDaemon:
             request_keyframe=self._keyframe_wanted.set,
             backoff=c.backoff,
             handshake_timeout=c.handshake_timeout,
+            tls=c.tls,
+            server_name=c.tls_server_name,
         )
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -4,8 +4,15 @@ After every (re)connect the first access unit sent is an IDR: queued access unit
 the queue's ``max_age`` are dropped as stale, and unless the queue then starts at a keyframe the
 encoder is asked for one (relayed streams wait for their next), so the gateway's decoder can
 start cleanly. Reconnects back off exponentially with jitter. A REJECT for a permanent reason
-(unknown device, bad token, revoked, version, malformed) ends the daemon; busy and limit are
-retried.
+(unknown device, bad token, revoked, version, malformed, certificate) ends the daemon; busy
+and limit are retried.
+
+With a TLS context the connection is TLS, verified against ``server_name`` (default: the host).
+A certificate failure ends the daemon like a permanent REJECT: the gateway's certificate fails
+verification (wrong CA, name mismatch, expired), or the gateway refuses this device's client
+certificate (missing, untrusted). Reconnecting cannot fix either; a supervisor that restarts the
+daemon (systemd ``RestartSec``) retries slowly, in case the operator fixes the other side. Other
+TLS errors are retried like any connection loss.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +44,7 @@ from flowcloud.protocol.handshake import (
     client_handshake,
     parse_control,
 )
+from flowcloud.protocol.tls import describe_failure, is_certificate_failure
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +138,12 @@ class Sender:
         backoff: Backoff | None = None,
         handshake_timeout: float = 5.0,
         connect_timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.tls = tls
+        self.server_name = (server_name or host) if tls is not None else None
         self.device_id, self._token = device_id, token
         self.packetizer = Packetizer(mtu=mtu)
         self.request_keyframe = request_keyframe
@@ -159,6 +172,13 @@ class Sender:
                 if exc.code not in RETRYABLE_REJECTS:
                     raise FatalRejection(str(exc)) from None
                 log.warning("%s; retrying", exc)
+            except ssl.SSLError as exc:
+                if is_certificate_failure(exc):
+                    metrics.CONNECTS.labels("tls_certificate").inc()
+                    where = f"gateway {self.host}:{self.port} (TLS name {self.server_name})"
+                    raise FatalRejection(f"{where}: {describe_failure(exc)}") from None
+                metrics.CONNECTS.labels("tls_error").inc()
+                log.warning("gateway %s:%d: %s", self.host, self.port, describe_failure(exc))
             except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
                 log.warning("gateway %s:%d: %s", self.host, self.port, exc or type(exc).__name__)
             else:
@@ -182,10 +202,18 @@ class Sender:
         """One connection; True when the source has ended and everything was sent."""
         try:
             async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.server_name,
+                    ssl_handshake_timeout=self.handshake_timeout if self.tls is not None else None,
+                )
         except TimeoutError:
             metrics.CONNECTS.labels("timeout").inc()
             raise OSError(f"connect timed out after {self.connect_timeout:g} s") from None
+        except ssl.SSLError:
+            raise  # counted by run()
         except OSError:
             metrics.CONNECTS.labels("refused").inc()
             raise

@@ -43,6 +43,7 @@ REJECT_BUSY = "busy"
 REJECT_VERSION = "version"
 REJECT_LIMIT = "limit"
 REJECT_MALFORMED = "malformed"
+REJECT_CERTIFICATE = "certificate"  # mutual TLS: the client certificate does not name the HELLO's device
 REJECT_CODES = (
     REJECT_UNKNOWN_DEVICE,
     REJECT_BAD_TOKEN,
@@ -51,6 +52,7 @@ REJECT_CODES = (
     REJECT_VERSION,
     REJECT_LIMIT,
     REJECT_MALFORMED,
+    REJECT_CERTIFICATE,
 )
 
 

@@ -32,6 +32,9 @@ OPTIONS: dict[str, str] = {
     "record": "record_dir",
     "max_sessions": "max_sessions",
     "handshake_timeout": "handshake_timeout",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "tls_client_ca": "tls_client_ca",
 }
 
 
@@ -51,6 +54,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, help="live sessions at most (default 256)")
     parser.add_argument(
         "--handshake-timeout", type=float, help="seconds to complete the handshake (default 5)"
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain: the device port speaks TLS (env FLOWCLOUD_GATEWAY_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in the --tls-cert file)"
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA bundle: require edge certificates from it that name the device (mutual TLS)",
     )
 
 

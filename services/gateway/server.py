@@ -10,6 +10,15 @@ device's live session at once; after a lost subscription (Redis restarted) every
 is re-verified, so a revocation missed meanwhile still takes effect. `close()` (SIGTERM) stops
 accepting, ends every session letting frames in flight be decoded and published within
 ``drain_timeout``, and stops the publisher and the spare decoders.
+
+With ``tls_cert`` the device port speaks TLS only (`flowcloud.protocol.tls`). The TLS handshake
+starts after the per-address admission (an address over its limit is closed before any TLS work)
+and has the same deadline as the FlowCloud handshake; a client that fails it (plaintext, garbage,
+an untrusted client certificate, silence) is closed, logged and counted (outcome ``tls_failed``).
+With ``tls_client_ca`` (mutual TLS) each session authenticates through a
+`CertificateBoundRegistry`: the certificate must name the device of the HELLO, and a connection
+without one gets REJECT ``certificate`` (the TLS layer asks for a certificate but lets the
+handshake finish without one, so that the edge learns why instead of seeing a closed socket).
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -28,9 +39,11 @@ from flowcloud import keys
 from flowcloud.frames import ENCODINGS
 from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
+from flowcloud.protocol.tls import server_context
 from flowcloud.registry import EVENT_REVOKED, DeviceRegistry, parse_event
 from flowcloud.settings import GatewaySettings
 from services.gateway import metrics
+from services.gateway.certificates import CertificateBoundRegistry
 from services.gateway.decoder import DecoderConfig, DecoderPool
 from services.gateway.limits import ConnectionLimiter
 from services.gateway.publisher import FramePublisher
@@ -39,6 +52,8 @@ from services.gateway.session import END_REVOKED, END_ROTATED, END_SHUTDOWN, Ref
 log = logging.getLogger(__name__)
 
 EVENTS_BACKOFF_MAX = 2.0
+# Outcome label of flowcloud_gateway_connections_total (besides accepted and the REJECT codes).
+OUTCOME_TLS_FAILED = "tls_failed"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -50,6 +65,16 @@ def parse_size(text: str) -> tuple[int, int]:
     if not (16 <= h <= 8192 and 16 <= w <= 8192):
         raise ValueError(f"size {text!r} is out of range (16 to 8192 per side)")
     return h, w
+
+
+def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The device port's TLS context (None: plain TCP); ValueError for settings that cannot work."""
+    if settings.tls_cert is None:
+        for name in ("tls_key", "tls_client_ca"):
+            if getattr(settings, name) is not None:
+                raise ValueError(f"{name} needs tls_cert (the gateway's certificate chain)")
+        return None
+    return server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -71,6 +96,7 @@ class Gateway:
             raise ValueError(
                 f"frame encoding {settings.frame_encoding!r} is not one of {', '.join(ENCODINGS)}"
             )
+        self.tls = tls_context(settings)
         self.redis = redis_client(settings.redis_url)
         self.publisher = FramePublisher(
             self.redis, settings.frames_maxlen, settings.publish_queue, recent_maxlen=settings.recent_maxlen
@@ -100,6 +126,10 @@ class Gateway:
         return self.services.live
 
     @property
+    def mutual_tls(self) -> bool:
+        return self.tls is not None and self.settings.tls_client_ca is not None
+
+    @property
     def port(self) -> int:
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
@@ -112,7 +142,12 @@ class Gateway:
         self._events_task = asyncio.create_task(self._watch_device_events(), name="device-events")
         self._server = await asyncio.start_server(self._on_connection, host, port, limit=1 << 16)
         self.serving = True
-        log.info("gateway listening on %s:%d", host, self.port)
+        if self.tls is None:
+            log.warning(
+                "TLS is off: device tokens and video travel in clear (set FLOWCLOUD_GATEWAY_TLS_CERT)"
+            )
+        transport = "plain TCP" if self.tls is None else "mutual TLS" if self.mutual_tls else "TLS"
+        log.info("gateway listening on %s:%d (%s)", host, self.port, transport)
         return self
 
     @contextlib.asynccontextmanager
@@ -167,7 +202,8 @@ class Gateway:
                 await self._refuse_early(writer, address)
                 return
             try:
-                await self._serve(reader, writer)
+                if self.tls is None or await self._start_tls(writer, address):
+                    await self._serve(reader, writer)
             finally:
                 self.connections.release(address)
         except asyncio.CancelledError:
@@ -179,17 +215,38 @@ class Gateway:
             with contextlib.suppress(Exception):
                 writer.close()
 
+    async def _start_tls(self, writer: asyncio.StreamWriter, address: str) -> bool:
+        """The TLS handshake within the handshake deadline; False (logged, counted) when it fails."""
+        assert self.tls is not None
+        try:
+            await writer.start_tls(self.tls, ssl_handshake_timeout=self.settings.handshake_timeout)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; a timeout aborts the connection
+            metrics.CONNECTIONS.labels(OUTCOME_TLS_FAILED).inc()
+            log.info(
+                "connection from %s refused: TLS handshake failed: %s", address, exc or type(exc).__name__
+            )
+            return False
+        return True
+
     async def _refuse_early(self, writer: asyncio.StreamWriter, address: str) -> None:
         metrics.CONNECTIONS.labels(REJECT_LIMIT).inc()
         reason = f"too many connections from {address} (limit {self.settings.max_connections_per_ip})"
         log.info("connection refused: %s", reason)
+        if self.tls is not None:
+            writer.close()  # a REJECT in clear would be garbage to a TLS client; no TLS work for it either
+            return
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await write_frame(writer, Reject(REJECT_LIMIT, reason).to_bytes())
         writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(self.services, reader, writer)
+        services = self.services
+        if self.mutual_tls:
+            # Same shared state (live sessions, limits); only the identity check is this connection's.
+            registry = CertificateBoundRegistry(services.registry, writer.get_extra_info("peercert"))
+            services = replace(services, registry=registry)
+        session = Session(services, reader, writer)
         try:
             await session.handshake()
         except Refused as refused:

@@ -56,7 +56,16 @@ def test_messages_round_trip() -> None:
     clock = ClockSync(offset=-2.5, rtt=0.004)
     assert parse_control(clock.to_bytes()) == clock
     assert json.loads(clock.to_bytes()) == {"type": "clock", "offset": -2.5, "rtt": 0.004}
-    assert REJECT_CODES == ("unknown_device", "bad_token", "revoked", "busy", "version", "limit", "malformed")
+    assert REJECT_CODES == (
+        "unknown_device",
+        "bad_token",
+        "revoked",
+        "busy",
+        "version",
+        "limit",
+        "malformed",
+        "certificate",
+    )
 
 
 @pytest.mark.parametrize(

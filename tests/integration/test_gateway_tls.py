@@ -1,0 +1,308 @@
+"""TLS and mutual TLS on the edge -> gateway connection: a real gateway (real redis-server, real
+decoders), the real edge daemon and sender, and a throwaway PKI made at test time (tls_support)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gateway_support import frames_on_redis, gateway_settings, metric, register, session_ended, wait_for
+from tls_support import Issued, Pki
+
+from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
+from edge.frames import StreamShape
+from edge.sender import Backoff, FatalRejection
+from edge.sources import SyntheticSource
+from flowcloud.cli.main import main
+from flowcloud.protocol.framing import frame
+from flowcloud.protocol.handshake import Hello, StreamInfo
+from flowcloud.protocol.tls import client_context
+from services.gateway.server import Gateway
+
+pytestmark = pytest.mark.timeout(60)
+
+SHAPE = StreamShape(96, 64, 30.0)
+FRAMES = 12
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def tls_gateway(redis_url: str, pki: Pki, mutual: bool = False, **overrides: object) -> Gateway:
+    settings = gateway_settings(
+        redis_url,
+        tls_cert=str(pki.server.cert),
+        tls_key=str(pki.server.key),
+        tls_client_ca=str(pki.ca.path) if mutual else None,
+        **overrides,
+    )
+    return Gateway(settings)
+
+
+def edge_config(
+    port: int,
+    device_id: str,
+    token: str,
+    ca: Path,
+    client: Issued | None = None,
+    server_name: str | None = None,
+    **changes: object,
+) -> DaemonConfig:
+    tls = client_context(str(ca), str(client.cert) if client else None, str(client.key) if client else None)
+    base: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "device_id": device_id,
+        "token": token,
+        "mtu": 600,
+        "bitrate": 200_000,
+        "keyframe_interval": 10,
+        "encoder": "libx264",
+        "backoff": Backoff(initial=0.05, maximum=0.2),
+        "tls": tls,
+        "tls_server_name": server_name,
+        "frames": FRAMES,
+    }
+    base.update(changes)
+    return DaemonConfig(**base)  # type: ignore[arg-type]
+
+
+async def run_edge(config: DaemonConfig) -> DaemonResult:
+    return await EdgeDaemon(config, SyntheticSource(SHAPE)).run()
+
+
+async def check_stream(redis_url: str, gateway: Gateway, device_id: str, result: DaemonResult) -> None:
+    """All frames the edge sent were decoded and published, in order, in one session."""
+    assert (result.captured, result.sent, result.sessions) == (FRAMES, FRAMES, 1)
+    assert await wait_for(lambda: len(frames_on_redis(redis_url, device_id)) >= FRAMES, 20)
+    assert await session_ended(gateway, device_id)
+    frames = frames_on_redis(redis_url, device_id)
+    assert [f.seq for f in frames] == list(range(1, FRAMES + 1))
+    captured = [f.capture_ts for f in frames]
+    assert captured == sorted(captured) and len(set(captured)) == FRAMES
+    assert {(f.width, f.height) for f in frames} == {(96, 64)}
+
+
+async def closed_without_reply(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """What the gateway sent before closing (fails when it keeps the connection open)."""
+    received = b""
+    async with asyncio.timeout(timeout):
+        try:
+            while chunk := await reader.read(4096):
+                received += chunk
+        except ConnectionError:
+            pass
+    return received
+
+
+def test_frames_flow_over_tls_and_a_plaintext_client_is_refused(redis_url: str, pki: Pki) -> None:
+    async def scenario() -> None:
+        token = await register(redis_url, "cam-1")
+        async with tls_gateway(redis_url, pki).listen() as gw:
+            assert gw.tls is not None and not gw.mutual_tls
+            edge = asyncio.create_task(run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path)))
+            assert await wait_for(lambda: "cam-1" in gw.sessions, 20)
+            # A plaintext edge with a valid token on the TLS port: no session, no REJECT in clear.
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            hello = Hello("cam-1", token, StreamInfo(96, 64, 30.0), edge_time=time.time())
+            writer.write(frame(hello.to_bytes()))
+            await writer.drain()
+            failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
+            reply = await closed_without_reply(reader, 5.0)
+            assert b"reject" not in reply and b"accept" not in reply
+            assert await wait_for(
+                lambda: metric("flowcloud_gateway_connections_total", outcome="tls_failed") == failed + 1, 2
+            )
+            writer.close()
+            result = await edge
+            # The good stream kept its one session throughout.
+            await check_stream(redis_url, gw, "cam-1", result)
+            assert gw.services.ended["cam-1"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_wrong_ca_or_name_is_a_clear_fatal_error(redis_url: str, pki: Pki) -> None:
+    async def scenario() -> None:
+        token = await register(redis_url, "cam-1")
+        async with tls_gateway(redis_url, pki).listen() as gw:
+            port = gw.port
+            before = metric("flowcloud_edge_connects_total", result="tls_certificate")
+            with pytest.raises(FatalRejection) as wrong_ca:
+                await run_edge(edge_config(gw.port, "cam-1", token, pki.other_ca.path, frames=1000))
+            with pytest.raises(FatalRejection) as wrong_name:
+                await run_edge(
+                    edge_config(gw.port, "cam-1", token, pki.ca.path, server_name="gw.example", frames=1000)
+                )
+            # Each failed once and gave up: a certificate will not fix itself by reconnecting.
+            assert metric("flowcloud_edge_connects_total", result="tls_certificate") == before + 2
+            assert gw.services.ended["cam-1"] == 0 and not gw.sessions
+            # --tls-server-name names what the certificate carries when dialing an address.
+            result = await run_edge(
+                edge_config(gw.port, "cam-1", token, pki.ca.path, server_name="localhost")
+            )
+            await check_stream(redis_url, gw, "cam-1", result)
+        assert str(wrong_ca.value) == (
+            f"gateway 127.0.0.1:{port} (TLS name 127.0.0.1): TLS certificate verification of the "
+            "gateway failed: self-signed certificate in certificate chain"
+        )
+        assert str(wrong_name.value) == (
+            f"gateway 127.0.0.1:{port} (TLS name gw.example): TLS certificate verification of the "
+            "gateway failed: Hostname mismatch, certificate is not valid for 'gw.example'."
+        )
+
+    asyncio.run(scenario())
+
+
+def test_mutual_tls_binds_the_certificate_to_the_device(
+    redis_url: str, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        token = await register(redis_url, "cam-1")
+        await register(redis_url, "cam-2")
+        async with tls_gateway(redis_url, pki, mutual=True).listen() as gw:
+            assert gw.mutual_tls
+            refused = metric("flowcloud_gateway_connections_total", outcome="certificate")
+            tls_failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
+            # No client certificate (valid token): REJECT certificate; the edge says why and stops.
+            with pytest.raises(FatalRejection) as no_certificate:
+                await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, frames=1000))
+            # A valid certificate for cam-2 with cam-1's token: REJECT certificate.
+            with pytest.raises(FatalRejection) as other_device:
+                await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, pki.client("cam-2")))
+            assert metric("flowcloud_gateway_connections_total", outcome="certificate") == refused + 2
+            # A certificate from a CA the gateway does not trust fails the TLS handshake (counted and
+            # logged by the gateway; asyncio sends no alert, so the edge sees a closed connection and
+            # retries until its source ends).
+            untrusted = pki.client("cam-1", ca=pki.other_ca)
+            result = await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, untrusted, frames=4))
+            assert (result.sent, result.sessions) == (0, 0)
+            assert metric("flowcloud_gateway_connections_total", outcome="tls_failed") >= tls_failed + 1
+            assert gw.services.ended["cam-1"] == 0 and not gw.sessions
+            # The right certificate (device id in the CN) streams.
+            result = await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, pki.client("cam-1")))
+            await check_stream(redis_url, gw, "cam-1", result)
+        assert str(no_certificate.value) == (
+            "gateway rejected the connection: certificate: this gateway requires a client certificate naming "
+            "the device (mutual TLS); none was given"
+        )
+        assert str(other_device.value) == (
+            "gateway rejected the connection: certificate: "
+            "the client certificate names cam-2, not device 'cam-1'"
+        )
+
+    with caplog.at_level(logging.INFO, logger="services.gateway.server"):
+        asyncio.run(scenario())
+    assert any(
+        "TLS handshake failed" in r.message and "certificate verify failed" in r.message
+        for r in caplog.records
+    )
+
+
+def test_a_client_that_never_finishes_tls_is_cut_at_the_deadline(
+    redis_url: str, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        token = await register(redis_url, "cam-1")
+        async with tls_gateway(redis_url, pki, handshake_timeout=1.0).listen() as gw:
+            failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
+            silent = await asyncio.open_connection("127.0.0.1", gw.port)
+            partial = await asyncio.open_connection("127.0.0.1", gw.port)
+            partial[1].write(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
+            await partial[1].drain()
+            started = time.monotonic()
+            # Meanwhile a good TLS edge streams (its own deadline starts at its own connection).
+            result = await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path))
+            await closed_without_reply(silent[0], 3.0)
+            await closed_without_reply(partial[0], 3.0)
+            assert 0.8 < time.monotonic() - started < 3.0
+            assert metric("flowcloud_gateway_connections_total", outcome="tls_failed") == failed + 2
+            await check_stream(redis_url, gw, "cam-1", result)
+            for _, writer in (silent, partial):
+                writer.close()
+        assert not any("TLS is off" in r.message for r in caplog.records)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+
+
+def test_plain_gateway_warns_and_tls_settings_are_checked(
+    redis_url: str, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with Gateway(gateway_settings(redis_url, decoder_spares=0)).listen() as gw:
+            assert gw.tls is None
+
+    with caplog.at_level(logging.WARNING, logger="services.gateway.server"):
+        asyncio.run(scenario())
+    assert any("TLS is off: device tokens and video travel in clear" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="^tls_client_ca needs tls_cert"):
+        Gateway(gateway_settings(redis_url, tls_client_ca=str(pki.ca.path)))
+    with pytest.raises(ValueError, match="^cannot load the gateway certificate from .*missing.crt"):
+        Gateway(gateway_settings(redis_url, tls_cert=str(pki.directory / "missing.crt")))
+    with pytest.raises(ValueError, match="^cannot load the gateway certificate from"):
+        # A key that does not belong to the certificate.
+        Gateway(gateway_settings(redis_url, tls_cert=str(pki.server.cert), tls_key=str(pki.client("x").key)))
+    with pytest.raises(ValueError, match="^cannot load the client CA from"):
+        client = pki.client("y")
+        Gateway(gateway_settings(redis_url, tls_cert=str(pki.server.cert), tls_client_ca=str(client.key)))
+
+
+def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], pki: Pki) -> None:
+    def command(*args: str) -> tuple[int, str]:
+        status = main(list(args))
+        return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+    gateway = ("edge", "--gateway", "127.0.0.1:9", "--device-id", "x", "--token", "t")
+    assert command(*gateway, "--tls-key", str(pki.server.key)) == (
+        1,
+        "flowcloud edge: a TLS client key needs its certificate (--tls-cert)",
+    )
+    status, line = command(*gateway, "--tls-ca", str(pki.directory / "nope.pem"))
+    assert status == 1 and line.startswith(f"flowcloud edge: cannot load the gateway CA from {pki.directory}")
+    status, line = command("gateway", "--tls-key", str(pki.server.key), "--metrics-port", "0")
+    assert (status, line) == (
+        1,
+        "flowcloud gateway: tls_key needs tls_cert (the gateway's certificate chain)",
+    )
+
+
+def test_cli_edge_process_streams_over_mutual_tls(redis_url: str, pki: Pki) -> None:
+    async def scenario() -> None:
+        token = await register(redis_url, "cli-cam")
+        client = pki.client("cli-cam", san=True)  # the device id as a DNS subjectAltName
+        async with tls_gateway(redis_url, pki, mutual=True).listen() as gw:
+            env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token, "FLOWCLOUD_EDGE_TLS_KEY": str(client.key)}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "flowcloud.cli.main", "edge",
+                "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam", "--source", "synthetic",
+                "--width", "96", "--height", "64", "--frames", str(FRAMES), "--encoder", "libx264",
+                "--metrics-port", "0", "--json",
+                "--tls-ca", str(pki.ca.path), "--tls-cert", str(client.cert),
+                "--tls-server-name", "localhost",
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 40)
+            assert proc.returncode == 0, err.decode()
+            assert out.decode().strip() == f'{{"captured": {FRAMES}, "sent": {FRAMES}, "sessions": 1}}'
+            assert b"TLS is off" not in err
+            assert await wait_for(lambda: len(frames_on_redis(redis_url, "cli-cam")) >= FRAMES, 20)
+            assert await session_ended(gw, "cli-cam")
+
+    asyncio.run(scenario())
+
+
+def test_tls_context_policy(pki: Pki) -> None:
+    context = client_context(str(pki.ca.path))
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
