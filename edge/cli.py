@@ -34,7 +34,7 @@ from flowcloud.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
 
-# argparse dest -> EdgeSettings field
+# argparse dest = EdgeSettings field
 _SETTINGS = (
     "gateway",
     "device_id",
@@ -49,9 +49,9 @@ _SETTINGS = (
     "height",
     "fps",
     "tls",
-    "tls_ca",
-    "tls_cert",
-    "tls_key",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
     "tls_server_name",
 )
 
@@ -85,13 +85,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="connect with TLS, verifying the gateway against the system trust store",
     )
     parser.add_argument(
-        "--tls-ca", metavar="FILE", help="verify the gateway against this PEM CA (implies --tls)"
+        "--tls-ca",
+        dest="tls_ca_file",
+        metavar="FILE",
+        help="verify the gateway against this PEM CA (implies --tls)",
     )
     parser.add_argument(
-        "--tls-cert", metavar="FILE", help="PEM client certificate for mutual TLS (implies --tls)"
+        "--tls-cert",
+        dest="tls_cert_file",
+        metavar="FILE",
+        help="PEM client certificate for mutual TLS (implies --tls)",
     )
     parser.add_argument(
-        "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in the --tls-cert file)"
+        "--tls-key",
+        dest="tls_key_file",
+        metavar="FILE",
+        help="PEM private key of --tls-cert (default: in the --tls-cert file)",
     )
     parser.add_argument(
         "--tls-server-name",
@@ -112,11 +121,15 @@ def _settings(args: argparse.Namespace) -> EdgeSettings:
 def _tls(settings: EdgeSettings) -> ssl.SSLContext | None:
     """The TLS context the settings ask for (None: plain TCP)."""
     if not (
-        settings.tls or settings.tls_ca or settings.tls_cert or settings.tls_key or settings.tls_server_name
+        settings.tls
+        or settings.tls_ca_file
+        or settings.tls_cert_file
+        or settings.tls_key_file
+        or settings.tls_server_name
     ):
         return None
     try:
-        return client_context(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        return client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 

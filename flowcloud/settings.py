@@ -94,11 +94,13 @@ class GatewaySettings(ServiceSettings):
     drain_timeout: float = Field(
         5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM"
     )
-    tls_cert: str | None = Field(
+    tls_cert_file: str | None = Field(
         None, description="PEM certificate chain (leaf first); set, the device port speaks TLS only"
     )
-    tls_key: str | None = Field(None, description="PEM private key of tls_cert (default: in that file)")
-    tls_client_ca: str | None = Field(
+    tls_key_file: str | None = Field(
+        None, description="PEM private key of tls_cert_file (default: in that file)"
+    )
+    tls_client_ca_file: str | None = Field(
         None, description="PEM CA bundle; set, edges need a certificate from it naming their device (mTLS)"
     )
 
@@ -187,9 +189,13 @@ class EdgeSettings(ServiceSettings):
     queue_size: int = Field(60, ge=1, description="encoded frames held while the network is behind")
     reconnect_max_delay: float = Field(30.0, gt=0, description="longest wait between reconnect attempts (s)")
     tls: bool = Field(False, description="TLS to the gateway, verified against the system trust store")
-    tls_ca: str | None = Field(None, description="PEM CA bundle to verify the gateway with (implies TLS)")
-    tls_cert: str | None = Field(None, description="PEM client certificate for mutual TLS (implies TLS)")
-    tls_key: str | None = Field(None, description="PEM private key of tls_cert (default: in that file)")
+    tls_ca_file: str | None = Field(
+        None, description="PEM CA bundle to verify the gateway with (implies TLS)"
+    )
+    tls_cert_file: str | None = Field(None, description="PEM client certificate for mutual TLS (implies TLS)")
+    tls_key_file: str | None = Field(
+        None, description="PEM private key of tls_cert_file (default: in that file)"
+    )
     tls_server_name: str | None = Field(
         None, description="name to verify the gateway's certificate against (and SNI); default: its host"
     )

@@ -32,9 +32,9 @@ OPTIONS: dict[str, str] = {
     "record": "record_dir",
     "max_sessions": "max_sessions",
     "handshake_timeout": "handshake_timeout",
-    "tls_cert": "tls_cert",
-    "tls_key": "tls_key",
-    "tls_client_ca": "tls_client_ca",
+    "tls_cert": "tls_cert_file",
+    "tls_key": "tls_key_file",
+    "tls_client_ca": "tls_client_ca_file",
 }
 
 
@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-cert",
         metavar="FILE",
-        help="PEM certificate chain: the device port speaks TLS (env FLOWCLOUD_GATEWAY_TLS_CERT)",
+        help="PEM certificate chain: the device port speaks TLS (env FLOWCLOUD_GATEWAY_TLS_CERT_FILE)",
     )
     parser.add_argument(
         "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in the --tls-cert file)"

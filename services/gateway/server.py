@@ -11,11 +11,11 @@ is re-verified, so a revocation missed meanwhile still takes effect. `close()` (
 accepting, ends every session letting frames in flight be decoded and published within
 ``drain_timeout``, and stops the publisher and the spare decoders.
 
-With ``tls_cert`` the device port speaks TLS only (`flowcloud.protocol.tls`). The TLS handshake
+With ``tls_cert_file`` the device port speaks TLS only (`flowcloud.protocol.tls`). The TLS handshake
 starts after the per-address admission (an address over its limit is closed before any TLS work)
 and has the same deadline as the FlowCloud handshake; a client that fails it (plaintext, garbage,
 an untrusted client certificate, silence) is closed, logged and counted (outcome ``tls_failed``).
-With ``tls_client_ca`` (mutual TLS) each session authenticates through a
+With ``tls_client_ca_file`` (mutual TLS) each session authenticates through a
 `CertificateBoundRegistry`: the certificate must name the device of the HELLO, and a connection
 without one gets REJECT ``certificate`` (the TLS layer asks for a certificate but lets the
 handshake finish without one, so that the edge learns why instead of seeing a closed socket).
@@ -69,12 +69,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     """The device port's TLS context (None: plain TCP); ValueError for settings that cannot work."""
-    if settings.tls_cert is None:
-        for name in ("tls_key", "tls_client_ca"):
+    if settings.tls_cert_file is None:
+        for name in ("tls_key_file", "tls_client_ca_file"):
             if getattr(settings, name) is not None:
-                raise ValueError(f"{name} needs tls_cert (the gateway's certificate chain)")
+                raise ValueError(f"{name} needs tls_cert_file (the gateway's certificate chain)")
         return None
-    return server_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -127,7 +127,7 @@ class Gateway:
 
     @property
     def mutual_tls(self) -> bool:
-        return self.tls is not None and self.settings.tls_client_ca is not None
+        return self.tls is not None and self.settings.tls_client_ca_file is not None
 
     @property
     def port(self) -> int:
@@ -144,7 +144,7 @@ class Gateway:
         self.serving = True
         if self.tls is None:
             log.warning(
-                "TLS is off: device tokens and video travel in clear (set FLOWCLOUD_GATEWAY_TLS_CERT)"
+                "TLS is off: device tokens and video travel in clear (set FLOWCLOUD_GATEWAY_TLS_CERT_FILE)"
             )
         transport = "plain TCP" if self.tls is None else "mutual TLS" if self.mutual_tls else "TLS"
         log.info("gateway listening on %s:%d (%s)", host, self.port, transport)

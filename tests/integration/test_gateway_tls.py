@@ -41,9 +41,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def tls_gateway(redis_url: str, pki: Pki, mutual: bool = False, **overrides: object) -> Gateway:
     settings = gateway_settings(
         redis_url,
-        tls_cert=str(pki.server.cert),
-        tls_key=str(pki.server.key),
-        tls_client_ca=str(pki.ca.path) if mutual else None,
+        tls_cert_file=str(pki.server.cert),
+        tls_key_file=str(pki.server.key),
+        tls_client_ca_file=str(pki.ca.path) if mutual else None,
         **overrides,
     )
     return Gateway(settings)
@@ -246,16 +246,24 @@ def test_plain_gateway_warns_and_tls_settings_are_checked(
     with caplog.at_level(logging.WARNING, logger="services.gateway.server"):
         asyncio.run(scenario())
     assert any("TLS is off: device tokens and video travel in clear" in r.message for r in caplog.records)
-    with pytest.raises(ValueError, match="^tls_client_ca needs tls_cert"):
-        Gateway(gateway_settings(redis_url, tls_client_ca=str(pki.ca.path)))
+    with pytest.raises(ValueError, match="^tls_client_ca_file needs tls_cert_file"):
+        Gateway(gateway_settings(redis_url, tls_client_ca_file=str(pki.ca.path)))
     with pytest.raises(ValueError, match="^cannot load the gateway certificate from .*missing.crt"):
-        Gateway(gateway_settings(redis_url, tls_cert=str(pki.directory / "missing.crt")))
+        Gateway(gateway_settings(redis_url, tls_cert_file=str(pki.directory / "missing.crt")))
     with pytest.raises(ValueError, match="^cannot load the gateway certificate from"):
         # A key that does not belong to the certificate.
-        Gateway(gateway_settings(redis_url, tls_cert=str(pki.server.cert), tls_key=str(pki.client("x").key)))
+        Gateway(
+            gateway_settings(
+                redis_url, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.client("x").key)
+            )
+        )
     with pytest.raises(ValueError, match="^cannot load the client CA from"):
         client = pki.client("y")
-        Gateway(gateway_settings(redis_url, tls_cert=str(pki.server.cert), tls_client_ca=str(client.key)))
+        Gateway(
+            gateway_settings(
+                redis_url, tls_cert_file=str(pki.server.cert), tls_client_ca_file=str(client.key)
+            )
+        )
 
 
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], pki: Pki) -> None:
@@ -273,7 +281,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], pki: Pki) -
     status, line = command("gateway", "--tls-key", str(pki.server.key), "--metrics-port", "0")
     assert (status, line) == (
         1,
-        "flowcloud gateway: tls_key needs tls_cert (the gateway's certificate chain)",
+        "flowcloud gateway: tls_key_file needs tls_cert_file (the gateway's certificate chain)",
     )
 
 
@@ -282,7 +290,7 @@ def test_cli_edge_process_streams_over_mutual_tls(redis_url: str, pki: Pki) -> N
         token = await register(redis_url, "cli-cam")
         client = pki.client("cli-cam", san=True)  # the device id as a DNS subjectAltName
         async with tls_gateway(redis_url, pki, mutual=True).listen() as gw:
-            env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token, "FLOWCLOUD_EDGE_TLS_KEY": str(client.key)}
+            env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token, "FLOWCLOUD_EDGE_TLS_KEY_FILE": str(client.key)}
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "flowcloud.cli.main", "edge",
                 "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam", "--source", "synthetic",
