@@ -103,4 +103,6 @@ def describe_failure(exc: ssl.SSLError) -> str:
     if exc.reason in CLIENT_CERTIFICATE_ALERTS:
         alert = (exc.reason or "").split("ALERT_", 1)[-1].lower().replace("_", " ")
         return f"the gateway refused this device's TLS client certificate ({alert})"
+    if exc.reason == "WRONG_VERSION_NUMBER":
+        return "TLS error: the gateway does not seem to speak TLS (wrong version number)"
     return f"TLS error: {exc.reason or exc}"

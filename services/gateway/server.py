@@ -219,6 +219,8 @@ class Gateway:
         """The TLS handshake within the handshake deadline; False (logged, counted) when it fails."""
         assert self.tls is not None
         try:
+            # After the admission check, so an address over its limit costs no TLS work. (On 3.11 the
+            # StreamReader keeps pausing the TCP transport itself: backpressure still reaches the peer.)
             await writer.start_tls(self.tls, ssl_handshake_timeout=self.settings.handshake_timeout)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError; a timeout aborts the connection
             metrics.CONNECTIONS.labels(OUTCOME_TLS_FAILED).inc()

@@ -243,9 +243,14 @@ def test_plain_gateway_warns_and_tls_settings_are_checked(
         async with Gateway(gateway_settings(redis_url, decoder_spares=0)).listen() as gw:
             assert gw.tls is None
 
-    with caplog.at_level(logging.WARNING, logger="services.gateway.server"):
+            # A TLS edge against it: not a certificate problem, so retried until its source ends.
+            result = await run_edge(edge_config(gw.port, "cam-1", "token", pki.ca.path, frames=3))
+            assert (result.sent, result.sessions) == (0, 0)
+
+    with caplog.at_level(logging.WARNING):
         asyncio.run(scenario())
     assert any("TLS is off: device tokens and video travel in clear" in r.message for r in caplog.records)
+    assert any("the gateway does not seem to speak TLS" in r.message for r in caplog.records)
     with pytest.raises(ValueError, match="^tls_client_ca_file needs tls_cert_file"):
         Gateway(gateway_settings(redis_url, tls_client_ca_file=str(pki.ca.path)))
     with pytest.raises(ValueError, match="^cannot load the gateway certificate from .*missing.crt"):
@@ -290,7 +295,8 @@ def test_cli_edge_process_streams_over_mutual_tls(redis_url: str, pki: Pki) -> N
         token = await register(redis_url, "cli-cam")
         client = pki.client("cli-cam", san=True)  # the device id as a DNS subjectAltName
         async with tls_gateway(redis_url, pki, mutual=True).listen() as gw:
-            env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token, "FLOWCLOUD_EDGE_TLS_KEY_FILE": str(client.key)}
+            env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token}
+            env["FLOWCLOUD_EDGE_TLS_KEY_FILE"] = str(client.key)  # the key from the environment
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "flowcloud.cli.main", "edge",
                 "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam", "--source", "synthetic",
