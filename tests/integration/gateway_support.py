@@ -11,11 +11,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
 import av
 import numpy as np
+import pytest
 import redis
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
@@ -29,6 +31,7 @@ from flowcloud.protocol.handshake import Accept, ClockSync, Hello, Reject, Strea
 from flowcloud.protocol.rtp import RtpPacket
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import GatewaySettings
+from services.gateway.server import Gateway
 
 MODEL_H, MODEL_W = 64, 96
 FPS = 30.0
@@ -245,3 +248,37 @@ async def wait_for(
 async def session_ended(gateway: Any, device_id: str, count: int = 1, timeout: float = 10.0) -> bool:
     """Wait until ``count`` sessions of the device have ended on the gateway."""
     return await wait_for(lambda: gateway.services.ended[device_id] >= count, timeout)
+
+
+GOOD_FRAMES = 45
+GOOD_T0 = 1_764_000_000.0
+
+
+@cache
+def good_units() -> list[list[bytes]]:
+    return libx264_access_units(GOOD_FRAMES)
+
+
+def run_beside_good_stream(
+    redis_url: str, bad: Callable[[Gateway], Awaitable[None]], **settings: Any
+) -> None:
+    """Run ``bad`` while a good device streams 45 frames on the same gateway; check it lost none."""
+
+    async def main() -> None:
+        token = await register(redis_url, "good")
+        packets = rtp_packets(good_units(), GOOD_T0)
+        async with Gateway(gateway_settings(redis_url, **settings)).listen(port=0) as gw:
+            edge = await connect(gw.port, "good", token)
+
+            async def good() -> None:
+                await edge.send(packets, fps=FPS)
+                assert await wait_for(lambda: len(frames_on_redis(redis_url, "good")) >= GOOD_FRAMES, 20)
+                await edge.close()
+
+            await asyncio.gather(good(), bad(gw))
+        frames = frames_on_redis(redis_url, "good")
+        assert [f.seq for f in frames] == list(range(1, GOOD_FRAMES + 1))
+        for i, f in enumerate(frames):
+            assert f.capture_ts == pytest.approx(GOOD_T0 + i / FPS + edge.clock.offset, abs=2e-6)
+
+    asyncio.run(main())

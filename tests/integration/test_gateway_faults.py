@@ -8,8 +8,6 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Awaitable, Callable
-from functools import cache
 from typing import Any
 
 import pytest
@@ -27,6 +25,7 @@ from gateway_support import (
     read_reject,
     register,
     rtp_packets,
+    run_beside_good_stream,
     session_ended,
     wait_for,
 )
@@ -38,38 +37,7 @@ from flowcloud.protocol.rtp import RtpPacket
 from flowcloud.registry import DeviceRegistry
 from services.gateway.server import Gateway
 
-GOOD_FRAMES = 45
 T0 = 1_764_000_000.0
-
-
-@cache
-def good_units() -> list[list[bytes]]:
-    return libx264_access_units(GOOD_FRAMES)
-
-
-def run_beside_good_stream(
-    redis_url: str, bad: Callable[[Gateway], Awaitable[None]], **settings: Any
-) -> None:
-    """Run ``bad`` while a good device streams 45 frames on the same gateway; check it lost none."""
-
-    async def main() -> None:
-        token = await register(redis_url, "good")
-        packets = rtp_packets(good_units(), T0)
-        async with Gateway(gateway_settings(redis_url, **settings)).listen(port=0) as gw:
-            edge = await connect(gw.port, "good", token)
-
-            async def good() -> None:
-                await edge.send(packets, fps=FPS)
-                assert await wait_for(lambda: len(frames_on_redis(redis_url, "good")) >= GOOD_FRAMES, 20)
-                await edge.close()
-
-            await asyncio.gather(good(), bad(gw))
-        frames = frames_on_redis(redis_url, "good")
-        assert [f.seq for f in frames] == list(range(1, GOOD_FRAMES + 1))
-        for i, f in enumerate(frames):
-            assert f.capture_ts == pytest.approx(T0 + i / FPS + edge.clock.offset, abs=2e-6)
-
-    asyncio.run(main())
 
 
 def test_refusals_unknown_wrong_token_version_oversized_slow(redis_url: str) -> None:
@@ -357,7 +325,8 @@ def test_byte_rate_limit_throttles_without_loss(redis_url: str) -> None:
     assert metric("flowcloud_gateway_throttled_seconds_total") > throttled + 1.0
 
 
-def test_decoded_size_above_the_cap_is_dropped(redis_url: str) -> None:
+def test_stream_above_the_size_cap_is_dropped(redis_url: str) -> None:
+    """A device that declares 320x240 and sends 480x360: its SPS gives it away before decoding."""
     packets = rtp_packets(libx264_access_units(10, width=480, height=360), T0 + 700)
 
     async def bad(gw: Gateway) -> None:
@@ -371,3 +340,33 @@ def test_decoded_size_above_the_cap_is_dropped(redis_url: str) -> None:
     before = dropped("dimensions")
     run_beside_good_stream(redis_url, bad, max_width=320, max_height=240)
     assert dropped("dimensions") >= before + 10
+
+
+def test_decoder_backlog_drops_until_the_next_idr(redis_url: str) -> None:
+    """A burst faster than the decoder: access units beyond the backlog are dropped (counted), and
+    decoding resumes at an IDR, so what is published is whole GOP tails, in order, never garbage."""
+    units = libx264_access_units(150, gop=10)
+    packets = rtp_packets(units, T0 + 800)
+
+    async def main() -> None:
+        token = await register(redis_url, "burst")
+        settings = gateway_settings(redis_url, decoder_backlog=2, max_frames_per_second=10_000)
+        async with Gateway(settings).listen(port=0) as gw:
+            backlog, waiting = dropped("decoder_backlog"), dropped("await_idr")
+            edge = await connect(gw.port, "burst", token)
+            await edge.send(packets, fps=0)  # 150 frames at once: the decoder holds at most 2
+            await edge.close()
+            assert await session_ended(gw, "burst")
+            frames = frames_on_redis(redis_url, "burst")
+            lost_to_backlog = dropped("decoder_backlog") - backlog
+            lost_waiting = dropped("await_idr") - waiting
+        assert lost_to_backlog > 0
+        assert len(frames) + lost_to_backlog + lost_waiting == len(units)  # every unit accounted for
+        assert 0 < len(frames) < len(units)
+        assert [f.seq for f in frames] == list(range(1, len(frames) + 1))
+        # Each run of published frames starts at an IDR (every 10th unit): the capture times say which.
+        indices = [round((f.capture_ts - frames[0].capture_ts) * FPS) for f in frames]
+        runs = [i for k, i in enumerate(indices) if k == 0 or indices[k - 1] != i - 1]
+        assert indices[0] == 0 and all(i % 10 == 0 for i in runs), runs
+
+    asyncio.run(main())

@@ -16,9 +16,9 @@ from gateway_support import (
     libx264_access_units,
     register,
     rtp_packets,
+    run_beside_good_stream,
     session_ended,
 )
-from test_gateway_faults import run_beside_good_stream
 
 from flowcloud.protocol.h264 import NAL_TYPE_SPS, nal_type
 from services.gateway.server import Gateway
