@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from multiprocessing.queues import Queue
@@ -42,7 +43,7 @@ from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import frame
-from flowcloud.protocol.h264 import Packetizer, split_annexb
+from flowcloud.protocol.h264 import Packetizer, split_annexb, to_annexb
 from flowcloud.protocol.handshake import Hello, StreamInfo, client_handshake
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.registry import DeviceRegistry
@@ -83,7 +84,7 @@ def encode(frames: int, bitrate: int = 2_000_000, gop: int = 30) -> list[list[by
 def bare_decode_fps(units: list[list[bytes]], repeats: int = 3) -> float:
     """Frames/s of one single-threaded PyAV decoder on these access units (best of ``repeats``)."""
     best = 0.0
-    data = [b"".join(b"\x00\x00\x00\x01" + n for n in u) for u in units]
+    data = [to_annexb(u) for u in units]
     for _ in range(repeats):
         codec = av.CodecContext.create("h264", "r")
         codec.thread_count = 1
@@ -106,9 +107,7 @@ def pipeline_efficiency(units: list[list[bytes]], rounds: int = 3) -> tuple[floa
     messages = io.BytesIO()
     decoder._write(messages, decoder.KIND_CONFIG, 0, json.dumps(dataclasses.asdict(config)).encode())
     for tag, nals in enumerate(units):
-        decoder._write(
-            messages, decoder.KIND_ACCESS_UNIT, tag, b"".join(b"\x00\x00\x00\x01" + n for n in nals)
-        )
+        decoder._write(messages, decoder.KIND_ACCESS_UNIT, tag, to_annexb(nals))
     bare_ms, pipeline_ms = [], []
     for _ in range(rounds):
         bare_ms.append(1000 / bare_decode_fps(units, repeats=1))
@@ -118,6 +117,64 @@ def pipeline_efficiency(units: list[list[bytes]], rounds: int = 3) -> tuple[floa
         pipeline_ms.append(1000 * (time.process_time() - started) / len(units))
     bare, pipeline = statistics.median(bare_ms), statistics.median(pipeline_ms)
     return bare, pipeline, bare / pipeline
+
+
+def step_costs(units: list[list[bytes]], rounds: int = 3) -> dict[str, float]:
+    """CPU ms per frame of each step of the decoder process, alone (medians of ``rounds``): what the
+    0.7 goal leaves room for. Also the RGB route the decoder took before (swscale bgr24 + OpenCV's
+    libjpeg-turbo), as the baseline for the planes route it takes now."""
+    import cv2
+    from av.video.reformatter import VideoReformatter
+
+    from flowcloud.frames import encode_yuv420_jpeg
+    from services.gateway.decoder import DecoderConfig, PictureEncoder, _plane
+
+    cv2.setNumThreads(1)
+    codec = av.CodecContext.create("h264", "r")
+    codec.thread_count = 1
+    pictures = [p for u in units for p in codec.decode(av.Packet(to_annexb(u)))]
+    config = DecoderConfig(out_width=512, out_height=256)
+    scaler = VideoReformatter()
+
+    def resized(picture: av.VideoFrame, pixel_format: str) -> av.VideoFrame:
+        return scaler.reformat(picture, 512, 256, pixel_format, interpolation="BILINEAR", threads=1)
+
+    scaled = [resized(p, "yuvj420p") for p in pictures]
+
+    def scale() -> None:
+        for p in pictures:
+            resized(p, "yuvj420p")
+
+    def jpeg() -> None:
+        for s in scaled:
+            y, u, v = (_plane(plane) for plane in s.planes)
+            encode_yuv420_jpeg(y, u, v)
+
+    def planes_route() -> None:
+        encoder = PictureEncoder(config)
+        for p in pictures:
+            encoder.encode(p)
+
+    def rgb_route() -> None:
+        for p in pictures:
+            bgr = resized(p, "bgr24").to_ndarray()
+            cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+
+    def cost(step: Callable[[], None]) -> float:
+        times = []
+        for _ in range(rounds):
+            started = time.process_time()
+            step()
+            times.append(1000 * (time.process_time() - started) / len(pictures))
+        return statistics.median(times)
+
+    return {
+        "decode": 1000 / bare_decode_fps(units, repeats=rounds),
+        "scale to 512x256 yuvj420p": cost(scale),
+        "JPEG q90 from the planes": cost(jpeg),
+        "scale + JPEG, planes route (now)": cost(planes_route),
+        "scale + JPEG, RGB route (before)": cost(rgb_route),
+    }
 
 
 def packets_of(units: list[list[bytes]], t0: float) -> list[bytes]:
@@ -308,6 +365,7 @@ def main() -> None:
         rt = asyncio.run(run_gateway(server.url, args.streams, units, paced=True))
         full = asyncio.run(run_gateway(server.url, 1, units[: 2 * FPS], paced=True, model_size="480x640"))
     eff_bare, eff_pipeline, eff = pipeline_efficiency(units)
+    steps = step_costs(units)
     # The machine may be shared: decode again and compare against the mean of before and after.
     bare_after = bare_decode_fps(units)
     print(f"bare PyAV decode after the runs: {bare_after:.0f} frames/s", flush=True)
@@ -349,6 +407,12 @@ def main() -> None:
         ("bytes per frame on Redis (JPEG q90 256x512)", f"{sat.bytes_per_frame / 1024:.1f} KB"),
         ("bytes per frame on Redis (JPEG q90 480x640)", f"{full.bytes_per_frame / 1024:.1f} KB"),
     ]
+    rows.append(("decoder steps alone, CPU ms per frame", ""))
+    rows.extend((f"  {name}", f"{ms:.2f} ms") for name, ms in steps.items())
+    speedup = steps["scale + JPEG, RGB route (before)"] / steps["scale + JPEG, planes route (now)"]
+    rows.append(("  planes route vs RGB route", f"{speedup:.2f}x faster"))
+    budget = steps["decode"] / 0.7 - steps["decode"]
+    rows.append(("  room the 0.7 goal leaves beside decoding", f"{budget:.2f} ms"))
     width = max(len(r[0]) for r in rows)
     print()
     for name, value in rows:

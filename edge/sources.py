@@ -40,6 +40,7 @@ from flowcloud.protocol.h264 import (
     split_annexb,
 )
 from flowcloud.protocol.rtp import RtpPacket
+from flowcloud.protocol.sps import SequenceParameterSet
 
 log = logging.getLogger(__name__)
 
@@ -354,16 +355,17 @@ def dedupe_parameter_sets(nals: list[bytes]) -> list[bytes]:
     return out
 
 
-def _decoded_size(nals: list[bytes]) -> tuple[int, int] | None:
-    codec = av.CodecContext.create("h264", "r")
-    data = b"".join(b"\x00\x00\x00\x01" + n for n in nals)
-    try:
-        packets = codec.parse(data) + codec.parse(b"")  # b"" flushes the parser's last picture
-        frames = [f for p in packets for f in codec.decode(p)]
-        frames += codec.decode(None)
-    except av.error.FFmpegError:
-        return None
-    return (frames[0].width, frames[0].height) if frames else None
+def _announced_size(nals: list[bytes]) -> tuple[int, int] | None:
+    """The picture size the access unit's SPS announces (None without a parsable SPS)."""
+    for nal in nals:
+        if nal_type(nal) == NAL_TYPE_SPS:
+            try:
+                sps = SequenceParameterSet.parse(nal)
+            except ProtocolError as exc:
+                log.warning("relay: ignoring an SPS that does not parse: %s", exc)
+                continue
+            return sps.width, sps.height
+    return None
 
 
 class Rfc4571RelaySource(_Stoppable):
@@ -431,7 +433,7 @@ class Rfc4571RelaySource(_Stoppable):
         """Wait for the first keyframe and learn the stream size from it."""
         self._upstream = self._read()
         for au in self._upstream:
-            if au.keyframe and (size := _decoded_size(au.nals)) is not None:
+            if au.keyframe and (size := _announced_size(au.nals)) is not None:
                 self._first = au
                 return StreamShape(size[0], size[1], self.fps)
         raise SourceError("rfc4571 relay stopped before a keyframe arrived")
