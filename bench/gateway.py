@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import frame
 from flowcloud.protocol.h264 import Packetizer, split_annexb, to_annexb
 from flowcloud.protocol.handshake import Hello, StreamInfo, client_handshake
+from flowcloud.protocol.tls import client_context
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import GatewaySettings
@@ -192,9 +194,13 @@ def _is_marker(framed: bytes) -> bool:
     return len(framed) > 3 and bool(framed[3] & 0x80)
 
 
-async def _stream(port: int, device: str, token: str, packets: list[bytes], paced: bool) -> float:
-    """Send one stream; the seconds its sending took (at 30 fps: the video's length, if kept up)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _stream(
+    port: int, device: str, token: str, packets: list[bytes], paced: bool, ca: str | None
+) -> float:
+    """Send one stream; the seconds its sending took (at 30 fps: the video's length, if kept up).
+    With ``ca`` (the gateway's self-signed certificate) the connection is TLS, verified against it."""
+    tls = client_context(ca) if ca else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     await client_handshake(reader, writer, Hello(device, token, StreamInfo(WIDTH, HEIGHT, FPS)), timeout=10)
     started = time.monotonic()
     units = 0
@@ -212,13 +218,15 @@ async def _stream(port: int, device: str, token: str, packets: list[bytes], pace
     return time.monotonic() - started
 
 
-def _send_all(port: int, tokens: list[str], packets: list[bytes], paced: bool, out: Queue[float]) -> None:
+def _send_all(
+    port: int, tokens: list[str], packets: list[bytes], paced: bool, ca: str | None, out: Queue[float]
+) -> None:
     """The edges, in their own process so that the gateway is measured alone."""
 
     async def main() -> list[float]:
         return list(
             await asyncio.gather(
-                *(_stream(port, f"bench-{i}", t, packets, paced) for i, t in enumerate(tokens))
+                *(_stream(port, f"bench-{i}", t, packets, paced, ca) for i, t in enumerate(tokens))
             )
         )
 
@@ -250,8 +258,26 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def self_signed(directory: Path) -> tuple[str, str]:
+    """(certificate, key) PEM files for 127.0.0.1, made with the openssl command (EC P-256)."""
+    cert, key = directory / "gateway.pem", directory / "gateway.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
 async def run_gateway(
-    redis_url: str, n: int, units: list[list[bytes]], paced: bool, model_size: str = "256x512"
+    redis_url: str,
+    n: int,
+    units: list[list[bytes]],
+    paced: bool,
+    model_size: str = "256x512",
+    tls: tuple[str, str] | None = None,
 ) -> RunResult:
     from prometheus_client import REGISTRY
 
@@ -274,6 +300,8 @@ async def run_gateway(
         max_bytes_per_second=10**9,
         publish_queue=100_000,
         decoder_spares=min(n, 8),
+        tls_cert_file=tls[0] if tls else None,
+        tls_key_file=tls[1] if tls else None,
     )
     t0 = time.time()
     all_packets = packets_of(units, t0)
@@ -294,7 +322,8 @@ async def run_gateway(
         started = time.monotonic()
         context = multiprocessing.get_context("spawn")
         send_time: Queue[float] = context.Queue()
-        edges = context.Process(target=_send_all, args=(gw.port, tokens, all_packets, paced, send_time))
+        ca = tls[0] if tls else None  # self-signed: the certificate is its own CA
+        edges = context.Process(target=_send_all, args=(gw.port, tokens, all_packets, paced, ca, send_time))
         edges.start()
         # Measure the steady state: from every stream publishing to 90% of the frames published
         # (decoder start-up, an interpreter per session, is not decoding work).
@@ -347,6 +376,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8, help="real-time streams (default 8)")
     parser.add_argument("--saturate", type=int, default=4, help="streams in the saturation run (default 4)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each stream (default 8 s)")
+    parser.add_argument(
+        "--tls", action="store_true", help="also run the saturation and real-time runs over TLS, and compare"
+    )
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     frames = int(args.seconds * FPS)
@@ -364,6 +396,10 @@ def main() -> None:
         sat = asyncio.run(run_gateway(server.url, args.saturate, units, paced=False))
         rt = asyncio.run(run_gateway(server.url, args.streams, units, paced=True))
         full = asyncio.run(run_gateway(server.url, 1, units[: 2 * FPS], paced=True, model_size="480x640"))
+        if args.tls:
+            pem = self_signed(Path(tmp))
+            sat_tls = asyncio.run(run_gateway(server.url, args.saturate, units, paced=False, tls=pem))
+            rt_tls = asyncio.run(run_gateway(server.url, args.streams, units, paced=True, tls=pem))
     eff_bare, eff_pipeline, eff = pipeline_efficiency(units)
     steps = step_costs(units)
     # The machine may be shared: decode again and compare against the mean of before and after.
@@ -407,6 +443,16 @@ def main() -> None:
         ("bytes per frame on Redis (JPEG q90 256x512)", f"{sat.bytes_per_frame / 1024:.1f} KB"),
         ("bytes per frame on Redis (JPEG q90 480x640)", f"{full.bytes_per_frame / 1024:.1f} KB"),
     ]
+    if args.tls:
+        tls_main = sat_tls.main_cpu_s / max(1, sat_tls.window_frames)
+        tls_cpu = sat_tls.cpu_s / max(1, sat_tls.window_frames)
+        rows += [
+            (f"TLS: {sat_tls.streams} streams as fast as they go", f"{sat_tls.frames_published} published"),
+            ("  gateway process CPU/frame, TLS vs plain", f"{1e3 * tls_main:.2f} vs {1e3 * sat_main:.2f} ms"),
+            ("  with decoders CPU/frame, TLS vs plain", f"{1e3 * tls_cpu:.2f} vs {1e3 * sat_cpu:.2f} ms"),
+            (f"TLS: real time, {rt_tls.streams} x 30 fps", f"{rt_tls.frames_published}/{rt_tls.frames_sent}"),
+            ("  slowest edge's sending time", f"{rt_tls.sending_s:.2f} s for {args.seconds:g} s of video"),
+        ]
     rows.append(("decoder steps alone, CPU ms per frame", ""))
     rows.extend((f"  {name}", f"{ms:.2f} ms") for name, ms in steps.items())
     speedup = steps["scale + JPEG, RGB route (before)"] / steps["scale + JPEG, planes route (now)"]
