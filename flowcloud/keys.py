@@ -62,7 +62,7 @@ M_FPS = "fps"
 M_LAST_SEEN = "last_seen"  # unix seconds of the last frame published
 M_STARTED = "started"  # unix seconds the current (or last) session began
 M_STATUS = "status"  # STATUS_LIVE while a session is open, else STATUS_IDLE
-M_LAST_SEQ = "last_seq"  # the last frame seq published: seqs stay monotonic across reconnects
+M_LAST_SEQ = "last_seq"  # the last frame seq handed out (gateways HINCRBY it): unique across replicas
 STATUS_LIVE = "live"
 STATUS_IDLE = "idle"
 
@@ -85,7 +85,8 @@ def attempts(stream_id: str, seq: int) -> str:
 
 # --- devices and API keys -------------------------------------------------------------------
 DEVICES_INDEX = f"{PREFIX}:devices"  # set of device ids
-DEVICE_EVENTS = f"{PREFIX}:device-events"  # pub/sub channel: "revoked <id>" / "rotated <id>"
+# pub/sub channel: "revoked <id>", "rotated <id>", "connected <id> <session>" (flowcloud.registry)
+DEVICE_EVENTS = f"{PREFIX}:device-events"
 
 
 def device(device_id: str) -> str:

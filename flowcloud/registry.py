@@ -4,7 +4,10 @@ Devices live in Redis (``keys.device(id)`` hashes plus the ``keys.DEVICES_INDEX`
 is shown once, when it is made (`add`, `rotate`); Redis keeps only a salted hash of it, and
 `verify` compares in constant time (flowcloud.tokens). `revoke` and `rotate` publish an event on
 ``keys.DEVICE_EVENTS`` ("revoked <id>" / "rotated <id>") so that a gateway closes the device's
-live session at once. A revoked device stays listed (with its revocation time) and cannot stream
+live session at once. A gateway that opens a session announces it there too (`announce_session`,
+"connected <id> <session>"), so that a gateway replica still holding an older session of the
+device (a half-open connection the edge has given up on) closes it: one live session per device
+across all replicas. A revoked device stays listed (with its revocation time) and cannot stream
 again: register it under a new id.
 
 Used by the CLI (`flowcloud devices`), the gateway (`verify`) and the API (`/devices`).
@@ -30,6 +33,7 @@ from flowcloud.protocol.handshake import (
 DEFAULT_TENANT = "default"
 EVENT_REVOKED = "revoked"
 EVENT_ROTATED = "rotated"
+EVENT_CONNECTED = "connected"
 
 # DeviceAuthError codes are the handshake's REJECT codes (one owner: flowcloud.protocol.handshake).
 UNKNOWN_DEVICE = REJECT_UNKNOWN_DEVICE
@@ -93,13 +97,22 @@ def validate_device_id(device_id: str) -> str:
     return device_id
 
 
-def parse_event(message: bytes | str) -> tuple[str, str] | None:
-    """(event, device id) of a DEVICE_EVENTS message, or None when it is not one."""
+@dataclass(frozen=True)
+class DeviceEvent:
+    kind: str  # EVENT_REVOKED, EVENT_ROTATED or EVENT_CONNECTED
+    device_id: str
+    session_id: str | None = None  # EVENT_CONNECTED: the new session
+
+
+def parse_event(message: bytes | str) -> DeviceEvent | None:
+    """A DEVICE_EVENTS message, or None when it is not one."""
     text = message.decode(errors="replace") if isinstance(message, bytes) else message
-    event, _, device_id = text.partition(" ")
-    if event not in (EVENT_REVOKED, EVENT_ROTATED) or not device_id:
-        return None
-    return event, device_id
+    kind, *words = text.split(" ")
+    if kind in (EVENT_REVOKED, EVENT_ROTATED) and len(words) == 1 and words[0]:
+        return DeviceEvent(kind, words[0])
+    if kind == EVENT_CONNECTED and len(words) == 2 and all(words):
+        return DeviceEvent(kind, words[0], words[1])
+    return None
 
 
 def _text(fields: dict[Any, Any], name: str) -> str | None:
@@ -171,6 +184,10 @@ class DeviceRegistry:
             pipe.hgetall(keys.device(device_id))
         out = [_device(i, f) for i, f in zip(ids, await pipe.execute(), strict=True) if f]
         return [d for d in out if tenant is None or d.tenant == tenant]
+
+    async def announce_session(self, device_id: str, session_id: str) -> None:
+        """Tell every gateway that ``session_id`` is now the device's live session."""
+        await self.redis.publish(keys.DEVICE_EVENTS, f"{EVENT_CONNECTED} {device_id} {session_id}")
 
     async def revoke(self, device_id: str) -> Device:
         """Revoke a device for good; its live session is closed (event on DEVICE_EVENTS)."""

@@ -4,9 +4,12 @@ One `FramePublisher` per gateway. Sessions hand it decoded frames without waitin
 (`submit`); a single task writes them in pipelined batches, so per-stream order is the order of
 submission. The queue is bounded: when Redis is slow or down the oldest frames are dropped and
 counted, sessions stay alive, memory stays bounded, and publishing resumes when Redis answers
-again. The publisher assigns each frame its ``seq``: one more than the stream's last published
-seq, which is kept in the stream's metadata hash (``keys.M_LAST_SEQ``) so that seqs stay
-monotonic across reconnects and gateway restarts, and results never collide.
+again. The publisher assigns each frame its ``seq`` from a counter in Redis, the stream's
+metadata hash field ``keys.M_LAST_SEQ``: one HINCRBY per stream and batch reserves the batch's
+seqs before its XADDs. Seqs therefore stay unique and increasing across reconnects, gateway
+restarts and gateway replicas (two replicas may briefly both publish a device's frames while one
+closes a replaced session), and results, keyed by seq, never collide. A reserved seq whose frame
+is not written (Redis failed mid-batch) is a gap, never reused.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 
 from redis.asyncio import Redis
@@ -130,16 +133,14 @@ class FramePublisher:
 
     async def _publish(self, batch: list[Frame]) -> None:
         started = time.perf_counter()
-        unknown = sorted({f.stream for f in batch} - self._last_seq.keys())
-        if unknown:
-            self._last_seq.update(await self._load_last_seqs(unknown))
+        first_seqs = await self._reserve_seqs(Counter(f.stream for f in batch))
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
-        seqs = dict(self._last_seq)
+        seqs = dict(first_seqs)
         last_seen: dict[str, float] = {}
         for pending in batch:
-            seqs[pending.stream] += 1
             frame = replace(pending, seq=seqs[pending.stream])
+            seqs[pending.stream] += 1
             entry = frame.to_fields()
             pipe.xadd(keys.FRAMES_STREAM, entry, maxlen=self.frames_maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.xadd(
@@ -150,32 +151,30 @@ class FramePublisher:
             )
             last_seen[pending.stream] = time.time()
         for stream, seen in last_seen.items():
-            meta.setdefault(stream, {}).update(
-                {keys.M_LAST_SEEN: repr(seen), keys.M_LAST_SEQ: str(seqs[stream])}
-            )
+            meta.setdefault(stream, {})[keys.M_LAST_SEEN] = repr(seen)
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
             pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, time.time()))})
         try:
             await pipe.execute()
         except BaseException:
-            # Some entries may have been written: never hand their seqs out again (gaps are fine).
-            self._last_seq = seqs
             # Put the metadata back (newer updates win); frames of a failed batch are not retried.
             for stream, fields in meta.items():
-                fields.pop(keys.M_LAST_SEQ, None)
                 fields.pop(keys.M_LAST_SEEN, None)
                 if fields:
                     self._meta[stream] = {**fields, **self._meta.get(stream, {})}
             raise
-        self._last_seq = seqs
+        self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(batch)
         metrics.FRAMES_PUBLISHED.inc(len(batch))
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _load_last_seqs(self, streams: list[str]) -> dict[str, int]:
+    async def _reserve_seqs(self, counts: Counter[str]) -> dict[str, int]:
+        """The first of ``counts[stream]`` consecutive new seqs of each stream (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
-        for stream in streams:
-            pipe.hget(keys.stream_meta(stream), keys.M_LAST_SEQ)
-        values = await pipe.execute()
-        return {s: int(v) if v is not None else 0 for s, v in zip(streams, values, strict=True)}
+        for stream, count in counts.items():
+            pipe.hincrby(keys.stream_meta(stream), keys.M_LAST_SEQ, count)
+        lasts = await pipe.execute()
+        return {
+            stream: int(last) - count + 1 for (stream, count), last in zip(counts.items(), lasts, strict=True)
+        }

@@ -6,10 +6,12 @@
 A connection is first counted against its address (``max_connections_per_ip``; above it the
 gateway answers REJECT ``limit`` before reading a byte), then handed to a `Session`. The
 gateway subscribes to ``keys.DEVICE_EVENTS``: "revoked <id>" / "rotated <id>" closes that
-device's live session at once; after a lost subscription (Redis restarted) every live session
-is re-verified, so a revocation missed meanwhile still takes effect. `close()` (SIGTERM) stops
-accepting, ends every session letting frames in flight be decoded and published within
-``drain_timeout``, and stops the publisher and the spare decoders.
+device's live session at once, and "connected <id> <session>" closes a live session of the device
+other than the one named (the edge reconnected, perhaps through another gateway replica: the
+newest session wins across replicas as it does within one gateway); after a lost subscription
+(Redis restarted) every live session is re-verified, so a revocation missed meanwhile still
+takes effect. `close()` (SIGTERM) stops accepting, ends every session letting frames in flight be
+decoded and published within ``drain_timeout``, and stops the publisher and the spare decoders.
 
 With ``tls_cert_file`` the device port speaks TLS only (`flowcloud.protocol.tls`). The TLS handshake
 starts after the per-address admission (an address over its limit is closed before any TLS work)
@@ -40,14 +42,22 @@ from flowcloud.frames import ENCODINGS
 from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
 from flowcloud.protocol.tls import server_context
-from flowcloud.registry import EVENT_REVOKED, DeviceRegistry, parse_event
+from flowcloud.registry import EVENT_CONNECTED, EVENT_REVOKED, DeviceRegistry, parse_event
 from flowcloud.settings import GatewaySettings
 from services.gateway import metrics
 from services.gateway.certificates import CertificateBoundRegistry
 from services.gateway.decoder import DecoderConfig, DecoderPool
 from services.gateway.limits import ConnectionLimiter
 from services.gateway.publisher import FramePublisher
-from services.gateway.session import END_REVOKED, END_ROTATED, END_SHUTDOWN, Refused, Session, SessionServices
+from services.gateway.session import (
+    END_REPLACED,
+    END_REVOKED,
+    END_ROTATED,
+    END_SHUTDOWN,
+    Refused,
+    Session,
+    SessionServices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +298,22 @@ class Gateway:
         event = parse_event(data)
         if event is None:
             return
-        kind, device_id = event
-        session = self.sessions.get(device_id)
+        session = self.sessions.get(event.device_id)
         if session is None:
             return
-        log.info("device %s %s: closing session %s", device_id, kind, session.session_id)
+        if event.kind == EVENT_CONNECTED:
+            if event.session_id != session.session_id:  # our own announcement names our session
+                log.info(
+                    "device %s connected again (session %s, maybe elsewhere): closing session %s",
+                    event.device_id,
+                    event.session_id,
+                    session.session_id,
+                )
+                self._close_soon(session, END_REPLACED)
+            return
+        log.info("device %s %s: closing session %s", event.device_id, event.kind, session.session_id)
         # A rotated token ends the session too: the edge must reconnect with its new token.
-        self._close_soon(session, END_REVOKED if kind == EVENT_REVOKED else END_ROTATED)
+        self._close_soon(session, END_REVOKED if event.kind == EVENT_REVOKED else END_ROTATED)
 
     def _close_soon(self, session: Session, reason: str) -> None:
         task = asyncio.create_task(session.close(reason))

@@ -8,10 +8,13 @@ session limit gets a REJECT with a code and a reason, then the connection is clo
 
 **One live session per device: the newest wins.** When a device that already has a live
 session completes a new handshake, the old session is closed (reason ``replaced``) and the new
-one takes over its stream. An edge whose link dropped without a FIN (a half-open TCP connection
-behind NAT is the common case) can therefore reconnect at once instead of being refused
-``busy`` until the old connection times out; only a holder of the device's current token can
-take the stream over, and frame seqs stay monotonic across the switch (see publisher.py).
+one takes over its stream: at once on the same gateway, and through the "connected" device event
+(`DeviceRegistry.announce_session`) on any other gateway replica, since a reconnecting edge may
+land on another one behind the load balancer. An edge whose link dropped without a FIN (a
+half-open TCP connection behind NAT is the common case) can therefore reconnect at once instead
+of being refused ``busy`` until the old connection times out; only a holder of the device's
+current token can take the stream over, and frame seqs stay unique and increasing across the
+switch, whichever replicas publish (see publisher.py).
 
 After the handshake, packets go through the protocol's `Depacketizer` (which bounds NAL-unit
 and access-unit sizes and drops broken access units until the next IDR), per-device token
@@ -245,6 +248,10 @@ class Session:
                 previous.session_id,
             )
             await previous.close(END_REPLACED)
+        try:  # other gateway replicas close any session of this device they still hold
+            await self.services.registry.announce_session(device.device_id, self.session_id)
+        except (RedisError, OSError) as exc:
+            log.warning("session %s: could not announce it to other gateways: %s", self.session_id, exc)
         metrics.SESSIONS.inc()
         started = time.time()
         self.services.publisher.set_meta(
@@ -547,7 +554,8 @@ class Session:
                 self._recorder.close()
             if self.services.live.get(device_id) is self:
                 del self.services.live[device_id]
-                self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
+                if self.end_reason != END_REPLACED:  # else the replacing session (maybe elsewhere) owns it
+                    self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
             metrics.SESSIONS.dec()
             self.services.ended[device_id] += 1
             metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()

@@ -18,6 +18,7 @@ from flowcloud.registry import (
     REVOKED,
     UNKNOWN_DEVICE,
     DeviceAuthError,
+    DeviceEvent,
     DeviceExistsError,
     DeviceNotFoundError,
     DeviceRegistry,
@@ -103,7 +104,7 @@ def test_revoke_publishes_and_refuses(redis_url: str) -> None:
         device = await registry.revoke("cam")
         assert device.revoked is not None and not device.active
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
-        assert message is not None and parse_event(message["data"]) == ("revoked", "cam")
+        assert message is not None and parse_event(message["data"]) == DeviceEvent("revoked", "cam")
         await pubsub.aclose()
         with pytest.raises(DeviceAuthError) as info:
             await registry.verify("cam", token)
@@ -142,9 +143,24 @@ def test_list_sorted_and_filtered(redis_url: str) -> None:
 
 
 def test_parse_event() -> None:
-    assert parse_event(b"rotated cam-1") == ("rotated", "cam-1")
-    assert parse_event("hello world") is None
-    assert parse_event(b"revoked") is None
+    assert parse_event(b"rotated cam-1") == DeviceEvent("rotated", "cam-1")
+    assert parse_event(b"connected cam-1 9f3a") == DeviceEvent("connected", "cam-1", "9f3a")
+    for bad in ("hello world", b"revoked", b"revoked a b", b"connected cam-1", b"connected cam-1 ", b""):
+        assert parse_event(bad) is None, bad
+
+
+def test_announced_sessions_reach_subscribers(redis_url: str) -> None:
+    async def body(registry: DeviceRegistry) -> None:
+        pubsub = registry.redis.pubsub()
+        await pubsub.subscribe(keys.DEVICE_EVENTS)
+        await pubsub.get_message(timeout=1)  # the subscribe confirmation
+        await registry.announce_session("cam", "0123abcd")
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert message is not None
+        assert parse_event(message["data"]) == DeviceEvent("connected", "cam", "0123abcd")
+        await pubsub.aclose()
+
+    with_registry(redis_url, body)
 
 
 def test_cli_add_list_rotate_revoke(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
