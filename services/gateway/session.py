@@ -92,6 +92,9 @@ END_SHUTDOWN = "shutdown"
 END_MALFORMED = "malformed"
 END_ERROR = "error"
 
+# SPSs one access unit may carry: one is the norm; more than a few is an attack on the parser.
+MAX_SPS_PER_ACCESS_UNIT = 4
+
 READ_CHUNK = 1 << 16
 DRAIN_READ_TIMEOUT = 0.1
 FLUSH_TIMEOUT = 5.0  # how long a session that ends waits for its frames in flight
@@ -160,6 +163,7 @@ class Session:
         self._dropped_seen = 0
         self._need_idr = False
         self._oversized_sps: set[int] = set()  # ids of refused SPSs not yet replaced by acceptable ones
+        self._last_sps: bytes | None = None  # the last SPS parsed: its repeats need no parsing
         self._next_tag = 0
         self._in_flight = 0
         self._pending: dict[int, tuple[float, float]] = {}  # tag -> (capture_ts, recv_ts)
@@ -401,9 +405,15 @@ class Session:
     def _size_allowed(self, au: AccessUnit) -> bool:
         """Check the access unit's SPS against the size cap; False (counted) when it may not be decoded."""
         s = self.settings
-        for nal in au.nals:
-            if nal_type(nal) != NAL_TYPE_SPS:
-                continue
+        sps_nals = [nal for nal in au.nals if nal_type(nal) == NAL_TYPE_SPS]
+        if len(sps_nals) > MAX_SPS_PER_ACCESS_UNIT:
+            log.debug("session %s: access unit with %d SPSs dropped", self.session_id, len(sps_nals))
+            self._drop(DROP_MALFORMED)
+            self._need_idr = True
+            return False
+        for nal in sps_nals:
+            if nal == self._last_sps:
+                continue  # encoders repeat their SPS at every IDR: it was checked when it first came
             try:
                 sps = SequenceParameterSet.parse(nal)
             except ProtocolError as exc:
@@ -411,6 +421,7 @@ class Session:
                 self._drop(DROP_MALFORMED)
                 self._need_idr = True
                 return False
+            self._last_sps = nal
             if sps.width <= s.max_width and sps.height <= s.max_height:
                 self._oversized_sps.discard(sps.sps_id)
                 continue
@@ -432,14 +443,14 @@ class Session:
         return True
 
     async def _decode(self, au: AccessUnit, recv_ts: float, limits: DeviceLimits) -> None:
+        if not limits.frames.try_take():  # first: it also bounds the parsing work a device can cause
+            self._drop(metrics.DROP_RATE_LIMIT)
+            self._need_idr = True
+            return
         if not self._size_allowed(au):
             return
         if self._need_idr and not au.keyframe:
             self._drop(metrics.DROP_AWAIT_IDR)
-            return
-        if not limits.frames.try_take():
-            self._drop(metrics.DROP_RATE_LIMIT)
-            self._need_idr = True
             return
         if self._in_flight >= self.settings.decoder_backlog:
             self._drop(metrics.DROP_DECODER_BACKLOG)

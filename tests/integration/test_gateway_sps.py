@@ -22,6 +22,7 @@ from gateway_support import (
 
 from flowcloud.protocol.h264 import NAL_TYPE_SPS, nal_type
 from services.gateway.server import Gateway
+from services.gateway.session import MAX_SPS_PER_ACCESS_UNIT
 
 T0 = 1_765_000_000.0
 
@@ -61,3 +62,25 @@ def test_oversized_sps_is_dropped_before_decoding(redis_url: str, caplog: pytest
     assert len(refusals) == 1
     # The decoder's own size check (its second line of defence) never saw the 1280x720 stream.
     assert not [m for m in messages if "frame is 1280x720" in m]
+
+
+def test_access_unit_flooded_with_sps_is_dropped_unparsed(redis_url: str) -> None:
+    """Five SPSs in one access unit (one is the norm) is an attack on the parser: dropped as
+    ``malformed`` without parsing any of them, and decoding resumes at the next IDR."""
+    small = libx264_access_units(5, width=320, height=240)
+    sps = next(nal for nal in small[0] if nal_type(nal) == NAL_TYPE_SPS)
+    flooded = rtp_packets([[sps] * (MAX_SPS_PER_ACCESS_UNIT + 1) + small[0], *small[1:]], T0 + 300)
+    good_again = rtp_packets(libx264_access_units(10, width=320, height=240), T0 + 400)
+
+    async def bad(gw: Gateway) -> None:
+        token = await register(redis_url, "flood")
+        edge = await connect(gw.port, "flood", token)
+        await edge.send(flooded)
+        await edge.send(good_again)
+        await edge.close()
+        assert await session_ended(gw, "flood")
+
+    before = {reason: dropped(reason) for reason in ("malformed", "await_idr")}
+    run_beside_good_stream(redis_url, bad)
+    assert {reason: dropped(reason) - before[reason] for reason in before} == {"malformed": 1, "await_idr": 4}
+    assert [f.seq for f in frames_on_redis(redis_url, "flood")] == list(range(1, 11))
