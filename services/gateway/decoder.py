@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
+from flowcloud.frames import encode_image, encode_yuv420_jpeg
+
 if TYPE_CHECKING:
     import av
     import av.video.plane
@@ -297,8 +299,6 @@ class PictureEncoder:
         self._reformatter = VideoReformatter()
 
     def encode(self, picture: av.VideoFrame) -> bytes:
-        from flowcloud.frames import encode_image, encode_yuv420_jpeg
-
         c = self.config
         if c.encoding == "jpeg" and picture.colorspace in self.JFIF_MATRICES:
             scaled = self._scale(picture, "yuvj420p")
