@@ -215,6 +215,9 @@ def segmented_count(client: redis.Redis, stream: str, base_seq: int) -> int:
 
 def collect(client: redis.Redis, base_seq: int, oracle: SceneOracle | None, sent: int) -> Summary:
     stream = DEMO_DEVICE
+    # The counts first, together: scoring below takes seconds, and a count read after it would be
+    # seconds newer than ``sent`` (published ran ahead of sent in the live lines).
+    published = last_seq(client, stream) - base_seq
     segmented = segmented_count(client, stream, base_seq)
     lat = latencies(client, stream, base_seq)
     miou = accuracy = None
@@ -223,7 +226,7 @@ def collect(client: redis.Redis, base_seq: int, oracle: SceneOracle | None, sent
         miou, accuracy, scored = score_stream(client, stream, base_seq, oracle)
     return Summary(
         sent=sent,
-        published=last_seq(client, stream) - base_seq,
+        published=published,
         segmented=segmented,
         latency_p50=float(np.percentile(lat, 50)) if lat else None,
         latency_p95=float(np.percentile(lat, 95)) if lat else None,
