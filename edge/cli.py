@@ -63,9 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         metavar="SRC",
-        help="synthetic (default), camera:/dev/videoN, gst:PIPELINE, a video file, rtsp://..., rfc4571://HOST:PORT",
+        help="synthetic (default), camera:/dev/videoN, gst:PIPELINE, a video file, rtsp://..., "
+        "rfc4571://HOST:PORT, or a gateway recording (FILE.rfc4571, replayed at its pace)",
     )
-    parser.add_argument("--loop", action="store_true", help="repeat a video file forever")
+    parser.add_argument("--loop", action="store_true", help="repeat a video file or recording forever")
     parser.add_argument("--frames", type=int, metavar="N", help="stop after N frames")
     parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     parser.add_argument("--bitrate", type=int, metavar="BPS", help="H.264 target bitrate in bits/s")

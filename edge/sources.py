@@ -4,8 +4,9 @@ Picture sources (encoded here): ``camera:/dev/videoN`` (OpenCV, V4L2), ``gst:PIP
 GStreamer source pipeline, e.g. ``nvarguscamerasrc`` on a Jetson; also ``camera:gst:...``), a video
 file (``--loop`` to repeat it), ``synthetic`` (the street-scene generator when it is installed,
 else a moving test pattern). Relay sources (H.264 passed through without re-encoding):
-``rtsp://...`` (PyAV demux) and ``rfc4571://HOST:PORT`` (listen for RTP/H.264 in RFC 4571, as
-``rtph264pay ! rtpstreampay ! tcpclientsink`` sends it).
+``rtsp://...`` (PyAV demux), ``rfc4571://HOST:PORT`` (listen for RTP/H.264 in RFC 4571, as
+``rtph264pay ! rtpstreampay ! tcpclientsink`` sends it) and a ``.rfc4571`` file that the gateway
+recorded (``--record``), replayed at its recorded pace.
 
 Every source is a blocking iterator, run in the daemon's capture thread; ``stop()`` may be called
 from another thread and ends the iteration soon after.
@@ -13,13 +14,15 @@ from another thread and ends the iteration soon after.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -35,6 +38,7 @@ from flowcloud.protocol.h264 import (
     NAL_TYPE_IDR,
     NAL_TYPE_PPS,
     NAL_TYPE_SPS,
+    AccessUnit,
     Depacketizer,
     nal_type,
     split_annexb,
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_SEED = 7
 RELAY_ACCEPT_POLL = 0.2  # seconds between checks of stop() while waiting for a relay peer
+RECORDING_SUFFIX = ".rfc4571"  # what the gateway's --record writes: replayed, not decoded as a video file
 
 
 class SourceError(Exception):
@@ -368,66 +373,55 @@ def _announced_size(nals: list[bytes]) -> tuple[int, int] | None:
     return None
 
 
-class Rfc4571RelaySource(_Stoppable):
-    """Listen on HOST:PORT for RTP/H.264 in RFC 4571 framing and relay the access units.
+def _rfc4571_access_units(
+    chunks: Iterable[bytes], what: str, dropped: dict[str, int]
+) -> Iterator[AccessUnit]:
+    """Access units from RFC 4571-framed RTP/H.264 bytes arriving in ``chunks``. A bad packet is
+    dropped (logged); broken framing ends the iteration, since no later byte can be trusted. The
+    depacketizer's drops are added to ``dropped`` by reason."""
+    framing = Rfc4571Decoder()
+    depacketizer = Depacketizer()
+    try:
+        for chunk in chunks:
+            try:
+                bodies = framing.feed(chunk)
+            except ProtocolError as exc:
+                log.warning("%s: framing lost, ignoring the rest: %s", what, exc)
+                return
+            for body in bodies:
+                try:
+                    units = depacketizer.push(RtpPacket.parse(body))
+                except ProtocolError as exc:
+                    log.warning("%s: dropped a bad packet: %s", what, exc)
+                    continue
+                yield from units
+    finally:
+        for reason, count in depacketizer.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
 
-    One upstream connection at a time; when it ends, the next one is accepted (a restarted local
-    pipeline). Capture times are re-stamped on arrival of each access unit; repeated SPS/PPS in
-    one access unit are dropped; the stream size is learned by decoding the first keyframe.
-    """
 
-    def __init__(self, host: str, port: int, fps: float) -> None:
+def _relayed(au: AccessUnit) -> EncodedFrame:
+    """An access unit to send on: repeated SPS/PPS dropped, capture time stamped now."""
+    return EncodedFrame(dedupe_parameter_sets(au.nals), au.keyframe, time.time())
+
+
+class _H264Relay(_Stoppable):
+    """A relay source whose stream size comes from the SPS of its first keyframe."""
+
+    what = "relay"
+
+    def __init__(self, fps: float) -> None:
         super().__init__()
         self.fps = fps
-        try:
-            self._server = socket.create_server((host, port), reuse_port=False)
-        except OSError as exc:
-            raise SourceError(f"cannot listen on {host}:{port}: {exc}") from None
-        self._server.settimeout(RELAY_ACCEPT_POLL)
-        self.address = self._server.getsockname()[:2]
         self._first: EncodedFrame | None = None
         self._upstream: Iterator[EncodedFrame] | None = None
         self.dropped: dict[str, int] = {}
 
-    def _connections(self) -> Iterator[socket.socket]:
-        while not self.stopped:
-            try:
-                conn, peer = self._server.accept()
-            except TimeoutError:
-                continue
-            log.info("rfc4571 relay: upstream connected from %s:%d", *peer[:2])
-            conn.settimeout(RELAY_ACCEPT_POLL)
-            yield conn
-
     def _read(self) -> Iterator[EncodedFrame]:
-        for conn in self._connections():
-            framing = Rfc4571Decoder()
-            depacketizer = Depacketizer()
-            with conn:
-                while not self.stopped:
-                    try:
-                        chunk = conn.recv(65536)
-                    except TimeoutError:
-                        continue
-                    except OSError:
-                        break
-                    if not chunk:
-                        break
-                    try:
-                        for body in framing.feed(chunk):
-                            try:
-                                aus = depacketizer.push(RtpPacket.parse(body))
-                            except ProtocolError as exc:
-                                log.warning("rfc4571 relay: dropped a bad packet: %s", exc)
-                                continue
-                            for au in aus:
-                                yield EncodedFrame(dedupe_parameter_sets(au.nals), au.keyframe, time.time())
-                    except ProtocolError as exc:  # framing lost: this connection is unusable
-                        log.warning("rfc4571 relay: closing the upstream connection: %s", exc)
-                        break
-            for reason, count in depacketizer.dropped.items():
-                self.dropped[reason] = self.dropped.get(reason, 0) + count
-            log.info("rfc4571 relay: upstream disconnected")
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release what the source holds (called once its access units are done)."""
 
     def open(self) -> StreamShape:
         """Wait for the first keyframe and learn the stream size from it."""
@@ -436,7 +430,7 @@ class Rfc4571RelaySource(_Stoppable):
             if au.keyframe and (size := _announced_size(au.nals)) is not None:
                 self._first = au
                 return StreamShape(size[0], size[1], self.fps)
-        raise SourceError("rfc4571 relay stopped before a keyframe arrived")
+        raise SourceError(f"{self.what} ended before a keyframe with a parsable SPS")
 
     def access_units(self) -> Iterator[EncodedFrame]:
         if self._upstream is None:
@@ -448,7 +442,122 @@ class Rfc4571RelaySource(_Stoppable):
                 self._first = None
             yield from self._upstream
         finally:
-            self._server.close()
+            self._close()
+
+
+class Rfc4571RelaySource(_H264Relay):
+    """Listen on HOST:PORT for RTP/H.264 in RFC 4571 framing and relay the access units.
+
+    One upstream connection at a time; when it ends, the next one is accepted (a restarted local
+    pipeline). Capture times are re-stamped on arrival of each access unit; repeated SPS/PPS in
+    one access unit are dropped; the stream size is read from the first keyframe's SPS.
+    """
+
+    what = "rfc4571 relay"
+
+    def __init__(self, host: str, port: int, fps: float) -> None:
+        super().__init__(fps)
+        try:
+            self._server = socket.create_server((host, port), reuse_port=False)
+        except OSError as exc:
+            raise SourceError(f"cannot listen on {host}:{port}: {exc}") from None
+        self._server.settimeout(RELAY_ACCEPT_POLL)
+        self.address = self._server.getsockname()[:2]
+
+    def _connections(self) -> Iterator[socket.socket]:
+        while not self.stopped:
+            try:
+                conn, peer = self._server.accept()
+            except TimeoutError:
+                continue
+            log.info("rfc4571 relay: upstream connected from %s:%d", *peer[:2])
+            conn.settimeout(RELAY_ACCEPT_POLL)
+            yield conn
+
+    def _received(self, conn: socket.socket) -> Iterator[bytes]:
+        while not self.stopped:
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            yield chunk
+
+    def _read(self) -> Iterator[EncodedFrame]:
+        for conn in self._connections():
+            with conn:
+                for au in _rfc4571_access_units(self._received(conn), self.what, self.dropped):
+                    yield _relayed(au)
+            log.info("rfc4571 relay: upstream disconnected")
+
+    def _close(self) -> None:
+        self._server.close()
+
+
+class RtpClock:
+    """Releases access units at the pace their RTP timestamps say (90 kHz for H.264, RFC 6184).
+
+    Steps are taken modulo 2**32 (timestamps wrap); a step backwards counts as none, and a silence
+    longer than ``max_gap`` seconds is replayed as ``max_gap``. Running late, it does not burst to
+    catch up by more than a second."""
+
+    RATE = 90_000
+
+    def __init__(self, max_gap: float = 5.0) -> None:
+        self.max_gap = max_gap
+        self._last: int | None = None
+        self._due = 0.0
+
+    def wait(self, timestamp: int, stopped: threading.Event) -> bool:
+        """Sleep until the access unit stamped ``timestamp`` is due; False when ``stopped`` is set."""
+        now = time.monotonic()
+        if self._last is None:
+            self._due = now
+        else:
+            step = ((timestamp - self._last + 2**31) % 2**32 - 2**31) / self.RATE
+            self._due = max(self._due + min(max(step, 0.0), self.max_gap), now - 1.0)
+        self._last = timestamp
+        return not stopped.wait(max(0.0, self._due - now))
+
+
+class RecordingSource(_H264Relay):
+    """Replay a session the gateway recorded with ``--record DIR``: the RTP/H.264 packets of its
+    ``.rfc4571`` file, sent on without re-encoding at the pace of their RTP timestamps, once or
+    with ``--loop``. The frame rate comes from the ``.json`` description beside the file when it
+    is there. A packet that does not parse is skipped; broken framing ends the file (the gateway
+    never records one, so that means a damaged file)."""
+
+    def __init__(self, path: Path, loop: bool, fps: float) -> None:
+        super().__init__(_recorded_fps(path) or fps)
+        self.path, self.loop = path, loop
+        self.what = f"replay of {path.name}"
+
+    def _read(self) -> Iterator[EncodedFrame]:
+        while not self.stopped:
+            clock = RtpClock()
+            try:
+                with self.path.open("rb") as file:
+                    chunks = iter(functools.partial(file.read, 65536), b"")
+                    for au in _rfc4571_access_units(chunks, self.what, self.dropped):
+                        if not clock.wait(au.timestamp, self._stopped):
+                            return
+                        yield _relayed(au)
+            except OSError as exc:
+                raise SourceError(f"cannot read {self.path}: {exc}") from None
+            if not self.loop:
+                return
+
+
+def _recorded_fps(path: Path) -> float | None:
+    """The frame rate the recorded session's description states (None when it cannot be read)."""
+    try:
+        fps = json.loads(path.with_suffix(".json").read_text())["stream"]["fps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(fps) if isinstance(fps, int | float) and 0 < fps <= 240 else None
 
 
 def open_source(
@@ -471,4 +580,6 @@ def open_source(
     path = Path(spec)
     if not path.is_file():
         raise SourceError(f"source {spec!r} is not synthetic, camera:, gst:, rtsp://, rfc4571:// or a file")
+    if path.suffix == RECORDING_SUFFIX:
+        return RecordingSource(path, loop, relay_fps or shape.fps)
     return FileSource(path, None, loop)

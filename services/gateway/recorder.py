@@ -3,8 +3,9 @@
 A session writes ``DIR/<device>-<start>-<session>.rfc4571``: the bytes exactly as received after
 the handshake (2-byte big-endian length + RTP packet, repeated; the handshake itself, which holds
 the token, is not saved) and a ``.json`` beside it with the session's description and clock
-offset. Replay with ``gst-launch-1.0 filesrc location=F ! application/x-rtp-stream,encoding-name=H264 !
-rtpstreamdepay ! rtph264depay ! avdec_h264 ! ...`` or by sending the file after a handshake.
+offset. Replay it into a gateway with ``flowcloud edge --source F`` (`edge.sources.RecordingSource`:
+the same frames come out, at the recorded pace), or decode it with ``gst-launch-1.0 filesrc
+location=F ! application/x-rtp-stream,encoding-name=H264 ! rtpstreamdepay ! rtph264depay ! ...``.
 """
 
 from __future__ import annotations
