@@ -33,6 +33,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import keys
+from flowcloud.clock import RedisClock, entry_time
 from flowcloud.inference import Segmenter, SegmenterOptions, parse_size
 from flowcloud.labels import LabelSet, class_shares
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
@@ -91,7 +92,11 @@ def segmenter_options(s: WorkerSettings) -> SegmenterOptions:
 
 class Worker:
     def __init__(
-        self, settings: WorkerSettings, redis: Redis | None = None, segmenter: Segmenter | None = None
+        self,
+        settings: WorkerSettings,
+        redis: Redis | None = None,
+        segmenter: Segmenter | None = None,
+        clock: RedisClock | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name or default_name()
@@ -99,6 +104,7 @@ class Worker:
             settings.redis_url, socket_connect_timeout=5, socket_keepalive=True
         )
         self.policy = FramePolicy(settings.mode, settings.max_frame_age)
+        self.clock = clock or RedisClock()  # frame ages on Redis's clock: this machine's may be off
         self.store = MaskStore(self.redis, settings.results_max_per_stream, settings.results_ttl)
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.stop = asyncio.Event()
@@ -308,16 +314,25 @@ class Worker:
         raw = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
         return parse_entries(raw)
 
+    async def _sync_clock(self) -> None:
+        try:
+            await self.clock.sync_if_due(self.redis)
+        except REDIS_DOWN as exc:  # keep the last offset; the read that follows reports the outage
+            log.debug("clock sync with Redis failed: %s", exc)
+        else:
+            metrics.CLOCK_OFFSET.set(self.clock.offset)
+
     async def _prepare(self, entries: list[Entry]) -> Batch:
         """Drop stale frames, decode the rest in parallel, stack each size into one tensor."""
         assert self.segmenter is not None
         batch = Batch(read_at=time.monotonic())
-        now = time.time()
+        await self._sync_clock()
+        now = self.clock.now()
         todo = []
         for entry in entries:
             if entry.frame is None:
                 batch.failed.append((entry, "parse", entry.error or "malformed entry"))
-            elif self.policy.is_stale(entry.frame, now):
+            elif self.policy.is_stale(entry.frame, entry_time(entry.id), now):
                 batch.dropped.append(entry)
             else:
                 todo.append(entry)

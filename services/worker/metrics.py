@@ -39,6 +39,9 @@ FRAMES_DEAD_LETTERED = Counter(
 FRAMES_RECLAIMED = Counter(
     "flowcloud_worker_frames_reclaimed_total", "Pending frames of idle consumers taken over with XAUTOCLAIM"
 )
+CLOCK_OFFSET = Gauge(
+    "flowcloud_worker_clock_offset_seconds", "Redis's clock minus this machine's (frame ages use Redis's)"
+)
 REDIS_ERRORS = Counter("flowcloud_worker_redis_errors_total", "Redis connection failures (then reconnect)")
 READY = Gauge(
     "flowcloud_worker_ready", "1 once the model is loaded and warmed up, 0 while loading or draining"

@@ -1,0 +1,59 @@
+"""Redis's clock, read through this machine's: the one clock all FlowCloud services share.
+
+Every service runs on its own machine with its own clock, and they have only Redis in common.
+A worker that compares its own clock with a timestamp written on the gateway's machine silently
+assumes that both clocks are synchronized. A worker whose clock runs 5 s fast then drops every
+frame as stale, and one that runs slow never drops any. `RedisClock` measures the offset of Redis's
+clock (the TIME command) from the local clock. It keeps the sample with the shortest round trip,
+whose error is at most half that round trip, and measures again every ``resync_every`` seconds.
+Stream entry ids are Redis server time (`entry_time`), so ``clock.now() - entry_time(id)`` is how
+long an entry has waited on its stream, whatever this machine's clock says.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+
+
+class RedisClock:
+    def __init__(self, resync_every: float = 30.0, local: Callable[[], float] = time.time) -> None:
+        self.resync_every = resync_every
+        self._local = local  # unix seconds on this machine's clock
+        self.offset = 0.0  # Redis's clock minus the local one, in seconds
+        self.uncertainty = math.inf  # half the round trip of the kept sample (inf: never measured)
+        self._synced_at: float | None = None  # time.monotonic() of the last measurement
+
+    def now(self) -> float:
+        """Redis's current time, in unix seconds (the local time until the first `sync`)."""
+        return self._local() + self.offset
+
+    async def sync(self, redis: Redis, samples: int = 3) -> None:
+        """Measure the offset: the TIME sample with the shortest round trip of ``samples``."""
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            before = self._local()
+            seconds, microseconds = await redis.time()
+            after = self._local()
+            sample = (after - before, seconds + microseconds / 1e6 - (before + after) / 2)
+            if best is None or sample[0] < best[0]:
+                best = sample
+        assert best is not None
+        self.uncertainty, self.offset = best[0] / 2, best[1]
+        self._synced_at = time.monotonic()
+
+    async def sync_if_due(self, redis: Redis) -> None:
+        """`sync` when never measured or measured more than ``resync_every`` seconds ago."""
+        if self._synced_at is None or time.monotonic() - self._synced_at >= self.resync_every:
+            await self.sync(redis)
+
+
+def entry_time(entry_id: str | bytes) -> float:
+    """When a stream entry with a server-made id (``XADD ... *``) was added, in unix seconds on
+    Redis's clock: the id's first part is Redis's time in milliseconds."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    milliseconds, _, _ = text.partition("-")
+    return int(milliseconds) / 1000
