@@ -197,12 +197,13 @@ def edge_final_summary(edge: Service) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def edge_frames_sent(metrics_port: int) -> int:
+def edge_frames_sent(metrics_port: int) -> int | None:
+    """Frames the edge has sent, from its metrics; None when it does not answer (ending)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=3.0) as reply:
             text = reply.read().decode()
     except OSError:
-        return 0
+        return None
     for family in text_string_to_metric_families(text):
         if family.name == "flowcloud_edge_frames_sent":
             return int(sum(sample.value for sample in family.samples if sample.name.endswith("_total")))
@@ -295,8 +296,12 @@ def run(args: argparse.Namespace) -> int:
         while edge.alive():
             time.sleep(1.0)
             stack.check()
-            sent = max(sent, edge_frames_sent(edge_metrics))  # scraped often: the edge may end any time
-            if time.monotonic() >= next_line:
+            scraped = edge_frames_sent(edge_metrics)  # scraped often: the edge may end any time
+            if scraped is not None:
+                sent = max(sent, scraped)
+            # A line only with a fresh count: an ending edge stops answering, and a stale "sent"
+            # beside live counts would look like lost frames (the final line has the exact one).
+            if time.monotonic() >= next_line and scraped is not None:
                 print(collect(client, base_seq, oracle, sent).line(), flush=True)
                 next_line += args.interval
         if edge.process is not None and edge.process.returncode not in (0, None):
