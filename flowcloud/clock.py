@@ -3,11 +3,14 @@
 Every service runs on its own machine with its own clock, and they have only Redis in common.
 A worker that compares its own clock with a timestamp written on the gateway's machine silently
 assumes that both clocks are synchronized. A worker whose clock runs 5 s fast then drops every
-frame as stale, and one that runs slow never drops any. `RedisClock` measures the offset of Redis's
-clock (the TIME command) from the local clock. It keeps the sample with the shortest round trip,
-whose error is at most half that round trip, and measures again every ``resync_every`` seconds.
-Stream entry ids are Redis server time (`entry_time`), so ``clock.now() - entry_time(id)`` is how
-long an entry has waited on its stream, whatever this machine's clock says.
+frame as stale, and one that runs slow never drops any. So times that travel between services
+are on Redis's clock:
+- the gateway publishes capture, receipt and last-seen times shifted by its offset;
+- the workers judge frame ages and stamp results with ``now()``.
+
+`RedisClock` measures the offset of Redis's clock (the TIME command) from the local clock. It
+keeps the sample with the shortest round trip, whose error is at most half that round trip, and
+measures again every ``resync_every`` seconds.
 """
 
 from __future__ import annotations
@@ -49,11 +52,3 @@ class RedisClock:
         """`sync` when never measured or measured more than ``resync_every`` seconds ago."""
         if self._synced_at is None or time.monotonic() - self._synced_at >= self.resync_every:
             await self.sync(redis)
-
-
-def entry_time(entry_id: str | bytes) -> float:
-    """When a stream entry with a server-made id (``XADD ... *``) was added, in unix seconds on
-    Redis's clock: the id's first part is Redis's time in milliseconds."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    milliseconds, _, _ = text.partition("-")
-    return int(milliseconds) / 1000

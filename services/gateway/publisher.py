@@ -10,6 +10,11 @@ seqs before its XADDs. Seqs therefore stay unique and increasing across reconnec
 restarts and gateway replicas (two replicas may briefly both publish a device's frames while one
 closes a replaced session), and results, keyed by seq, never collide. A reserved seq whose frame
 is not written (Redis failed mid-batch) is a gap, never reused.
+
+Times leave the gateway on Redis's clock (`flowcloud.clock.RedisClock`, measured with TIME every
+30 s): a frame's capture and receipt times, and the stream's last-seen time, are shifted by the
+offset of Redis's clock from this machine's. Workers judge frame ages and stamp results on the
+same clock, so no two machines' clocks are ever compared.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowcloud import keys
+from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame
 from services.gateway import metrics
 
@@ -41,9 +47,15 @@ UNASSIGNED_SEQ = 0  # a queued frame's seq: the publisher assigns the real one w
 
 class FramePublisher:
     def __init__(
-        self, redis: Redis, frames_maxlen: int, queue_max: int = 512, recent_maxlen: int = RECENT_MAXLEN
+        self,
+        redis: Redis,
+        frames_maxlen: int,
+        queue_max: int = 512,
+        recent_maxlen: int = RECENT_MAXLEN,
+        clock: RedisClock | None = None,
     ):
         self.redis = redis
+        self.clock = clock or RedisClock()
         self.frames_maxlen = frames_maxlen
         self.recent_maxlen = recent_maxlen
         self._queue: deque[Frame] = deque()
@@ -133,13 +145,20 @@ class FramePublisher:
 
     async def _publish(self, batch: list[Frame]) -> None:
         started = time.perf_counter()
+        await self.clock.sync_if_due(self.redis)
+        offset = self.clock.offset
         first_seqs = await self._reserve_seqs(Counter(f.stream for f in batch))
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
         seqs = dict(first_seqs)
         last_seen: dict[str, float] = {}
         for pending in batch:
-            frame = replace(pending, seq=seqs[pending.stream])
+            frame = replace(
+                pending,
+                seq=seqs[pending.stream],
+                capture_ts=pending.capture_ts + offset,  # this machine's clock -> Redis's
+                recv_ts=pending.recv_ts + offset,
+            )
             seqs[pending.stream] += 1
             entry = frame.to_fields()
             pipe.xadd(keys.FRAMES_STREAM, entry, maxlen=self.frames_maxlen, approximate=True)  # type: ignore[arg-type]
@@ -149,12 +168,12 @@ class FramePublisher:
                 maxlen=self.recent_maxlen,
                 approximate=True,
             )
-            last_seen[pending.stream] = time.time()
+            last_seen[pending.stream] = self.clock.now()
         for stream, seen in last_seen.items():
             meta.setdefault(stream, {})[keys.M_LAST_SEEN] = repr(seen)
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
-            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, time.time()))})
+            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, self.clock.now()))})
         try:
             await pipe.execute()
         except BaseException:

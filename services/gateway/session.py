@@ -257,7 +257,7 @@ class Session:
         except (RedisError, OSError) as exc:
             log.warning("session %s: could not announce it to other gateways: %s", self.session_id, exc)
         metrics.SESSIONS.inc()
-        started = time.time()
+        started = self.services.publisher.clock.now()  # on Redis's clock, like every time it publishes
         self.services.publisher.set_meta(
             device.device_id,
             {

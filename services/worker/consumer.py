@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import keys
-from flowcloud.clock import RedisClock, entry_time
+from flowcloud.clock import RedisClock
 from flowcloud.inference import Segmenter, SegmenterOptions, parse_size
 from flowcloud.labels import LabelSet, class_shares
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
@@ -104,7 +104,7 @@ class Worker:
             settings.redis_url, socket_connect_timeout=5, socket_keepalive=True
         )
         self.policy = FramePolicy(settings.mode, settings.max_frame_age)
-        self.clock = clock or RedisClock()  # frame ages on Redis's clock: this machine's may be off
+        self.clock = clock or RedisClock()  # ages and result times on Redis's clock, as the frames' are
         self.store = MaskStore(self.redis, settings.results_max_per_stream, settings.results_ttl)
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.stop = asyncio.Event()
@@ -332,7 +332,7 @@ class Worker:
         for entry in entries:
             if entry.frame is None:
                 batch.failed.append((entry, "parse", entry.error or "malformed entry"))
-            elif self.policy.is_stale(entry.frame, entry_time(entry.id), now):
+            elif self.policy.is_stale(entry.frame, now):
                 batch.dropped.append(entry)
             else:
                 todo.append(entry)
@@ -353,7 +353,7 @@ class Worker:
         while (batch := await inp.get()) is not None:
             ok = []
             for group in batch.groups:
-                group.infer_start = time.time()
+                group.infer_start = self.clock.now()
                 try:
                     group.maps = await loop.run_in_executor(self.infer_pool, self._infer, group.tensor)
                 except Exception as exc:  # a bad batch fails its frames, not the worker
@@ -362,7 +362,7 @@ class Worker:
                         (e, "inference", f"{type(exc).__name__}: {exc}") for e in group.entries
                     )
                     continue
-                group.infer_end = time.time()
+                group.infer_end = self.clock.now()
                 metrics.BATCH_SIZE.observe(len(group.entries))
                 metrics.INFERENCE_SECONDS.observe(group.infer_end - group.infer_start)
                 ok.append(group)
@@ -427,7 +427,7 @@ class Worker:
         metrics.BATCH_SECONDS.observe(self.batch_times[-1])
 
     async def _store_and_ack(self, results: list[MaskResult], acked: list[Entry]) -> None:
-        persisted = time.time()
+        persisted = self.clock.now()
         for result in results:
             result.persisted_ts = persisted
         await self.store.put_many(results)

@@ -11,7 +11,7 @@ MODES = ("realtime", "complete")
 
 @dataclass(frozen=True)
 class FramePolicy:
-    """``realtime``: a frame older than ``max_age`` seconds (capture to now, `frame_age`) is dropped unseen.
+    """``realtime``: a frame older than ``max_age`` seconds (capture to now) is dropped unseen.
 
     Under overload the backlog then ages out cheaply (parse and acknowledge, no decode, no
     inference), so the worker catches up with the newest frames instead of falling further
@@ -27,15 +27,7 @@ class FramePolicy:
         if self.max_age <= 0:
             raise ValueError(f"max_age must be positive, got {self.max_age}")
 
-    def is_stale(self, frame: Frame, queued_at: float, now: float) -> bool:
-        """Whether ``frame`` is too old to segment; ``queued_at`` (its entry's time) and ``now`` are
-        Redis's clock (`flowcloud.clock`). See `frame_age`."""
-        return self.mode == "realtime" and frame_age(frame, queued_at, now) > self.max_age
-
-
-def frame_age(frame: Frame, queued_at: float, now: float) -> float:
-    """Seconds since ``frame`` was captured, measured without comparing two machines' clocks: its
-    time on the frames stream (``now - queued_at``, both on Redis's clock) plus its way there
-    (receipt minus capture, both on the gateway's clock; the capture time was mapped to it by the
-    handshake's clock sync). The decode and publish time in the gateway (milliseconds) is left out."""
-    return max(0.0, now - queued_at) + max(0.0, frame.recv_ts - frame.capture_ts)
+    def is_stale(self, frame: Frame, now: float) -> bool:
+        """Whether ``frame`` is older than ``max_age``; ``now`` is on Redis's clock, as the frame's
+        capture time is (the gateway publishes it so; see `flowcloud.clock`)."""
+        return self.mode == "realtime" and now - frame.capture_ts > self.max_age

@@ -177,6 +177,12 @@ class Edge:
             return True
 
 
+def published_offset(edge: Edge, gateway: Gateway) -> float:
+    """Edge clock -> the clock frames are published on: the handshake's offset (edge to gateway),
+    then the gateway's offset to Redis's clock (`flowcloud.clock`)."""
+    return edge.clock.offset + gateway.publisher.clock.offset
+
+
 async def connect(
     port: int, device_id: str, token: str, width: int = 320, height: int = 240, fps: float = FPS
 ) -> Edge:
@@ -276,9 +282,10 @@ def run_beside_good_stream(
                 await edge.close()
 
             await asyncio.gather(good(), bad(gw))
+            offset = published_offset(edge, gw)
         frames = frames_on_redis(redis_url, "good")
         assert [f.seq for f in frames] == list(range(1, GOOD_FRAMES + 1))
         for i, f in enumerate(frames):
-            assert f.capture_ts == pytest.approx(GOOD_T0 + i / FPS + edge.clock.offset, abs=2e-6)
+            assert f.capture_ts == pytest.approx(GOOD_T0 + i / FPS + offset, abs=2e-6)
 
     asyncio.run(main())

@@ -21,6 +21,7 @@ from gateway_support import (
     gateway_settings,
     libx264_access_units,
     metric,
+    published_offset,
     raw_hello,
     read_reject,
     register,
@@ -226,7 +227,7 @@ def _kill_decoder_then_resume(redis_url: str, device: str, sig: int, **settings:
         published.append(len(frames))
         tail = frames[-30:]
         for i, f in enumerate(tail):
-            assert f.capture_ts == pytest.approx(T0 + 300 + i / FPS + edge.clock.offset, abs=2e-6)
+            assert f.capture_ts == pytest.approx(T0 + 300 + i / FPS + published_offset(edge, gw), abs=2e-6)
 
     published: list[int] = []
     restarts = metric("flowcloud_gateway_decoder_restarts_total")
@@ -263,7 +264,7 @@ def test_second_connection_newest_wins(redis_url: str) -> None:
         await second.close()
         frames = frames_on_redis(redis_url, "twin")
         assert [f.seq for f in frames] == list(range(1, 31))
-        assert frames[15].capture_ts == pytest.approx(T0 + 400 + second.clock.offset, abs=2e-6)
+        assert frames[15].capture_ts == pytest.approx(T0 + 400 + published_offset(second, gw), abs=2e-6)
 
     run_beside_good_stream(redis_url, bad)
 

@@ -19,6 +19,7 @@ from gateway_support import (
     gateway_settings,
     gst_capture,
     libx264_access_units,
+    published_offset,
     register,
     rtp_packets,
     session_ended,
@@ -60,7 +61,7 @@ def test_libx264_stream_end_to_end(redis_url: str, tmp_path: Path) -> None:
             assert await wait_for(lambda: len(frames_on_redis(redis_url, "cam-1")) >= FRAMES, 20)
             await edge.close()
             assert await session_ended(gw, "cam-1")
-        check_frames(redis_url, "cam-1", FRAMES, t0, edge.clock.offset)
+        check_frames(redis_url, "cam-1", FRAMES, t0, published_offset(edge, gw))
         meta = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.stream_meta("cam-1"))
         assert meta[keys.M_DEVICE] == "cam-1" and meta[keys.M_TENANT] == "acme"
         assert (meta[keys.M_WIDTH], meta[keys.M_HEIGHT], float(meta[keys.M_FPS])) == ("320", "240", FPS)
@@ -87,7 +88,7 @@ def test_gstreamer_stream_and_seq_continues_after_reconnect(
             offsets = []
             for round_ in range(2):
                 edge = await connect(gw.port, "gst", token)
-                offsets.append(edge.clock.offset)
+                offsets.append(published_offset(edge, gw))
                 await edge.send(packets)
                 await edge.close()
                 assert await session_ended(gw, "gst", round_ + 1)

@@ -1,4 +1,4 @@
-"""RedisClock against a real redis-server: the offset of a skewed local clock, and entry times."""
+"""RedisClock against a real redis-server: the offset of a skewed local clock, and when it is measured."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import math
 import time
 
 import pytest
-import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from flowcloud.clock import RedisClock, entry_time
+from flowcloud.clock import RedisClock
 
 
 def test_offset_undoes_a_skewed_local_clock(redis_url: str) -> None:
@@ -52,13 +51,3 @@ def test_sync_if_due_measures_once_per_interval(redis_url: str) -> None:
     assert first == pytest.approx(0.0, abs=0.05)
     assert too_soon == first
     assert due == pytest.approx(-10.0, abs=0.05)
-
-
-def test_entry_time_is_when_redis_added_the_entry(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    before = time.time()
-    entry_id = client.xadd("clock-test", {"a": 1})
-    after = time.time()
-    client.close()
-    assert before - 0.002 <= entry_time(entry_id) <= after + 0.002
-    assert entry_time("1764000000123-7") == 1_764_000_000.123

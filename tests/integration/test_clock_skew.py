@@ -1,5 +1,5 @@
-"""A worker whose machine's clock is off by a minute still judges frame ages right: ages are taken
-on Redis's clock (stream entry ids) plus the capture-to-receipt time the gateway measured."""
+"""Gateways and workers whose machines' clocks are off by a minute: the times they exchange are on
+Redis's clock (`flowcloud.clock`), so frame ages, stale drops and result latencies stay right."""
 
 from __future__ import annotations
 
@@ -13,9 +13,40 @@ from worker_support import frame, pending_total, publish, result_count
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.frames import Frame
+from flowcloud.results import MaskResult
 from flowcloud.settings import WorkerSettings
+from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.worker.consumer import Worker
 from services.worker.recovery import ensure_group
+
+
+def test_gateway_publishes_times_on_redis_clock(redis_url: str) -> None:
+    """A gateway machine 100 s fast: what it publishes is on Redis's clock all the same."""
+    skew = 100.0
+
+    async def main() -> FramePublisher:
+        aclient = AsyncRedis.from_url(redis_url)
+        gateway_clock = RedisClock(local=lambda: time.time() + skew)
+        publisher = FramePublisher(aclient, frames_maxlen=100, clock=gateway_clock)
+        publisher.start()
+        local_now = time.time() + skew  # what this gateway's clock says
+        received = Frame("cam-skew", UNASSIGNED_SEQ, local_now - 0.5, local_now, 8, 8, "raw", bytes(192))
+        publisher.submit(received)
+        await publisher.close(timeout=10)
+        await aclient.aclose()
+        return publisher
+
+    publisher = asyncio.run(main())
+    assert publisher.published == 1 and publisher.clock.offset == pytest.approx(-skew, abs=0.05)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    [(_, fields)] = client.xrange(keys.FRAMES_STREAM)
+    last_seen = float(client.hget(keys.stream_meta("cam-skew"), keys.M_LAST_SEEN) or 0)
+    client.close()
+    now = time.time()  # redis-server runs here: its clock is this one
+    assert float(fields[keys.F_RECV_TS]) == pytest.approx(now, abs=1.0)
+    assert float(fields[keys.F_RECV_TS]) - float(fields[keys.F_CAPTURE_TS]) == pytest.approx(0.5, abs=1e-6)
+    assert last_seen == pytest.approx(now, abs=1.0)
 
 
 @pytest.mark.parametrize("skew", [60.0, -60.0])
@@ -55,6 +86,9 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
     worker = asyncio.run(main())
     assert worker.clock.offset == pytest.approx(-skew, abs=0.5)
     assert result_count(client, "cam-clock") == 3  # the fresh ones, whatever the worker's clock says
+    for seq in (1, 2, 3):  # stamped on Redis's clock: latencies of a fraction of a second, not a minute
+        result = MaskResult.from_fields(client.hgetall(keys.mask("cam-clock", seq)))  # type: ignore[arg-type]
+        assert 0 < result.latency < 30
     assert not client.exists(keys.mask("cam-clock", 4))  # the slow one was dropped as stale
     assert pending_total(client) == 0
     client.close()
