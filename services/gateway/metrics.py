@@ -50,6 +50,10 @@ PUBLISH_SECONDS = Histogram(
 )
 PUBLISH_QUEUE = Gauge("flowcloud_gateway_publish_queue", "decoded frames waiting to be published")
 REDIS_UP = Gauge("flowcloud_gateway_redis_up", "1 while the last Redis operation succeeded")
+CLOCK_OFFSET = Gauge(
+    "flowcloud_gateway_clock_offset_seconds",
+    "Redis's clock minus this machine's (published times are on Redis's)",
+)
 
 
 def drop(reason: str, count: int = 1) -> None:

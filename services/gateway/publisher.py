@@ -147,6 +147,7 @@ class FramePublisher:
         started = time.perf_counter()
         await self.clock.sync_if_due(self.redis)
         offset = self.clock.offset
+        metrics.CLOCK_OFFSET.set(offset)
         first_seqs = await self._reserve_seqs(Counter(f.stream for f in batch))
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
