@@ -85,13 +85,14 @@ def test_gstreamer_stream_and_seq_continues_after_reconnect(
         t0 = 1_764_000_100.0
         packets = with_capture_times(capture, t0)
         async with Gateway(gateway_settings(redis_url)).listen(port=0) as gw:
-            offsets = []
+            edges = []
             for round_ in range(2):
                 edge = await connect(gw.port, "gst", token)
-                offsets.append(published_offset(edge, gw))
+                edges.append(edge)
                 await edge.send(packets)
                 await edge.close()
                 assert await session_ended(gw, "gst", round_ + 1)
+            offsets = [published_offset(edge, gw) for edge in edges]  # once the gateway has met Redis's clock
         frames = frames_on_redis(redis_url, "gst")
         assert [f.seq for f in frames] == list(range(1, 2 * FRAMES + 1))
         first = frames[:FRAMES]
