@@ -9,7 +9,6 @@ binary search (a dozen lookups for the 10,000 results a stream keeps).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from flowcloud import keys
+from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame, FrameFormatError
 from flowcloud.results import MaskResult, MaskStore
 from services.api.cache import TtlCache
@@ -109,10 +109,13 @@ class StreamQueries:
         live_window: float,
         tenant_ttl: float = 0.0,
         latest_ttl: float = 0.0,
+        clock: RedisClock | None = None,
     ) -> None:
         self.redis = redis
         self.store = store
         self.live_window = live_window
+        # Last-seen times and heartbeats are on Redis's clock (flowcloud.clock): compare on it too.
+        self.clock = clock or RedisClock()
         # A stream's tenant is set when its device is registered; it barely ever changes.
         self._tenants: TtlCache[str, tuple[bool, str | None]] = TtlCache(tenant_ttl)
         self._latest: TtlCache[str, MaskResult | None] = TtlCache(latest_ttl)
@@ -152,7 +155,7 @@ class StreamQueries:
         newest = [[int(s) for s in seqs] for seqs in replies[2::3]]
         refs = [(sid, seq) for sid, seqs in zip(stream_ids, newest, strict=True) for seq in seqs]
         fetched = iter(await self.store.get_many(refs, labels=False))
-        now = time.time()
+        now = await self._now()
         out = []
         for sid, meta, count, seqs in zip(stream_ids, metas, counts, newest, strict=True):
             results = [r for r in (next(fetched) for _ in seqs) if r is not None]
@@ -302,10 +305,15 @@ class StreamQueries:
                 found = frame
         return found, (min(seen), max(seen)) if seen else None
 
+    async def _now(self) -> float:
+        """Now on Redis's clock (measured again every 30 s)."""
+        await self.clock.sync_if_due(self.redis)
+        return self.clock.now()
+
     # --- workers ----------------------------------------------------------------------------
     async def workers(self, stale_after: float) -> list[dict[str, Any]]:
         """Workers whose heartbeat is recent, with what their heartbeat hash says."""
-        now = time.time()
+        now = await self._now()
         found: list[Any] = await self.redis.zrangebyscore(
             keys.WORKERS_INDEX, now - stale_after, "+inf", withscores=True
         )

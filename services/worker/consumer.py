@@ -123,6 +123,7 @@ class Worker:
                 "mode": settings.mode,
                 "started": time.time(),
             },
+            clock=self.clock,
         )
         self.batch_times: deque[float] = deque(maxlen=BATCH_TIMES_KEPT)
         self.processed = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowcloud import keys
+from flowcloud.clock import RedisClock
 
 from . import metrics
 
@@ -41,6 +41,7 @@ class Heartbeat:
     static: Mapping[str, str | int | float]
     state: str = LOADING
     stats: dict[str, str | int | float] = field(default_factory=dict)
+    clock: RedisClock = field(default_factory=RedisClock)
 
     @property
     def ttl(self) -> int:
@@ -48,9 +49,10 @@ class Heartbeat:
 
     async def beat(self) -> None:
         """One heartbeat plus the group's lag and pending counts; Redis errors are logged, not raised."""
-        now = time.time()
-        fields = {**self.static, **self.stats, keys.W_STATE: self.state, keys.W_HEARTBEAT: now}
         try:
+            await self.clock.sync_if_due(self.redis)
+            now = self.clock.now()  # on Redis's clock, as the API compares it
+            fields = {**self.static, **self.stats, keys.W_STATE: self.state, keys.W_HEARTBEAT: now}
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.worker(self.name), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(keys.worker(self.name), self.ttl)

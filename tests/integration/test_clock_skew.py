@@ -8,14 +8,16 @@ import time
 
 import pytest
 import redis
+from api_support import seed_stream
 from redis.asyncio import Redis as AsyncRedis
 from worker_support import frame, pending_total, publish, result_count
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame
-from flowcloud.results import MaskResult
+from flowcloud.results import MaskResult, MaskStore
 from flowcloud.settings import WorkerSettings
+from services.api.queries import StreamQueries
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.worker.consumer import Worker
 from services.worker.recovery import ensure_group
@@ -65,6 +67,8 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
     slow = frame("cam-clock", 4, 32, 64, capture_ts=now - 5.0)  # 5 s from capture to the gateway
     assert slow.recv_ts - slow.capture_ts > 4.9
 
+    beats: list[float | None] = []
+
     async def main() -> Worker:
         aclient = AsyncRedis.from_url(redis_url)
         await ensure_group(aclient)
@@ -77,6 +81,8 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         while result_count(client, "cam-clock") < 3 or pending_total(client):
             assert time.monotonic() < deadline, "the worker did not finish the frames"
             await asyncio.sleep(0.05)
+        await worker.heartbeat.beat()  # on Redis's clock too: the API lists it as alive
+        beats.append(await aclient.zscore(keys.WORKERS_INDEX, worker.name))
         worker.request_stop()
         await serving
         await worker.close()
@@ -91,4 +97,21 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         assert 0 < result.latency < 30
     assert not client.exists(keys.mask("cam-clock", 4))  # the slow one was dropped as stale
     assert pending_total(client) == 0
+    assert beats == [pytest.approx(time.time(), abs=30)]
     client.close()
+
+
+def test_api_judges_liveness_on_redis_clock(redis_url: str) -> None:
+    """An API machine two minutes slow: a stream seen a moment ago is live, an old one is not."""
+    seed_stream(redis_url, "cam-live", "acme", count=2, live=True)  # last seen now
+    seed_stream(redis_url, "cam-old", "acme", count=2, live=False)  # last seen in 2023
+
+    async def main() -> dict[str, str]:
+        aclient = AsyncRedis.from_url(redis_url)
+        api_clock = RedisClock(local=lambda: time.time() - 120)
+        queries = StreamQueries(aclient, MaskStore(aclient), live_window=10.0, clock=api_clock)
+        infos = await queries.streams(["cam-live", "cam-old"])
+        await aclient.aclose()
+        return {info.stream_id: info.status for info in infos}
+
+    assert asyncio.run(main()) == {"cam-live": keys.STATUS_LIVE, "cam-old": keys.STATUS_IDLE}
