@@ -27,8 +27,8 @@ DEAD_LETTER_STREAM = f"{PREFIX}:frames:dead"  # frames that failed too often, wi
 # Fields of an entry on FRAMES_STREAM (see flowcloud.frames.Frame).
 F_STREAM = "stream"
 F_SEQ = "seq"
-F_CAPTURE_TS = "capture_ts"  # edge capture time mapped to the gateway clock (unix seconds)
-F_RECV_TS = "recv_ts"  # gateway receive time (unix seconds)
+F_CAPTURE_TS = "capture_ts"  # edge capture time, mapped to Redis's clock (unix seconds)
+F_RECV_TS = "recv_ts"  # gateway receive time, on Redis's clock (unix seconds)
 F_WIDTH = "width"
 F_HEIGHT = "height"
 F_ENCODING = "encoding"

@@ -60,7 +60,7 @@ class MaskResult:
 
     @property
     def latency(self) -> float:
-        """Capture (edge, mapped to gateway clock) to persisted, in seconds."""
+        """Capture to persisted, in seconds (both on Redis's clock: `flowcloud.clock`)."""
         return self.persisted_ts - self.capture_ts
 
     def metadata(self) -> dict[str, Any]:

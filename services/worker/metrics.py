@@ -21,7 +21,7 @@ BATCH_SECONDS = Histogram(
 )
 END_TO_END_SECONDS = Histogram(
     "flowcloud_worker_end_to_end_latency_seconds",
-    "Capture (edge, on the gateway clock) to result persisted",
+    "Capture (edge) to result persisted, on Redis's clock",
     buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
 )
 CONSUMER_LAG = Gauge(
