@@ -106,7 +106,8 @@ def test_joint_transforms_keep_labels_exact() -> None:
     assert flipped[0, 0] == 26 and flipped[0, -1] == 0
     jittered, same = T.ColorJitter()(np.full((4, 4, 3), 128, np.uint8), target[:4, :4])
     assert jittered.dtype == np.uint8 and same is not None
-    jpeg, _ = T.RandomJpeg(p=1.0)(
-        np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8), target
-    )
+    assert np.array_equal(same, target[:4, :4])  # colours change, labels never
+    noise = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    jpeg, kept = T.RandomJpeg(p=1.0)(noise, target)
     assert jpeg.shape == (16, 16, 3)
+    assert not np.array_equal(jpeg, noise) and np.array_equal(kept, target)  # lossy pixels, exact labels

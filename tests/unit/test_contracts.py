@@ -17,6 +17,7 @@ from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.results import MaskResult, MaskStore, decode_label_map, encode_label_map
 from flowcloud.settings import ApiSettings, GatewaySettings, redact_url
 from flowcloud.tokens import hash_token, new_salt, new_token, verify_token
+from services.api.schemas import MaskBody
 
 
 def _frame(rgb: np.ndarray, encoding: str) -> Frame:
@@ -73,6 +74,12 @@ def test_mask_result_fields_round_trip() -> None:
     assert MaskResult.from_fields(fields) == result
     assert result.metadata()["latency"] == pytest.approx(0.4)
     assert "labels_png" not in result.metadata()
+    # The API's response schema states every metadata field, so that none is silently dropped.
+    assert set(MaskBody.model_fields) == set(result.metadata())
+    assert MaskBody.model_validate(result.metadata()).model_dump() == {
+        **result.metadata(),
+        "shares": {"7": 0.5, "26": 0.5},
+    }
 
 
 def test_settings_read_env_and_hide_secrets(monkeypatch: pytest.MonkeyPatch) -> None:

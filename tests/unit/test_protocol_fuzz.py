@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import Rfc4571Decoder
-from flowcloud.protocol.h264 import Depacketizer
+from flowcloud.protocol.h264 import AccessUnit, Depacketizer
 from flowcloud.protocol.handshake import Hello, parse_control
 from flowcloud.protocol.rtp import RtpPacket
 
@@ -21,18 +21,32 @@ REAL = Rfc4571Decoder().feed((DATA / "gst_160x120_mtu600.bin").read_bytes())
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def push_all(frames: list[bytes], depacketizer: Depacketizer) -> None:
+def push_all(frames: list[bytes], max_nal: int, max_au: int) -> list[AccessUnit]:
+    """Every packet through one depacketizer; what it gives out must stay within its caps."""
+    depacketizer = Depacketizer(max_nal_size=max_nal, max_access_unit_size=max_au)
+    units: list[AccessUnit] = []
     for body in frames:
         with contextlib.suppress(ProtocolError):
-            depacketizer.push(RtpPacket.parse(body))
-    depacketizer.flush()
+            units += depacketizer.push(RtpPacket.parse(body))
+    units += depacketizer.flush()
     assert depacketizer.packets <= len(frames)
+    assert all(0 < len(nal) <= max_nal for unit in units for nal in unit.nals)
+    assert all(0 < unit.size <= max_au for unit in units)
+    return units
+
+
+CLEAN = push_all(REAL, max_nal=3000, max_au=6000)
+
+
+def test_the_undamaged_recording_gives_whole_access_units() -> None:
+    """The baseline the mutation test compares against is a real stream, starting at an IDR."""
+    assert len(CLEAN) > 10 and CLEAN[0].keyframe
 
 
 @FUZZ
 @given(st.lists(st.binary(max_size=300), max_size=30))
 def test_depacketizer_survives_random_packets(frames: list[bytes]) -> None:
-    push_all(frames, Depacketizer(max_nal_size=2000, max_access_unit_size=4000))
+    push_all(frames, max_nal=2000, max_au=4000)
 
 
 def _mutate(frames: list[bytes], edits: list[tuple[int, int, int]], drops: set[int]) -> list[bytes]:
@@ -63,7 +77,9 @@ def test_depacketizer_survives_mutated_real_packets(
     frames = _mutate(REAL, edits, drops)
     if cut_index < len(frames):
         frames[cut_index] = frames[cut_index][:cut]
-    push_all(frames, Depacketizer(max_nal_size=3000, max_access_unit_size=6000))
+    units = push_all(frames, max_nal=3000, max_au=6000)
+    if not edits and not drops and cut >= len(REAL[cut_index]):  # nothing was damaged
+        assert [u.nals for u in units] == [u.nals for u in CLEAN]
 
 
 @FUZZ
