@@ -61,7 +61,6 @@ LABELS: tuple[CityscapesLabel, ...] = (
 )
 
 NUM_LABEL_IDS = len(LABELS)
-NUM_TRAIN_IDS = 19
 LABEL_BY_NAME = {label.name: label for label in LABELS}
 
 # Lookup tables indexed by the 8-bit value of a map (unknown values map to ignore / black).

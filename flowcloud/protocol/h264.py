@@ -43,7 +43,6 @@ FU_END = 0x40
 FU_HEADER_SIZE = 2  # FU indicator + FU header
 STAP_A_HEADER_SIZE = 1
 STAP_A_LENGTH_SIZE = 2
-MAX_STAP_NAL_SIZE = 0xFFFF
 
 DEFAULT_CLOCK_RATE = 90_000
 DEFAULT_PAYLOAD_TYPE = 96
@@ -69,15 +68,6 @@ DROP_INCOMPLETE = "incomplete"  # it ended while a FU-A NAL unit was still open
 DROP_NAL_TOO_LARGE = "nal_too_large"
 DROP_ACCESS_UNIT_TOO_LARGE = "access_unit_too_large"
 DROP_SSRC_CHANGE = "ssrc_change"
-DROP_REASONS = (
-    DROP_LOSS,
-    DROP_AWAIT_IDR,
-    DROP_MALFORMED,
-    DROP_INCOMPLETE,
-    DROP_NAL_TOO_LARGE,
-    DROP_ACCESS_UNIT_TOO_LARGE,
-    DROP_SSRC_CHANGE,
-)
 # Reasons a packet is discarded without affecting an access unit (keys of Depacketizer.discarded).
 DISCARD_LATE = "late_or_duplicate"
 

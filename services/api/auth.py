@@ -1,8 +1,8 @@
 """Who is calling: a bearer token checked against the bootstrap admin key and the key store.
 
 Verified keys are trusted for ``cache_seconds`` (default 2 s) so that a busy route costs no
-Redis lookup per request; a key revoked through this API is forgotten at once, one revoked from
-the CLI stops working within that window.
+Redis lookup per request; a revoked key (``flowcloud apikeys revoke``) stops working within that
+window.
 """
 
 from __future__ import annotations
@@ -45,9 +45,3 @@ class Authenticator:
                 self._cache.clear()
             self._cache[digest] = (key, now + self.cache_seconds)
         return key
-
-    def forget(self, key_id: str) -> None:
-        """Stop trusting a cached key at once (it was revoked)."""
-        for digest, (key, _expiry) in list(self._cache.items()):
-            if key.key_id == key_id:
-                del self._cache[digest]

@@ -90,7 +90,6 @@ END_REVOKED = "revoked"
 END_ROTATED = "rotated"
 END_SHUTDOWN = "shutdown"
 END_MALFORMED = "malformed"
-END_ERROR = "error"
 
 # SPSs one access unit may carry: one is the norm; more than a few is an attack on the parser.
 MAX_SPS_PER_ACCESS_UNIT = 4

@@ -24,8 +24,6 @@ from .policy import MODES
 
 log = logging.getLogger(__name__)
 
-_FLAG_FIELDS = ("random_weights", "compile", "channels_last")
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     fields = WorkerSettings.model_fields

@@ -71,10 +71,6 @@ class Batch:
     dropped: list[Entry] = field(default_factory=list)
     failed: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, stage, error
 
-    @property
-    def size(self) -> int:
-        return sum(len(g.entries) for g in self.groups)
-
 
 def segmenter_options(s: WorkerSettings) -> SegmenterOptions:
     """How a worker runs its model: compiled graphs want one static batch shape; on a GPU eager
@@ -104,7 +100,8 @@ class Worker:
             settings.redis_url, socket_connect_timeout=5, socket_keepalive=True
         )
         self.policy = FramePolicy(settings.mode, settings.max_frame_age)
-        self.clock = clock or RedisClock()  # ages and result times on Redis's clock, as the frames' are
+        # Frame ages and result times on Redis's clock, as the gateway's are (flowcloud.clock).
+        self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
         self.store = MaskStore(self.redis, settings.results_max_per_stream, settings.results_ttl)
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.stop = asyncio.Event()
@@ -320,8 +317,6 @@ class Worker:
             await self.clock.sync_if_due(self.redis)
         except REDIS_DOWN as exc:  # keep the last offset; the read that follows reports the outage
             log.debug("clock sync with Redis failed: %s", exc)
-        else:
-            metrics.CLOCK_OFFSET.set(self.clock.offset)
 
     async def _prepare(self, entries: list[Entry]) -> Batch:
         """Drop stale frames, decode the rest in parallel, stack each size into one tensor."""
