@@ -129,7 +129,7 @@ def step_costs(units: list[list[bytes]], rounds: int = 3) -> dict[str, float]:
     from av.video.reformatter import VideoReformatter
 
     from flowcloud.frames import encode_yuv420_jpeg
-    from services.gateway.decoder import DecoderConfig, PictureEncoder, _plane
+    from services.gateway.decoder import DecoderConfig, PictureEncoder, plane_view
 
     cv2.setNumThreads(1)
     codec = av.CodecContext.create("h264", "r")
@@ -149,7 +149,7 @@ def step_costs(units: list[list[bytes]], rounds: int = 3) -> dict[str, float]:
 
     def jpeg() -> None:
         for s in scaled:
-            y, u, v = (_plane(plane) for plane in s.planes)
+            y, u, v = (plane_view(plane) for plane in s.planes)
             encode_yuv420_jpeg(y, u, v)
 
     def planes_route() -> None:

@@ -33,8 +33,9 @@ import numpy as np
 
 from edge.frames import EncodedFrame, Picture, StreamShape
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import Rfc4571Decoder
+from flowcloud.protocol.framing import DESCRIPTION_SUFFIX, RECORDING_SUFFIX, Rfc4571Decoder
 from flowcloud.protocol.h264 import (
+    DEFAULT_CLOCK_RATE,
     NAL_TYPE_IDR,
     NAL_TYPE_PPS,
     NAL_TYPE_SPS,
@@ -43,14 +44,13 @@ from flowcloud.protocol.h264 import (
     nal_type,
     split_annexb,
 )
-from flowcloud.protocol.rtp import RtpPacket
+from flowcloud.protocol.rtp import RtpPacket, timestamp_diff
 from flowcloud.protocol.sps import SequenceParameterSet
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC_SEED = 7
 RELAY_ACCEPT_POLL = 0.2  # seconds between checks of stop() while waiting for a relay peer
-RECORDING_SUFFIX = ".rfc4571"  # what the gateway's --record writes: replayed, not decoded as a video file
 
 
 class SourceError(Exception):
@@ -504,8 +504,6 @@ class RtpClock:
     longer than ``max_gap`` seconds is replayed as ``max_gap``. Running late, it does not burst to
     catch up by more than a second."""
 
-    RATE = 90_000
-
     def __init__(self, max_gap: float = 5.0) -> None:
         self.max_gap = max_gap
         self._last: int | None = None
@@ -517,7 +515,7 @@ class RtpClock:
         if self._last is None:
             self._due = now
         else:
-            step = ((timestamp - self._last + 2**31) % 2**32 - 2**31) / self.RATE
+            step = timestamp_diff(timestamp, self._last) / DEFAULT_CLOCK_RATE
             self._due = max(self._due + min(max(step, 0.0), self.max_gap), now - 1.0)
         self._last = timestamp
         return not stopped.wait(max(0.0, self._due - now))
@@ -554,7 +552,7 @@ class RecordingSource(_H264Relay):
 def _recorded_fps(path: Path) -> float | None:
     """The frame rate the recorded session's description states (None when it cannot be read)."""
     try:
-        fps = json.loads(path.with_suffix(".json").read_text())["stream"]["fps"]
+        fps = json.loads(path.with_suffix(DESCRIPTION_SUFFIX).read_text())["stream"]["fps"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return float(fps) if isinstance(fps, int | float) and 0 < fps <= 240 else None

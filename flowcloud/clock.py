@@ -19,13 +19,20 @@ import math
 import time
 from collections.abc import Callable
 
+from prometheus_client import Gauge
 from redis.asyncio import Redis
 
 
 class RedisClock:
-    def __init__(self, resync_every: float = 30.0, local: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        resync_every: float = 30.0,
+        local: Callable[[], float] = time.time,
+        gauge: Gauge | None = None,
+    ) -> None:
         self.resync_every = resync_every
         self._local = local  # unix seconds on this machine's clock
+        self._gauge = gauge  # a service's clock-offset metric, set at each measurement
         self.offset = 0.0  # Redis's clock minus the local one, in seconds
         self.uncertainty = math.inf  # half the round trip of the kept sample (inf: never measured)
         self._synced_at: float | None = None  # time.monotonic() of the last measurement
@@ -47,6 +54,8 @@ class RedisClock:
         assert best is not None
         self.uncertainty, self.offset = best[0] / 2, best[1]
         self._synced_at = time.monotonic()
+        if self._gauge is not None:
+            self._gauge.set(self.offset)
 
     async def sync_if_due(self, redis: Redis) -> None:
         """`sync` when never measured or measured more than ``resync_every`` seconds ago."""

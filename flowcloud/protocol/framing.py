@@ -12,6 +12,10 @@ from flowcloud.protocol.errors import ProtocolError
 
 LENGTH_SIZE = 2
 MAX_FRAME_SIZE = 0xFFFF
+# A recorded session (the gateway's --record, replayed by the edge): the framed bytes in one file,
+# and the session's description (JSON; its "stream" is the HELLO's stream description) beside it.
+RECORDING_SUFFIX = ".rfc4571"
+DESCRIPTION_SUFFIX = ".json"
 
 
 def frame(packet: bytes) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any
 
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import read_frame, write_frame
+from flowcloud.protocol.h264 import DEFAULT_CLOCK_RATE
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_SIZE = 4096
@@ -33,7 +34,7 @@ MAX_REASON_LENGTH = 1024
 MAX_DIMENSION = 16384
 MAX_FPS = 1000.0
 CODEC_H264 = "H264"
-CLOCK_RATE = 90_000
+CLOCK_RATE = DEFAULT_CLOCK_RATE  # the only one the stream description may state
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 REJECT_UNKNOWN_DEVICE = "unknown_device"

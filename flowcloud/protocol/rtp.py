@@ -41,6 +41,12 @@ def seq_diff(a: int, b: int) -> int:
     return d - SEQ_MODULO if d >= SEQ_MODULO // 2 else d
 
 
+def timestamp_diff(a: int, b: int) -> int:
+    """The signed distance from ``b`` to ``a`` in 32-bit RTP timestamp space."""
+    d = (a - b) % TIMESTAMP_MODULO
+    return d - TIMESTAMP_MODULO if d >= TIMESTAMP_MODULO // 2 else d
+
+
 def seq_newer(a: int, b: int) -> bool:
     """True when sequence number ``a`` comes after ``b`` (RFC 1982 style comparison)."""
     return seq_diff(a, b) > 0

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flowcloud.cli.errors import CommandError, settings_error
+from flowcloud.frames import ENCODINGS
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.settings import GatewaySettings
 
@@ -47,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off (default 9101)")
     parser.add_argument("--model-size", help="HxW frames are resized to (default 256x512)")
     parser.add_argument(
-        "--frame-encoding", choices=("jpeg", "raw"), help="frame bytes on the stream (default jpeg)"
+        "--frame-encoding", choices=ENCODINGS, help="frame bytes on the stream (default jpeg)"
     )
     parser.add_argument("--jpeg-quality", type=int, help="JPEG quality 10-100 (default 90)")
     parser.add_argument("--record", metavar="DIR", help="save each session's raw RFC 4571 bytes in DIR")

@@ -302,7 +302,7 @@ class PictureEncoder:
         c = self.config
         if c.encoding == "jpeg" and picture.colorspace in self.JFIF_MATRICES:
             scaled = self._scale(picture, "yuvj420p")
-            y, u, v = (_plane(plane) for plane in scaled.planes)
+            y, u, v = (plane_view(plane) for plane in scaled.planes)
             return encode_yuv420_jpeg(y, u, v, c.jpeg_quality)
         return encode_image(self._scale(picture, "rgb24").to_ndarray(), c.encoding, c.jpeg_quality)
 
@@ -318,7 +318,7 @@ class PictureEncoder:
         )
 
 
-def _plane(plane: av.video.plane.VideoPlane) -> np.ndarray:
+def plane_view(plane: av.video.plane.VideoPlane) -> np.ndarray:
     """A picture plane as a 2-D uint8 view (no copy) of its visible width."""
     rows = np.frombuffer(memoryview(plane), dtype=np.uint8).reshape(plane.height, plane.line_size)
     return rows[:, : plane.width]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from flowcloud.protocol import h264
+
 # Reasons a frame is dropped (label values of FRAMES_DROPPED). The depacketizer's own reasons
 # (flowcloud.protocol.h264.DROP_*: loss, await_idr, malformed, incomplete, nal_too_large,
 # access_unit_too_large, ssrc_change) are counted under their own names; these are the gateway's.
-DROP_AWAIT_IDR = "await_idr"  # after a decoder error or restart, until the next IDR
+DROP_AWAIT_IDR = h264.DROP_AWAIT_IDR  # also after a decoder error or restart, until the next IDR
 DROP_RATE_LIMIT = "rate_limit"  # above the device's frames/s
 DROP_DECODER_BACKLOG = "decoder_backlog"  # the session's decoder is too far behind
 DROP_DECODE_ERROR = "decode_error"  # the decoder refused the access unit

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from flowcloud.protocol.framing import DESCRIPTION_SUFFIX, RECORDING_SUFFIX
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,8 @@ class SessionRecorder:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        self.path = directory / f"{device_id}-{stamp}-{session_id}.rfc4571"
-        self.path.with_suffix(".json").write_text(json.dumps(description, indent=2) + "\n")
+        self.path = directory / f"{device_id}-{stamp}-{session_id}{RECORDING_SUFFIX}"
+        self.path.with_suffix(DESCRIPTION_SUFFIX).write_text(json.dumps(description, indent=2) + "\n")
         self._file: BinaryIO | None = self.path.open("wb")
         self.bytes = 0
 
