@@ -16,7 +16,7 @@ Used by the CLI (`flowcloud devices`), the gateway (`verify`) and the API (`/dev
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -80,14 +80,7 @@ class Device:
         return self.revoked is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "device_id": self.device_id,
-            "tenant": self.tenant,
-            "created": self.created,
-            "rotated": self.rotated,
-            "revoked": self.revoked,
-            "active": self.active,
-        }
+        return {**asdict(self), "active": self.active}
 
 
 def validate_device_id(device_id: str) -> str:

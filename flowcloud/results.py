@@ -102,15 +102,17 @@ class MaskStore:
             pipe.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
             pipe.expire(key, self.ttl_seconds)
             pipe.zadd(keys.mask_index(result.stream), {str(result.seq): result.seq})
-        await pipe.execute()
-        for stream in {r.stream for r in results}:
-            await self._trim(stream)
+        streams = sorted({r.stream for r in results})
+        for stream in streams:  # the index sizes in the same round trip: trimming is rarely needed
+            pipe.zcard(keys.mask_index(stream))
+        sizes = (await pipe.execute())[-len(streams) :]
+        for stream, size in zip(streams, sizes, strict=True):
+            if int(size) > self.max_per_stream:
+                await self._trim(stream, int(size) - self.max_per_stream)
 
-    async def _trim(self, stream: str) -> None:
+    async def _trim(self, stream: str, excess: int) -> None:
+        """Delete the stream's ``excess`` oldest results."""
         index = keys.mask_index(stream)
-        excess = int(await self.redis.zcard(index)) - self.max_per_stream
-        if excess <= 0:
-            return
         old = cast(list[bytes], await self.redis.zrange(index, 0, excess - 1))
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))

@@ -55,7 +55,7 @@ class ServiceSettings(BaseSettings):
 
 
 class GatewaySettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_GATEWAY_", extra="forbid", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_GATEWAY_")  # the rest from ServiceSettings
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(7000, ge=0, le=65535, description="TCP port for edge devices (0 = any free port)")
@@ -106,7 +106,7 @@ class GatewaySettings(ServiceSettings):
 
 
 class WorkerSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_WORKER_", extra="forbid", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_WORKER_")  # the rest from ServiceSettings
 
     name: str | None = Field(None, description="consumer name (default: hostname-pid)")
     model: str | None = Field(None, description="zoo model name (default: what the weights say)")
@@ -143,7 +143,7 @@ class WorkerSettings(ServiceSettings):
 
 
 class ApiSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_API_", extra="forbid", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_API_")  # the rest from ServiceSettings
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
@@ -170,7 +170,7 @@ class ApiSettings(ServiceSettings):
 
 
 class EdgeSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_EDGE_", extra="forbid", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_EDGE_")  # the rest from ServiceSettings
 
     gateway: str | None = Field(None, description="HOST:PORT of the ingest gateway")
     device_id: str | None = Field(None, description="this device's registered id")

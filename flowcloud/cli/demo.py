@@ -178,12 +178,7 @@ def latencies(client: redis.Redis, stream: str, base_seq: int, count: int = 200)
     pipe = client.pipeline(transaction=False)
     for seq in seqs:
         pipe.hget(keys.mask(stream, int(seq)), META_FIELD)
-    values = []
-    for meta in pipe.execute():
-        if meta:
-            data = json.loads(meta)
-            values.append(data["persisted_ts"] - data["capture_ts"])
-    return values
+    return [MaskResult.from_fields({META_FIELD.encode(): meta}).latency for meta in pipe.execute() if meta]
 
 
 def edge_final_summary(edge: Service) -> dict[str, Any] | None:

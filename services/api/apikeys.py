@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 from redis.asyncio import Redis
@@ -56,14 +56,7 @@ class ApiKey:
         return self.is_admin or self.tenant == ALL_TENANTS or (tenant is not None and tenant == self.tenant)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key_id": self.key_id,
-            "role": self.role,
-            "tenant": self.tenant,
-            "created": self.created,
-            "revoked": self.revoked,
-            "active": self.active,
-        }
+        return {**asdict(self), "active": self.active}
 
 
 def validate_role(role: str) -> Role:

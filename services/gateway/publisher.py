@@ -55,7 +55,7 @@ class FramePublisher:
         clock: RedisClock | None = None,
     ):
         self.redis = redis
-        self.clock = clock or RedisClock()
+        self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
         self.frames_maxlen = frames_maxlen
         self.recent_maxlen = recent_maxlen
         self._queue: deque[Frame] = deque()
@@ -147,12 +147,9 @@ class FramePublisher:
         started = time.perf_counter()
         await self.clock.sync_if_due(self.redis)
         offset = self.clock.offset
-        metrics.CLOCK_OFFSET.set(offset)
-        first_seqs = await self._reserve_seqs(Counter(f.stream for f in batch))
+        seqs = await self._reserve_seqs(Counter(f.stream for f in batch))  # the next seq of each stream
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
-        seqs = dict(first_seqs)
-        last_seen: dict[str, float] = {}
         for pending in batch:
             frame = replace(
                 pending,
@@ -169,12 +166,12 @@ class FramePublisher:
                 maxlen=self.recent_maxlen,
                 approximate=True,
             )
-            last_seen[pending.stream] = self.clock.now()
-        for stream, seen in last_seen.items():
-            meta.setdefault(stream, {})[keys.M_LAST_SEEN] = repr(seen)
+        now = self.clock.now()
+        for stream in seqs:
+            meta.setdefault(stream, {})[keys.M_LAST_SEEN] = repr(now)
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
-            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, self.clock.now()))})
+            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, now))})
         try:
             await pipe.execute()
         except BaseException:
