@@ -27,6 +27,7 @@ from edge.encoder import ENCODERS
 from edge.frames import StreamShape
 from edge.sender import Backoff, FatalRejection
 from edge.sources import FileSource, SourceError, open_source
+from flowcloud import keys
 from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.protocol.tls import client_context
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     host, port = _gateway(settings.gateway)
     if not settings.device_id:
         raise CommandError("no device id: give --device-id or set FLOWCLOUD_EDGE_DEVICE_ID")
+    if not keys.is_identifier(settings.device_id):
+        raise CommandError(f"device id {settings.device_id!r} is invalid: use {keys.IDENTIFIER_RULE}")
     if settings.token is None or not settings.token.get_secret_value():
         raise CommandError("no token: set FLOWCLOUD_EDGE_TOKEN (or give --token)")
     if args.frames is not None and args.frames < 1:

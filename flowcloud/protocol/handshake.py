@@ -16,18 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from flowcloud import keys
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import read_frame, write_frame
 from flowcloud.protocol.h264 import DEFAULT_CLOCK_RATE
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_SIZE = 4096
-MAX_DEVICE_ID_LENGTH = 128
 MAX_TOKEN_LENGTH = 256
 MAX_SESSION_ID_LENGTH = 128
 MAX_REASON_LENGTH = 1024
@@ -35,7 +34,6 @@ MAX_DIMENSION = 16384
 MAX_FPS = 1000.0
 CODEC_H264 = "H264"
 CLOCK_RATE = DEFAULT_CLOCK_RATE  # the only one the stream description may state
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 
 REJECT_UNKNOWN_DEVICE = "unknown_device"
 REJECT_BAD_TOKEN = "bad_token"
@@ -133,12 +131,12 @@ def _version(obj: dict[str, Any], where: str) -> int:
 
 
 def validate_device_id(device_id: str) -> str:
-    if not 1 <= len(device_id) <= MAX_DEVICE_ID_LENGTH:
-        raise ProtocolError(
-            f"device id must have 1 to {MAX_DEVICE_ID_LENGTH} characters, got {len(device_id)}"
-        )
-    if not DEVICE_ID_PATTERN.fullmatch(device_id):
-        raise ProtocolError("device id may contain only letters, digits, '.', '_' and '-'")
+    """``device_id`` itself if it is a valid identifier (`flowcloud.keys.IDENTIFIER`), else ProtocolError.
+
+    The same rule as the registry's: an id it could never have registered is a malformed HELLO.
+    """
+    if not keys.is_identifier(device_id):
+        raise ProtocolError(f"device id {device_id[:80]!r} is invalid: use {keys.IDENTIFIER_RULE}")
     return device_id
 
 

@@ -20,6 +20,7 @@ from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
 from edge.sender import Backoff, FatalRejection
 from edge.sources import SyntheticSource, open_source
+from flowcloud import keys
 from flowcloud.cli.main import main
 from flowcloud.protocol.h264 import NAL_TYPE_IDR, nal_type
 
@@ -232,6 +233,10 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], monkeypatch
         1,
         "flowcloud edge: source '/no/such/file.mp4' is not synthetic, camera:, gst:, rtsp://, rfc4571:// "
         "or a file",
+    )
+    assert edge("--gateway", "127.0.0.1:9", "--device-id", "cam/1") == (
+        1,
+        f"flowcloud edge: device id 'cam/1' is invalid: use {keys.IDENTIFIER_RULE}",
     )
     status, line = edge("--gateway", "127.0.0.1:9", "--device-id", "x", "--mtu", "10")
     assert status == 1

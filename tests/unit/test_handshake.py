@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from flowcloud.keys import IDENTIFIER_RULE
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import read_frame, write_frame
 from flowcloud.protocol.handshake import (
@@ -77,14 +78,18 @@ def test_messages_round_trip() -> None:
         (b"{}", "expected a 'hello' message, got type None"),
         (b" " * (MAX_CONTROL_SIZE + 1), "control message of 4097 bytes exceeds the limit of 4096"),
         (json.dumps(hello_obj(version="1")).encode(), "hello field 'version' must be int, got str"),
-        (json.dumps(hello_obj(device_id="")).encode(), "device id must have 1 to 128 characters, got 0"),
+        (json.dumps(hello_obj(device_id="")).encode(), f"device id '' is invalid: use {IDENTIFIER_RULE}"),
         (
-            json.dumps(hello_obj(device_id="x" * 129)).encode(),
-            "device id must have 1 to 128 characters, got 129",
+            json.dumps(hello_obj(device_id="x" * 65)).encode(),
+            f"device id '{'x' * 65}' is invalid: use {IDENTIFIER_RULE}",
         ),
         (
             json.dumps(hello_obj(device_id="cam/../etc")).encode(),
-            "device id may contain only letters, digits, '.', '_' and '-'",
+            f"device id 'cam/../etc' is invalid: use {IDENTIFIER_RULE}",
+        ),
+        (
+            json.dumps(hello_obj(device_id="-cam")).encode(),
+            f"device id '-cam' is invalid: use {IDENTIFIER_RULE}",
         ),
         (json.dumps(hello_obj(token="t" * 257)).encode(), "token must have 1 to 256 characters, got 257"),
         (json.dumps(hello_obj(token=None)).encode(), "hello field 'token' must be str, got NoneType"),
