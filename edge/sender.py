@@ -153,10 +153,9 @@ class Sender:
         self.frames_sent = 0
         self.sessions = 0
         self._clock_base = time.time()
-        self._ts_base = self.packetizer.timestamp_of(0) + random.getrandbits(31)
 
     def _rtp_timestamp(self, capture_time: float) -> int:
-        return self._ts_base + self.packetizer.timestamp_of(capture_time - self._clock_base)
+        return self.packetizer.timestamp_of(capture_time - self._clock_base)
 
     async def run(self, queue: FrameQueue, shape: StreamShape) -> None:
         """Send until the queue yields its end marker; raises FatalRejection."""

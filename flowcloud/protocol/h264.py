@@ -130,7 +130,13 @@ class Packetizer:
         ssrc: int | None = None,
         clock_rate: int = DEFAULT_CLOCK_RATE,
         first_sequence_number: int | None = None,
+        first_timestamp: int | None = None,
     ) -> None:
+        """``ssrc``, the first sequence number and the first timestamp are random unless given.
+
+        RFC 3550 5.1 asks for random initial values so that a stream's numbers tell nothing
+        about when it started; a restarted sender also gets numbers unrelated to its last ones.
+        """
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"MTU {mtu} is out of range [{MIN_MTU}, {MAX_MTU}]")
         if not 0 <= payload_type <= 127:
@@ -141,10 +147,11 @@ class Packetizer:
         self.clock_rate = clock_rate
         first = secrets.randbits(16) if first_sequence_number is None else first_sequence_number
         self.sequence_number = first
+        self.first_timestamp = secrets.randbits(32) if first_timestamp is None else first_timestamp
 
     def timestamp_of(self, seconds: float) -> int:
-        """An RTP timestamp (modulo 2**32) for a time in seconds."""
-        return round(seconds * self.clock_rate) % TIMESTAMP_MODULO
+        """The RTP timestamp (modulo 2**32) of a time ``seconds`` after the stream's first sample."""
+        return (self.first_timestamp + round(seconds * self.clock_rate)) % TIMESTAMP_MODULO
 
     def packetize(
         self, nals: list[bytes], timestamp: int, extensions: dict[int, bytes] | None = None

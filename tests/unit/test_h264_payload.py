@@ -143,6 +143,17 @@ def test_packetizer_rejects_bad_settings() -> None:
     assert Packetizer().packetize([], 0) == []
 
 
+def test_rtp_timestamps_start_at_a_random_base_and_wrap() -> None:
+    starts = {Packetizer().timestamp_of(0.0) for _ in range(8)}
+    assert len(starts) > 1  # RFC 3550 5.1: random initial values (8 equal 32-bit draws: 2**-224)
+    packetizer = Packetizer(first_timestamp=2**32 - 45_000)
+    assert packetizer.timestamp_of(0.0) == 2**32 - 45_000
+    assert packetizer.timestamp_of(1 / 30) == 2**32 - 42_000
+    assert packetizer.timestamp_of(1.0) == 45_000  # wrapped modulo 2**32
+    [packet] = packetizer.packetize([IDR], packetizer.timestamp_of(1.0))
+    assert packet.timestamp == 45_000
+
+
 def gst_access_units_fed() -> list[list[bytes]]:
     """The Annex B stream GStreamer's payloader was fed, cut into access units at each AUD."""
     aus: list[list[bytes]] = []
