@@ -11,7 +11,7 @@ import logging
 import shutil
 import subprocess
 import threading
-from collections import deque
+from collections import Counter, deque
 from fractions import Fraction
 from queue import Empty, Queue
 from typing import Protocol
@@ -19,11 +19,9 @@ from typing import Protocol
 import av
 import numpy as np
 
+from edge import rfc4571
 from edge.frames import EncodedFrame, Picture, StreamShape
-from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import Rfc4571Decoder
-from flowcloud.protocol.h264 import NAL_TYPE_IDR, Depacketizer, nal_type, split_annexb
-from flowcloud.protocol.rtp import RtpPacket
+from flowcloud.protocol.h264 import NAL_TYPE_IDR, nal_type, split_annexb
 
 log = logging.getLogger(__name__)
 
@@ -161,22 +159,18 @@ class GstEncoder:
         )
         self._times: deque[float] = deque()
         self._out: Queue[list[bytes] | None] = Queue()
+        self.dropped: Counter[str] = Counter()  # access units the depacketizer dropped, by reason
         self._reader = threading.Thread(target=self._read, name="gst-encoder", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self._proc.stdout is not None
-        framing = Rfc4571Decoder()
-        depacketizer = Depacketizer()
+        stdout = self._proc.stdout
+        assert stdout is not None
+        chunks = iter(lambda: stdout.read1(65536), b"")  # type: ignore[attr-defined]
         try:
-            while chunk := self._proc.stdout.read1(65536):  # type: ignore[attr-defined]
-                for body in framing.feed(chunk):
-                    for au in depacketizer.push(RtpPacket.parse(body)):
-                        self._out.put(au.nals)
-            for au in depacketizer.flush():
+            # rtph264pay marks the last packet of every access unit, so none is left to flush.
+            for au in rfc4571.access_units(chunks, "GStreamer encoder", self.dropped):
                 self._out.put(au.nals)
-        except ProtocolError as exc:
-            log.error("GStreamer encoder output is malformed: %s", exc)
         finally:
             self._out.put(None)
 

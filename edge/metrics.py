@@ -8,7 +8,8 @@ FRAMES_CAPTURED = Counter("flowcloud_edge_frames_captured_total", "pictures capt
 FRAMES_SENT = Counter("flowcloud_edge_frames_sent_total", "access units written to the gateway")
 FRAMES_DROPPED = Counter(
     "flowcloud_edge_frames_dropped_total",
-    "access units not sent, by reason (queue_full, stale, await_keyframe, disconnected)",
+    "access units not sent, by reason (queue_full, stale, await_keyframe, disconnected; upstream_<reason> "
+    "for what the depacketizer of a relayed, replayed or GStreamer-encoded stream dropped)",
     ["reason"],
 )
 PACKETS_SENT = Counter("flowcloud_edge_rtp_packets_sent_total", "RTP packets written to the gateway")

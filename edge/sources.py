@@ -22,7 +22,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -31,20 +32,20 @@ import av
 import cv2
 import numpy as np
 
+from edge import rfc4571
 from edge.frames import EncodedFrame, Picture, StreamShape
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import DESCRIPTION_SUFFIX, RECORDING_SUFFIX, Rfc4571Decoder
+from flowcloud.protocol.framing import DESCRIPTION_SUFFIX, RECORDING_SUFFIX
 from flowcloud.protocol.h264 import (
     DEFAULT_CLOCK_RATE,
     NAL_TYPE_IDR,
     NAL_TYPE_PPS,
     NAL_TYPE_SPS,
     AccessUnit,
-    Depacketizer,
     nal_type,
     split_annexb,
 )
-from flowcloud.protocol.rtp import RtpPacket, timestamp_diff
+from flowcloud.protocol.rtp import timestamp_diff
 from flowcloud.protocol.sps import SequenceParameterSet
 
 log = logging.getLogger(__name__)
@@ -373,33 +374,6 @@ def _announced_size(nals: list[bytes]) -> tuple[int, int] | None:
     return None
 
 
-def _rfc4571_access_units(
-    chunks: Iterable[bytes], what: str, dropped: dict[str, int]
-) -> Iterator[AccessUnit]:
-    """Access units from RFC 4571-framed RTP/H.264 bytes arriving in ``chunks``. A bad packet is
-    dropped (logged); broken framing ends the iteration, since no later byte can be trusted. The
-    depacketizer's drops are added to ``dropped`` by reason."""
-    framing = Rfc4571Decoder()
-    depacketizer = Depacketizer()
-    try:
-        for chunk in chunks:
-            try:
-                bodies = framing.feed(chunk)
-            except ProtocolError as exc:
-                log.warning("%s: framing lost, ignoring the rest: %s", what, exc)
-                return
-            for body in bodies:
-                try:
-                    units = depacketizer.push(RtpPacket.parse(body))
-                except ProtocolError as exc:
-                    log.warning("%s: dropped a bad packet: %s", what, exc)
-                    continue
-                yield from units
-    finally:
-        for reason, count in depacketizer.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
-
-
 def _relayed(au: AccessUnit) -> EncodedFrame:
     """An access unit to send on: repeated SPS/PPS dropped, capture time stamped now."""
     return EncodedFrame(dedupe_parameter_sets(au.nals), au.keyframe, time.time())
@@ -415,7 +389,7 @@ class _H264Relay(_Stoppable):
         self.fps = fps
         self._first: EncodedFrame | None = None
         self._upstream: Iterator[EncodedFrame] | None = None
-        self.dropped: dict[str, int] = {}
+        self.dropped: Counter[str] = Counter()  # access units dropped upstream, by reason
 
     def _read(self) -> Iterator[EncodedFrame]:
         raise NotImplementedError
@@ -489,7 +463,7 @@ class Rfc4571RelaySource(_H264Relay):
     def _read(self) -> Iterator[EncodedFrame]:
         for conn in self._connections():
             with conn:
-                for au in _rfc4571_access_units(self._received(conn), self.what, self.dropped):
+                for au in rfc4571.access_units(self._received(conn), self.what, self.dropped):
                     yield _relayed(au)
             log.info("rfc4571 relay: upstream disconnected")
 
@@ -539,7 +513,7 @@ class RecordingSource(_H264Relay):
             try:
                 with self.path.open("rb") as file:
                     chunks = iter(functools.partial(file.read, 65536), b"")
-                    for au in _rfc4571_access_units(chunks, self.what, self.dropped):
+                    for au in rfc4571.access_units(chunks, self.what, self.dropped):
                         if not clock.wait(au.timestamp, self._stopped):
                             return
                         yield _relayed(au)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flowcloud.protocol.capture_time import CAPTURE_TIME_EXT_ID, decode_capture_time
@@ -303,13 +304,16 @@ class Depacketizer:
         self,
         max_nal_size: int = DEFAULT_MAX_NAL_SIZE,
         max_access_unit_size: int = DEFAULT_MAX_ACCESS_UNIT_SIZE,
+        on_drop: Callable[[str], object] | None = None,
     ) -> None:
+        """``on_drop`` is called with the reason of each access unit dropped, as it is dropped."""
         self.max_nal_size = max_nal_size
         self.max_access_unit_size = max_access_unit_size
         self.packets = 0  # packets pushed
         self.lost_packets = 0  # packets missing from the sequence
         self.access_units = 0  # access units delivered
         self.dropped: Counter[str] = Counter()  # access units dropped, by reason
+        self._on_drop = on_drop
         self.discarded: Counter[str] = Counter()  # packets ignored, by reason
         self._ssrc: int | None = None
         self._last_seq: int | None = None
@@ -381,8 +385,13 @@ class Depacketizer:
 
     def _drop_current(self, reason: str) -> None:
         if self._au is not None:
-            self.dropped[self._au.broken or reason] += 1
+            self._count_drop(self._au.broken or reason)
             self._au = None
+
+    def _count_drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        if self._on_drop is not None:
+            self._on_drop(reason)
 
     def _add(self, au: _Assembly, packet: RtpPacket) -> None:
         if au.capture_time is None and CAPTURE_TIME_EXT_ID in packet.extensions:
@@ -451,14 +460,14 @@ class Depacketizer:
         if au.broken is None and au.fragment is not None:
             au.broken = DROP_INCOMPLETE
         if au.broken is not None:
-            self.dropped[au.broken] += 1
+            self._count_drop(au.broken)
             self._need_idr = True
             return
         if not au.nals:
             return
         keyframe = any(nal_type(n) == NAL_TYPE_IDR for n in au.nals)
         if self._need_idr and not keyframe:
-            self.dropped[DROP_AWAIT_IDR] += 1
+            self._count_drop(DROP_AWAIT_IDR)
             return
         self._need_idr = False
         self.access_units += 1

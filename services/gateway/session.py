@@ -157,9 +157,9 @@ class Session:
         self._token = ""
         self._decoder: DecoderProcess | None = None
         self._recorder: SessionRecorder | None = None
-        self._depacketizer = Depacketizer(self.settings.max_nal_size, self.settings.max_access_unit_size)
-        self._depacketizer_dropped: Counter[str] = Counter()
-        self._dropped_seen = 0
+        self._depacketizer = Depacketizer(
+            self.settings.max_nal_size, self.settings.max_access_unit_size, on_drop=self._drop
+        )
         self._need_idr = False
         self._oversized_sps: set[int] = set()  # ids of refused SPSs not yet replaced by acceptable ones
         self._last_sps: bytes | None = None  # the last SPS parsed: its repeats need no parsing
@@ -379,23 +379,12 @@ class Session:
                 except ProtocolError as exc:
                     malformed += 1
                     metrics.PACKETS_REJECTED.labels("malformed").inc()
-                    self._count_depacketizer_drops()
                     log.debug("session %s: packet refused: %s", self.session_id, exc)
                     if malformed >= self.settings.max_malformed:
                         raise ProtocolError(f"{malformed} malformed packets in a row (last: {exc})") from None
                     continue
-                if self._depacketizer.dropped.total() != self._dropped_seen:
-                    self._count_depacketizer_drops()
                 for au in access_units:
                     await self._decode(au, recv_ts, limits)
-
-    def _count_depacketizer_drops(self) -> None:
-        self._dropped_seen = self._depacketizer.dropped.total()
-        for reason, count in self._depacketizer.dropped.items():
-            new = count - self._depacketizer_dropped[reason]
-            if new > 0:
-                self._drop(reason, new)
-                self._depacketizer_dropped[reason] = count
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] += count

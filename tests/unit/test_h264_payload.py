@@ -199,22 +199,32 @@ def test_truncated_capture_delivers_the_complete_access_units_only() -> None:
 
 
 class Stream:
-    """Hand-built packets with consecutive sequence numbers."""
+    """Hand-built packets with consecutive sequence numbers.
+
+    Every push also checks that ``on_drop`` reported each drop as it happened."""
 
     def __init__(self) -> None:
         self.seq = 100
-        self.depacketizer = Depacketizer(max_nal_size=5000, max_access_unit_size=8000)
+        self.reported: Counter[str] = Counter()
+        self.depacketizer = Depacketizer(
+            max_nal_size=5000,
+            max_access_unit_size=8000,
+            on_drop=lambda reason: self.reported.update([reason]),
+        )
 
     def push(self, payload: bytes, ts: int, marker: bool = True, skip: int = 0) -> list[AccessUnit]:
         self.seq += 1 + skip
         packet = RtpPacket(
             sequence_number=self.seq % 65536, timestamp=ts, ssrc=7, marker=marker, payload=payload
         )
-        return self.depacketizer.push(packet)
+        units = self.depacketizer.push(packet)
+        assert self.reported == self.depacketizer.dropped
+        return units
 
     def error(self, payload: bytes, ts: int, marker: bool = True) -> str:
         with pytest.raises(ProtocolError) as info:
             self.push(payload, ts, marker)
+        assert self.reported == self.depacketizer.dropped
         return str(info.value)
 
 
