@@ -103,6 +103,11 @@ class GatewaySettings(ServiceSettings):
     tls_client_ca_file: str | None = Field(
         None, description="PEM CA bundle; set, edges need a certificate from it naming their device (mTLS)"
     )
+    tls_reload_interval: float = Field(
+        30.0,
+        ge=0,
+        description="seconds between checks of the TLS files for a renewed certificate (0 = never)",
+    )
 
 
 class WorkerSettings(ServiceSettings):

@@ -36,6 +36,7 @@ OPTIONS: dict[str, str] = {
     "tls_cert": "tls_cert_file",
     "tls_key": "tls_key_file",
     "tls_client_ca": "tls_client_ca_file",
+    "tls_reload_interval": "tls_reload_interval",
 }
 
 
@@ -68,6 +69,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tls-client-ca",
         metavar="FILE",
         help="PEM CA bundle: require edge certificates from it that name the device (mutual TLS)",
+    )
+    parser.add_argument(
+        "--tls-reload-interval",
+        type=float,
+        metavar="SECONDS",
+        help="check the TLS files this often and serve a renewed certificate without a restart; 0 = never "
+        "(env FLOWCLOUD_GATEWAY_TLS_RELOAD_INTERVAL, default 30)",
     )
 
 

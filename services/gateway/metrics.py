@@ -56,6 +56,15 @@ CLOCK_OFFSET = Gauge(
     "flowcloud_gateway_clock_offset_seconds",
     "Redis's clock minus this machine's (published times are on Redis's)",
 )
+TLS_RELOADS = Counter(
+    "flowcloud_gateway_tls_reloads_total",
+    "reloads of the device port's TLS certificate after its files changed, by outcome (ok or failed)",
+    ["outcome"],
+)
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "flowcloud_gateway_tls_certificate_expiry_timestamp_seconds",
+    "notAfter of the TLS certificate served on the device port, as a unix time",
+)
 
 
 def drop(reason: str, count: int = 1) -> None:

@@ -21,6 +21,7 @@ With ``tls_client_ca_file`` (mutual TLS) each session authenticates through a
 `CertificateBoundRegistry`: the certificate must name the device of the HELLO, and a connection
 without one gets REJECT ``certificate`` (the TLS layer asks for a certificate but lets the
 handshake finish without one, so that the edge learns why instead of seeing a closed socket).
+A renewed certificate is served to new connections without a restart (`tls_reload`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from flowcloud import keys
 from flowcloud.frames import ENCODINGS
 from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
-from flowcloud.protocol.tls import server_context
 from flowcloud.registry import EVENT_CONNECTED, EVENT_REVOKED, DeviceRegistry, parse_event
 from flowcloud.settings import GatewaySettings
 from services.gateway import metrics
@@ -58,6 +58,7 @@ from services.gateway.session import (
     Session,
     SessionServices,
 )
+from services.gateway.tls_reload import TlsReloader
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
-    """The device port's TLS context (None: plain TCP); ValueError for settings that cannot work."""
+def tls_reloader(settings: GatewaySettings) -> TlsReloader | None:
+    """The device port's TLS context, reloaded on renewal (None: plain TCP); ValueError: cannot work."""
     if settings.tls_cert_file is None:
         for name in ("tls_key_file", "tls_client_ca_file"):
             if getattr(settings, name) is not None:
                 raise ValueError(f"{name} needs tls_cert_file (the gateway's certificate chain)")
         return None
-    return server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return TlsReloader(
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.tls_client_ca_file,
+        settings.tls_reload_interval,
+    )
 
 
 def redis_client(url: str) -> aioredis.Redis:
@@ -106,7 +112,7 @@ class Gateway:
             raise ValueError(
                 f"frame encoding {settings.frame_encoding!r} is not one of {', '.join(ENCODINGS)}"
             )
-        self.tls = tls_context(settings)
+        self.certificates = tls_reloader(settings)
         self.redis = redis_client(settings.redis_url)
         self.publisher = FramePublisher(
             self.redis, settings.frames_maxlen, settings.publish_queue, recent_maxlen=settings.recent_maxlen
@@ -136,6 +142,11 @@ class Gateway:
         return self.services.live
 
     @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The TLS context for a new connection (None: plain TCP); live ones keep theirs."""
+        return None if self.certificates is None else self.certificates.context
+
+    @property
     def mutual_tls(self) -> bool:
         return self.tls is not None and self.settings.tls_client_ca_file is not None
 
@@ -152,6 +163,8 @@ class Gateway:
         self._events_task = asyncio.create_task(self._watch_device_events(), name="device-events")
         self._server = await asyncio.start_server(self._on_connection, host, port, limit=1 << 16)
         self.serving = True
+        if self.certificates is not None:
+            self.certificates.start()
         if self.tls is None:
             log.warning(
                 "TLS is off: device tokens and video travel in clear (set FLOWCLOUD_GATEWAY_TLS_CERT_FILE)"
@@ -189,6 +202,8 @@ class Gateway:
         if self._events_task is not None:
             self._events_task.cancel()
             await asyncio.gather(self._events_task, return_exceptions=True)
+        if self.certificates is not None:
+            await self.certificates.stop()
         await self.publisher.close(self.settings.drain_timeout)
         await self.services.decoders.close()
         await self.redis.aclose()
