@@ -41,11 +41,12 @@ from torch import nn
 
 from flowcloud import keys
 from flowcloud.frames import Frame, encode_image
-from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD, Segmenter, parse_size
+from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from flowcloud.labels import LABEL_IDS, class_shares
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.results import decode_label_map, encode_label_map
 from flowcloud.settings import WorkerSettings
+from flowcloud.sizes import parse_size
 from flowcloud.zoo import LoadedModel, ModelInfo, build_model, calibrate_batch_norm, load_model
 from services.worker.consumer import Worker, segmenter_options
 from services.worker.recovery import ensure_group

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental import optimization as fx_optimization
 
+from flowcloud.settings import CompileMode, Precision
 from flowcloud.zoo import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -22,22 +23,10 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``HxW`` (e.g. ``256x512``) as a (height, width) pair of positive multiples of 8."""
-    try:
-        h_text, w_text = text.lower().split("x")
-        height, width = int(h_text), int(w_text)
-    except ValueError:
-        raise ValueError(f"size must look like HxW, e.g. 256x512; got {text!r}") from None
-    if not (8 <= height <= 4096 and 8 <= width <= 4096) or height % 8 or width % 8:
-        raise ValueError(f"size {text!r}: height and width must be multiples of 8 within 8..4096")
-    return height, width
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 @dataclass

@@ -8,13 +8,20 @@ for logs with secrets and URL passwords masked.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flowcloud.sizes import SizeText
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# The choices of the worker's settings; the code that acts on them takes its lists from these.
+Precision = Literal["fp32", "bf16", "fp16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+FrameMode = Literal["realtime", "complete"]
 
 
 def redact_url(url: str) -> str:
@@ -60,7 +67,7 @@ class GatewaySettings(ServiceSettings):
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(7000, ge=0, le=65535, description="TCP port for edge devices (0 = any free port)")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
-    model_size: str = Field("256x512", description="HxW that decoded frames are resized to")
+    model_size: SizeText = Field("256x512", description="HxW that decoded frames are resized to")
     frame_encoding: str = Field("jpeg", description="how frames are stored on the stream: jpeg or raw")
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
     frames_maxlen: int = Field(2000, ge=10, description="approximate MAXLEN of the frames stream")
@@ -117,10 +124,10 @@ class WorkerSettings(ServiceSettings):
     model: str | None = Field(None, description="zoo model name (default: what the weights say)")
     weights: str | None = Field(None, description="weights file (default: the bundled demo model)")
     device: str = Field("cpu", description="cpu or cuda")
-    precision: str = Field("fp32", description="fp32, bf16 or fp16")
+    precision: Precision = Field("fp32", description="fp32, bf16 or fp16")
     batch_size: int = Field(8, ge=1, le=256, description="frames per batch at most")
     batch_timeout_ms: int = Field(50, ge=1, description="how long to wait to fill a batch")
-    mode: str = Field("realtime", description="realtime (drop stale frames) or complete (process all)")
+    mode: FrameMode = Field("realtime", description="realtime (drop stale frames) or complete (process all)")
     max_frame_age: float = Field(2.0, gt=0, description="realtime mode: older frames are dropped")
     claim_idle_ms: int = Field(30_000, ge=100, description="reclaim pending frames idle this long")
     max_attempts: int = Field(3, ge=1, description="failures before a frame is dead-lettered")
@@ -129,14 +136,18 @@ class WorkerSettings(ServiceSettings):
     results_ttl: int = Field(86_400, ge=60, description="seconds a result is kept")
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
-    compile_mode: str = Field(
+    compile_mode: CompileMode = Field(
         "reduce-overhead",
         description="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune",
     )
     random_weights: bool = Field(False, description="random weights instead of a file (benchmarks and tests)")
     label_set: str | None = Field(None, description="label set (default: what the weights say)")
-    input_size: str | None = Field(None, description="HxW the model sees (default: each frame's own size)")
-    warmup_size: str = Field("256x512", description="HxW of the warm-up batch run before reporting ready")
+    input_size: SizeText | None = Field(
+        None, description="HxW the model sees (default: each frame's own size)"
+    )
+    warmup_size: SizeText = Field(
+        "256x512", description="HxW of the warm-up batch run before reporting ready"
+    )
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: all cores)")
     decode_threads: int = Field(4, ge=1, le=64, description="threads decoding frames and encoding label maps")
     channels_last: bool = Field(True, description="run the model in channels_last memory format")
@@ -145,6 +156,12 @@ class WorkerSettings(ServiceSettings):
     poll_ms: int = Field(
         500, ge=10, le=10_000, description="longest blocking read, so SIGTERM is seen quickly"
     )
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> Self:
+        if self.weights and self.random_weights:
+            raise ValueError("weights and random_weights exclude each other")
+        return self
 
 
 class ApiSettings(ServiceSettings):

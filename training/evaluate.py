@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from flowcloud.cli.main import CommandError
-from flowcloud.inference import parse_size
 from flowcloud.labels import IGNORE_INDEX, LABEL_SETS
+from flowcloud.sizes import size_argument
 from flowcloud.zoo import MODEL_NAMES, WeightsError, load_model
 from training.cityscapes import SPLITS, CityscapesError, CityscapesSegmentation
 from training.metrics import ConfusionMatrix, SegmentationScores
@@ -82,7 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, help="zoo model (default: what the weights say)")
     parser.add_argument("--label-set", choices=sorted(LABEL_SETS), help="classes (default: the weights')")
     parser.add_argument(
-        "--size", type=parse_size, metavar="HxW", help="resize images to HxW (default: as stored)"
+        "--size", type=size_argument, metavar="HxW", help="resize images to HxW (default: as stored)"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from flowcloud.cli.main import CommandError
-from flowcloud.inference import parse_size
 from flowcloud.labels import LABEL_SETS
+from flowcloud.sizes import parse_size
 from flowcloud.zoo import MODEL_NAMES, LoadedModel, ModelInfo, WeightsError, load_model, save_weights
 
 log = logging.getLogger(__name__)

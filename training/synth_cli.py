@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flowcloud.cli.main import CommandError
-from flowcloud.inference import parse_size
+from flowcloud.sizes import parse_size
 from training.codec import Mp4Writer, h264_roundtrip
 from training.synth import SceneSequence
 

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from flowcloud.cli.main import CommandError
-from flowcloud.inference import parse_size
 from flowcloud.labels import IGNORE_INDEX, LABEL_IDS, LABEL_SETS, LabelSet, get_label_set
+from flowcloud.sizes import size_argument
 from flowcloud.zoo import MODEL_NAMES, ModelInfo, WeightsError, build_model, read_weights_file
 from training.cityscapes import CityscapesError, CityscapesSegmentation, read_label_ids
 from training.evaluate import evaluate, format_table, resolve_device
@@ -54,25 +54,22 @@ def _scale_range(text: str) -> tuple[float, float]:
     return low, high
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="dataset root in the Cityscapes layout")
     data.add_argument("--val-data", type=Path, help="root of the validation data (default: --data)")
     data.add_argument("--train-split", default="train", help="training split (default train)")
     data.add_argument("--val-split", default="val", help="validation split, or 'none' (default val)")
-    data.add_argument("--crop-size", type=_size, default=(512, 1024), help="training crop HxW (512x1024)")
     data.add_argument(
-        "--base-size", type=_size, help="HxW the scale range is relative to (default: each image)"
+        "--crop-size", type=size_argument, default=(512, 1024), help="training crop HxW (512x1024)"
+    )
+    data.add_argument(
+        "--base-size", type=size_argument, help="HxW the scale range is relative to (default: each image)"
     )
     data.add_argument("--scale-range", type=_scale_range, default=(0.5, 2.0), help="random scale (0.5:2.0)")
-    data.add_argument("--eval-size", type=_size, help="resize validation images to HxW (default: as stored)")
+    data.add_argument(
+        "--eval-size", type=size_argument, help="resize validation images to HxW (default: as stored)"
+    )
     data.add_argument("--no-jitter", action="store_true", help="no colour jitter")
     data.add_argument("--no-degrade", action="store_true", help="no blur / JPEG degradation")
     data.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 
 class CommandError(Exception):
@@ -15,5 +16,11 @@ class CommandError(Exception):
 
 def settings_error(exc: ValidationError) -> CommandError:
     """One line naming every bad setting (env var or option) and what is wrong with it."""
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    problems = "; ".join(_problem(error) for error in exc.errors())
     return CommandError(f"invalid settings: {problems}")
+
+
+def _problem(error: ErrorDetails) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message

@@ -22,8 +22,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from flowcloud.cli.errors import CommandError
-from flowcloud.inference import PRECISIONS, Segmenter, SegmenterOptions, parse_size
+from flowcloud.inference import PRECISIONS, Segmenter, SegmenterOptions
 from flowcloud.labels import LABEL_SETS, blend_overlay
+from flowcloud.sizes import size_argument
 from flowcloud.zoo import MODEL_NAMES, WeightsError, load_model
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-set", choices=sorted(LABEL_SETS), help="classes (default: the weights')")
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision on GPU")
-    group.add_argument("--size", type=parse_size, metavar="HxW", help="model input size (default: input's)")
+    group.add_argument(
+        "--size", type=size_argument, metavar="HxW", help="model input size (default: input's)"
+    )
     group.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (video)")
 
 

@@ -44,6 +44,7 @@ from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
 from flowcloud.registry import EVENT_CONNECTED, EVENT_REVOKED, DeviceRegistry, parse_event
 from flowcloud.settings import GatewaySettings
+from flowcloud.sizes import parse_size
 from services.gateway import metrics
 from services.gateway.certificates import CertificateBoundRegistry
 from services.gateway.decoder import DecoderConfig, DecoderPool
@@ -65,17 +66,6 @@ log = logging.getLogger(__name__)
 EVENTS_BACKOFF_MAX = 2.0
 # Outcome label of flowcloud_gateway_connections_total (besides accepted and the REJECT codes).
 OUTCOME_TLS_FAILED = "tls_failed"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"HxW"`` as (height, width)."""
-    try:
-        h, w = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size {text!r} is not HxW (e.g. 256x512)") from None
-    if not (16 <= h <= 8192 and 16 <= w <= 8192):
-        raise ValueError(f"size {text!r} is out of range (16 to 8192 per side)")
-    return h, w
 
 
 def tls_reloader(settings: GatewaySettings) -> TlsReloader | None:

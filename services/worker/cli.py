@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flowcloud.cli.errors import CommandError, settings_error
-from flowcloud.inference import COMPILE_MODES, PRECISIONS, parse_size
+from flowcloud.inference import COMPILE_MODES, PRECISIONS
 from flowcloud.labels import LABEL_SETS
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.settings import WorkerSettings
@@ -83,18 +83,6 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         settings = WorkerSettings(**given)
     except ValidationError as exc:
         raise settings_error(exc) from None
-    for size in (settings.input_size, settings.warmup_size):
-        if size is not None:
-            try:
-                parse_size(size)
-            except ValueError as exc:
-                raise CommandError(str(exc)) from None
-    if settings.precision not in PRECISIONS:
-        raise CommandError(f"precision must be one of {', '.join(PRECISIONS)}")
-    if settings.mode not in MODES:
-        raise CommandError(f"mode must be one of {', '.join(MODES)}")
-    if settings.weights and settings.random_weights:
-        raise CommandError("--weights and --random-weights exclude each other")
     return settings
 
 

@@ -34,10 +34,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
-from flowcloud.inference import Segmenter, SegmenterOptions, parse_size
+from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from flowcloud.settings import WorkerSettings
+from flowcloud.sizes import parse_size
 from flowcloud.zoo import load_model
 
 from . import metrics

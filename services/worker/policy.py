@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 from flowcloud.frames import Frame
+from flowcloud.settings import FrameMode
 
-MODES = ("realtime", "complete")
+MODES: tuple[str, ...] = get_args(FrameMode)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from flowcloud.inference import Segmenter, SegmenterOptions, parse_size
+from flowcloud.inference import Segmenter, SegmenterOptions
+from flowcloud.sizes import parse_size
 from flowcloud.zoo import DEMO_WEIGHTS, load_model
 from training.metrics import ConfusionMatrix
 from training.synth import SceneSequence

@@ -10,7 +10,6 @@ import pytest
 from flowcloud.cli.main import CommandError
 from services.gateway.cli import configure, settings_from
 from services.gateway.limits import ConnectionLimiter, TokenBucket
-from services.gateway.server import parse_size
 
 
 def test_token_bucket_try_take_and_refill() -> None:
@@ -34,13 +33,6 @@ def test_connection_limiter() -> None:
     assert limiter.acquire("b")
     limiter.release("a")
     assert limiter.open_count("a") == 1 and limiter.acquire("a")
-
-
-def test_parse_size() -> None:
-    assert parse_size("256x512") == (256, 512)
-    for bad in ("256", "ax b", "8x8", "256x99999"):
-        with pytest.raises(ValueError):
-            parse_size(bad)
 
 
 def test_cli_settings_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
