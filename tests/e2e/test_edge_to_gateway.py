@@ -9,17 +9,16 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import cast
 
 import pytest
 import redis
+from support.cli import REPO, add_device, flowcloud
+from support.frames import frames_on_redis
+from support.waiting import wait_listening
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -27,35 +26,9 @@ from flowcloud.redis_server import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parents[2]
 DEVICE = "e2e-edge"
 WIDTH, HEIGHT, FPS = 160, 120, 30
 MODEL_H, MODEL_W = 64, 96
-
-
-def flowcloud(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flowcloud.cli.main", *args]
-
-
-def register(redis_url: str) -> str:
-    out = subprocess.run(
-        flowcloud("devices", "add", DEVICE, "--json"),
-        cwd=REPO, env={**os.environ, "FLOWCLOUD_REDIS_URL": redis_url},
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout  # fmt: skip
-    token = json.loads(out)["token"]
-    assert isinstance(token, str) and token
-    return token
-
-
-def wait_listening(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
 @contextmanager
@@ -89,27 +62,19 @@ def edge(port: int, token: str, *args: str, env: dict[str, str] | None = None) -
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def frames_on_redis(redis_url: str) -> list[Frame]:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.FRAMES_STREAM))
-    finally:
-        client.close()
-    return [f for f in (Frame.from_fields(fields) for _, fields in entries) if f.stream == DEVICE]
-
-
 def wait_frames(redis_url: str, count: int, timeout: float = 30.0) -> list[Frame]:
+    """The device's frames on Redis once there are ``count`` of them, or all there are after ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        frames = frames_on_redis(redis_url)
+        frames = frames_on_redis(redis_url, DEVICE)
         if len(frames) >= count:
             return frames
         time.sleep(0.2)
-    return frames_on_redis(redis_url)
+    return frames_on_redis(redis_url, DEVICE)
 
 
 def test_synthetic_edge_to_gateway_to_redis(redis_url: str) -> None:
-    token = register(redis_url)
+    token = add_device(redis_url, DEVICE)
     port = free_port()
     frames_sent = 30
     with gateway(redis_url, port):
@@ -140,7 +105,7 @@ def test_synthetic_edge_to_gateway_to_redis(redis_url: str) -> None:
 
 
 def test_edge_survives_a_gateway_restart_and_stops_on_sigterm(redis_url: str) -> None:
-    token = register(redis_url)
+    token = add_device(redis_url, DEVICE)
     port = free_port()
     with gateway(redis_url, port):
         process = edge(port, token, "--duration", "60", env={"FLOWCLOUD_EDGE_RECONNECT_MAX_DELAY": "0.5"})
@@ -148,7 +113,7 @@ def test_edge_survives_a_gateway_restart_and_stops_on_sigterm(redis_url: str) ->
         assert len(first) >= 10
     # The gateway went away; the edge keeps capturing and redials with backoff until it is back.
     with gateway(redis_url, port):
-        before = len(frames_on_redis(redis_url))
+        before = len(frames_on_redis(redis_url, DEVICE))
         after = wait_frames(redis_url, before + 10)
         assert len(after) >= before + 10
         process.send_signal(signal.SIGTERM)
@@ -156,12 +121,12 @@ def test_edge_survives_a_gateway_restart_and_stops_on_sigterm(redis_url: str) ->
     assert process.returncode == 0, err
     summary = json.loads(out)
     assert summary["sessions"] == 2 and summary["sent"] >= len(after)
-    seqs = [f.seq for f in frames_on_redis(redis_url)]
+    seqs = [f.seq for f in frames_on_redis(redis_url, DEVICE)]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
 def test_gstreamer_stream_through_the_edge_relay_and_the_gateway(redis_url: str) -> None:
-    token = register(redis_url)
+    token = add_device(redis_url, DEVICE)
     port, relay_port = free_port(), free_port()
     frames_sent = 30
     with gateway(redis_url, port):

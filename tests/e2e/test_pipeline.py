@@ -8,12 +8,12 @@ through the API and scored against the generator's exact ground truth.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from support.waiting import wait_for
 
 from flowcloud import tokens
 from flowcloud.cli.demo import DEMO_DEVICE, SceneOracle, recent_frames, register_demo_device, score_masks
@@ -35,14 +35,6 @@ def stack(tmp_path: Path) -> Stack:
     )
     with Stack(config) as running:
         yield running
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_edge_to_api_masks_match_ground_truth(stack: Stack) -> None:
@@ -68,7 +60,7 @@ def test_edge_to_api_masks_match_ground_truth(stack: Stack) -> None:
             reply = api.get(f"/streams/{DEMO_DEVICE}/masks", params={"limit": 100})
             return reply.status_code == 200 and len(reply.json()["items"]) == FRAMES
 
-        wait_for(all_segmented, 180, f"{FRAMES} masks")
+        wait_for(f"{FRAMES} masks", all_segmented, 180, step=0.5)
         items = api.get(f"/streams/{DEMO_DEVICE}/masks", params={"limit": 100}).json()["items"]
         seqs = [item["seq"] for item in items]
         assert seqs == sorted(seqs, reverse=True) and len(set(seqs)) == FRAMES

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from api_support import make_key, running_api, seed_stream
 from redis.asyncio import Redis
+from support.api import make_key, running_api, seed_stream
 
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import ApiSettings

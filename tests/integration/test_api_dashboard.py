@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from api_support import make_key, running_api, seed_stream
 from playwright.sync_api import Browser, Page, Route, sync_playwright
+from support.api import make_key, running_api, seed_stream
 
 from flowcloud.labels import TRAIN_IDS
 from flowcloud.settings import ApiSettings

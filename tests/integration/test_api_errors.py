@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from api_support import make_key, running_api, seed_stream
+from support.api import make_key, running_api, seed_stream
+from support.cli import flowcloud, run_flowcloud
 
 from flowcloud.cli.main import main as cli_main
 from flowcloud.redis_server import EmbeddedRedis, free_port
@@ -65,21 +65,11 @@ def test_redis_down_answers_503_json_without_a_trace(tmp_path: Path) -> None:
         server.stop()
 
 
-def flowcloud(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowcloud.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_apikeys_cli_add_list_revoke(
     redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One run through the entry point in its own process, the rest in this one.
-    added = flowcloud(
+    added = run_flowcloud(
         "apikeys", "--redis-url", redis_url, "add", "--role", "reader", "--tenant", "acme", "--json"
     )
     assert added.returncode == 0, added.stderr
@@ -129,7 +119,7 @@ def test_apikeys_cli_without_redis_says_so(capsys: pytest.CaptureFixture[str]) -
 def test_flowcloud_api_serves_and_stops_on_sigterm(redis_url: str) -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "flowcloud.cli.main", "api", "--host", "127.0.0.1", "--port", str(port)],
+        flowcloud("api", "--host", "127.0.0.1", "--port", str(port)),
         env={**os.environ, "FLOWCLOUD_REDIS_URL": redis_url, "FLOWCLOUD_API_ADMIN_KEY": ADMIN_KEY},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from api_support import (
+from PIL import Image
+from support.api import (
     HEIGHT,
     RECENT_MAXLEN,
     WIDTH,
@@ -25,7 +26,6 @@ from api_support import (
     running_api,
     seed_stream,
 )
-from PIL import Image
 
 from flowcloud import keys
 from flowcloud.frames import decode_image

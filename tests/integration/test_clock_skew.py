@@ -8,9 +8,10 @@ import time
 
 import pytest
 import redis
-from api_support import seed_stream
 from redis.asyncio import Redis as AsyncRedis
-from worker_support import frame, pending_total, publish, result_count
+from support.api import seed_stream
+from support.frames import publish
+from support.worker import frame, pending_total, result_count
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock

@@ -8,13 +8,13 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from edge_test_gateway import TestGateway, decode_access_units
 from prometheus_client import REGISTRY
+from support.cli import REPO, flowcloud
+from support.edge import TestGateway, daemon_config, decode_access_units
 
 from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
@@ -27,24 +27,6 @@ from flowcloud.protocol.h264 import NAL_TYPE_IDR, nal_type
 pytestmark = pytest.mark.timeout(90)
 
 SHAPE = StreamShape(160, 120, 30.0)
-FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2)
-REPO = Path(__file__).resolve().parents[2]
-
-
-def config(port: int, **changes: object) -> DaemonConfig:
-    base = {
-        "host": "127.0.0.1",
-        "port": port,
-        "device_id": "cam-1",
-        "token": "tok",
-        "mtu": 600,
-        "bitrate": 300_000,
-        "keyframe_interval": 10,
-        "encoder": "libx264",
-        "backoff": FAST_BACKOFF,
-    }
-    base.update(changes)
-    return DaemonConfig(**base)  # type: ignore[arg-type]
 
 
 async def run_daemon(cfg: DaemonConfig, shape: StreamShape = SHAPE) -> DaemonResult:
@@ -56,7 +38,7 @@ def test_synthetic_frames_arrive_in_order_with_capture_times() -> None:
         async with TestGateway(clock_skew=50.0) as gw:
             started = time.time()
             sent_before = REGISTRY.get_sample_value("flowcloud_edge_frames_sent_total") or 0.0
-            result = await run_daemon(config(gw.port, frames=20))
+            result = await run_daemon(daemon_config(gw.port, frames=20))
             assert REGISTRY.get_sample_value("flowcloud_edge_frames_sent_total") == sent_before + 20
             assert REGISTRY.get_sample_value("flowcloud_edge_clock_offset_seconds") == pytest.approx(
                 50.0, abs=0.05
@@ -90,7 +72,7 @@ def test_synthetic_frames_arrive_in_order_with_capture_times() -> None:
 def test_reconnects_after_the_server_closes_and_restarts_at_an_idr() -> None:
     async def scenario() -> None:
         async with TestGateway(close_after=6) as gw:
-            result = await run_daemon(config(gw.port, frames=45))
+            result = await run_daemon(daemon_config(gw.port, frames=45))
         assert result.sessions >= 3
         assert len(gw.sessions) == result.sessions
         for i, session in enumerate(gw.sessions):
@@ -112,7 +94,7 @@ def test_survives_a_gateway_restart_on_the_same_port() -> None:
         first = TestGateway()
         await first.__aenter__()
         port = first.port
-        daemon = asyncio.create_task(run_daemon(config(port, duration=3.0)))
+        daemon = asyncio.create_task(run_daemon(daemon_config(port, duration=3.0)))
         await first.wait_for(lambda: len(first.access_units) >= 5)
         await first.close()  # the gateway goes away ...
         await asyncio.sleep(0.5)
@@ -129,7 +111,7 @@ def test_survives_a_gateway_restart_on_the_same_port() -> None:
 def test_busy_is_retried_and_a_bad_token_is_fatal() -> None:
     async def scenario() -> None:
         async with TestGateway(rejects=["busy", "limit"]) as gw:
-            result = await run_daemon(config(gw.port, frames=5))
+            result = await run_daemon(daemon_config(gw.port, frames=5))
         # Frames queued while refused are younger than the queue's max age: all are sent.
         assert gw.connections == 3 and result.sent == 5
         assert len(gw.access_units) == result.sent and gw.access_units[0].keyframe
@@ -137,7 +119,7 @@ def test_busy_is_retried_and_a_bad_token_is_fatal() -> None:
             with pytest.raises(
                 FatalRejection, match="^gateway rejected the connection: bad_token: test gateway"
             ):
-                await run_daemon(config(gw.port, frames=1000))
+                await run_daemon(daemon_config(gw.port, frames=1000))
         assert gw.connections == 1
 
     asyncio.run(scenario())
@@ -147,7 +129,7 @@ def test_revoked_mid_stream_ends_the_daemon() -> None:
     async def scenario() -> None:
         async with TestGateway(close_after=4, reject_mid_stream="revoked") as gw:
             with pytest.raises(FatalRejection, match="revoked: revoked by test"):
-                await run_daemon(config(gw.port, frames=1000))
+                await run_daemon(daemon_config(gw.port, frames=1000))
         assert len(gw.sessions) == 1
 
     asyncio.run(scenario())
@@ -158,7 +140,7 @@ def test_no_gateway_then_the_source_ends_quietly() -> None:
         async with TestGateway() as gw:
             port = gw.port
         # Nobody listens: the daemon retries until the source ends, then gives up cleanly.
-        result = await asyncio.wait_for(run_daemon(config(port, frames=10)), 20)
+        result = await asyncio.wait_for(run_daemon(daemon_config(port, frames=10)), 20)
         assert (result.captured, result.sent, result.sessions) == (10, 0, 0)
 
     asyncio.run(scenario())
@@ -180,7 +162,7 @@ def test_backoff_grows_with_jitter_up_to_the_maximum() -> None:
 def test_gstreamer_x264enc_encoder() -> None:
     async def scenario() -> None:
         async with TestGateway() as gw:
-            result = await run_daemon(config(gw.port, frames=15, encoder="x264enc"))
+            result = await run_daemon(daemon_config(gw.port, frames=15, encoder="x264enc"))
             await gw.wait_for(lambda: gw.sessions and gw.sessions[0].closed.is_set())
         assert result.sent == 15
         aus = gw.access_units
@@ -194,13 +176,14 @@ def test_cli_process_streams_and_reports(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with TestGateway() as gw:
             env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": "tok-from-env"}
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "flowcloud.cli.main", "edge",
-                "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam", "--source", "synthetic",
-                "--width", "96", "--height", "64", "--fps", "30", "--frames", "12", "--encoder", "libx264",
-                "--metrics-port", "0", "--json",
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            command = flowcloud(
+                "edge", "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam",
+                "--source", "synthetic", "--width", "96", "--height", "64", "--fps", "30", "--frames", "12",
+                "--encoder", "libx264", "--metrics-port", "0", "--json",
             )  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                *command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             await gw.wait_for(lambda: gw.sessions and gw.sessions[0].closed.is_set())
         assert proc.returncode == 0, err.decode()

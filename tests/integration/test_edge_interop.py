@@ -12,11 +12,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from edge_test_gateway import TestGateway, decode_access_units
+from support.edge import TestGateway, daemon_config, decode_access_units
 
-from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
+from edge.daemon import DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
-from edge.sender import Backoff
 from edge.sources import (
     DemuxRelaySource,
     FileSource,
@@ -31,25 +30,10 @@ from flowcloud.protocol.h264 import NAL_TYPE_PPS, NAL_TYPE_SPS, nal_type
 pytestmark = [pytest.mark.timeout(90)]
 
 
-def config(port: int, **changes: object) -> DaemonConfig:
-    base = {
-        "host": "127.0.0.1",
-        "port": port,
-        "device_id": "cam-interop",
-        "token": "tok",
-        "mtu": 500,
-        "bitrate": 300_000,
-        "keyframe_interval": 10,
-        "encoder": "libx264",
-        "backoff": Backoff(initial=0.05, maximum=0.2),
-    }
-    base.update(changes)
-    return DaemonConfig(**base)  # type: ignore[arg-type]
-
-
 async def stream(source: PictureSource | RelaySource, **changes: object) -> tuple[DaemonResult, TestGateway]:
     async with TestGateway() as gw:
-        result = await EdgeDaemon(config(gw.port, **changes), source).run()
+        config = daemon_config(gw.port, **{"device_id": "cam-interop", "mtu": 500, **changes})
+        result = await EdgeDaemon(config, source).run()
         await gw.wait_for(lambda: bool(gw.sessions) and gw.sessions[-1].closed.is_set())
     return result, gw
 

@@ -7,20 +7,14 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 import redis
-from gateway_support import (
-    FPS,
-    connect,
-    frames_on_redis,
-    libx264_access_units,
-    register,
-    rtp_packets,
-    wait_for,
-)
+from support.cli import flowcloud
+from support.frames import frames_on_redis
+from support.gateway import FPS, connect, libx264_access_units, register, rtp_packets
+from support.waiting import wait_listening
 
 from flowcloud import keys
 from flowcloud.redis_server import free_port
@@ -33,23 +27,15 @@ def test_gateway_process_metrics_and_sigterm_drain(redis_url: str) -> None:
     port, metrics_port = free_port(), free_port()
     packets = rtp_packets(libx264_access_units(FRAMES), T0)
     env = {**os.environ, "FLOWCLOUD_GATEWAY_MODEL_SIZE": "64x96", "FLOWCLOUD_GATEWAY_HOST": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "flowcloud.cli.main", "gateway", "--redis-url", redis_url]
-    cmd += ["--port", str(port), "--metrics-port", str(metrics_port)]
+    cmd = flowcloud(
+        "gateway", "--redis-url", redis_url, "--port", str(port), "--metrics-port", str(metrics_port)
+    )
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_listening(port)
 
         async def main() -> None:
             token = await register(redis_url, "cli-cam")
-
-            async def up() -> bool:
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    return False
-                w.close()
-                return True
-
-            assert await wait_for(up, 30, step=0.2)
             edge = await connect(port, "cli-cam", token)
             await edge.send(packets, fps=2 * FPS)
             body = (

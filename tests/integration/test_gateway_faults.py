@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from gateway_support import (
+from support.frames import frames_on_redis
+from support.gateway import (
     FPS,
     all_drops,
     connect,
     dropped,
-    frames_on_redis,
     gateway_settings,
     libx264_access_units,
     metric,
@@ -28,8 +28,8 @@ from gateway_support import (
     rtp_packets,
     run_beside_good_stream,
     session_ended,
-    wait_for,
 )
+from support.waiting import eventually
 
 from flowcloud.protocol.framing import frame
 from flowcloud.protocol.h264 import NAL_TYPE_FU_A
@@ -98,7 +98,7 @@ def test_revoked_mid_stream_closes_within_a_second(redis_url: str) -> None:
         token = await register(redis_url, "doomed")
         edge = await connect(gw.port, "doomed", token)
         sender = asyncio.create_task(edge.send(packets, fps=FPS))
-        assert await wait_for(lambda: len(frames_on_redis(redis_url, "doomed")) >= 5, 10)
+        assert await eventually(lambda: len(frames_on_redis(redis_url, "doomed")) >= 5, 10)
         client = aioredis.Redis.from_url(redis_url)
         await DeviceRegistry(client).revoke("doomed")
         revoked_at = time.monotonic()
@@ -129,7 +129,7 @@ def test_rotated_token_closes_session_and_old_token_fails(redis_url: str) -> Non
         assert (await read_reject(reader)).code == "bad_token"
         writer.close()
         edge = await connect(gw.port, "rot", new_token)
-        assert await wait_for(lambda: "rot" in gw.sessions, 2)
+        assert await eventually(lambda: "rot" in gw.sessions, 2)
         await edge.close()
 
     run_beside_good_stream(redis_url, bad)
@@ -209,15 +209,15 @@ def _kill_decoder_then_resume(redis_url: str, device: str, sig: int, **settings:
         token = await register(redis_url, device)
         edge = await connect(gw.port, device, token)
         # The decoder is up before the stream starts, so that the signal lands mid-stream.
-        assert await wait_for(
+        assert await eventually(
             lambda: device in gw.sessions and gw.sessions[device].decoder_pid is not None, 10
         )
         sender = asyncio.create_task(edge.send(before, fps=FPS))
-        assert await wait_for(lambda: len(frames_on_redis(redis_url, device)) >= 1, 10)
+        assert await eventually(lambda: len(frames_on_redis(redis_url, device)) >= 1, 10)
         pid = gw.sessions[device].decoder_pid
         assert pid is not None
         os.kill(pid, sig)
-        assert await wait_for(lambda: gw.sessions[device].decoder_pid not in (None, pid), 10)
+        assert await eventually(lambda: gw.sessions[device].decoder_pid not in (None, pid), 10)
         await sender
         await edge.send(after, fps=FPS)
         await edge.close()
@@ -253,14 +253,14 @@ def test_second_connection_newest_wins(redis_url: str) -> None:
         token = await register(redis_url, "twin")
         first = await connect(gw.port, "twin", token)
         await first.send(packets[0], fps=2 * FPS)
-        assert await wait_for(lambda: len(frames_on_redis(redis_url, "twin")) >= 15, 10)
+        assert await eventually(lambda: len(frames_on_redis(redis_url, "twin")) >= 15, 10)
         old = gw.sessions["twin"]
         second = await connect(gw.port, "twin", token)
         assert await first.closed_by_gateway(timeout=2.0)
-        assert await wait_for(lambda: gw.sessions.get("twin") not in (None, old), 2)
+        assert await eventually(lambda: gw.sessions.get("twin") not in (None, old), 2)
         assert old.end_reason == "replaced"
         await second.send(packets[1], fps=2 * FPS)
-        assert await wait_for(lambda: len(frames_on_redis(redis_url, "twin")) >= 30, 10)
+        assert await eventually(lambda: len(frames_on_redis(redis_url, "twin")) >= 30, 10)
         await second.close()
         frames = frames_on_redis(redis_url, "twin")
         assert [f.seq for f in frames] == list(range(1, 31))
@@ -279,7 +279,7 @@ def test_connection_and_session_limits(redis_url: str) -> None:
         writer.close()
         for _, w in idle:
             w.close()
-        assert await wait_for(lambda: gw.connections.open_count("127.0.0.1") == 1, 2)
+        assert await eventually(lambda: gw.connections.open_count("127.0.0.1") == 1, 2)
         # Total sessions: the good stream holds 1 of 2.
         tokens = [await register(redis_url, f"extra-{i}") for i in range(2)]
         edge = await connect(gw.port, "extra-0", tokens[0])

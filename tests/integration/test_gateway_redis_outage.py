@@ -7,11 +7,11 @@ import asyncio
 import time
 from pathlib import Path
 
-from gateway_support import (
+from support.frames import frames_on_redis
+from support.gateway import (
     FPS,
     connect,
     dropped,
-    frames_on_redis,
     gateway_settings,
     libx264_access_units,
     metric,
@@ -21,8 +21,8 @@ from gateway_support import (
     register,
     rtp_packets,
     session_ended,
-    wait_for,
 )
+from support.waiting import eventually
 
 from flowcloud.redis_server import EmbeddedRedis
 from services.gateway.server import Gateway
@@ -44,7 +44,7 @@ def test_redis_outage_keeps_sessions_and_resumes(tmp_path: Path) -> None:
         async with Gateway(settings).listen(port=0) as gw:
             edge = await connect(gw.port, "cam", token)
             sender = asyncio.create_task(edge.send(packets, fps=FPS))
-            assert await wait_for(lambda: len(frames_on_redis(url, "cam")) >= 20, 10)
+            assert await eventually(lambda: len(frames_on_redis(url, "cam")) >= 20, 10)
             unavailable, backlog = dropped("redis_unavailable"), dropped("publish_backlog")
             server.stop()
             stopped_at = time.time()
@@ -60,7 +60,7 @@ def test_redis_outage_keeps_sessions_and_resumes(tmp_path: Path) -> None:
             writer.close()
             server = EmbeddedRedis(tmp_path / "redis", port=server.port, appendonly=True).start()
             restarted_at = time.time()
-            assert await wait_for(
+            assert await eventually(
                 lambda: any(f.recv_ts > restarted_at for f in frames_on_redis(url, "cam")), 10
             )
             assert metric("flowcloud_gateway_redis_up") == 1

@@ -8,17 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_support import (
+from support.frames import frames_on_redis
+from support.gateway import (
     FPS,
     connect,
-    frames_on_redis,
     gateway_settings,
     libx264_access_units,
     register,
     rtp_packets,
     session_ended,
-    wait_for,
 )
+from support.waiting import eventually
 
 from edge.daemon import DaemonConfig, EdgeDaemon
 from edge.frames import StreamShape
@@ -40,7 +40,7 @@ def test_recorded_session_replays_to_the_same_frames(redis_url: str, tmp_path: P
         async with Gateway(settings).listen(port=0) as gw:
             edge = await connect(gw.port, "original", token)
             await edge.send(packets, fps=FPS)
-            assert await wait_for(lambda: len(frames_on_redis(redis_url, "original")) >= FRAMES, 20)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "original")) >= FRAMES, 20)
             await edge.close()
             assert await session_ended(gw, "original")
 
@@ -52,7 +52,7 @@ def test_recorded_session_replays_to_the_same_frames(redis_url: str, tmp_path: P
             result = await EdgeDaemon(config, source).run()
             took = time.monotonic() - started
             assert result.sent == FRAMES
-            assert await wait_for(lambda: len(frames_on_redis(redis_url, "replayer")) >= FRAMES, 20)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "replayer")) >= FRAMES, 20)
         return took
 
     took = asyncio.run(main())

@@ -8,18 +8,18 @@ import asyncio
 import pytest
 import redis
 import redis.asyncio as aioredis
-from gateway_support import (
+from support.frames import frames_on_redis
+from support.gateway import (
     FPS,
     connect,
-    frames_on_redis,
     gateway_settings,
     libx264_access_units,
     published_offset,
     register,
     rtp_packets,
     session_ended,
-    wait_for,
 )
+from support.waiting import eventually
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -42,7 +42,7 @@ def test_reconnect_through_another_replica_replaces_the_old_session(redis_url: s
         ):
             first = await connect(a.port, "roamer", token)
             await first.send(packets[0])
-            assert await wait_for(lambda: len(frames_on_redis(redis_url, "roamer")) >= 15, 10)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "roamer")) >= 15, 10)
             old = a.sessions["roamer"]
 
             second = await connect(b.port, "roamer", token)  # the first connection stays open
@@ -52,7 +52,7 @@ def test_reconnect_through_another_replica_replaces_the_old_session(redis_url: s
             assert b.sessions["roamer"].end_reason is None  # B's own announcement did not close it
 
             await second.send(packets[1])
-            assert await wait_for(lambda: len(frames_on_redis(redis_url, "roamer")) >= 30, 10)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "roamer")) >= 30, 10)
             client = redis.Redis.from_url(redis_url, decode_responses=True)
             status = client.hget(keys.stream_meta("roamer"), keys.M_STATUS)
             client.close()

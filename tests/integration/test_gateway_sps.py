@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-from gateway_support import (
+from support.frames import frames_on_redis
+from support.gateway import (
     all_drops,
     connect,
     dropped,
-    frames_on_redis,
     libx264_access_units,
     register,
     rtp_packets,

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from gateway_support import (
+from support.frames import frames_on_redis
+from support.gateway import (
     FPS,
     MODEL_H,
     MODEL_W,
     connect,
-    frames_on_redis,
     gateway_settings,
     gst_capture,
     libx264_access_units,
@@ -23,9 +23,9 @@ from gateway_support import (
     register,
     rtp_packets,
     session_ended,
-    wait_for,
     with_capture_times,
 )
+from support.waiting import eventually
 
 from flowcloud import keys
 from flowcloud.protocol.framing import Rfc4571Decoder
@@ -58,7 +58,7 @@ def test_libx264_stream_end_to_end(redis_url: str, tmp_path: Path) -> None:
         async with Gateway(settings).listen(port=0) as gw:
             edge = await connect(gw.port, "cam-1", token)
             await edge.send(packets)
-            assert await wait_for(lambda: len(frames_on_redis(redis_url, "cam-1")) >= FRAMES, 20)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= FRAMES, 20)
             await edge.close()
             assert await session_ended(gw, "cam-1")
         check_frames(redis_url, "cam-1", FRAMES, t0, published_offset(edge, gw))

@@ -1,5 +1,5 @@
 """TLS and mutual TLS on the edge -> gateway connection: a real gateway (real redis-server, real
-decoders), the real edge daemon and sender, and a throwaway PKI made at test time (tls_support)."""
+decoders), the real edge daemon and sender, and a throwaway PKI made at test time (support.tls)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import logging
 import os
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from gateway_support import frames_on_redis, gateway_settings, metric, register, session_ended, wait_for
-from tls_support import Issued, Pki
+from support.cli import REPO, flowcloud
+from support.edge import daemon_config
+from support.frames import frames_on_redis
+from support.gateway import gateway_settings, metric, register, session_ended
+from support.tls import Issued, Pki
+from support.waiting import eventually
 
 from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
-from edge.sender import Backoff, FatalRejection
+from edge.sender import FatalRejection
 from edge.sources import SyntheticSource
 from flowcloud.cli.main import main
 from flowcloud.protocol.framing import frame
@@ -30,7 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 
 SHAPE = StreamShape(96, 64, 30.0)
 FRAMES = 12
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +61,8 @@ def edge_config(
     **changes: object,
 ) -> DaemonConfig:
     tls = client_context(str(ca), str(client.cert) if client else None, str(client.key) if client else None)
-    base: dict[str, object] = {
-        "host": "127.0.0.1",
-        "port": port,
-        "device_id": device_id,
-        "token": token,
-        "mtu": 600,
-        "bitrate": 200_000,
-        "keyframe_interval": 10,
-        "encoder": "libx264",
-        "backoff": Backoff(initial=0.05, maximum=0.2),
-        "tls": tls,
-        "tls_server_name": server_name,
-        "frames": FRAMES,
-    }
-    base.update(changes)
-    return DaemonConfig(**base)  # type: ignore[arg-type]
+    defaults: dict[str, object] = {"bitrate": 200_000, "tls_server_name": server_name, "frames": FRAMES}
+    return daemon_config(port, device_id=device_id, token=token, tls=tls, **{**defaults, **changes})
 
 
 async def run_edge(config: DaemonConfig) -> DaemonResult:
@@ -84,7 +72,7 @@ async def run_edge(config: DaemonConfig) -> DaemonResult:
 async def check_stream(redis_url: str, gateway: Gateway, device_id: str, result: DaemonResult) -> None:
     """All frames the edge sent were decoded and published, in order, in one session."""
     assert (result.captured, result.sent, result.sessions) == (FRAMES, FRAMES, 1)
-    assert await wait_for(lambda: len(frames_on_redis(redis_url, device_id)) >= FRAMES, 20)
+    assert await eventually(lambda: len(frames_on_redis(redis_url, device_id)) >= FRAMES, 20)
     assert await session_ended(gateway, device_id)
     frames = frames_on_redis(redis_url, device_id)
     assert [f.seq for f in frames] == list(range(1, FRAMES + 1))
@@ -111,7 +99,7 @@ def test_frames_flow_over_tls_and_a_plaintext_client_is_refused(redis_url: str, 
         async with tls_gateway(redis_url, pki).listen() as gw:
             assert gw.tls is not None and not gw.mutual_tls
             edge = asyncio.create_task(run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path)))
-            assert await wait_for(lambda: "cam-1" in gw.sessions, 20)
+            assert await eventually(lambda: "cam-1" in gw.sessions, 20)
             # A plaintext edge with a valid token on the TLS port: no session, no REJECT in clear.
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             hello = Hello("cam-1", token, StreamInfo(96, 64, 30.0), edge_time=time.time())
@@ -120,7 +108,7 @@ def test_frames_flow_over_tls_and_a_plaintext_client_is_refused(redis_url: str, 
             failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
             reply = await closed_without_reply(reader, 5.0)
             assert b"reject" not in reply and b"accept" not in reply
-            assert await wait_for(
+            assert await eventually(
                 lambda: metric("flowcloud_gateway_connections_total", outcome="tls_failed") == failed + 1, 2
             )
             writer.close()
@@ -297,20 +285,21 @@ def test_cli_edge_process_streams_over_mutual_tls(redis_url: str, pki: Pki) -> N
         async with tls_gateway(redis_url, pki, mutual=True).listen() as gw:
             env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token}
             env["FLOWCLOUD_EDGE_TLS_KEY_FILE"] = str(client.key)  # the key from the environment
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "flowcloud.cli.main", "edge",
-                "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam", "--source", "synthetic",
-                "--width", "96", "--height", "64", "--frames", str(FRAMES), "--encoder", "libx264",
-                "--metrics-port", "0", "--json",
+            command = flowcloud(
+                "edge", "--gateway", f"127.0.0.1:{gw.port}", "--device-id", "cli-cam",
+                "--source", "synthetic", "--width", "96", "--height", "64", "--frames", str(FRAMES),
+                "--encoder", "libx264", "--metrics-port", "0", "--json",
                 "--tls-ca", str(pki.ca.path), "--tls-cert", str(client.cert),
                 "--tls-server-name", "localhost",
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                *command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             out, err = await asyncio.wait_for(proc.communicate(), 40)
             assert proc.returncode == 0, err.decode()
             assert out.decode().strip() == f'{{"captured": {FRAMES}, "sent": {FRAMES}, "sessions": 1}}'
             assert b"TLS is off" not in err
-            assert await wait_for(lambda: len(frames_on_redis(redis_url, "cli-cam")) >= FRAMES, 20)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cli-cam")) >= FRAMES, 20)
             assert await session_ended(gw, "cli-cam")
 
     asyncio.run(scenario())

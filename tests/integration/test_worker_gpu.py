@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import redis
 import torch
-from worker_support import (
+from support.frames import publish
+from support.waiting import wait_for
+from support.worker import (
     STARTUP_TIMEOUT,
     calibrated_model,
     frame,
     make_weights,
     pending_total,
-    publish,
     result_count,
     running_worker,
-    wait_for,
     wait_ready,
 )
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from worker_support import (
+from support.frames import publish
+from support.waiting import wait_for
+from support.worker import (
     STARTUP_TIMEOUT,
     frame,
     make_weights,
     pending_of,
     pending_total,
-    publish,
     result_count,
     running_worker,
-    wait_for,
     wait_ready,
     worker_log,
 )

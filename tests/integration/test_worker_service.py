@@ -13,16 +13,16 @@ import pytest
 import redis
 import torch
 from redis.asyncio import Redis as AsyncRedis
-from worker_support import (
+from support.frames import publish
+from support.waiting import wait_for
+from support.worker import (
     STARTUP_TIMEOUT,
     frame,
     make_weights,
     pending_of,
     pending_total,
-    publish,
     result_count,
     running_worker,
-    wait_for,
     wait_ready,
     worker_log,
 )

@@ -10,22 +10,34 @@ import pytest
 from services.api.cache import TtlCache
 
 
-def test_concurrent_callers_share_one_read_and_the_value_expires() -> None:
-    reads = 0
+class SlowSource:
+    """A loader that takes ``delay`` seconds and counts its reads: it returns the count, or fails
+    with ``ConnectionError(failure)`` when given one."""
 
-    async def load() -> int:
-        nonlocal reads
-        reads += 1
-        await asyncio.sleep(0.05)
-        return reads
+    def __init__(self, delay: float, failure: str | None = None) -> None:
+        self.delay = delay
+        self.failure = failure
+        self.reads = 0
+
+    async def load(self) -> int:
+        self.reads += 1
+        await asyncio.sleep(self.delay)
+        if self.failure is not None:
+            raise ConnectionError(self.failure)
+        return self.reads
+
+
+def test_concurrent_callers_share_one_read_and_the_value_expires() -> None:
+    source = SlowSource(0.05)
+    load = source.load
 
     async def scenario() -> None:
         cache: TtlCache[str, int] = TtlCache(ttl=0.2)
         values = await asyncio.gather(*(cache.get("s", load) for _ in range(20)))
-        assert values == [1] * 20 and reads == 1
-        assert await cache.get("s", load) == 1 and reads == 1  # still fresh
+        assert values == [1] * 20 and source.reads == 1
+        assert await cache.get("s", load) == 1 and source.reads == 1  # still fresh
         await asyncio.sleep(0.25)
-        assert await cache.get("s", load) == 2 and reads == 2  # expired: read again
+        assert await cache.get("s", load) == 2 and source.reads == 2  # expired: read again
         assert await cache.get("other", load) == 3  # keys are independent
         cache.forget("s")
         assert await cache.get("s", load) == 4
@@ -34,21 +46,16 @@ def test_concurrent_callers_share_one_read_and_the_value_expires() -> None:
 
 
 def test_a_failed_read_reaches_every_waiter_and_is_not_cached() -> None:
-    calls = 0
-
-    async def failing() -> int:
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0.02)
-        raise ConnectionError("redis down")
+    source = SlowSource(0.02, failure="redis down")
+    failing = source.load
 
     async def scenario() -> None:
         cache: TtlCache[str, int] = TtlCache(ttl=10)
         results = await asyncio.gather(*(cache.get("s", failing) for _ in range(5)), return_exceptions=True)
-        assert all(isinstance(r, ConnectionError) for r in results) and calls == 1
+        assert all(isinstance(r, ConnectionError) for r in results) and source.reads == 1
         with pytest.raises(ConnectionError):
             await cache.get("s", failing)
-        assert calls == 2
+        assert source.reads == 2
 
     asyncio.run(scenario())
 

@@ -1,6 +1,7 @@
-"""A tiny real gateway for the edge tests: an asyncio TCP server that speaks the handshake and
-depacketizes what arrives. It is the peer of the edge, not a mock of it: real sockets, the real
-protocol, and every byte after the handshake recorded for independent decoders."""
+"""For the edge tests: a tiny real gateway, an asyncio TCP server that speaks the handshake and
+depacketizes what arrives (the peer of the edge, not a mock of it: real sockets, the real
+protocol, and every byte after the handshake recorded for independent decoders); decoding what
+it received with PyAV; the edge daemon's configuration for loopback tests."""
 
 from __future__ import annotations
 
@@ -12,11 +13,33 @@ from types import TracebackType
 
 import av
 
+from edge.daemon import DaemonConfig
+from edge.sender import Backoff
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import MAX_FRAME_SIZE, frame, read_frame, write_frame
 from flowcloud.protocol.h264 import AccessUnit, Depacketizer
 from flowcloud.protocol.handshake import MAX_CONTROL_SIZE, Accept, ClockSync, Hello, Reject
 from flowcloud.protocol.rtp import RtpPacket
+
+FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2)
+
+
+def daemon_config(port: int, **changes: object) -> DaemonConfig:
+    """The edge daemon's configuration for a gateway on 127.0.0.1:``port``: libx264, small packets,
+    a fast reconnect backoff; ``changes`` override any field."""
+    base: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "device_id": "cam-1",
+        "token": "tok",
+        "mtu": 600,
+        "bitrate": 300_000,
+        "keyframe_interval": 10,
+        "encoder": "libx264",
+        "backoff": FAST_BACKOFF,
+    }
+    base.update(changes)
+    return DaemonConfig(**base)  # type: ignore[arg-type]
 
 
 @dataclass

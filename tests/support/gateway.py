@@ -1,6 +1,6 @@
 """Helpers for the gateway tests: real H.264 (libx264 through PyAV, and GStreamer's
 ``rtph264pay ! rtpstreampay``), a test edge client that performs the real handshake with the
-protocol module, registered devices, and reading frames back from Redis."""
+protocol module, registered devices, the gateway's metrics, and a good stream beside a bad one."""
 
 from __future__ import annotations
 
@@ -13,25 +13,24 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import av
 import numpy as np
 import pytest
-import redis
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from flowcloud import keys
-from flowcloud.frames import Frame
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame
-from flowcloud.protocol.h264 import Packetizer
+from flowcloud.protocol.h264 import Packetizer, split_annexb
 from flowcloud.protocol.handshake import Accept, ClockSync, Hello, Reject, StreamInfo, client_handshake
 from flowcloud.protocol.rtp import RtpPacket
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import GatewaySettings
 from services.gateway.server import Gateway
+from support.frames import frames_on_redis
+from support.waiting import eventually
 
 MODEL_H, MODEL_W = 64, 96
 FPS = 30.0
@@ -72,7 +71,7 @@ def libx264_access_units(
 
     def collect(packets: Iterable[av.Packet]) -> None:
         for packet in packets:
-            out.append(_split(bytes(packet)))
+            out.append(split_annexb(bytes(packet)))
 
     for i in range(frames):
         image = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + 8 * i) % 256], axis=-1)
@@ -81,12 +80,6 @@ def libx264_access_units(
         collect(codec.encode(picture))
     collect(codec.encode(None))
     return out
-
-
-def _split(annexb: bytes) -> list[bytes]:
-    from flowcloud.protocol.h264 import split_annexb
-
-    return split_annexb(annexb)
 
 
 def rtp_packets(access_units: list[list[bytes]], t0: float, fps: float = FPS, mtu: int = 1200) -> list[bytes]:
@@ -207,16 +200,6 @@ async def read_reject(reader: asyncio.StreamReader, timeout: float = 5.0) -> Rej
         return Reject.parse(await read_frame(reader, 4096))
 
 
-def frames_on_redis(redis_url: str, stream: str, key: str = keys.FRAMES_STREAM) -> list[Frame]:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(key))
-    finally:
-        client.close()
-    frames = [Frame.from_fields(fields) for _, fields in entries]
-    return [f for f in frames if f.stream == stream]
-
-
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -236,24 +219,9 @@ def all_drops() -> float:
     )
 
 
-async def wait_for(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, step: float = 0.05
-) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(step)
-
-
 async def session_ended(gateway: Any, device_id: str, count: int = 1, timeout: float = 10.0) -> bool:
     """Wait until ``count`` sessions of the device have ended on the gateway."""
-    return await wait_for(lambda: gateway.services.ended[device_id] >= count, timeout)
+    return await eventually(lambda: gateway.services.ended[device_id] >= count, timeout)
 
 
 GOOD_FRAMES = 45
@@ -278,7 +246,7 @@ def run_beside_good_stream(
 
             async def good() -> None:
                 await edge.send(packets, fps=FPS)
-                assert await wait_for(lambda: len(frames_on_redis(redis_url, "good")) >= GOOD_FRAMES, 20)
+                assert await eventually(lambda: len(frames_on_redis(redis_url, "good")) >= GOOD_FRAMES, 20)
                 await edge.close()
 
             await asyncio.gather(good(), bad(gw))

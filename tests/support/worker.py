@@ -1,13 +1,13 @@
-"""Helpers for the worker tests: weights files, real worker subprocesses, frames on the real stream."""
+"""Helpers for the worker tests: weights files, test frames, real worker processes and what they
+leave on Redis (pending entries, results)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,8 +23,9 @@ from flowcloud.frames import Frame, encode_image
 from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD
 from flowcloud.labels import LABEL_IDS
 from flowcloud.zoo import ModelInfo, build_model, calibrate_batch_norm, save_weights
+from support.cli import REPO, flowcloud
+from support.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "lraspp_mobilenet_v3_large"
 STARTUP_TIMEOUT = 150.0  # importing torch on a busy 2-core machine is slow
 
@@ -61,17 +62,9 @@ def frame(stream: str, seq: int, height: int, width: int, capture_ts: float | No
     return Frame(stream, seq, capture, max(capture, now - 0.001), width, height, "jpeg", encode_image(image))
 
 
-def publish(client: redis.Redis, frames: list[Frame]) -> list[str]:
-    """XADD frames atomically (one MULTI), so that one XREADGROUP sees all of them."""
-    pipe = client.pipeline(transaction=True)
-    for f in frames:
-        pipe.xadd(keys.FRAMES_STREAM, f.to_fields())  # type: ignore[arg-type]
-    return [i.decode() for i in pipe.execute()]
-
-
 def worker_command(redis_url: str, weights: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "flowcloud.cli.main", "worker",
+    return flowcloud(
+        "worker",
         "--redis-url", redis_url,
         "--name", name,
         "--weights", str(weights),
@@ -82,24 +75,31 @@ def worker_command(redis_url: str, weights: Path, name: str, *extra: str) -> lis
         "--decode-threads", "2",
         "--metrics-port", "0",  # off unless a test names a (free) port: later options win
         *extra,
-    ]  # fmt: skip
+    )  # fmt: skip
+
+
+class WorkerProcess(subprocess.Popen[bytes]):
+    """A worker process that names its log (``support.waiting.wait_for`` shows its tail on a failure)."""
+
+    log_path: Path
 
 
 @contextmanager
 def running_worker(
     redis_url: str, weights: Path, name: str, log_dir: Path, *extra: str
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> Iterator[WorkerProcess]:
     """A real `flowcloud worker` process; killed at exit if the test left it running."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
+        proc = WorkerProcess(
             worker_command(redis_url, weights, name, *extra),
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=REPO,
             env=env,
         )
+        proc.log_path = log_path
         try:
             yield proc
         finally:
@@ -110,24 +110,6 @@ def running_worker(
 
 def worker_log(log_dir: Path, name: str) -> str:
     return (log_dir / f"{name}.log").read_text(errors="replace")
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Poll ``check`` until true; fail with the worker's log tail on a timeout or an early exit."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        problem = None
-        if proc is not None and proc.poll() is not None:
-            problem = f"worker exited with {proc.returncode} while waiting for {what}"
-        elif time.monotonic() > deadline:
-            problem = f"timed out after {timeout:.0f}s waiting for {what}"
-        if problem:
-            log = getattr(proc, "log_path", None)
-            tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-40:]) if log else ""
-            raise AssertionError(f"{problem}\n--- worker log ---\n{tail}")
-        time.sleep(0.02)
 
 
 def wait_ready(client: redis.Redis, name: str, proc: subprocess.Popen[bytes]) -> None:
