@@ -246,10 +246,10 @@ async def _live_events(
         # Starlette also cancels this iterator when the client leaves (ASGI < 2.4 servers such as
         # uvicorn); the check ends an idle stream on servers that report it only on a failed send.
         while time.monotonic() < deadline and not await request.is_disconnected():
-            seq = await context.store.latest_seq(stream_id)
-            result = await context.store.get(stream_id, seq) if seq is not None and seq != last_seq else None
-            if result is not None:
-                last_seq = seq
+            # Through the shared latest cache: viewers of one stream cost one read per cache period.
+            result = await context.queries.latest(stream_id)
+            if result is not None and result.seq != last_seq:
+                last_seq = result.seq
                 image, blended = await _live_image(context, result)
                 if mjpeg:
                     yield _mjpeg_part(image, result.seq)
