@@ -120,7 +120,11 @@ class TlsReloader:
             return
         while True:
             await asyncio.sleep(self.interval)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a surprise must not end the watching: count it, keep the old context
+                metrics.TLS_RELOADS.labels(RELOAD_FAILED).inc()
+                log.exception("TLS certificate reload failed; still serving %s", self.served.describe())
 
     def start(self) -> None:
         if self.interval > 0 and self._task is None:
