@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server for the session, a clean database for each test."""
+"""Shared fixtures: a real redis-server for the session, a clean database for each test, a worker's
+weights file."""
 
 from __future__ import annotations
 
@@ -33,3 +34,11 @@ def out_dir(tmp_path: Path) -> Path:
     path = tmp_path / "out"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    """A weights file of a calibrated random model (``support.worker``) for `flowcloud worker --weights`."""
+    from support.worker import make_weights  # torch: imported only by the tests that ask for weights
+
+    return make_weights(tmp_path / "weights.pt")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +10,7 @@ import redis
 import torch
 from support.frames import publish
 from support.waiting import wait_for
-from support.worker import (
-    STARTUP_TIMEOUT,
-    calibrated_model,
-    frame,
-    make_weights,
-    pending_total,
-    result_count,
-    running_worker,
-    wait_ready,
-)
+from support.worker import calibrated_model, frame, pending_total, result_count, running_worker
 
 from flowcloud import keys
 from flowcloud.inference import Segmenter, SegmenterOptions
@@ -81,18 +71,15 @@ def test_pinned_batches_and_cpu_gpu_agreement() -> None:
     assert agreement(segmenter.predict(images), cpu) >= 0.99
 
 
-def test_worker_process_on_cuda(redis_url: str, tmp_path: Path) -> None:
+def test_worker_process_on_cuda(redis_url: str, weights: Path, tmp_path: Path) -> None:
     client = redis.Redis.from_url(redis_url)
-    weights = make_weights(tmp_path / "weights.pt")
     frames = [frame("cam-g", i, 256, 512) for i in range(40)]
     publish(client, frames)
     args = ("--device", "cuda", "--precision", "fp16", "--batch-size", "16", "--mode", "complete")
     with running_worker(redis_url, weights, "gpu", tmp_path, *args, "--warmup-size", "256x512") as proc:
-        wait_ready(client, "gpu", proc)
         wait_for("all results", lambda: result_count(client, "cam-g") == 40, 60, proc)
         wait_for("nothing pending", lambda: pending_total(client) == 0, 30, proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(STARTUP_TIMEOUT) == 0
+        assert proc.stop() == 0
     reference = Segmenter(load_model(weights=weights), SegmenterOptions(device="cpu")).predict(
         [f.image() for f in frames[:8]]
     )

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 import urllib.request
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -15,17 +15,7 @@ import torch
 from redis.asyncio import Redis as AsyncRedis
 from support.frames import publish
 from support.waiting import wait_for
-from support.worker import (
-    STARTUP_TIMEOUT,
-    frame,
-    make_weights,
-    pending_of,
-    pending_total,
-    result_count,
-    running_worker,
-    wait_ready,
-    worker_log,
-)
+from support.worker import frame, pending_of, pending_total, result_count, result_seqs, running_worker
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -52,9 +42,10 @@ def stored(client: redis.Redis, stream: str, seq: int) -> dict[bytes, bytes]:
     return client.hgetall(keys.mask(stream, seq))  # type: ignore[return-value]
 
 
-def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp_path: Path) -> None:
+def test_worker_segments_drops_dead_letters_trims_and_drains(
+    redis_url: str, weights: Path, tmp_path: Path
+) -> None:
     client = redis.Redis.from_url(redis_url)
-    weights = make_weights(tmp_path / "weights.pt")
     now = time.time()
     # Stream order decides the batches: the first XREADGROUP (COUNT 8) takes exactly the 8 "cam-a"
     # frames, which the worker splits by size into one batch of 6 and one of 2.
@@ -71,7 +62,6 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp
         "--results-ttl", str(TTL), "--metrics-port", str(port),
     )  # fmt: skip
     with running_worker(redis_url, weights, "w1", tmp_path, *args) as proc:
-        wait_ready(client, "w1", proc)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
 
         def settled() -> bool:
@@ -126,7 +116,7 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp
         assert 0 < result.latency < 300
 
         # The poison frame failed 3 times, then went to the dead-letter stream with its error.
-        [(_, dead)] = client.xrange(keys.DEAD_LETTER_STREAM)
+        [(_, dead)] = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.DEAD_LETTER_STREAM))
         assert dead[keys.F_ERROR.encode()].startswith(b"frame data is not a decodable JPEG: ")
         assert dead[keys.F_ATTEMPTS.encode()] == b"3"
         assert dead[keys.F_STREAM.encode()] == b"cam-p"
@@ -135,7 +125,7 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp
         assert result_count(client, "cam-p") == 0
 
         # Retention: only the newest KEEP results of cam-b remain, each with a TTL.
-        assert [int(s) for s in client.zrange(keys.mask_index("cam-b"), 0, -1)] == list(range(12 - KEEP, 12))
+        assert result_seqs(client, "cam-b") == list(range(12 - KEEP, 12))
         assert len(list(client.scan_iter(match=keys.mask("cam-b", 0)[:-1] + "*"))) == KEEP
         assert 0 < client.ttl(keys.mask("cam-b", 11)) <= TTL
 
@@ -152,8 +142,7 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp
         by_id = dict(zip(publish(client, late), late, strict=True))
         wait_for("the worker to read new frames", lambda: bool(pending_of(client, "w1")), 30, proc)
         in_flight = pending_of(client, "w1")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(STARTUP_TIMEOUT) == 0, worker_log(tmp_path, "w1")
+        assert proc.stop() == 0, proc.log()
         assert in_flight and set(in_flight) <= set(by_id)
         assert pending_total(client) == 0
         assert all(client.exists(keys.mask(by_id[i].stream, by_id[i].seq)) for i in in_flight)
@@ -162,4 +151,4 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(redis_url: str, tmp
         assert client.zscore(keys.WORKERS_INDEX, "w1") is None
         consumers = client.xinfo_consumers(keys.FRAMES_STREAM, keys.WORKER_GROUP)
         assert all(c["name"] not in ("w1", b"w1") for c in consumers)
-    assert "drained" in worker_log(tmp_path, "w1")
+    assert "drained" in proc.log()

@@ -4,12 +4,14 @@ leave on Redis (pending entries, results)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -79,16 +81,26 @@ def worker_command(redis_url: str, weights: Path, name: str, *extra: str) -> lis
 
 
 class WorkerProcess(subprocess.Popen[bytes]):
-    """A worker process that names its log (``support.waiting.wait_for`` shows its tail on a failure)."""
+    """A real `flowcloud worker` process and its log (``support.waiting.wait_for`` shows the log's
+    tail when the wait fails)."""
 
     log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM; its exit status once it has drained (allowed as long as a start)."""
+        self.send_signal(signal.SIGTERM)
+        return self.wait(STARTUP_TIMEOUT)
 
 
 @contextmanager
 def running_worker(
     redis_url: str, weights: Path, name: str, log_dir: Path, *extra: str
 ) -> Iterator[WorkerProcess]:
-    """A real `flowcloud worker` process; killed at exit if the test left it running."""
+    """A real `flowcloud worker` process, ready (its heartbeat says so) when the block starts; killed
+    at exit if the test left it running."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -101,6 +113,16 @@ def running_worker(
         )
         proc.log_path = log_path
         try:
+            client = redis.Redis.from_url(redis_url)
+            try:
+                wait_for(
+                    f"worker {name} to be ready",
+                    lambda: client.hget(keys.worker(name), "state") == b"ready",
+                    STARTUP_TIMEOUT,
+                    proc,
+                )
+            finally:
+                client.close()
             yield proc
         finally:
             if proc.poll() is None:
@@ -108,22 +130,9 @@ def running_worker(
                 proc.wait(10)
 
 
-def worker_log(log_dir: Path, name: str) -> str:
-    return (log_dir / f"{name}.log").read_text(errors="replace")
-
-
-def wait_ready(client: redis.Redis, name: str, proc: subprocess.Popen[bytes]) -> None:
-    wait_for(
-        f"worker {name} to be ready",
-        lambda: client.hget(keys.worker(name), "state") == b"ready",
-        STARTUP_TIMEOUT,
-        proc,
-    )
-
-
 def pending_of(client: redis.Redis, consumer: str) -> list[str]:
     rows = client.xpending_range(keys.FRAMES_STREAM, keys.WORKER_GROUP, "-", "+", 1000, consumername=consumer)
-    return [r["message_id"].decode() for r in rows]
+    return [cast(bytes, r["message_id"]).decode() for r in rows]
 
 
 def pending_total(client: redis.Redis) -> int:
@@ -132,3 +141,8 @@ def pending_total(client: redis.Redis) -> int:
 
 def result_count(client: redis.Redis, stream: str) -> int:
     return int(client.zcard(keys.mask_index(stream)))
+
+
+def result_seqs(client: redis.Redis, stream: str) -> list[int]:
+    """The seqs of the stream's results in its mask index, oldest first."""
+    return [int(s) for s in cast(list[bytes], client.zrange(keys.mask_index(stream), 0, -1))]
