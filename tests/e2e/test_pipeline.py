@@ -8,6 +8,7 @@ through the API and scored against the generator's exact ground truth.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ WIDTH, HEIGHT = 480, 360
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Stack:
+def stack(tmp_path: Path) -> Iterator[Stack]:
     assert DEMO_WEIGHTS.is_file(), "the bundled demo model is missing"
     config = StackConfig.on_free_ports(
         tmp_path / "stack",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 import pytest
 import redis
@@ -43,7 +44,7 @@ def test_gateway_publishes_times_on_redis_clock(redis_url: str) -> None:
     publisher = asyncio.run(main())
     assert publisher.published == 1 and publisher.clock.offset == pytest.approx(-skew, abs=0.05)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    [(_, fields)] = client.xrange(keys.FRAMES_STREAM)
+    [(_, fields)] = cast(list[tuple[str, dict[str, str]]], client.xrange(keys.FRAMES_STREAM))
     last_seen = float(client.hget(keys.stream_meta("cam-skew"), keys.M_LAST_SEEN) or 0)
     client.close()
     now = time.time()  # redis-server runs here: its clock is this one

@@ -67,6 +67,7 @@ def test_damaged_recording_is_a_clear_error(tmp_path: Path) -> None:
     damaged = tmp_path / "cam-1-20261127T000000-abc.rfc4571"
     damaged.write_bytes(frame(b"\x80\x60not an rtp packet") + b"\xff\xff" + bytes(100))
     source = open_source(str(damaged), StreamShape(1, 1, 30.0), loop=False)
+    assert isinstance(source, RecordingSource)
     with pytest.raises(SourceError, match="ended before a keyframe with a parsable SPS"):
         source.open()
 

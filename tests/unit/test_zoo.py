@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowcloud.labels import LABEL_IDS, TRAIN_IDS
+from flowcloud.labels import LABEL_IDS, TRAIN_IDS, LabelSet
 from flowcloud.zoo import MODEL_NAMES, ModelInfo, WeightsError, build_model, load_model, save_weights
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("label_set", [LABEL_IDS, TRAIN_IDS])
-def test_output_shape_and_classes(name: str, label_set) -> None:  # type: ignore[no-untyped-def]
+def test_output_shape_and_classes(name: str, label_set: LabelSet) -> None:
     torch.manual_seed(0)
     model = build_model(name, label_set).eval()
     with torch.inference_mode():
