@@ -4,6 +4,7 @@ written through the real MaskStore and real Frame entries, over a real uvicorn o
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -372,6 +373,38 @@ def test_live_viewers_are_bounded_and_the_first_keeps_streaming(redis_url: str, 
             seed_stream(redis_url, "cam-1", "acme", count=4)  # a worker persists frame 3
             assert next(seqs) == 3  # the first viewer is still served after the refusal
         _wait_for_a_free_place(c, params)  # the first viewer left: its place is free again
+
+
+def _index_reads(client: redis.Redis) -> int:
+    """ZRANGE calls the server has answered: how the API finds a stream's newest result."""
+    stats = client.info("commandstats").get("cmdstat_zrange", {"calls": 0})
+    return int(stats["calls"])
+
+
+def test_live_viewers_of_a_stream_share_the_latest_cache(redis_url: str) -> None:
+    """Three viewers at 20 fps poll the newest result through one cache: a read per cache period
+    in all (not 60 a second), and a new result still reaches every viewer."""
+    seed_stream(redis_url, "cam-1", "acme", count=3)
+    token = make_key(redis_url, "reader", "acme")
+    settings = ApiSettings(redis_url=redis_url, latest_cache_ms=500, live_max_clients=3)
+    client = redis.Redis.from_url(redis_url)
+    with (
+        running_api(settings) as base,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c,
+        contextlib.ExitStack() as viewers,
+    ):
+        responses = [
+            viewers.enter_context(c.stream("GET", "/streams/cam-1/live", params={"fps": 20}))
+            for _ in range(3)
+        ]
+        streams = [_sse_mask_seqs(response) for response in responses]
+        assert [next(seqs) for seqs in streams] == [2, 2, 2]
+        before = _index_reads(client)
+        time.sleep(1.5)
+        reads = _index_reads(client) - before
+        assert 1 <= reads <= 5, f"{reads} index reads in 1.5 s by 3 viewers polling at 20 fps"
+        seed_stream(redis_url, "cam-1", "acme", count=4)  # a worker persists frame 3
+        assert [next(seqs) for seqs in streams] == [3, 3, 3]
 
 
 def test_concurrent_viewers_never_exceed_the_bound(redis_url: str) -> None:
