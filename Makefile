@@ -75,7 +75,7 @@ demo: setup
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy flowcloud edge services training bench
+	$(BIN)/mypy flowcloud edge services training bench tests
 
 bench: setup
 	$(BIN)/python -m bench.run_all
