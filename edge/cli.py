@@ -8,8 +8,9 @@ for the token: a command line is visible to every user of the machine.
 TLS: ``--tls`` verifies the gateway against the system trust store, ``--tls-ca FILE`` against
 that CA; ``--tls-cert``/``--tls-key`` present a client certificate (mutual TLS), and
 ``--tls-server-name`` is the name to verify when ``--gateway`` is an address the certificate
-does not name. Any ``--tls-*`` option turns TLS on. Certificate failures end the daemon
-(status 1), like a permanent refusal: see edge.sender.
+does not name. Any ``--tls-*`` option turns TLS on. The files are read again for each
+connection, so a renewed certificate or CA is used from the next reconnect on. Certificate
+failures end the daemon (status 1), like a permanent refusal: see edge.sender.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import asyncio
 import json
 import logging
-import ssl
 
 from pydantic import ValidationError
 
@@ -30,7 +30,7 @@ from edge.sources import FileSource, SourceError, open_source
 from flowcloud import keys
 from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.observability import serve_health_and_metrics
-from flowcloud.protocol.tls import client_context
+from flowcloud.protocol.tls import ClientTls
 from flowcloud.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ def _settings(args: argparse.Namespace) -> EdgeSettings:
         raise settings_error(exc) from None
 
 
-def _tls(settings: EdgeSettings) -> ssl.SSLContext | None:
-    """The TLS context the settings ask for (None: plain TCP)."""
+def _tls(settings: EdgeSettings) -> ClientTls | None:
+    """The TLS files the settings name, read again for each connection (None: plain TCP)."""
     if not (
         settings.tls
         or settings.tls_ca_file
@@ -131,7 +131,7 @@ def _tls(settings: EdgeSettings) -> ssl.SSLContext | None:
     ):
         return None
     try:
-        return client_context(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+        return ClientTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from edge.encoder import Encoder, make_encoder
 from edge.frames import EncodedFrame, StreamShape
 from edge.sender import Backoff, FrameQueue, Sender
 from edge.sources import PictureSource, RelaySource, SourceError
+from flowcloud.protocol.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class DaemonConfig:
     queue_size: int = 60
     handshake_timeout: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
-    tls: ssl.SSLContext | None = None  # None: plain TCP
+    tls: ClientTls | None = None  # None: plain TCP
     tls_server_name: str | None = None  # default: host
 
 

@@ -44,7 +44,7 @@ from flowcloud.protocol.handshake import (
     client_handshake,
     parse_control,
 )
-from flowcloud.protocol.tls import describe_failure, is_certificate_failure
+from flowcloud.protocol.tls import ClientTls, describe_failure, is_certificate_failure
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Sender:
         backoff: Backoff | None = None,
         handshake_timeout: float = 5.0,
         connect_timeout: float = 5.0,
-        tls: ssl.SSLContext | None = None,
+        tls: ClientTls | None = None,
         server_name: str | None = None,
     ) -> None:
         self.host, self.port = host, port
@@ -204,7 +204,7 @@ class Sender:
                 reader, writer = await asyncio.open_connection(
                     self.host,
                     self.port,
-                    ssl=self.tls,
+                    ssl=self.tls.context() if self.tls is not None else None,
                     server_hostname=self.server_name,
                     ssl_handshake_timeout=self.handshake_timeout if self.tls is not None else None,
                 )

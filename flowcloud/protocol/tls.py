@@ -8,14 +8,20 @@ the HELLO). The edge verifies the gateway against the
 system trust store or a given CA (`client_context`). Both sides require TLS 1.2 or newer and
 take the rest (ciphers, no compression, no renegotiation) from `ssl.create_default_context`.
 
+The edge reads its TLS files again for every connection (`ClientTls`): a renewed client certificate
+or a rotated CA is used from the next connection on, without a restart.
+
 Certificate problems are permanent: a wrong CA, a name mismatch, or a client certificate the
 gateway does not accept will not fix themselves by reconnecting (`is_certificate_failure`).
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 
@@ -75,6 +81,27 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
     if cert is not None:
         _load_chain(context, cert, key, "client certificate")
     return context
+
+
+class ClientTls:
+    """The edge's TLS files, loaded into a new `client_context` for each connection.
+
+    At start a file that does not load is an error (ValueError). Later, files that do not load
+    (caught mid-rewrite, or replaced by something broken) leave the last context that loaded in
+    use, with an error logged: a renewal in progress never stops a reconnect.
+    """
+
+    def __init__(self, ca: str | None = None, cert: str | None = None, key: str | None = None) -> None:
+        self.ca, self.cert, self.key = ca, cert, key
+        self._last = client_context(ca, cert, key)
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection, from the files as they are now."""
+        try:
+            self._last = client_context(self.ca, self.cert, self.key)
+        except ValueError as exc:
+            log.error("TLS files did not load, so this connection uses the last ones that did: %s", exc)
+        return self._last
 
 
 def certificate_names(peercert: dict[str, Any] | None) -> frozenset[str]:

@@ -26,7 +26,7 @@ from edge.sources import SyntheticSource
 from flowcloud.cli.main import main
 from flowcloud.protocol.framing import frame
 from flowcloud.protocol.handshake import Hello, StreamInfo
-from flowcloud.protocol.tls import client_context
+from flowcloud.protocol.tls import ClientTls, client_context
 from services.gateway.server import Gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,7 +60,7 @@ def edge_config(
     server_name: str | None = None,
     **changes: object,
 ) -> DaemonConfig:
-    tls = client_context(str(ca), str(client.cert) if client else None, str(client.key) if client else None)
+    tls = ClientTls(str(ca), str(client.cert) if client else None, str(client.key) if client else None)
     defaults: dict[str, object] = {"bitrate": 200_000, "tls_server_name": server_name, "frames": FRAMES}
     return daemon_config(port, device_id=device_id, token=token, tls=tls, **{**defaults, **changes})
 

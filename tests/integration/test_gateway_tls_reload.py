@@ -22,7 +22,7 @@ from support.waiting import eventually
 from edge.daemon import DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
 from edge.sources import SyntheticSource
-from flowcloud.protocol.tls import client_context
+from flowcloud.protocol.tls import ClientTls, client_context
 from flowcloud.settings import GatewaySettings
 from services.gateway.cli import configure, settings_from
 from services.gateway.server import Gateway
@@ -103,7 +103,7 @@ async def served_serial(port: int, pki: Pki, client: Issued | None = None) -> in
 
 async def run_edge(port: int, device_id: str, token: str, pki: Pki, frames: int) -> DaemonResult:
     config = daemon_config(
-        port, device_id=device_id, token=token, tls=client_context(str(pki.ca.path)), frames=frames
+        port, device_id=device_id, token=token, tls=ClientTls(str(pki.ca.path)), frames=frames
     )
     return await EdgeDaemon(config, SyntheticSource(SHAPE)).run()
 
@@ -222,7 +222,7 @@ def test_a_broken_certificate_is_refused_and_the_old_one_kept(
                 gw.port,
                 device_id="cam-1",
                 token=token,
-                tls=client_context(str(pki.ca.path), str(client.cert), str(client.key)),
+                tls=ClientTls(str(pki.ca.path), str(client.cert), str(client.key)),
                 frames=6,
             )
             assert await served_serial(gw.port, pki, client) == old_serial
@@ -283,3 +283,69 @@ def test_interval_zero_disables_watching(redis_url: str, pki: Pki, tmp_path: Pat
             assert await served_serial(gw.port, pki) == leaf(pki.server.cert).serial_number
 
     asyncio.run(gateway())
+
+
+def test_the_edge_reads_its_tls_files_again_for_each_connection(redis_url: str, tmp_path: Path) -> None:
+    """A CA rollover on a restart: the gateway comes back with a certificate from a new CA, and the
+    edge, whose CA and client certificate files were replaced meanwhile, reconnects and streams on
+    (with the files it started with, it could not verify the new gateway: a fatal error)."""
+    for name in ("old", "new", "edge"):
+        (tmp_path / name).mkdir()
+    old, new = Pki.create(tmp_path / "old"), Pki.create(tmp_path / "new")
+    files = tmp_path / "edge"
+
+    def install(pki: Pki) -> None:
+        client = pki.client("cam-1")
+        for name, source in (("ca.pem", pki.ca.path), ("tls.crt", client.cert), ("tls.key", client.key)):
+            replace_file(files / name, source.read_bytes())
+
+    def mutual_gateway(pki: Pki) -> Gateway:
+        settings = gateway_settings(
+            redis_url,
+            tls_cert_file=str(pki.server.cert),
+            tls_key_file=str(pki.server.key),
+            tls_client_ca_file=str(pki.ca.path),
+        )
+        return Gateway(settings)
+
+    async def scenario() -> None:
+        token = await register(redis_url, "cam-1")
+        install(old)
+        tls = ClientTls(str(files / "ca.pem"), str(files / "tls.crt"), str(files / "tls.key"))
+        config = daemon_config(0, device_id="cam-1", token=token, tls=tls, frames=240)
+        async with mutual_gateway(old).listen() as first:
+            config.port = first.port
+            edge = asyncio.create_task(EdgeDaemon(config, SyntheticSource(SHAPE)).run())
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, 20)
+            install(new)
+        before = len(frames_on_redis(redis_url, "cam-1"))
+        async with mutual_gateway(new).listen(config.port) as second:
+            assert await eventually(lambda: "cam-1" in second.sessions or edge.done(), 20)
+            assert not edge.done(), f"the edge ended: {edge.exception()!r}"
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= before + 10, 20)
+            result = await edge
+        assert result.sessions == 2 and result.sent > before
+
+    asyncio.run(scenario())
+
+
+def test_edge_tls_files_that_do_not_load_keep_the_last_good_context(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = Pki.create(tmp_path)
+    ca = tmp_path / "ca.pem"
+    replace_file(ca, pki.ca.path.read_bytes())
+    tls = ClientTls(str(ca))
+    first = tls.context()
+    assert [c["subject"] for c in first.get_ca_certs()] == [((("commonName", "flowcloud-test-ca"),),)]
+    replace_file(ca, pki.other_ca.path.read_bytes())  # a rotated CA: the next connection trusts it
+    rotated = tls.context()
+    assert rotated is not first
+    assert [c["subject"] for c in rotated.get_ca_certs()] == [((("commonName", "untrusted-ca"),),)]
+    replace_file(ca, b"-----BEGIN CERTIFICATE-----\ntruncat")  # caught mid-rewrite
+    with caplog.at_level(logging.ERROR, logger="flowcloud.protocol.tls"):
+        assert tls.context() is rotated
+    assert "TLS files did not load, so this connection uses the last ones that did" in caplog.text
+    ca.unlink()
+    with pytest.raises(ValueError, match="cannot load the gateway CA"):
+        ClientTls(str(ca))  # at start, files that do not load are an error
