@@ -37,6 +37,7 @@ from flowcloud.protocol.handshake import (
     MAX_CONTROL_SIZE,
     REJECT_BUSY,
     REJECT_LIMIT,
+    HandshakeClosed,
     HandshakeRejected,
     Hello,
     Reject,
@@ -49,6 +50,11 @@ from flowcloud.protocol.tls import ClientTls, describe_failure, is_certificate_f
 log = logging.getLogger(__name__)
 
 RETRYABLE_REJECTS = (REJECT_BUSY, REJECT_LIMIT)
+# A gateway refuses a client certificate from a CA it does not trust by closing the connection
+# (asyncio sends no TLS alert), which with TLS 1.3 the edge sees only once it waits for the answer.
+MUTUAL_TLS_HINT = (
+    " (with mutual TLS, this is also how a gateway refuses a client certificate from a CA it does not trust)"
+)
 END = None  # queue sentinel: the source has ended
 
 
@@ -144,6 +150,7 @@ class Sender:
         self.host, self.port = host, port
         self.tls = tls
         self.server_name = (server_name or host) if tls is not None else None
+        self._client_certificate = tls is not None and tls.cert is not None
         self.device_id, self._token = device_id, token
         self.packetizer = Packetizer(mtu=mtu)
         self.request_keyframe = request_keyframe
@@ -179,7 +186,10 @@ class Sender:
                 metrics.CONNECTS.labels("tls_error").inc()
                 log.warning("gateway %s:%d: %s", self.host, self.port, describe_failure(exc))
             except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
-                log.warning("gateway %s:%d: %s", self.host, self.port, exc or type(exc).__name__)
+                hint = (
+                    MUTUAL_TLS_HINT if isinstance(exc, HandshakeClosed) and self._client_certificate else ""
+                )
+                log.warning("gateway %s:%d: %s%s", self.host, self.port, exc or type(exc).__name__, hint)
             else:
                 if done:
                     return

@@ -65,6 +65,10 @@ class UnsupportedVersion(ProtocolError):
         self.version = version
 
 
+class HandshakeClosed(ProtocolError):
+    """The gateway closed the connection before answering the HELLO."""
+
+
 class HandshakeRejected(Exception):
     """The gateway refused the connection with one of `REJECT_CODES`."""
 
@@ -323,4 +327,4 @@ async def client_handshake(
     except TimeoutError:
         raise ProtocolError(f"handshake not completed within {timeout:g} s") from None
     except asyncio.IncompleteReadError:
-        raise ProtocolError("gateway closed the connection during the handshake") from None
+        raise HandshakeClosed("gateway closed the connection during the handshake") from None

@@ -21,7 +21,7 @@ from support.waiting import eventually
 
 from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
 from edge.frames import StreamShape
-from edge.sender import FatalRejection
+from edge.sender import MUTUAL_TLS_HINT, FatalRejection
 from edge.sources import SyntheticSource
 from flowcloud.cli.main import main
 from flowcloud.protocol.framing import frame
@@ -189,12 +189,17 @@ def test_mutual_tls_binds_the_certificate_to_the_device(
             "the client certificate names cam-2, not device 'cam-1'"
         )
 
-    with caplog.at_level(logging.INFO, logger="services.gateway.server"):
+    with (
+        caplog.at_level(logging.INFO, logger="services.gateway.server"),
+        caplog.at_level(logging.INFO, logger="edge.sender"),
+    ):
         asyncio.run(scenario())
     assert any(
         "TLS handshake failed" in r.message and "certificate verify failed" in r.message
         for r in caplog.records
     )
+    # The edge with the untrusted certificate is told what the closed connection may mean.
+    assert any(r.name == "edge.sender" and MUTUAL_TLS_HINT in r.getMessage() for r in caplog.records)
 
 
 def test_a_client_that_never_finishes_tls_is_cut_at_the_deadline(
