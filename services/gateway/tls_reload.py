@@ -3,12 +3,14 @@
 `TlsReloader.context` is the device port's current `ssl.SSLContext`; the server reads it for each
 new connection. Every ``interval`` seconds (0: never) the reloader stats the certificate, key and
 client-CA files, following symlinks, so that the kubelet's atomic swap of a mounted Secret's
-``..data`` directory (cert-manager renewing it) shows as a new inode. When a file changed it builds
-a new context with `flowcloud.protocol.tls.server_context`, the function used at start, and serves
-it to new connections; a connection already established keeps the context it was handshaked with,
-so live sessions are untouched. A context that cannot be built (a half-written file, a key that does
-not match the certificate, an unreadable CA) is logged once as an error and counted, and the old one
-stays in service until the files change again: the port never falls back to plain TCP.
+``..data`` directory (cert-manager renewing it) shows as a new inode. When files changed and then
+held still for one more check (a certificate and key rewritten one after the other in place are read
+as a pair, not as a mismatch), it builds a new context with `flowcloud.protocol.tls.server_context`,
+the function used at start, and serves it to new connections; a connection already established keeps
+the context it was handshaked with, so live sessions are untouched. A context that cannot be built
+(a half-written file, a key that does not match the certificate, an unreadable CA) is logged once as
+an error and counted, and the old one stays in service until the files change again: the port never
+falls back to plain TCP.
 
 Metrics: ``flowcloud_gateway_tls_reloads_total{outcome="ok"|"failed"}`` and the notAfter of the
 certificate being served, ``flowcloud_gateway_tls_certificate_expiry_timestamp_seconds``, to alert
@@ -78,6 +80,7 @@ class TlsReloader:
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self.interval = interval
         self._stamps = self._stat()
+        self._changing: tuple[Stamp, ...] | None = None  # stamps seen changed, not yet held still
         # At start a file that does not work is the operator's error: ValueError, no gateway.
         self.context: ssl.SSLContext = server_context(cert, key, client_ca)
         self.served = ServedCertificate.read(cert)
@@ -92,10 +95,18 @@ class TlsReloader:
         return tuple(file_stamp(path) for path in self.files)
 
     def check(self) -> bool | None:
-        """Reload when a file changed: True (reloaded), False (failed, old context kept), None (no change)."""
+        """Reload when a file changed and then held still for one check: True (reloaded), False
+        (failed, old context kept), None (no change, or files still changing)."""
         stamps = self._stat()
         if stamps == self._stamps:
+            self._changing = None
             return None
+        if stamps != self._changing:
+            # Changed since the last check: wait one more, so that a certificate and key rewritten
+            # one after the other in place (not swapped together) are read as a pair.
+            self._changing = stamps
+            return None
+        self._changing = None
         # Taken before reading: a file changing while it is read is seen again at the next check.
         # A failure is not retried until a file changes again (one error per bad version).
         self._stamps = stamps

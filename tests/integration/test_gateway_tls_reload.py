@@ -258,7 +258,9 @@ def test_interval_zero_disables_watching(redis_url: str, pki: Pki, tmp_path: Pat
         await reloader.stop()
 
     asyncio.run(unit())
-    # An explicit check still sees the swap (through the symlinks) and reloads once.
+    # An explicit check still sees the swap (through the symlinks), and the next one, with the files
+    # unchanged since, reloads once.
+    assert reloader.check() is None and reloader.context is first
     assert reloader.check() is True and reloader.context is not first
     assert reloader.served.serial == leaf(new.cert).serial_number
     assert reloader.check() is None
@@ -349,3 +351,22 @@ def test_edge_tls_files_that_do_not_load_keep_the_last_good_context(
     ca.unlink()
     with pytest.raises(ValueError, match="cannot load the gateway CA"):
         ClientTls(str(ca))  # at start, files that do not load are an error
+
+
+def test_a_certificate_and_key_rewritten_one_after_the_other_reload_as_a_pair(tmp_path: Path) -> None:
+    """certbot-style renewal in place: the certificate is written, a check runs, then the key. The
+    mismatched pair in between is not loaded (no failure counted); the finished pair is."""
+    pki = Pki.create(tmp_path)
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    replace_file(cert, pki.server.cert.read_bytes())
+    replace_file(key, pki.server.key.read_bytes())
+    reloader = TlsReloader(str(cert), str(key), interval=INTERVAL)
+    failed = metric(RELOADS, outcome="failed")
+    new = renewed(pki, "gateway-in-place")
+    replace_file(cert, new.cert.read_bytes())
+    assert reloader.check() is None  # the new certificate with the old key: wait
+    replace_file(key, new.key.read_bytes())
+    assert reloader.check() is None  # changed again: wait
+    assert reloader.check() is True
+    assert reloader.served.serial == leaf(new.cert).serial_number
+    assert metric(RELOADS, outcome="failed") == failed
