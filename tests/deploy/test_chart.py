@@ -23,7 +23,7 @@ KEDA_API = "keda.sh/v1alpha1/ScaledObject"
 # Kubernetes versions the chart supports and is validated against (strict: unknown fields are errors).
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 # Custom resources kubernetes-validate has no schema for; their shape is asserted below instead.
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Pod"}
 
 Obj = dict[str, Any]
