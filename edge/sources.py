@@ -510,17 +510,19 @@ class RecordingSource(_H264Relay):
     def _read(self) -> Iterator[EncodedFrame]:
         while not self.stopped:
             clock = RtpClock()
+            replayed = 0
             try:
                 with self.path.open("rb") as file:
                     chunks = iter(functools.partial(file.read, 65536), b"")
                     for au in rfc4571.access_units(chunks, self.what, self.dropped):
                         if not clock.wait(au.timestamp, self._stopped):
                             return
+                        replayed += 1
                         yield _relayed(au)
             except OSError as exc:
                 raise SourceError(f"cannot read {self.path}: {exc}") from None
-            if not self.loop:
-                return
+            if not self.loop or not replayed:
+                return  # a file with nothing to replay ends even with --loop (no busy reopening)
 
 
 def _recorded_fps(path: Path) -> float | None:

@@ -70,6 +70,10 @@ def test_damaged_recording_is_a_clear_error(tmp_path: Path) -> None:
     assert isinstance(source, RecordingSource)
     with pytest.raises(SourceError, match="ended before a keyframe with a parsable SPS"):
         source.open()
+    # Looping a file with nothing to replay ends too, instead of reopening it forever.
+    looped = RecordingSource(damaged, loop=True, fps=30.0)
+    with pytest.raises(SourceError, match="ended before a keyframe with a parsable SPS"):
+        looped.open()
 
 
 def test_looped_replay_restarts_the_recording(tmp_path: Path) -> None:
