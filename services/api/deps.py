@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 
+from flowcloud import keys
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
@@ -18,7 +19,7 @@ from services.api.metrics import AUTH_FAILURES
 from services.api.queries import StreamQueries
 from services.api.render import RenderCache
 
-STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # stream ids are device ids
+STREAM_ID_PATTERN = f"^{keys.IDENTIFIER.pattern}$"  # stream ids are device ids
 
 
 @dataclass

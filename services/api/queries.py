@@ -25,6 +25,7 @@ from services.api.replies import as_fields, text
 LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
 MAX_STREAMS = 1000  # streams listed at most (newest activity first)
 RECENT_SCAN = 256  # entries of a recent-frames stream searched for a seq at most
+NEWEST_CAPACITY = 4096  # streams whose newest result is kept, so an unchanged one is not read again
 
 
 def _text(fields: Mapping[Any, Any], name: str) -> str | None:
@@ -119,6 +120,7 @@ class StreamQueries:
         # A stream's tenant is set when its device is registered; it barely ever changes.
         self._tenants: TtlCache[str, tuple[bool, str | None]] = TtlCache(tenant_ttl)
         self._latest: TtlCache[str, MaskResult | None] = TtlCache(latest_ttl)
+        self._newest: dict[str, MaskResult] = {}  # the last newest result read, by stream
 
     # --- streams ----------------------------------------------------------------------------
     async def stream_tenant(self, stream_id: str) -> tuple[bool, str | None]:
@@ -198,8 +200,19 @@ class StreamQueries:
         return await self._latest.get(stream_id, lambda: self._read_latest(stream_id))
 
     async def _read_latest(self, stream_id: str) -> MaskResult | None:
+        """One ZRANGE, and the whole result (label map included) only when the newest seq changed."""
         seq = await self.store.latest_seq(stream_id)
-        return await self.store.get(stream_id, seq) if seq is not None else None
+        known = self._newest.get(stream_id)
+        if seq is None:
+            return None
+        if known is not None and known.seq == seq:
+            return known
+        result = await self.store.get(stream_id, seq)
+        if result is not None:
+            if len(self._newest) >= NEWEST_CAPACITY:
+                self._newest.clear()
+            self._newest[stream_id] = result
+        return result
 
     async def results(self, stream_id: str, seqs: list[int]) -> list[MaskResult]:
         """The metadata of ``seqs`` (no label maps) in one round trip, in that order; expired

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from flowcloud import keys
+from flowcloud.registry import DEFAULT_TENANT
+
 
 class ErrorBody(BaseModel):
     detail: str = Field(description="what went wrong, for a person")
@@ -83,8 +86,8 @@ class StatsBody(BaseModel):
 
 
 class DeviceCreate(BaseModel):
-    device_id: str = Field(description="1 to 64 characters from A-Z a-z 0-9 . _ -")
-    tenant: str = Field("default", description="the tenant whose readers see the device's stream")
+    device_id: str = Field(description=keys.IDENTIFIER_RULE)
+    tenant: str = Field(DEFAULT_TENANT, description="the tenant whose readers see the device's stream")
 
 
 class DeviceBody(BaseModel):

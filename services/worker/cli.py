@@ -80,10 +80,9 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
     """Environment settings overridden by the options given on the command line."""
     given = {k: v for k, v in vars(args).items() if v is not None and k in WorkerSettings.model_fields}
     try:
-        settings = WorkerSettings(**given)
+        return WorkerSettings(**given)
     except ValidationError as exc:
         raise settings_error(exc) from None
-    return settings
 
 
 def run(args: argparse.Namespace) -> int:

@@ -119,7 +119,6 @@ class Worker:
                 "precision": settings.precision,
                 "batch_size": settings.batch_size,
                 "mode": settings.mode,
-                "started": time.time(),
             },
             clock=self.clock,
         )
@@ -172,7 +171,13 @@ class Worker:
         if self.segmenter is None:
             self.segmenter = await loop.run_in_executor(self.infer_pool, self._load)
         info = self.segmenter.loaded.info
-        self.heartbeat.static = {**self.heartbeat.static, "model": info.name, "model_version": info.version}
+        await self._sync_clock()  # before the first stamp; the heartbeat keeps it fresh from then on
+        self.heartbeat.static = {
+            **self.heartbeat.static,
+            "model": info.name,
+            "model_version": info.version,
+            "started": self.clock.now(),
+        }
         self.heartbeat.state = WARMING
         await self.heartbeat.beat()
         started = time.perf_counter()
@@ -323,8 +328,7 @@ class Worker:
         """Drop stale frames, decode the rest in parallel, stack each size into one tensor."""
         assert self.segmenter is not None
         batch = Batch(read_at=time.monotonic())
-        await self._sync_clock()
-        now = self.clock.now()
+        now = self.clock.now()  # kept measured by the heartbeat (RedisClock.sync_if_due)
         todo = []
         for entry in entries:
             if entry.frame is None:
@@ -351,6 +355,7 @@ class Worker:
             ok = []
             for group in batch.groups:
                 group.infer_start = self.clock.now()
+                started = time.perf_counter()  # the duration: not from the clock, which may resync meanwhile
                 try:
                     group.maps = await loop.run_in_executor(self.infer_pool, self._infer, group.tensor)
                 except Exception as exc:  # a bad batch fails its frames, not the worker
@@ -361,7 +366,7 @@ class Worker:
                     continue
                 group.infer_end = self.clock.now()
                 metrics.BATCH_SIZE.observe(len(group.entries))
-                metrics.INFERENCE_SECONDS.observe(group.infer_end - group.infer_start)
+                metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
                 ok.append(group)
             batch.groups = ok
             await out.put(batch)

@@ -375,10 +375,37 @@ def test_live_viewers_are_bounded_and_the_first_keeps_streaming(redis_url: str, 
         _wait_for_a_free_place(c, params)  # the first viewer left: its place is free again
 
 
+def _calls(client: redis.Redis, command: str) -> int:
+    """How many ``command`` calls the server has answered."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {"calls": 0})["calls"])
+
+
 def _index_reads(client: redis.Redis) -> int:
-    """ZRANGE calls the server has answered: how the API finds a stream's newest result."""
-    stats = client.info("commandstats").get("cmdstat_zrange", {"calls": 0})
-    return int(stats["calls"])
+    """ZRANGE calls: how the API finds a stream's newest result."""
+    return _calls(client, "zrange")
+
+
+def test_an_unchanged_newest_result_is_not_read_again(redis_url: str) -> None:
+    """With no cache period, every /masks/latest asks for the newest seq, but the result itself
+    (label map included) is read only when that seq changes."""
+    seed_stream(redis_url, "cam-1", "acme", count=3)
+    token = make_key(redis_url, "reader", "acme")
+    client = redis.Redis.from_url(redis_url)
+    # Keys and tenants stay cached throughout: the only HGETALLs left are the results'.
+    settings = ApiSettings(
+        redis_url=redis_url, latest_cache_ms=0, auth_cache_seconds=60, tenant_cache_seconds=60
+    )
+    with (
+        running_api(settings) as base,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c,
+    ):
+        assert c.get("/streams/cam-1/masks/latest").json()["seq"] == 2
+        before = (_index_reads(client), _calls(client, "hgetall"))
+        assert [c.get("/streams/cam-1/masks/latest").json()["seq"] for _ in range(5)] == [2] * 5
+        assert (_index_reads(client) - before[0], _calls(client, "hgetall") - before[1]) == (5, 0)
+        seed_stream(redis_url, "cam-1", "acme", count=4)  # a worker persists frame 3
+        assert c.get("/streams/cam-1/masks/latest").json()["seq"] == 3
+        assert _calls(client, "hgetall") - before[1] >= 1
 
 
 def test_live_viewers_of_a_stream_share_the_latest_cache(redis_url: str) -> None:
