@@ -22,6 +22,8 @@ from collections.abc import Callable
 from prometheus_client import Gauge
 from redis.asyncio import Redis
 
+from flowcloud.protocol.handshake import clock_offset
+
 
 class RedisClock:
     def __init__(
@@ -48,11 +50,12 @@ class RedisClock:
             before = self._local()
             seconds, microseconds = await redis.time()
             after = self._local()
-            sample = (after - before, seconds + microseconds / 1e6 - (before + after) / 2)
-            if best is None or sample[0] < best[0]:
-                best = sample
+            redis_time = seconds + microseconds / 1e6
+            offset, rtt = clock_offset(before, redis_time, redis_time, after)  # NTP, as at the handshake
+            if best is None or rtt < best[1]:
+                best = (offset, rtt)
         assert best is not None
-        self.uncertainty, self.offset = best[0] / 2, best[1]
+        self.offset, self.uncertainty = best[0], best[1] / 2
         self._synced_at = time.monotonic()
         if self._gauge is not None:
             self._gauge.set(self.offset)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import simplejpeg
 
 from flowcloud import keys
+from flowcloud.settings import FrameEncoding
 
-ENCODINGS = ("jpeg", "raw")
+ENCODINGS: tuple[str, ...] = get_args(FrameEncoding)
 DEFAULT_JPEG_QUALITY = 90
 
 
@@ -77,7 +79,7 @@ def encode_image(rgb: np.ndarray, encoding: str = "jpeg", quality: int = DEFAULT
     if encoding == "raw":
         return np.ascontiguousarray(rgb).tobytes()
     if encoding == "jpeg":
-        return bytes(simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality, "RGB", "420"))
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality, "RGB", "420")
     raise FrameFormatError(f"unknown frame encoding {encoding!r}")
 
 
@@ -90,13 +92,12 @@ def encode_yuv420_jpeg(
     RGB and back, no chroma downsampling. For a decoder that already holds 4:2:0 pictures (the
     gateway's), this is the cheap way to a frame; `decode_image` reads it like any other JPEG.
     Planes may be strided views (a row pitch wider than the picture)."""
-    height, width = y.shape[:2] if y.ndim == 2 else (0, 0)
-    chroma = ((height + 1) // 2, (width + 1) // 2)
-    if not (y.ndim == u.ndim == v.ndim == 2) or u.shape != chroma or v.shape != chroma or height == 0:
+    chroma = ((y.shape[0] + 1) // 2, (y.shape[1] + 1) // 2) if y.ndim == 2 else None
+    if not y.size or u.shape != chroma or v.shape != chroma:
         raise FrameFormatError(f"expected 4:2:0 planes, got Y {y.shape}, U {u.shape}, V {v.shape}")
     if not (y.dtype == u.dtype == v.dtype == np.uint8):
         raise FrameFormatError("YUV planes must be uint8")
-    return bytes(simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality))
+    return simplejpeg.encode_jpeg_yuv_planes(y, u, v, quality)
 
 
 def decode_image(data: bytes, encoding: str, width: int, height: int) -> np.ndarray:

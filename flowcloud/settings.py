@@ -22,6 +22,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 Precision = Literal["fp32", "bf16", "fp16"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 FrameMode = Literal["realtime", "complete"]
+FrameEncoding = Literal["jpeg", "raw"]  # how the gateway stores decoded frames on the stream
 
 
 def redact_url(url: str) -> str:
@@ -68,7 +69,9 @@ class GatewaySettings(ServiceSettings):
     port: int = Field(7000, ge=0, le=65535, description="TCP port for edge devices (0 = any free port)")
     metrics_port: int = Field(9101, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     model_size: SizeText = Field("256x512", description="HxW that decoded frames are resized to")
-    frame_encoding: str = Field("jpeg", description="how frames are stored on the stream: jpeg or raw")
+    frame_encoding: FrameEncoding = Field(
+        "jpeg", description="how frames are stored on the stream: jpeg or raw"
+    )
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
     frames_maxlen: int = Field(2000, ge=10, description="approximate MAXLEN of the frames stream")
     handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
@@ -221,3 +224,10 @@ class EdgeSettings(ServiceSettings):
     tls_server_name: str | None = Field(
         None, description="name to verify the gateway's certificate against (and SNI); default: its host"
     )
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Any TLS setting turns TLS on."""
+        return bool(
+            self.tls or self.tls_ca_file or self.tls_cert_file or self.tls_key_file or self.tls_server_name
+        )

@@ -32,7 +32,7 @@ class CertificateBoundRegistry(DeviceRegistry):
                 "this gateway requires a client certificate naming the device (mutual TLS); none was given",
             )
         if device_id not in self.names:
-            named = ", ".join(sorted(self.names)) or "no device"
+            named = ", ".join(sorted(self.names))
             raise DeviceAuthError(
                 REJECT_CERTIFICATE,
                 f"the client certificate names {named[:200]}, not device {device_id!r}",

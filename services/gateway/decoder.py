@@ -301,12 +301,12 @@ class PictureEncoder:
     def encode(self, picture: av.VideoFrame) -> bytes:
         c = self.config
         if c.encoding == "jpeg" and picture.colorspace in self.JFIF_MATRICES:
-            scaled = self._scale(picture, "yuvj420p")
+            scaled = self.scale(picture, "yuvj420p")
             y, u, v = (plane_view(plane) for plane in scaled.planes)
             return encode_yuv420_jpeg(y, u, v, c.jpeg_quality)
-        return encode_image(self._scale(picture, "rgb24").to_ndarray(), c.encoding, c.jpeg_quality)
+        return encode_image(self.scale(picture, "rgb24").to_ndarray(), c.encoding, c.jpeg_quality)
 
-    def _scale(self, picture: av.VideoFrame, pixel_format: str) -> av.VideoFrame:
+    def scale(self, picture: av.VideoFrame, pixel_format: str) -> av.VideoFrame:
         c = self.config
         return self._reformatter.reformat(
             picture,

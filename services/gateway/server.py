@@ -39,7 +39,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from flowcloud import keys
-from flowcloud.frames import ENCODINGS
 from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
 from flowcloud.registry import EVENT_CONNECTED, EVENT_REVOKED, DeviceRegistry, parse_event
@@ -64,6 +63,8 @@ from services.gateway.tls_reload import TlsReloader
 log = logging.getLogger(__name__)
 
 EVENTS_BACKOFF_MAX = 2.0
+CLOCK_SYNC_TIMEOUT = 2.0  # seconds start() waits for Redis's clock; a Redis that is down must not stop it
+
 # Outcome label of flowcloud_gateway_connections_total (besides accepted and the REJECT codes).
 OUTCOME_TLS_FAILED = "tls_failed"
 
@@ -98,10 +99,6 @@ class Gateway:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         height, width = parse_size(settings.model_size)
-        if settings.frame_encoding not in ENCODINGS:
-            raise ValueError(
-                f"frame encoding {settings.frame_encoding!r} is not one of {', '.join(ENCODINGS)}"
-            )
         self.certificates = tls_reloader(settings)
         self.redis = redis_client(settings.redis_url)
         self.publisher = FramePublisher(
@@ -148,6 +145,11 @@ class Gateway:
     async def start(self, host: str | None = None, port: int | None = None) -> Gateway:
         host = self.settings.host if host is None else host
         port = self.settings.port if port is None else port
+        try:  # sessions stamp their start on Redis's clock: measure it before the first one
+            async with asyncio.timeout(CLOCK_SYNC_TIMEOUT):
+                await self.publisher.clock.sync(self.redis)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("cannot read Redis's clock yet (the first publish will): %s", exc)
         self.publisher.start()
         self.services.decoders.start()
         self._events_task = asyncio.create_task(self._watch_device_events(), name="device-events")

@@ -85,6 +85,8 @@ class TlsReloader:
         self.context: ssl.SSLContext = server_context(cert, key, client_ca)
         self.served = ServedCertificate.read(cert)
         metrics.TLS_CERTIFICATE_EXPIRY.set(self.served.not_after.timestamp())
+        for outcome in (RELOAD_OK, RELOAD_FAILED):  # exported at 0, so increase() sees the first one
+            metrics.TLS_RELOADS.labels(outcome)
         self._task: asyncio.Task[None] | None = None
 
     @property

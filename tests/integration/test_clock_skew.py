@@ -12,6 +12,8 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 from support.api import seed_stream
 from support.frames import publish
+from support.gateway import gateway_settings
+from support.waiting import eventually
 from support.worker import frame, pending_total, result_count
 
 from flowcloud import keys
@@ -21,6 +23,7 @@ from flowcloud.results import MaskResult, MaskStore
 from flowcloud.settings import WorkerSettings
 from services.api.queries import StreamQueries
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
+from services.gateway.server import Gateway
 from services.worker.consumer import Worker
 from services.worker.recovery import ensure_group
 
@@ -53,6 +56,20 @@ def test_gateway_publishes_times_on_redis_clock(redis_url: str) -> None:
     assert last_seen == pytest.approx(now, abs=1.0)
 
 
+def test_the_gateway_reads_redis_clock_before_its_first_session(redis_url: str) -> None:
+    """A session stamps its start on Redis's clock as soon as it is accepted, which can be before
+    anything was published: start() measures the clock, so the first session's start is right."""
+
+    async def main() -> None:
+        gateway = Gateway(gateway_settings(redis_url))
+        gateway.publisher.clock = RedisClock(local=lambda: time.time() + 100.0)
+        async with gateway.listen():
+            assert gateway.publisher.clock.offset == pytest.approx(-100.0, abs=0.05)
+            assert gateway.publisher.clock.now() == pytest.approx(time.time(), abs=0.5)
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("skew", [60.0, -60.0])
 def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: float) -> None:
     settings = WorkerSettings(
@@ -79,10 +96,10 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         await worker.start()
         publish(client, [*fresh, slow])
         serving = asyncio.create_task(worker.serve())
-        deadline = time.monotonic() + 60
-        while result_count(client, "cam-clock") < 3 or pending_total(client):
-            assert time.monotonic() < deadline, "the worker did not finish the frames"
-            await asyncio.sleep(0.05)
+        finished = await eventually(
+            lambda: result_count(client, "cam-clock") >= 3 and not pending_total(client), 60
+        )
+        assert finished, "the worker did not finish the frames"
         await worker.heartbeat.beat()  # on Redis's clock too: the API lists it as alive
         beats.append(await aclient.zscore(keys.WORKERS_INDEX, worker.name))
         worker.request_stop()

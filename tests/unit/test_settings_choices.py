@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
 
 import pytest
 
 from flowcloud.cli.errors import CommandError
+from flowcloud.frames import ENCODINGS
 from flowcloud.inference import COMPILE_MODES, PRECISIONS
-from flowcloud.settings import GatewaySettings
+from flowcloud.settings import GatewaySettings, WorkerSettings
 from flowcloud.sizes import parse_size, size_argument
+from services.gateway import cli as gateway_cli
 from services.worker import cli as worker_cli
 from services.worker.policy import MODES
 
@@ -31,6 +34,23 @@ def test_the_choices_come_from_the_settings() -> None:
     assert PRECISIONS == ("fp32", "bf16", "fp16")
     assert COMPILE_MODES == ("default", "reduce-overhead", "max-autotune")
     assert MODES == ("realtime", "complete")
+    assert ENCODINGS == ("jpeg", "raw")
+    # The settings fields accept exactly these, and the command lines offer exactly these.
+    fields = {**WorkerSettings.model_fields, **GatewaySettings.model_fields}
+    choices = {
+        "precision": PRECISIONS,
+        "compile_mode": COMPILE_MODES,
+        "mode": MODES,
+        "frame_encoding": ENCODINGS,
+    }
+    for name, values in choices.items():
+        assert get_args(fields[name].annotation) == values, name
+    offered = {}
+    for configure in (worker_cli.configure, gateway_cli.configure):
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        offered.update({action.dest: tuple(action.choices or ()) for action in parser._actions})
+    assert {name: offered[name] for name in choices} == choices
 
 
 def worker_settings(*argv: str) -> str:
