@@ -27,9 +27,10 @@ from edge.encoder import ENCODERS
 from edge.frames import StreamShape
 from edge.sender import Backoff, FatalRejection
 from edge.sources import FileSource, SourceError, open_source
-from flowcloud import keys
 from flowcloud.cli.errors import CommandError, settings_error
 from flowcloud.observability import serve_health_and_metrics
+from flowcloud.protocol.errors import ProtocolError
+from flowcloud.protocol.handshake import validate_device_id
 from flowcloud.protocol.tls import ClientTls
 from flowcloud.settings import EdgeSettings
 
@@ -122,13 +123,7 @@ def _settings(args: argparse.Namespace) -> EdgeSettings:
 
 def _tls(settings: EdgeSettings) -> ClientTls | None:
     """The TLS files the settings name, read again for each connection (None: plain TCP)."""
-    if not (
-        settings.tls
-        or settings.tls_ca_file
-        or settings.tls_cert_file
-        or settings.tls_key_file
-        or settings.tls_server_name
-    ):
+    if not settings.tls_enabled:
         return None
     try:
         return ClientTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -151,8 +146,10 @@ def run(args: argparse.Namespace) -> int:
     host, port = _gateway(settings.gateway)
     if not settings.device_id:
         raise CommandError("no device id: give --device-id or set FLOWCLOUD_EDGE_DEVICE_ID")
-    if not keys.is_identifier(settings.device_id):
-        raise CommandError(f"device id {settings.device_id!r} is invalid: use {keys.IDENTIFIER_RULE}")
+    try:
+        validate_device_id(settings.device_id)
+    except ProtocolError as exc:
+        raise CommandError(str(exc)) from None
     if settings.token is None or not settings.token.get_secret_value():
         raise CommandError("no token: set FLOWCLOUD_EDGE_TOKEN (or give --token)")
     if args.frames is not None and args.frames < 1:

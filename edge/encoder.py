@@ -11,7 +11,7 @@ import logging
 import shutil
 import subprocess
 import threading
-from collections import Counter, deque
+from collections import deque
 from fractions import Fraction
 from queue import Empty, Queue
 from typing import Protocol
@@ -159,7 +159,6 @@ class GstEncoder:
         )
         self._times: deque[float] = deque()
         self._out: Queue[list[bytes] | None] = Queue()
-        self.dropped: Counter[str] = Counter()  # access units the depacketizer dropped, by reason
         self._reader = threading.Thread(target=self._read, name="gst-encoder", daemon=True)
         self._reader.start()
 
@@ -169,7 +168,7 @@ class GstEncoder:
         chunks = iter(lambda: stdout.read1(65536), b"")  # type: ignore[attr-defined]
         try:
             # rtph264pay marks the last packet of every access unit, so none is left to flush.
-            for au in rfc4571.access_units(chunks, "GStreamer encoder", self.dropped):
+            for au in rfc4571.access_units(chunks, "GStreamer encoder"):
                 self._out.put(au.nals)
         finally:
             self._out.put(None)

@@ -3,7 +3,7 @@
 One path for every byte stream of that kind the edge reads: the ``rfc4571://`` relay, the replay
 of a gateway recording, and the output of a GStreamer encoder. A packet that does not parse is
 skipped (logged); broken framing ends the stream, since no later byte can be trusted. Access
-units the depacketizer drops are counted by reason, in the caller's counter and in
+units the depacketizer drops are counted by reason, in the caller's counter if it gives one, and in
 ``flowcloud_edge_frames_dropped_total`` as ``upstream_<reason>``.
 """
 
@@ -22,11 +22,14 @@ from flowcloud.protocol.rtp import RtpPacket
 log = logging.getLogger(__name__)
 
 
-def access_units(chunks: Iterable[bytes], what: str, dropped: Counter[str]) -> Iterator[AccessUnit]:
+def access_units(
+    chunks: Iterable[bytes], what: str, dropped: Counter[str] | None = None
+) -> Iterator[AccessUnit]:
     """The access units in ``chunks``, in order; ``what`` names the peer in log lines."""
 
     def count(reason: str) -> None:
-        dropped[reason] += 1
+        if dropped is not None:
+            dropped[reason] += 1
         metrics.FRAMES_DROPPED.labels(f"upstream_{reason}").inc()
 
     framing = Rfc4571Decoder()

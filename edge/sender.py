@@ -150,7 +150,6 @@ class Sender:
         self.host, self.port = host, port
         self.tls = tls
         self.server_name = (server_name or host) if tls is not None else None
-        self._client_certificate = tls is not None and tls.cert is not None
         self.device_id, self._token = device_id, token
         self.packetizer = Packetizer(mtu=mtu)
         self.request_keyframe = request_keyframe
@@ -186,9 +185,8 @@ class Sender:
                 metrics.CONNECTS.labels("tls_error").inc()
                 log.warning("gateway %s:%d: %s", self.host, self.port, describe_failure(exc))
             except (OSError, ProtocolError, asyncio.IncompleteReadError) as exc:
-                hint = (
-                    MUTUAL_TLS_HINT if isinstance(exc, HandshakeClosed) and self._client_certificate else ""
-                )
+                client_certificate = self.tls is not None and self.tls.cert is not None
+                hint = MUTUAL_TLS_HINT if isinstance(exc, HandshakeClosed) and client_certificate else ""
                 log.warning("gateway %s:%d: %s%s", self.host, self.port, exc or type(exc).__name__, hint)
             else:
                 if done:

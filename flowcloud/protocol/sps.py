@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.h264 import NAL_F_BIT, NAL_TYPE_MASK, NAL_TYPE_SPS
+from flowcloud.protocol.h264 import NAL_F_BIT, NAL_TYPE_SPS, nal_type
 
 EMULATION_PREVENTION = b"\x00\x00\x03"
 
@@ -98,8 +98,8 @@ class SequenceParameterSet:
             raise ProtocolError(f"SPS: NAL unit of {len(nal)} bytes exceeds the limit of {MAX_SPS_SIZE}")
         if nal[0] & NAL_F_BIT:
             raise ProtocolError("SPS: NAL unit header has the forbidden_zero_bit set")
-        if nal[0] & NAL_TYPE_MASK != NAL_TYPE_SPS:
-            raise ProtocolError(f"SPS: NAL unit type is {nal[0] & NAL_TYPE_MASK}, not {NAL_TYPE_SPS}")
+        if nal_type(nal) != NAL_TYPE_SPS:
+            raise ProtocolError(f"SPS: NAL unit type is {nal_type(nal)}, not {NAL_TYPE_SPS}")
         return _parse_rbsp(_BitReader(unescape_rbsp(nal[1:])))
 
 
@@ -139,7 +139,7 @@ class _BitReader:
     def u(self, bits: int, field: str) -> int:
         if self._pos + bits > self._size:
             raise ProtocolError(f"SPS: truncated in {field} (at bit {self._pos} of {self._size})")
-        value = self._peek(bits) if bits else 0
+        value = self._peek(bits)
         self._pos += bits
         return value
 
