@@ -18,7 +18,7 @@ import pytest
 import redis
 from support.cli import REPO, add_device, flowcloud
 from support.frames import frames_on_redis
-from support.waiting import wait_listening
+from support.waiting import wait_for, wait_listening
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -63,13 +63,12 @@ def edge(port: int, token: str, *args: str, env: dict[str, str] | None = None) -
 
 
 def wait_frames(redis_url: str, count: int, timeout: float = 30.0) -> list[Frame]:
-    """The device's frames on Redis once there are ``count`` of them, or all there are after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        frames = frames_on_redis(redis_url, DEVICE)
-        if len(frames) >= count:
-            return frames
-        time.sleep(0.2)
+    """The device's frames on Redis once there are ``count`` of them (fails after ``timeout``)."""
+
+    def enough() -> bool:
+        return len(frames_on_redis(redis_url, DEVICE)) >= count
+
+    wait_for(f"{count} frames of {DEVICE} on Redis", enough, timeout, step=0.2)
     return frames_on_redis(redis_url, DEVICE)
 
 

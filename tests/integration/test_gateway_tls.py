@@ -9,76 +9,30 @@ import os
 import ssl
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from support.cli import REPO, flowcloud
-from support.edge import daemon_config
+from support.edge import run_synthetic_edge
 from support.frames import frames_on_redis
-from support.gateway import gateway_settings, metric, register, session_ended
-from support.tls import Issued, Pki
+from support.gateway import check_stream, gateway_settings, metric, register, session_ended
+from support.tls import SHORT_STREAM, Pki, tls_edge_config, tls_gateway
 from support.waiting import eventually
 
-from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
-from edge.frames import StreamShape
 from edge.sender import MUTUAL_TLS_HINT, FatalRejection
-from edge.sources import SyntheticSource
 from flowcloud.cli.main import main
 from flowcloud.protocol.framing import frame
 from flowcloud.protocol.handshake import Hello, StreamInfo
-from flowcloud.protocol.tls import ClientTls, client_context
+from flowcloud.protocol.tls import client_context
 from services.gateway.server import Gateway
 
 pytestmark = pytest.mark.timeout(60)
 
-SHAPE = StreamShape(96, 64, 30.0)
-FRAMES = 12
+FRAMES = SHORT_STREAM
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki.create(tmp_path_factory.mktemp("pki"))
-
-
-def tls_gateway(redis_url: str, pki: Pki, mutual: bool = False, **overrides: object) -> Gateway:
-    settings = gateway_settings(
-        redis_url,
-        tls_cert_file=str(pki.server.cert),
-        tls_key_file=str(pki.server.key),
-        tls_client_ca_file=str(pki.ca.path) if mutual else None,
-        **overrides,
-    )
-    return Gateway(settings)
-
-
-def edge_config(
-    port: int,
-    device_id: str,
-    token: str,
-    ca: Path,
-    client: Issued | None = None,
-    server_name: str | None = None,
-    **changes: object,
-) -> DaemonConfig:
-    tls = ClientTls(str(ca), str(client.cert) if client else None, str(client.key) if client else None)
-    defaults: dict[str, object] = {"bitrate": 200_000, "tls_server_name": server_name, "frames": FRAMES}
-    return daemon_config(port, device_id=device_id, token=token, tls=tls, **{**defaults, **changes})
-
-
-async def run_edge(config: DaemonConfig) -> DaemonResult:
-    return await EdgeDaemon(config, SyntheticSource(SHAPE)).run()
-
-
-async def check_stream(redis_url: str, gateway: Gateway, device_id: str, result: DaemonResult) -> None:
-    """All frames the edge sent were decoded and published, in order, in one session."""
-    assert (result.captured, result.sent, result.sessions) == (FRAMES, FRAMES, 1)
-    assert await eventually(lambda: len(frames_on_redis(redis_url, device_id)) >= FRAMES, 20)
-    assert await session_ended(gateway, device_id)
-    frames = frames_on_redis(redis_url, device_id)
-    assert [f.seq for f in frames] == list(range(1, FRAMES + 1))
-    captured = [f.capture_ts for f in frames]
-    assert captured == sorted(captured) and len(set(captured)) == FRAMES
-    assert {(f.width, f.height) for f in frames} == {(96, 64)}
 
 
 async def closed_without_reply(reader: asyncio.StreamReader, timeout: float) -> bytes:
@@ -98,14 +52,16 @@ def test_frames_flow_over_tls_and_a_plaintext_client_is_refused(redis_url: str, 
         token = await register(redis_url, "cam-1")
         async with tls_gateway(redis_url, pki).listen() as gw:
             assert gw.tls is not None and not gw.mutual_tls
-            edge = asyncio.create_task(run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path)))
+            edge = asyncio.create_task(
+                run_synthetic_edge(tls_edge_config(gw.port, "cam-1", token, pki.ca.path))
+            )
             assert await eventually(lambda: "cam-1" in gw.sessions, 20)
             # A plaintext edge with a valid token on the TLS port: no session, no REJECT in clear.
+            failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
             reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
             hello = Hello("cam-1", token, StreamInfo(96, 64, 30.0), edge_time=time.time())
             writer.write(frame(hello.to_bytes()))
             await writer.drain()
-            failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
             reply = await closed_without_reply(reader, 5.0)
             assert b"reject" not in reply and b"accept" not in reply
             assert await eventually(
@@ -114,7 +70,7 @@ def test_frames_flow_over_tls_and_a_plaintext_client_is_refused(redis_url: str, 
             writer.close()
             result = await edge
             # The good stream kept its one session throughout.
-            await check_stream(redis_url, gw, "cam-1", result)
+            await check_stream(redis_url, gw, "cam-1", result, FRAMES)
             assert gw.services.ended["cam-1"] == 1
 
     asyncio.run(scenario())
@@ -127,19 +83,23 @@ def test_wrong_ca_or_name_is_a_clear_fatal_error(redis_url: str, pki: Pki) -> No
             port = gw.port
             before = metric("flowcloud_edge_connects_total", result="tls_certificate")
             with pytest.raises(FatalRejection) as wrong_ca:
-                await run_edge(edge_config(gw.port, "cam-1", token, pki.other_ca.path, frames=1000))
+                await run_synthetic_edge(
+                    tls_edge_config(gw.port, "cam-1", token, pki.other_ca.path, frames=1000)
+                )
             with pytest.raises(FatalRejection) as wrong_name:
-                await run_edge(
-                    edge_config(gw.port, "cam-1", token, pki.ca.path, server_name="gw.example", frames=1000)
+                await run_synthetic_edge(
+                    tls_edge_config(
+                        gw.port, "cam-1", token, pki.ca.path, server_name="gw.example", frames=1000
+                    )
                 )
             # Each failed once and gave up: a certificate will not fix itself by reconnecting.
             assert metric("flowcloud_edge_connects_total", result="tls_certificate") == before + 2
             assert gw.services.ended["cam-1"] == 0 and not gw.sessions
             # --tls-server-name names what the certificate carries when dialing an address.
-            result = await run_edge(
-                edge_config(gw.port, "cam-1", token, pki.ca.path, server_name="localhost")
+            result = await run_synthetic_edge(
+                tls_edge_config(gw.port, "cam-1", token, pki.ca.path, server_name="localhost")
             )
-            await check_stream(redis_url, gw, "cam-1", result)
+            await check_stream(redis_url, gw, "cam-1", result, FRAMES)
         assert str(wrong_ca.value) == (
             f"gateway 127.0.0.1:{port} (TLS name 127.0.0.1): TLS certificate verification of the "
             "gateway failed: self-signed certificate in certificate chain"
@@ -164,22 +124,28 @@ def test_mutual_tls_binds_the_certificate_to_the_device(
             tls_failed = metric("flowcloud_gateway_connections_total", outcome="tls_failed")
             # No client certificate (valid token): REJECT certificate; the edge says why and stops.
             with pytest.raises(FatalRejection) as no_certificate:
-                await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, frames=1000))
+                await run_synthetic_edge(tls_edge_config(gw.port, "cam-1", token, pki.ca.path, frames=1000))
             # A valid certificate for cam-2 with cam-1's token: REJECT certificate.
             with pytest.raises(FatalRejection) as other_device:
-                await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, pki.client("cam-2")))
+                await run_synthetic_edge(
+                    tls_edge_config(gw.port, "cam-1", token, pki.ca.path, pki.client("cam-2"))
+                )
             assert metric("flowcloud_gateway_connections_total", outcome="certificate") == refused + 2
             # A certificate from a CA the gateway does not trust fails the TLS handshake (counted and
             # logged by the gateway; asyncio sends no alert, so the edge sees a closed connection and
             # retries until its source ends).
             untrusted = pki.client("cam-1", ca=pki.other_ca)
-            result = await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, untrusted, frames=4))
+            result = await run_synthetic_edge(
+                tls_edge_config(gw.port, "cam-1", token, pki.ca.path, untrusted, frames=4)
+            )
             assert (result.sent, result.sessions) == (0, 0)
             assert metric("flowcloud_gateway_connections_total", outcome="tls_failed") >= tls_failed + 1
             assert gw.services.ended["cam-1"] == 0 and not gw.sessions
             # The right certificate (device id in the CN) streams.
-            result = await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path, pki.client("cam-1")))
-            await check_stream(redis_url, gw, "cam-1", result)
+            result = await run_synthetic_edge(
+                tls_edge_config(gw.port, "cam-1", token, pki.ca.path, pki.client("cam-1"))
+            )
+            await check_stream(redis_url, gw, "cam-1", result, FRAMES)
         assert str(no_certificate.value) == (
             "gateway rejected the connection: certificate: this gateway requires a client certificate naming "
             "the device (mutual TLS); none was given"
@@ -215,12 +181,12 @@ def test_a_client_that_never_finishes_tls_is_cut_at_the_deadline(
             await partial[1].drain()
             started = time.monotonic()
             # Meanwhile a good TLS edge streams (its own deadline starts at its own connection).
-            result = await run_edge(edge_config(gw.port, "cam-1", token, pki.ca.path))
+            result = await run_synthetic_edge(tls_edge_config(gw.port, "cam-1", token, pki.ca.path))
             await closed_without_reply(silent[0], 3.0)
             await closed_without_reply(partial[0], 3.0)
             assert 0.8 < time.monotonic() - started < 3.0
             assert metric("flowcloud_gateway_connections_total", outcome="tls_failed") == failed + 2
-            await check_stream(redis_url, gw, "cam-1", result)
+            await check_stream(redis_url, gw, "cam-1", result, FRAMES)
             for _, writer in (silent, partial):
                 writer.close()
         assert not any("TLS is off" in r.message for r in caplog.records)
@@ -237,7 +203,9 @@ def test_plain_gateway_warns_and_tls_settings_are_checked(
             assert gw.tls is None
 
             # A TLS edge against it: not a certificate problem, so retried until its source ends.
-            result = await run_edge(edge_config(gw.port, "cam-1", "token", pki.ca.path, frames=3))
+            result = await run_synthetic_edge(
+                tls_edge_config(gw.port, "cam-1", "token", pki.ca.path, frames=3)
+            )
             assert (result.sent, result.sessions) == (0, 0)
 
     with caplog.at_level(logging.WARNING):

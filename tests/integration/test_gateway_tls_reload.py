@@ -13,24 +13,23 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from support.edge import daemon_config
+from prometheus_client import REGISTRY
+from support.edge import daemon_config, run_synthetic_edge
 from support.frames import frames_on_redis
-from support.gateway import gateway_settings, metric, register, session_ended
-from support.tls import SERVER_ADDRESSES, SERVER_NAMES, Issued, Pki, issue
+from support.gateway import check_stream, gateway_settings, metric, register
+from support.tls import SERVER_ADDRESSES, SERVER_NAMES, Issued, Pki, issue, tls_edge_config, tls_gateway
 from support.waiting import eventually
 
-from edge.daemon import DaemonResult, EdgeDaemon
-from edge.frames import StreamShape
-from edge.sources import SyntheticSource
+from edge.daemon import DaemonResult
 from flowcloud.protocol.tls import ClientTls, client_context
 from flowcloud.settings import GatewaySettings
+from services.gateway import metrics as gateway_metrics
 from services.gateway.cli import configure, settings_from
 from services.gateway.server import Gateway
 from services.gateway.tls_reload import TlsReloader
 
 pytestmark = pytest.mark.timeout(60)
 
-SHAPE = StreamShape(96, 64, 30.0)
 INTERVAL = 0.2
 RELOADS = "flowcloud_gateway_tls_reloads_total"
 EXPIRY = "flowcloud_gateway_tls_certificate_expiry_timestamp_seconds"
@@ -102,21 +101,7 @@ async def served_serial(port: int, pki: Pki, client: Issued | None = None) -> in
 
 
 async def run_edge(port: int, device_id: str, token: str, pki: Pki, frames: int) -> DaemonResult:
-    config = daemon_config(
-        port, device_id=device_id, token=token, tls=ClientTls(str(pki.ca.path)), frames=frames
-    )
-    return await EdgeDaemon(config, SyntheticSource(SHAPE)).run()
-
-
-async def check_stream(
-    redis_url: str, gw: Gateway, device_id: str, result: DaemonResult, frames: int
-) -> None:
-    """Every frame the edge sent was published, in order, in one session."""
-    assert (result.captured, result.sent, result.sessions) == (frames, frames, 1)
-    assert await eventually(lambda: len(frames_on_redis(redis_url, device_id)) >= frames, 20)
-    assert await session_ended(gw, device_id)
-    assert [f.seq for f in frames_on_redis(redis_url, device_id)] == list(range(1, frames + 1))
-    assert gw.services.ended[device_id] == 1
+    return await run_synthetic_edge(tls_edge_config(port, device_id, token, pki.ca.path, frames=frames))
 
 
 @pytest.fixture
@@ -218,15 +203,9 @@ def test_a_broken_certificate_is_refused_and_the_old_one_kept(
                     assert await reloads_reach("ok", ok + count)
             # Still TLS, still the old certificate, and mutual TLS still works for a new edge.
             assert gw.mutual_tls and metric(EXPIRY) == expiry
-            config = daemon_config(
-                gw.port,
-                device_id="cam-1",
-                token=token,
-                tls=ClientTls(str(pki.ca.path), str(client.cert), str(client.key)),
-                frames=6,
-            )
+            config = tls_edge_config(gw.port, "cam-1", token, pki.ca.path, client, frames=6)
             assert await served_serial(gw.port, pki, client) == old_serial
-            result = await EdgeDaemon(config, SyntheticSource(SHAPE)).run()
+            result = await run_synthetic_edge(config)
             await check_stream(redis_url, gw, "cam-1", result, 6)
             # Each bad version failed once: no retry (and no log line) per poll while nothing changes.
             await asyncio.sleep(3 * INTERVAL)
@@ -301,27 +280,18 @@ def test_the_edge_reads_its_tls_files_again_for_each_connection(redis_url: str, 
         for name, source in (("ca.pem", pki.ca.path), ("tls.crt", client.cert), ("tls.key", client.key)):
             replace_file(files / name, source.read_bytes())
 
-    def mutual_gateway(pki: Pki) -> Gateway:
-        settings = gateway_settings(
-            redis_url,
-            tls_cert_file=str(pki.server.cert),
-            tls_key_file=str(pki.server.key),
-            tls_client_ca_file=str(pki.ca.path),
-        )
-        return Gateway(settings)
-
     async def scenario() -> None:
         token = await register(redis_url, "cam-1")
         install(old)
         tls = ClientTls(str(files / "ca.pem"), str(files / "tls.crt"), str(files / "tls.key"))
         config = daemon_config(0, device_id="cam-1", token=token, tls=tls, frames=240)
-        async with mutual_gateway(old).listen() as first:
+        async with tls_gateway(redis_url, old, mutual=True).listen() as first:
             config.port = first.port
-            edge = asyncio.create_task(EdgeDaemon(config, SyntheticSource(SHAPE)).run())
+            edge = asyncio.create_task(run_synthetic_edge(config))
             assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, 20)
             install(new)
         before = len(frames_on_redis(redis_url, "cam-1"))
-        async with mutual_gateway(new).listen(config.port) as second:
+        async with tls_gateway(redis_url, new, mutual=True).listen(config.port) as second:
             assert await eventually(lambda: "cam-1" in second.sessions or edge.done(), 20)
             assert not edge.done(), f"the edge ended: {edge.exception()!r}"
             assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= before + 10, 20)
@@ -360,7 +330,13 @@ def test_a_certificate_and_key_rewritten_one_after_the_other_reload_as_a_pair(tm
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     replace_file(cert, pki.server.cert.read_bytes())
     replace_file(key, pki.server.key.read_bytes())
+    for outcome in ("ok", "failed"):  # as in a fresh gateway process: no series yet
+        if (outcome,) in gateway_metrics.TLS_RELOADS._metrics:
+            gateway_metrics.TLS_RELOADS.remove(outcome)
     reloader = TlsReloader(str(cert), str(key), interval=INTERVAL)
+    # Both series exist from the start at 0, so an alert on increase() sees the first failure.
+    assert REGISTRY.get_sample_value(RELOADS, {"outcome": "failed"}) == 0.0
+    assert REGISTRY.get_sample_value(RELOADS, {"outcome": "ok"}) == 0.0
     failed = metric(RELOADS, outcome="failed")
     new = renewed(pki, "gateway-in-place")
     replace_file(cert, new.cert.read_bytes())

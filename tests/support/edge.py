@@ -13,8 +13,10 @@ from types import TracebackType
 
 import av
 
-from edge.daemon import DaemonConfig
+from edge.daemon import DaemonConfig, DaemonResult, EdgeDaemon
+from edge.frames import StreamShape
 from edge.sender import Backoff
+from edge.sources import SyntheticSource
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import MAX_FRAME_SIZE, frame, read_frame, write_frame
 from flowcloud.protocol.h264 import AccessUnit, Depacketizer
@@ -22,6 +24,7 @@ from flowcloud.protocol.handshake import MAX_CONTROL_SIZE, Accept, ClockSync, He
 from flowcloud.protocol.rtp import RtpPacket
 
 FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2)
+SYNTHETIC_SHAPE = StreamShape(96, 64, 30.0)  # small synthetic pictures: the point is the plumbing
 
 
 def daemon_config(port: int, **changes: object) -> DaemonConfig:
@@ -40,6 +43,11 @@ def daemon_config(port: int, **changes: object) -> DaemonConfig:
     }
     base.update(changes)
     return DaemonConfig(**base)  # type: ignore[arg-type]
+
+
+async def run_synthetic_edge(config: DaemonConfig) -> DaemonResult:
+    """The edge daemon with a synthetic source of `SYNTHETIC_SHAPE`, run to its end."""
+    return await EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE)).run()
 
 
 @dataclass

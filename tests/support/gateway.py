@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from edge.daemon import DaemonResult
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame
 from flowcloud.protocol.h264 import Packetizer, split_annexb
@@ -257,3 +258,19 @@ def run_beside_good_stream(
             assert f.capture_ts == pytest.approx(GOOD_T0 + i / FPS + offset, abs=2e-6)
 
     asyncio.run(main())
+
+
+async def check_stream(
+    redis_url: str, gateway: Gateway, device_id: str, result: DaemonResult, frames: int
+) -> None:
+    """The edge's whole run arrived: every frame it sent
+    published in order at the model size, capture times rising, in one session that has ended."""
+    assert (result.captured, result.sent, result.sessions) == (frames, frames, 1)
+    assert await eventually(lambda: len(frames_on_redis(redis_url, device_id)) >= frames, 20)
+    assert await session_ended(gateway, device_id)
+    published = frames_on_redis(redis_url, device_id)
+    assert [f.seq for f in published] == list(range(1, frames + 1))
+    captured = [f.capture_ts for f in published]
+    assert captured == sorted(captured) and len(set(captured)) == frames
+    assert {(f.width, f.height) for f in published} == {(MODEL_W, MODEL_H)}
+    assert gateway.services.ended[device_id] == 1

@@ -17,6 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from edge.daemon import DaemonConfig
+from flowcloud.protocol.tls import ClientTls
+from services.gateway.server import Gateway
+from support.edge import daemon_config
+from support.gateway import gateway_settings
+
 SERVER_NAMES = ("localhost",)
 SERVER_ADDRESSES = ("127.0.0.1",)
 
@@ -146,3 +152,33 @@ class Pki:
         if san:
             return issue(authority, self.directory, stem, "flowcloud edge", dns_names=(device_id,))
         return issue(authority, self.directory, stem, device_id)
+
+
+SHORT_STREAM = 12  # frames an edge sends by default in the TLS tests
+
+
+def tls_gateway(redis_url: str, pki: Pki, mutual: bool = False, **overrides: object) -> Gateway:
+    """A gateway serving ``pki``'s certificate; with ``mutual``, requiring clients from its CA."""
+    settings = gateway_settings(
+        redis_url,
+        tls_cert_file=str(pki.server.cert),
+        tls_key_file=str(pki.server.key),
+        tls_client_ca_file=str(pki.ca.path) if mutual else None,
+        **overrides,
+    )
+    return Gateway(settings)
+
+
+def tls_edge_config(
+    port: int,
+    device_id: str,
+    token: str,
+    ca: Path,
+    client: Issued | None = None,
+    server_name: str | None = None,
+    **changes: object,
+) -> DaemonConfig:
+    """An edge that verifies the gateway against ``ca`` (and presents ``client``), `SHORT_STREAM` frames."""
+    tls = ClientTls(str(ca), str(client.cert) if client else None, str(client.key) if client else None)
+    defaults: dict[str, object] = {"bitrate": 200_000, "tls_server_name": server_name, "frames": SHORT_STREAM}
+    return daemon_config(port, device_id=device_id, token=token, tls=tls, **{**defaults, **changes})

@@ -75,11 +75,19 @@ def test_depacketizer_survives_mutated_real_packets(
     edits: list[tuple[int, int, int]], drops: set[int], cut_index: int, cut: int
 ) -> None:
     frames = _mutate(REAL, edits, drops)
-    if cut_index < len(frames):
+    truncated = cut_index < len(frames) and cut < len(frames[cut_index])
+    if truncated:
         frames[cut_index] = frames[cut_index][:cut]
     units = push_all(frames, max_nal=3000, max_au=6000)
-    if not edits and not drops and cut >= len(REAL[cut_index]):  # nothing was damaged
-        assert [u.nals for u in units] == [u.nals for u in CLEAN]
+    if not edits and not truncated:
+        # Only whole packets were lost: the units given out are whole units of the clean stream (a
+        # loss drops units, never delivers part of one). Not checked: the first and the last, since
+        # a loss before the first packet received or after the last one cannot be seen (flush()
+        # ends the last unit as it is).
+        whole = [u.nals for u in CLEAN]
+        assert all(u.nals in whole for u in units[1:-1])
+        if not drops:
+            assert [u.nals for u in units] == whole
 
 
 @FUZZ
