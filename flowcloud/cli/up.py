@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     stack = start_stack(stack_config(args))
     try:
         print(f"gateway  {stack.gateway_address}   (edge devices connect here)")
-        print(f"api      {stack.api_url}/   (dashboard; docs at /docs)")
+        print(f"api      {stack.api_url}/   (dashboard; OpenAPI at /openapi.json with a key)")
         print(f"redis    {stack.redis_url}")
         print("Ctrl-C stops everything.")
         while True:

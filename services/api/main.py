@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -29,7 +30,7 @@ from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKeyStore
 from services.api.auth import Authenticator
-from services.api.deps import ApiContext
+from services.api.deps import ApiContext, CurrentKey
 from services.api.metrics import REDIS_ERRORS, RequestMetrics
 from services.api.queries import StreamQueries
 from services.api.routes import dashboard, devices, health, streams
@@ -102,9 +103,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         title="FlowCloud query API",
         version=__version__,
         description="Streams, segmentation results, live overlays and the device registry. "
-        "Every route but /healthz, /readyz and the dashboard page needs `Authorization: Bearer <API key>`.",
+        "Every route but /healthz, /readyz and the dashboard page needs `Authorization: Bearer <API key>`, "
+        "and so does this document (/openapi.json).",
         lifespan=lifespan,
+        # No Swagger UI or ReDoc: they load scripts from a CDN (the dashboard's policy allows none)
+        # and a browser page cannot send the key that the document needs.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_key: CurrentKey) -> dict[str, Any]:
+        return app.openapi()
+
     app.add_middleware(RequestMetrics)
     app.add_exception_handler(RedisConnectionError, _redis_unavailable)
     app.add_exception_handler(RedisTimeoutError, _redis_unavailable)

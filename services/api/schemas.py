@@ -114,6 +114,9 @@ class HealthBody(BaseModel):
 class ReadyBody(BaseModel):
     status: str = Field(description="ready or not ready")
     redis: bool
-    workers_ready: int
-    workers: list[dict[str, str | float]]
+    workers_ready: int = Field(description="workers whose recent heartbeat says ready")
     detail: str | None = None
+
+
+class WorkerList(BaseModel):
+    items: list[dict[str, str | float]] = Field(description="heartbeat fields, name, last_heartbeat")

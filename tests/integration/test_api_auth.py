@@ -1,5 +1,6 @@
 """Auth walks every route of the OpenAPI document: 401 without a valid key, 403 for a reader on
-admin routes, 404 for another tenant's stream, and success for the right key."""
+admin routes, 404 for another tenant's stream, and success for the right key. The document itself
+needs a key, and the public probes say nothing about the workers."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ EXPECTED = PUBLIC | {
     ("GET", "/devices"),
     ("DELETE", "/devices/{device_id}"),
     ("POST", "/devices/{device_id}/rotate"),
+    ("GET", "/workers"),
 }
+ADMIN_ONLY = {r for r in EXPECTED if r[1].startswith("/devices")} | {("GET", "/workers")}
 
 
 def documented_routes() -> set[tuple[str, str]]:
@@ -152,14 +155,24 @@ def _forbidden(client: httpx.Client) -> float:
 
 
 def test_admin_routes_refuse_readers(api: Setup) -> None:
-    admin_routes = [r for r in documented_routes() if r[1].startswith("/devices")]
-    assert len(admin_routes) == 4
     before = _forbidden(api.client)
-    for method, path in admin_routes:
+    for method, path in sorted(ADMIN_ONLY):
         response = call(api.client, method, path, api.reader_beta)
         assert response.status_code == 403, (method, path, response.status_code)
         assert response.json()["detail"] == "this route needs an admin key"
-    assert _forbidden(api.client) - before == 4  # counted for the operators
+    assert _forbidden(api.client) - before == len(ADMIN_ONLY) == 5  # counted for the operators
+
+
+def test_the_openapi_document_needs_a_key_and_no_docs_page_is_served(api: Setup) -> None:
+    for token in (None, "not-a-key", f"fck_{'0' * 12}.{'x' * 43}"):
+        response = call(api.client, "GET", "/openapi.json", token)
+        assert response.status_code == 401, (token, response.status_code)
+    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert api.client.get(page).status_code == 404, page
+    for token in (api.reader_alpha, ADMIN_KEY):
+        document = api.client.get("/openapi.json", headers={"Authorization": f"Bearer {token}"})
+        assert document.status_code == 200
+        assert {(m.upper(), p) for p, ops in document.json()["paths"].items() for m in ops} == EXPECTED
 
 
 def test_another_tenants_stream_answers_404_on_every_stream_route(api: Setup) -> None:

@@ -264,10 +264,16 @@ def test_readyz_reports_workers(redis_url: str) -> None:
     r.hset(keys.worker("w-ready"), mapping={"state": "ready", "model": "demo"})
     r.hset(keys.worker("w-loading"), mapping={"state": "loading"})
     r.close()
-    with running_api(ApiSettings(redis_url=redis_url, require_worker=True)) as base:
+    settings = ApiSettings(redis_url=redis_url, require_worker=True, admin_key="admin-key-for-tests")
+    with running_api(settings) as base:
         body = httpx.get(f"{base}/readyz").json()
-        assert body["status"] == "ready" and body["redis"] is True and body["workers_ready"] == 1
-        assert {w["name"] for w in body["workers"]} == {"w-ready", "w-loading"}
+        # Public: a probe's answer and a count, no worker names, models or counters.
+        assert body == {"status": "ready", "redis": True, "workers_ready": 1, "detail": None}
+        assert httpx.get(f"{base}/workers").status_code == 401
+        admin = {"Authorization": "Bearer admin-key-for-tests"}
+        workers = httpx.get(f"{base}/workers", headers=admin).json()["items"]
+        assert {w["name"] for w in workers} == {"w-ready", "w-loading"}
+        assert {w["name"]: w.get("model") for w in workers}["w-ready"] == "demo"
     redis.Redis.from_url(redis_url).delete(keys.worker("w-ready"))
     with running_api(ApiSettings(redis_url=redis_url, require_worker=True)) as base:
         response = httpx.get(f"{base}/readyz")

@@ -1,4 +1,8 @@
-"""/healthz (the process answers), /readyz (Redis answers; workers' state), /metrics (Prometheus)."""
+"""/healthz (the process answers), /readyz (Redis answers; how many workers are ready), /workers
+(admin: each worker's heartbeat), /metrics (Prometheus).
+
+The public probes say only what a probe needs (ok or not, Redis reachable, a count of ready
+workers); worker names, models and counters are for admins (`/workers`)."""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from flowcloud import keys
-from services.api.deps import Context, Credentials, current_key
-from services.api.schemas import ErrorBody, HealthBody, ReadyBody
+from services.api.deps import AdminKey, Context, Credentials, current_key
+from services.api.schemas import ErrorBody, HealthBody, ReadyBody, WorkerList
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ async def healthz() -> dict[str, str]:
     responses={
         503: {"model": ReadyBody, "description": "Redis unreachable (or no ready worker, if required)"}
     },
-    summary="Readiness: Redis reachable, and the workers' state (no key needed)",
+    summary="Readiness: Redis reachable, and how many workers are ready (no key needed)",
 )
 async def readyz(context: Context) -> Any:
     settings = context.settings
@@ -41,20 +45,24 @@ async def readyz(context: Context) -> Any:
             workers = await context.queries.workers(settings.worker_stale_seconds)
     except (RedisError, TimeoutError, OSError) as exc:
         log.warning("not ready: Redis is unreachable: %s", exc)
-        body = {
-            "status": "not ready",
-            "redis": False,
-            "workers_ready": 0,
-            "workers": [],
-            "detail": "Redis is unreachable",
-        }
+        body = {"status": "not ready", "redis": False, "workers_ready": 0, "detail": "Redis is unreachable"}
         return JSONResponse(body, status_code=503)
     ready = sum(1 for w in workers if w.get(keys.W_STATE) == keys.WORKER_READY)
-    body = {"status": "ready", "redis": True, "workers_ready": ready, "workers": workers, "detail": None}
+    body = {"status": "ready", "redis": True, "workers_ready": ready, "detail": None}
     if settings.require_worker and ready == 0:
         body.update(status="not ready", detail="no worker is ready")
         return JSONResponse(body, status_code=503)
     return body
+
+
+@router.get(
+    "/workers",
+    response_model=WorkerList,
+    responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+    summary="The workers heard from recently: name, state, model and counters of each heartbeat (admin)",
+)
+async def workers(context: Context, _key: AdminKey) -> dict[str, Any]:
+    return {"items": await context.queries.workers(context.settings.worker_stale_seconds)}
 
 
 async def metrics_access(request: Request, context: Context, credentials: Credentials) -> None:
