@@ -183,6 +183,9 @@ class ApiSettings(ServiceSettings):
         10.0, gt=0, le=60, description="most overlay frames per second sent to a viewer"
     )
     live_max_seconds: float = Field(3600.0, gt=0, description="a /live response ends after this long")
+    live_key_check_seconds: float = Field(
+        0.5, gt=0, le=1.0, description="a /live response asks whether its key was revoked this often"
+    )
     require_worker: bool = Field(False, description="/readyz fails while no worker is ready")
     worker_stale_seconds: float = Field(30.0, gt=0, description="a worker silent this long is not counted")
     redis_timeout: float = Field(2.0, gt=0, description="seconds to wait on Redis before answering 503")

@@ -2,7 +2,8 @@
 
 Verified keys are trusted for ``cache_seconds`` (default 2 s) so that a busy route costs no
 Redis lookup per request; a revoked key (``flowcloud apikeys revoke``) stops working within that
-window.
+window. A response that outlives a request (``/live``) asks ``still_valid`` again while it streams;
+a key found revoked there is dropped from the cache at once.
 """
 
 from __future__ import annotations
@@ -45,3 +46,15 @@ class Authenticator:
                 self._cache.clear()
             self._cache[digest] = (key, now + self.cache_seconds)
         return key
+
+    async def still_valid(self, key: ApiKey) -> bool:
+        """Whether ``key`` still exists and is not revoked, asked of the store (never the cache).
+        The bootstrap key lives in the settings: it stays valid for the life of the process."""
+        if key is self._bootstrap:
+            return True
+        stored = await self.store.get(key.key_id)
+        if stored is not None and stored.active:
+            return True
+        for digest in [d for d, (cached, _expiry) in self._cache.items() if cached.key_id == key.key_id]:
+            del self._cache[digest]
+        return False

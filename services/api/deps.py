@@ -89,15 +89,38 @@ AdminKey = Annotated[ApiKey, Depends(admin_key)]
 StreamId = Annotated[str, Path(pattern=STREAM_ID_PATTERN, description="stream id (the device id)")]
 
 
-async def visible_stream(request: Request, stream_id: StreamId, credentials: Credentials) -> str:
-    """The stream id when it exists and the caller may see it; 404 otherwise (another tenant's
-    stream answers exactly like a stream that does not exist). One dependency that calls the key
-    check itself rather than a chain of them: each dependency costs on the hottest routes."""
+async def _stream_key(
+    request: Request, stream_id: str, credentials: HTTPAuthorizationCredentials | None
+) -> ApiKey:
+    """The caller's key when the stream exists and the key may see it; 404 otherwise (another
+    tenant's stream answers exactly like a stream that does not exist)."""
     key = await authenticate(request, credentials)
     exists, tenant = await app_context(request).queries.stream_tenant(stream_id)
     if not exists or not key.can_see(tenant):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}")
+    return key
+
+
+async def visible_stream(request: Request, stream_id: StreamId, credentials: Credentials) -> str:
+    """The stream id when the caller may see it. One dependency that calls the key check itself
+    rather than a chain of them: each dependency costs on the hottest routes."""
+    await _stream_key(request, stream_id, credentials)
     return stream_id
 
 
 VisibleStream = Annotated[str, Depends(visible_stream)]
+
+
+@dataclass(frozen=True)
+class StreamViewer:
+    """A visible stream and the key that sees it (a live view checks the key again while it runs)."""
+
+    stream_id: str
+    key: ApiKey
+
+
+async def stream_viewer(request: Request, stream_id: StreamId, credentials: Credentials) -> StreamViewer:
+    return StreamViewer(stream_id, await _stream_key(request, stream_id, credentials))
+
+
+VisibleStreamViewer = Annotated[StreamViewer, Depends(stream_viewer)]

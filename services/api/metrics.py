@@ -24,6 +24,9 @@ AUTH_FAILURES = Counter(
     "flowcloud_api_auth_failures_total", "requests refused for their key", ["reason"]
 )  # reason: missing, invalid (unknown, revoked or malformed), forbidden (wrong role)
 LIVE_VIEWERS = Gauge("flowcloud_api_live_viewers", "open /streams/{id}/live responses")
+LIVE_REVOKED = Counter(
+    "flowcloud_api_live_revoked_total", "/live responses ended because their key was revoked"
+)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: "OTHER"
 UNMATCHED = "unmatched"  # the route label of requests no route matched (404s of unknown paths)
 

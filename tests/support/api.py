@@ -1,14 +1,20 @@
 """Helpers for the query API tests: data written through the real MaskStore and real Frame
-entries, API keys made by the real key store, and a real uvicorn server on loopback."""
+entries, API keys made by the real key store, and a real uvicorn server on loopback (in a thread,
+or as a `flowcloud api` process)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +28,8 @@ from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKeyStore
 from services.api.main import build_server
+from support.cli import REPO, flowcloud
+from support.waiting import wait_for
 
 WIDTH, HEIGHT = 64, 32
 RECENT_MAXLEN = 8
@@ -174,3 +182,38 @@ def running_api(settings: ApiSettings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextmanager
+def api_process(log_path: Path, env: dict[str, str]) -> Iterator[str]:
+    """`flowcloud api` as a real process on a free loopback port (settings from ``env``, added to
+    this environment); yields its base URL once /healthz answers, and stops it with SIGTERM."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            flowcloud("api", "--host", "127.0.0.1", "--port", str(port)),
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    proc.log_path = log_path  # type: ignore[attr-defined]  # wait_for shows its tail on failure
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the API to answer /healthz", lambda: _answers(f"{base}/healthz"), timeout=60, proc=proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -19,8 +19,16 @@ from starlette.types import Receive, Scope, Send
 from flowcloud.labels import LABEL_SETS
 from flowcloud.results import MaskResult
 from services.api import render
-from services.api.deps import ApiContext, Context, CurrentKey, VisibleStream, app_context
-from services.api.metrics import LIVE_VIEWERS
+from services.api.deps import (
+    ApiContext,
+    Context,
+    CurrentKey,
+    StreamViewer,
+    VisibleStream,
+    VisibleStreamViewer,
+    app_context,
+)
+from services.api.metrics import LIVE_REVOKED, LIVE_VIEWERS
 from services.api.schemas import ErrorBody, MaskBody, MaskPage, StatsBody, StreamBody, StreamList
 
 log = logging.getLogger(__name__)
@@ -233,12 +241,14 @@ async def _live_image(context: ApiContext, result: MaskResult) -> tuple[bytes, b
 
 
 async def _live_events(
-    request: Request, context: ApiContext, stream_id: str, fps: float, mjpeg: bool
+    request: Request, context: ApiContext, viewer: StreamViewer, fps: float, mjpeg: bool
 ) -> AsyncIterator[bytes]:
+    stream_id = viewer.stream_id
     interval = 1.0 / min(fps, context.settings.live_max_fps)
+    check_every = context.settings.live_key_check_seconds
     deadline = time.monotonic() + context.settings.live_max_seconds
     last_seq: int | None = None
-    last_sent = time.monotonic()
+    last_sent = next_frame = next_check = time.monotonic()
     previous_capture: float | None = None
     try:
         if not mjpeg:
@@ -246,35 +256,46 @@ async def _live_events(
         # Starlette also cancels this iterator when the client leaves (ASGI < 2.4 servers such as
         # uvicorn); the check ends an idle stream on servers that report it only on a failed send.
         while time.monotonic() < deadline and not await request.is_disconnected():
-            # Through the shared latest cache: viewers of one stream cost one read per cache period.
-            result = await context.queries.latest(stream_id)
-            if result is not None and result.seq != last_seq:
-                last_seq = result.seq
-                image, blended = await _live_image(context, result)
-                if mjpeg:
-                    yield _mjpeg_part(image, result.seq)
-                else:
-                    gap = result.capture_ts - previous_capture if previous_capture is not None else None
-                    yield _sse(
-                        "mask",
-                        {
-                            "seq": result.seq,
-                            "capture_ts": result.capture_ts,
-                            "latency": result.latency,
-                            "fps": 1.0 / gap if gap else None,
-                            "overlay": blended,
-                            "width": result.width,
-                            "height": result.height,
-                            "shares": {str(k): v for k, v in result.shares.items()},
-                            "jpeg": base64.b64encode(image).decode(),
-                        },
-                    )
-                previous_capture = result.capture_ts
-                last_sent = time.monotonic()
-            elif not mjpeg and time.monotonic() - last_sent > KEEPALIVE_SECONDS:
-                yield b": keepalive\n\n"
-                last_sent = time.monotonic()
-            await asyncio.sleep(interval)
+            if time.monotonic() >= next_check:
+                # The key was checked when the view began; a revocation must also end the view.
+                if not await context.auth.still_valid(viewer.key):
+                    LIVE_REVOKED.inc()
+                    log.info("live view of %s ends: API key %s was revoked", stream_id, viewer.key.key_id)
+                    if not mjpeg:
+                        yield _sse("error", {"detail": "the API key was revoked", "error": "key_revoked"})
+                    return
+                next_check = time.monotonic() + check_every
+            if time.monotonic() >= next_frame:
+                next_frame = time.monotonic() + interval
+                # Through the shared latest cache: viewers of one stream cost one read per cache period.
+                result = await context.queries.latest(stream_id)
+                if result is not None and result.seq != last_seq:
+                    last_seq = result.seq
+                    image, blended = await _live_image(context, result)
+                    if mjpeg:
+                        yield _mjpeg_part(image, result.seq)
+                    else:
+                        gap = result.capture_ts - previous_capture if previous_capture is not None else None
+                        yield _sse(
+                            "mask",
+                            {
+                                "seq": result.seq,
+                                "capture_ts": result.capture_ts,
+                                "latency": result.latency,
+                                "fps": 1.0 / gap if gap else None,
+                                "overlay": blended,
+                                "width": result.width,
+                                "height": result.height,
+                                "shares": {str(k): v for k, v in result.shares.items()},
+                                "jpeg": base64.b64encode(image).decode(),
+                            },
+                        )
+                    previous_capture = result.capture_ts
+                    last_sent = time.monotonic()
+                elif not mjpeg and time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+                    yield b": keepalive\n\n"
+                    last_sent = time.monotonic()
+            await asyncio.sleep(max(0.0, min(next_frame, next_check) - time.monotonic()))
     except RedisError as exc:
         log.warning("live view of %s ends: Redis failed: %s", stream_id, exc)
         if not mjpeg:
@@ -323,11 +344,11 @@ class LiveResponse(StreamingResponse):
         404: {"model": ErrorBody, "description": "no such stream"},
         503: {"model": ErrorBody, "description": "too many live viewers"},
     },
-    summary="A live overlay of the stream's newest masks (SSE or MJPEG)",
+    summary="A live overlay of the stream's newest masks (SSE or MJPEG); it ends when its key is revoked",
 )
 async def live(
     request: Request,
-    stream_id: VisibleStream,
+    viewer: VisibleStreamViewer,
     context: Context,
     format: Annotated[Literal["sse", "mjpeg"], Query(description="sse or mjpeg")] = "sse",
     fps: Annotated[float, Query(gt=0, le=60, description="images per second at most")] = 5.0,
@@ -337,4 +358,4 @@ async def live(
     await context.redis.ping()  # Redis down: a 503 now, not a 200 stream that ends at once
     mjpeg = format == "mjpeg"
     media_type = f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}" if mjpeg else "text/event-stream"
-    return LiveResponse(context, _live_events(request, context, stream_id, fps, mjpeg), media_type)
+    return LiveResponse(context, _live_events(request, context, viewer, fps, mjpeg), media_type)
