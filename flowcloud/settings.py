@@ -1,7 +1,9 @@
 """Settings: one pydantic-settings model per service, all read from ``FLOWCLOUD_*`` env vars.
 
-``FLOWCLOUD_REDIS_URL`` is shared by every service; everything else carries the service's own
-prefix (``FLOWCLOUD_GATEWAY_``, ``FLOWCLOUD_WORKER_``, ``FLOWCLOUD_API_``, ``FLOWCLOUD_EDGE_``).
+``FLOWCLOUD_REDIS_URL`` (the data plane: frames, results) and ``FLOWCLOUD_CONTROL_REDIS_URL``
+(the control plane: devices, API keys; default: the data-plane Redis) are shared by every service;
+everything else carries the service's own prefix (``FLOWCLOUD_GATEWAY_``, ``FLOWCLOUD_WORKER_``,
+``FLOWCLOUD_API_``, ``FLOWCLOUD_EDGE_``).
 Secrets are ``SecretStr`` (never printed) and have no default. ``describe()`` renders settings
 for logs with secrets and URL passwords masked.
 """
@@ -45,9 +47,21 @@ class ServiceSettings(BaseSettings):
         description="Redis URL (redis:// or rediss://); a password in it is never logged",
         repr=False,  # may hold a password; describe() shows it redacted
     )
+    control_redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOWCLOUD_CONTROL_REDIS_URL", "control_redis_url"),
+        description="Redis URL of the control plane (devices, API keys): a store with its own durability, "
+        "apart from the frames; default: redis_url (one machine, one persistent Redis)",
+        repr=False,
+    )
     log_level: str = Field(
         "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"
     )
+
+    @property
+    def control_url(self) -> str:
+        """Where devices and API keys live: control_redis_url, else the data-plane redis_url."""
+        return self.control_redis_url or self.redis_url
 
     def describe(self) -> dict[str, Any]:
         """The settings as a dict fit for a log line: secrets and URL passwords masked."""
@@ -55,7 +69,7 @@ class ServiceSettings(BaseSettings):
         for name, value in self:
             if isinstance(value, SecretStr):
                 out[name] = "***" if value.get_secret_value() else ""
-            elif name.endswith("_url") and isinstance(value, str):
+            elif name.endswith("_url") and isinstance(value, str):  # control_redis_url too
                 out[name] = redact_url(value)
             else:
                 out[name] = value

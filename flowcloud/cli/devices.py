@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,18 +19,19 @@ from redis.exceptions import RedisError
 
 from flowcloud.cli.main import CommandError
 from flowcloud.registry import DEFAULT_TENANT, Device, DeviceRegistry, RegistryError
-from flowcloud.settings import DEFAULT_REDIS_URL, redact_url
+from flowcloud.settings import DEFAULT_REDIS_URL, ServiceSettings, redact_url
+
+REDIS_URL_HELP = (
+    "the control-plane Redis, where devices live (default: $FLOWCLOUD_CONTROL_REDIS_URL, "
+    f"else $FLOWCLOUD_REDIS_URL, else {DEFAULT_REDIS_URL})"
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis-url",
-        default=os.environ.get("FLOWCLOUD_REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis URL (default: $FLOWCLOUD_REDIS_URL or %(default)s)",
-    )
+    parser.add_argument("--redis-url", default=None, help=REDIS_URL_HELP)
     # --redis-url is accepted after the action too (SUPPRESS keeps the value given before it).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--redis-url", default=argparse.SUPPRESS, help="Redis URL")
+    common.add_argument("--redis-url", default=argparse.SUPPRESS, help=REDIS_URL_HELP)
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser(
         "add", parents=[common], help="register a device and print its token (shown only once)"
@@ -107,9 +107,10 @@ async def _with_registry(url: str, action: Callable[[DeviceRegistry], Awaitable[
 
 
 def run(args: argparse.Namespace) -> int:
+    url = args.redis_url or ServiceSettings().control_url
     try:
-        return asyncio.run(_with_registry(args.redis_url, lambda registry: _act(args, registry)))
+        return asyncio.run(_with_registry(url, lambda registry: _act(args, registry)))
     except RegistryError as exc:
         raise CommandError(str(exc)) from None
     except RedisError as exc:
-        raise CommandError(f"Redis at {redact_url(args.redis_url)}: {exc}") from None
+        raise CommandError(f"Redis at {redact_url(url)}: {exc}") from None

@@ -1,4 +1,4 @@
-"""`flowcloud apikeys add|list|revoke`: manage the query API's keys in Redis."""
+"""`flowcloud apikeys add|list|revoke`: manage the query API's keys in the control-plane Redis."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ T = TypeVar("T")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="Redis URL (default: FLOWCLOUD_REDIS_URL)")
+    parser.add_argument(
+        "--redis-url",
+        help="the control-plane Redis, where API keys live "
+        "(default: FLOWCLOUD_CONTROL_REDIS_URL, else FLOWCLOUD_REDIS_URL)",
+    )
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="make a key; its token is printed once")
     add.add_argument("--role", required=True, choices=ROLES, help="admin (everything) or reader (read only)")
@@ -53,7 +57,7 @@ def _table(items: list[ApiKey]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    redis_url = args.redis_url or ServiceSettings().redis_url
+    redis_url = args.redis_url or ServiceSettings().control_url
     try:
         if args.action == "add":
             key, token = asyncio.run(_with_store(redis_url, lambda s: s.add(args.role, args.tenant)))

@@ -41,10 +41,10 @@ MAX_REDIS_CONNECTIONS = 64
 GRACEFUL_SHUTDOWN_SECONDS = 5  # open /live responses are cut after this on shutdown
 
 
-def redis_client(settings: ApiSettings) -> Redis:
+def redis_client(settings: ApiSettings, url: str) -> Redis:
     """A bounded pool: a burst of requests waits up to ``redis_timeout`` for a connection."""
     pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
-        settings.redis_url,
+        url,
         max_connections=MAX_REDIS_CONNECTIONS,
         timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
@@ -71,9 +71,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = redis_client(settings)
+        redis = redis_client(settings, settings.redis_url)
+        # Keys and devices live in the control-plane Redis (the same client on one machine).
+        control = (
+            redis_client(settings, settings.control_url)
+            if settings.control_url != settings.redis_url
+            else redis
+        )
         store = MaskStore(redis)
-        apikeys = ApiKeyStore(redis)
+        apikeys = ApiKeyStore(control)
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         app.state.context = ApiContext(
             settings=settings,
@@ -88,7 +94,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             ),
             apikeys=apikeys,
             auth=Authenticator(apikeys, admin, settings.auth_cache_seconds),
-            registry=DeviceRegistry(redis),
+            registry=DeviceRegistry(control),
         )
         log.info("query API starting: %s", settings.describe())
         if admin is None:
@@ -96,8 +102,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await redis.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
-            await redis.connection_pool.disconnect()
+            for client in {id(c): c for c in (redis, control)}.values():
+                await client.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
+                await client.connection_pool.disconnect()
 
     app = FastAPI(
         title="FlowCloud query API",

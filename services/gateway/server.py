@@ -5,7 +5,8 @@
 
 A connection is first counted against its address (``max_connections_per_ip``; above it the
 gateway answers REJECT ``limit`` before reading a byte), then handed to a `Session`. The
-gateway subscribes to ``keys.DEVICE_EVENTS``: "revoked <id>" / "rotated <id>" closes that
+gateway reads devices from the control-plane Redis (``control_url``) and subscribes there to
+``keys.DEVICE_EVENTS``: "revoked <id>" / "rotated <id>" closes that
 device's live session at once, and "connected <id> <session>" closes a live session of the device
 other than the one named (the edge reconnected, perhaps through another gateway replica: the
 newest session wins across replicas as it does within one gateway); after a lost subscription
@@ -101,6 +102,10 @@ class Gateway:
         height, width = parse_size(settings.model_size)
         self.certificates = tls_reloader(settings)
         self.redis = redis_client(settings.redis_url)
+        # Devices and their events live in the control-plane Redis (the same client on one machine).
+        self.control = (
+            redis_client(settings.control_url) if settings.control_url != settings.redis_url else self.redis
+        )
         self.publisher = FramePublisher(
             self.redis, settings.frames_maxlen, settings.publish_queue, recent_maxlen=settings.recent_maxlen
         )
@@ -114,7 +119,10 @@ class Gateway:
             memory_limit_mb=settings.decoder_memory_mb,
         )
         self.services = SessionServices(
-            settings, DeviceRegistry(self.redis), self.publisher, DecoderPool(config, settings.decoder_spares)
+            settings,
+            DeviceRegistry(self.control),
+            self.publisher,
+            DecoderPool(config, settings.decoder_spares),
         )
         self.connections = ConnectionLimiter(settings.max_connections_per_ip)
         self._server: asyncio.Server | None = None
@@ -199,6 +207,8 @@ class Gateway:
         await self.publisher.close(self.settings.drain_timeout)
         await self.services.decoders.close()
         await self.redis.aclose()
+        if self.control is not self.redis:
+            await self.control.aclose()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -281,7 +291,7 @@ class Gateway:
         backoff = 0.1
         first = True
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = self.control.pubsub()
             try:
                 await pubsub.subscribe(keys.DEVICE_EVENTS)
                 if not first:

@@ -42,10 +42,17 @@ async def readyz(context: Context) -> Any:
     try:
         async with asyncio.timeout(settings.redis_timeout):
             await context.redis.ping()
+            if context.apikeys.redis is not context.redis:  # no key can be checked without it
+                await context.apikeys.redis.ping()
             workers = await context.queries.workers(settings.worker_stale_seconds)
     except (RedisError, TimeoutError, OSError) as exc:
         log.warning("not ready: Redis is unreachable: %s", exc)
-        body = {"status": "not ready", "redis": False, "workers_ready": 0, "detail": "Redis is unreachable"}
+        body = {
+            "status": "not ready",
+            "redis": False,
+            "workers_ready": 0,
+            "detail": "Redis is unreachable",
+        }  # either one
         return JSONResponse(body, status_code=503)
     ready = sum(1 for w in workers if w.get(keys.W_STATE) == keys.WORKER_READY)
     body = {"status": "ready", "redis": True, "workers_ready": ready, "detail": None}
