@@ -54,8 +54,8 @@ def settings_env_names() -> set[str]:
 
 
 def secret_env_names() -> set[str]:
-    """Settings that hold secrets (SecretStr fields), plus the Redis URL (it carries the password)."""
-    names = {"FLOWCLOUD_REDIS_URL"}
+    """Settings that hold secrets (SecretStr fields), plus the Redis URLs (they carry the passwords)."""
+    names = {"FLOWCLOUD_REDIS_URL", "FLOWCLOUD_CONTROL_REDIS_URL"}
     for cls in SETTINGS_CLASSES:
         prefix = str(cls.model_config.get("env_prefix", ""))
         for name, field in cls.model_fields.items():

@@ -237,9 +237,10 @@ def test_values_hold_no_secret() -> None:
 
 def test_generated_secrets_are_kept_across_upgrades(default_objs: list[Obj]) -> None:
     secrets = {s["metadata"]["name"]: s for s in by_kind(default_objs, "Secret")}
-    assert set(secrets) == {"flowcloud-api", "flowcloud-redis"}
+    assert set(secrets) == {"flowcloud-api", "flowcloud-redis", "flowcloud-control-redis"}
     assert set(secrets["flowcloud-api"]["data"]) == {"admin-key"}
-    assert set(secrets["flowcloud-redis"]["data"]) == {"redis-password", "redis-url"}
+    for redis in ("flowcloud-redis", "flowcloud-control-redis"):
+        assert set(secrets[redis]["data"]) == {"redis-password", "redis-url"}
     template = (CHART / "templates" / "secrets.yaml").read_text()
     assert template.count('lookup "v1" "Secret"') == 2, "each generated secret must be read back on upgrade"
     # An admin key named by the user is not generated.
@@ -266,6 +267,8 @@ def test_commands_and_env_match_the_cli_and_settings(rendered: list[Obj]) -> Non
         from_cm = {n for r in c["envFrom"] for n in configmaps[r["configMapRef"]["name"]]}
         assert all(n.startswith(prefix) for n in from_cm), f"{component} gets another service's settings"
         assert "FLOWCLOUD_REDIS_URL" in env
+        # Devices and keys come from the control plane; the workers never read them.
+        assert ("FLOWCLOUD_CONTROL_REDIS_URL" in env) == (component in ("gateway", "api")), component
 
 
 def test_ports_match_the_service_contract(default_objs: list[Obj]) -> None:
@@ -366,20 +369,60 @@ def test_hpa_is_the_fallback_without_keda(default_objs: list[Obj]) -> None:
     assert one(fixed, "Deployment", "worker")["spec"]["replicas"] == 3
 
 
-def test_redis_statefulset_persists_with_aof(default_objs: list[Obj]) -> None:
-    redis = one(default_objs, "StatefulSet", "redis")
+@pytest.mark.parametrize(("component", "size"), [("redis", "8Gi"), ("control-redis", "1Gi")])
+def test_redis_statefulsets_persist_with_aof(default_objs: list[Obj], component: str, size: str) -> None:
+    redis = one(default_objs, "StatefulSet", component)
     c = next(containers(redis))
     assert "--appendonly yes" in c["args"][0]
-    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == size
     assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
 
 
-def test_external_redis_replaces_the_statefulset(ci_objs: list[Obj]) -> None:
-    assert not by_kind(ci_objs, "StatefulSet") and not by_kind(ci_objs, "NetworkPolicy")
+def test_the_control_plane_has_its_own_redis(default_objs: list[Obj]) -> None:
+    """Devices and keys never share the frames' Redis: a frames Redis without persistence is allowed,
+    and the gateway and API read the control plane from the control-redis Secret."""
+    objs = render("--set", "redis.appendonly=false", "--set", "redis.persistence.enabled=false")
+    control = next(containers(one(objs, "StatefulSet", "control-redis")))
+    assert "--appendonly yes" in control["args"][0] and "--appendfsync everysec" in control["args"][0]
+    for component in ("gateway", "api"):
+        env = {e["name"]: e for e in next(containers(one(default_objs, "Deployment", component)))["env"]}
+        assert env["FLOWCLOUD_CONTROL_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "flowcloud-control-redis",
+            "key": "redis-url",
+        }
+        assert env["FLOWCLOUD_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "flowcloud-redis"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("controlRedis.appendonly=false",),
+        ("controlRedis.persistence.enabled=false",),
+        # The frames Redis outside the cluster changes nothing for the control plane.
+        ("controlRedis.appendonly=false", "redis.enabled=false", "externalRedis.url.secretName=ext"),
+    ],
+)
+def test_the_chart_refuses_a_control_plane_that_a_restart_can_lose(settings: tuple[str, ...]) -> None:
+    args = [a for s in settings for a in ("--set", s)]
+    result = helm("template", "x", str(CHART), *args, check=False)
+    assert result.returncode != 0, f"{settings} was accepted"
+    assert "controlRedis.appendonly and controlRedis.persistence.enabled must stay true" in result.stderr
+    # fsync "no" is refused by the schema; an external control plane needs its Secret.
+    result = helm("template", "x", str(CHART), "--set", "controlRedis.appendfsync=no", check=False)
+    assert result.returncode != 0 and "schema" in result.stderr
+    result = helm("template", "x", str(CHART), "--set", "controlRedis.enabled=false", check=False)
+    assert result.returncode != 0 and "externalControlRedis.url.secretName is required" in result.stderr
+
+
+def test_external_redis_replaces_the_statefulsets(ci_objs: list[Obj]) -> None:
+    assert not by_kind(ci_objs, "StatefulSet")
     for obj in by_kind(ci_objs, "Deployment"):
         env = {e["name"]: e for e in next(containers(obj))["env"]}
         ref = env["FLOWCLOUD_REDIS_URL"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "flowcloud-redis-external", "key": "redis-url"}
+        if "FLOWCLOUD_CONTROL_REDIS_URL" in env:
+            ref = env["FLOWCLOUD_CONTROL_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "flowcloud-control-redis-external", "key": "redis-url"}
     result = helm("template", "x", str(CHART), "--set", "redis.enabled=false", check=False)
     assert result.returncode != 0 and "externalRedis" in result.stderr + result.stdout
 

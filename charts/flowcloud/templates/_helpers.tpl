@@ -83,6 +83,21 @@ app.kubernetes.io/part-of: flowcloud
 {{- if .Values.redis.enabled }}redis-url{{ else }}{{ .Values.externalRedis.url.secretKey }}{{ end }}
 {{- end }}
 
+{{/* FLOWCLOUD_CONTROL_REDIS_URL from a Secret: the control plane (devices, API keys), for the services
+that read it (gateway, API; the workers never do). */}}
+{{- define "flowcloud.controlEnv" -}}
+- name: FLOWCLOUD_CONTROL_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.controlRedis.enabled }}
+      name: {{ include "flowcloud.componentName" (dict "root" . "component" "control-redis") }}
+      key: redis-url
+      {{- else }}
+      name: {{ required "externalControlRedis.url.secretName is required when controlRedis.enabled is false" .Values.externalControlRedis.url.secretName }}
+      key: {{ .Values.externalControlRedis.url.secretKey }}
+      {{- end }}
+{{- end }}
+
 
 {{- define "flowcloud.adminKeySecretName" -}}
 {{- default (include "flowcloud.componentName" (dict "root" . "component" "api")) .Values.api.adminKey.existingSecret }}
