@@ -209,6 +209,22 @@ class ApiSettings(ServiceSettings):
     latest_cache_ms: float = Field(
         50.0, ge=0, le=5000, description="/masks/latest answers from a copy at most this old (0: always read)"
     )
+    cluster_view: bool = Field(
+        False, description="serve /cluster (admins): the workers' pods, nodes and autoscaler from Kubernetes"
+    )
+    cluster_api_url: str | None = Field(
+        None, description="Kubernetes API URL needing no credentials (kubectl proxy); default: in-cluster"
+    )
+    cluster_namespace: str | None = Field(
+        None, description="namespace of the workers (default: the pod's own)"
+    )
+    cluster_worker_selector: str = Field(
+        "app.kubernetes.io/component=worker", description="label selector of the worker pods"
+    )
+    cluster_worker_deployment: str | None = Field(
+        None, description="the workers' Deployment (its replicas and the autoscaler that scales it)"
+    )
+    cluster_gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of a GPU")
 
 
 class EdgeSettings(ServiceSettings):

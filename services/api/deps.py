@@ -15,6 +15,7 @@ from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKey, ApiKeyStore
 from services.api.auth import Authenticator
+from services.api.cluster import ClusterView
 from services.api.metrics import AUTH_FAILURES
 from services.api.queries import StreamQueries
 from services.api.render import RenderCache
@@ -33,6 +34,7 @@ class ApiContext:
     apikeys: ApiKeyStore
     auth: Authenticator
     registry: DeviceRegistry
+    cluster: ClusterView | None = None  # None: the cluster view is off
     renders: RenderCache = field(default_factory=RenderCache)
     live_clients: int = 0
 

@@ -30,10 +30,11 @@ from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKeyStore
 from services.api.auth import Authenticator
+from services.api.cluster import ClusterUnavailableError, ClusterView
 from services.api.deps import ApiContext, CurrentKey
 from services.api.metrics import REDIS_ERRORS, RequestMetrics
 from services.api.queries import StreamQueries
-from services.api.routes import dashboard, devices, health, streams
+from services.api.routes import cluster, dashboard, devices, health, streams
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,17 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error", "error": "internal"}, status_code=500)
 
 
+def cluster_view(settings: ApiSettings) -> ClusterView | None:
+    """The cluster view when it is on and a Kubernetes API is there; off (None) outside a cluster."""
+    if not settings.cluster_view:
+        return None
+    try:
+        return ClusterView.from_settings(settings)
+    except ClusterUnavailableError as exc:
+        log.warning("cluster view off: %s", exc)
+        return None
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
 
@@ -95,6 +107,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             apikeys=apikeys,
             auth=Authenticator(apikeys, admin, settings.auth_cache_seconds),
             registry=DeviceRegistry(control),
+            cluster=cluster_view(settings),
         )
         log.info("query API starting: %s", settings.describe())
         if admin is None:
@@ -102,6 +115,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if app.state.context.cluster is not None:
+                app.state.context.cluster.close()
             for client in {id(c): c for c in (redis, control)}.values():
                 await client.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
                 await client.connection_pool.disconnect()
@@ -133,6 +148,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(dashboard.router)
+    app.include_router(cluster.router)
     return app
 
 

@@ -118,5 +118,46 @@ class ReadyBody(BaseModel):
     detail: str | None = None
 
 
+class ClusterPod(BaseModel):
+    name: str
+    phase: str | None
+    ready: bool
+    node: str | None
+    restarts: int
+    started: str | None = Field(description="ISO 8601")
+    gpus: int = Field(description="GPUs the pod requests")
+
+
+class ClusterNode(BaseModel):
+    name: str
+    ready: bool
+    gpu_model: str | None = Field(description="the node's nvidia.com/gpu.product label")
+    gpus: int
+    gpus_allocatable: int
+
+
+class ClusterDeployment(BaseModel):
+    name: str
+    replicas: int | None
+    ready_replicas: int
+
+
+class ClusterAutoscaler(BaseModel):
+    name: str
+    managed_by: str | None = Field(description="keda-operator when KEDA manages this HPA")
+    min_replicas: int | None
+    max_replicas: int
+    current_replicas: int | None
+    desired_replicas: int
+
+
+class ClusterBody(BaseModel):
+    namespace: str
+    deployment: ClusterDeployment | None
+    autoscaler: ClusterAutoscaler | None
+    pods: list[ClusterPod]
+    nodes: list[ClusterNode]
+
+
 class WorkerList(BaseModel):
     items: list[dict[str, str | float]] = Field(description="heartbeat fields, name, last_heartbeat")

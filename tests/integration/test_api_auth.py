@@ -40,8 +40,9 @@ EXPECTED = PUBLIC | {
     ("DELETE", "/devices/{device_id}"),
     ("POST", "/devices/{device_id}/rotate"),
     ("GET", "/workers"),
+    ("GET", "/cluster"),
 }
-ADMIN_ONLY = {r for r in EXPECTED if r[1].startswith("/devices")} | {("GET", "/workers")}
+ADMIN_ONLY = {r for r in EXPECTED if r[1].startswith("/devices")} | {("GET", "/workers"), ("GET", "/cluster")}
 
 
 def documented_routes() -> set[tuple[str, str]]:
@@ -160,7 +161,7 @@ def test_admin_routes_refuse_readers(api: Setup) -> None:
         response = call(api.client, method, path, api.reader_beta)
         assert response.status_code == 403, (method, path, response.status_code)
         assert response.json()["detail"] == "this route needs an admin key"
-    assert _forbidden(api.client) - before == len(ADMIN_ONLY) == 5  # counted for the operators
+    assert _forbidden(api.client) - before == len(ADMIN_ONLY) == 6  # counted for the operators
 
 
 def test_the_openapi_document_needs_a_key_and_no_docs_page_is_served(api: Setup) -> None:
@@ -205,7 +206,10 @@ def test_admin_keys_reach_every_route(api: Setup, token_kind: str) -> None:
     token = ADMIN_KEY if token_kind == "bootstrap" else api.admin
     for method, path in sorted(documented_routes(), key=lambda r: (r[0] == "DELETE", r)):
         response = call(api.client, method, path, token)
-        expected = {("POST", "/devices"): 201, ("GET", "/"): 307}.get((method, path), 200)
+        # /cluster: admitted, and off outside a cluster (tests/integration/test_api_cluster.py).
+        expected = {("POST", "/devices"): 201, ("GET", "/"): 307, ("GET", "/cluster"): 404}.get(
+            (method, path), 200
+        )
         assert response.status_code == expected, (method, path, response.status_code)
 
 

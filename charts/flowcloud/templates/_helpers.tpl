@@ -49,6 +49,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/part-of: flowcloud
 {{- end }}
 
+{{/* A label map as a label selector string: k1=v1,k2=v2 (sorted). */}}
+{{- define "flowcloud.labelSelector" -}}
+{{- $pairs := list }}
+{{- range $k, $v := . }}{{ $pairs = append $pairs (printf "%s=%s" $k $v) }}{{ end }}
+{{- join "," $pairs }}
+{{- end }}
+
+{{/* The API's own ServiceAccount when the cluster view is on (the only one with Kubernetes API rights). */}}
+{{- define "flowcloud.apiServiceAccountName" -}}
+{{- if .Values.api.clusterView.enabled }}
+{{- include "flowcloud.componentName" (dict "root" . "component" "api") }}
+{{- else }}
+{{- include "flowcloud.serviceAccountName" . }}
+{{- end }}
+{{- end }}
+
 {{- define "flowcloud.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "flowcloud.fullname" .) .Values.serviceAccount.name }}
