@@ -33,6 +33,7 @@ from flowcloud.labels import get_label_set
 from flowcloud.redis_server import free_port
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import META_FIELD, MaskResult, decode_label_map
+from flowcloud.settings import ServiceSettings
 from flowcloud.stack import Service, Stack
 
 DEMO_DEVICE = "demo-cam"
@@ -274,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
     summary: Summary | None = None
     client = redis.Redis.from_url(stack.redis_url)
     try:
-        token = asyncio.run(register_demo_device(stack.redis_url))
+        # Where the stack's gateway looks for devices: FLOWCLOUD_CONTROL_REDIS_URL, else the stack's Redis.
+        control_url = ServiceSettings(redis_url=stack.redis_url).control_url
+        token = asyncio.run(register_demo_device(control_url))
         base_seq = last_seq(client, DEMO_DEVICE)
         edge_metrics = free_port()
         edge = start_edge(stack, token, args, edge_metrics)
