@@ -5,7 +5,8 @@ Off unless ``FLOWCLOUD_API_CLUSTER_VIEW`` is true (the chart turns it on with a 
 In a pod it authenticates with its service account; ``cluster_api_url`` points it at another API
 server that needs no credentials from us (``kubectl proxy``). It only reads, and only what
 ``PERMISSIONS`` lists: the chart's Role and ClusterRole grant exactly those verbs
-(tests/deploy/test_chart_cluster_view.py).
+(tests/deploy/test_chart_cluster_view.py). The client (over a second to import) is imported only
+when the view is on.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubernetes import client, config
 from urllib3.exceptions import HTTPError
 
 from flowcloud.settings import ApiSettings
+
+if TYPE_CHECKING:
+    from kubernetes import client
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,8 @@ class ClusterView:
     runs in a thread)."""
 
     def __init__(self, api: client.ApiClient, target: ClusterTarget) -> None:
+        from kubernetes import client
+
         self.api = api
         self.target = target
         self.core = client.CoreV1Api(api)
@@ -105,6 +110,8 @@ class ClusterView:
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> ClusterView:
         """The in-cluster service account, or ``cluster_api_url`` (no credentials) when set."""
+        from kubernetes import client, config
+
         if settings.cluster_api_url:
             configuration = client.Configuration(host=settings.cluster_api_url)
         else:
@@ -131,6 +138,8 @@ class ClusterView:
         self.api.close()
 
     def _snapshot(self) -> dict[str, Any]:
+        from kubernetes.client import ApiException
+
         t = self.target
         try:
             # The models type every field Optional; the API server fills the ones read here.
@@ -159,7 +168,7 @@ class ClusterView:
                     and h.spec.scale_target_ref.name == t.worker_deployment
                 ]
                 autoscaler = _autoscaler(scaling[0]) if scaling else None
-        except client.ApiException as exc:
+        except ApiException as exc:
             raise ClusterUnavailableError(
                 f"the Kubernetes API answered {exc.status} {exc.reason}"
                 + (" (does the chart's Role grant it?)" if exc.status == 403 else "")

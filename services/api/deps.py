@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,10 +15,12 @@ from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKey, ApiKeyStore
 from services.api.auth import Authenticator
-from services.api.cluster import ClusterView
 from services.api.metrics import AUTH_FAILURES
 from services.api.queries import StreamQueries
 from services.api.render import RenderCache
+
+if TYPE_CHECKING:
+    from services.api.cluster import ClusterView
 
 STREAM_ID_PATTERN = f"^{keys.IDENTIFIER.pattern}$"  # stream ids are device ids
 
