@@ -5,8 +5,6 @@ or as a `flowcloud api` process)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import threading
 import time
 import urllib.error
@@ -26,9 +24,9 @@ from flowcloud.labels import TRAIN_IDS, class_shares
 from flowcloud.redis_server import free_port
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from flowcloud.settings import ApiSettings
+from flowcloud.stack import Service
 from services.api.apikeys import ApiKeyStore
 from services.api.main import build_server
-from support.cli import REPO, flowcloud
 from support.waiting import wait_for
 
 WIDTH, HEIGHT = 64, 32
@@ -195,25 +193,16 @@ def _answers(url: str) -> bool:
 @contextmanager
 def api_process(log_path: Path, env: dict[str, str]) -> Iterator[str]:
     """`flowcloud api` as a real process on a free loopback port (settings from ``env``, added to
-    this environment); yields its base URL once /healthz answers, and stops it with SIGTERM."""
+    this environment), run as the one-machine stack runs its services; yields its base URL once
+    /healthz answers, and stops it with SIGTERM."""
     port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            flowcloud("api", "--host", "127.0.0.1", "--port", str(port)),
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    proc.log_path = log_path  # type: ignore[attr-defined]  # wait_for shows its tail on failure
+    service = Service("api", ["api", "--host", "127.0.0.1", "--port", str(port)], env, log_path=log_path)
+    service.start()
+    assert service.process is not None
+    service.process.log_path = log_path  # type: ignore[attr-defined]  # wait_for shows its tail
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for("the API to answer /healthz", lambda: _answers(f"{base}/healthz"), timeout=60, proc=proc)
+        wait_for("the API to answer /healthz", lambda: _answers(f"{base}/healthz"), 60, service.process)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        service.stop(timeout=15)
