@@ -25,3 +25,39 @@ ENCODE_SECONDS = Histogram(
     "time to encode one picture",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
 )
+
+# Store and forward (edge.spool, edge.backfill).
+SPOOL_BYTES = Gauge("flowcloud_edge_spool_bytes", "bytes of video held in the spool")
+SPOOL_GOPS = Gauge("flowcloud_edge_spool_gops", "GOPs held in the spool and not yet sent")
+SPOOL_FRAMES = Gauge("flowcloud_edge_spool_frames", "access units held in the spool and not yet sent")
+SPOOL_OLDEST = Gauge(
+    "flowcloud_edge_spool_oldest_capture_timestamp_seconds",
+    "capture time of the oldest access unit in the spool (0: empty); time() minus it is the spool's age",
+)
+SPOOL_FRAMES_WRITTEN = Counter(
+    "flowcloud_edge_spool_frames_written_total", "access units written to the spool"
+)
+SPOOL_EVICTED_GOPS = Counter(
+    "flowcloud_edge_spool_evicted_gops_total",
+    "GOPs evicted from the spool unsent, by cap (max_bytes, max_age)",
+    ["reason"],
+)
+SPOOL_TORN = Counter(
+    "flowcloud_edge_spool_torn_tails_total", "segments found with a torn write at their tail (cut off)"
+)
+BACKFILL_FRAMES_SENT = Counter(
+    "flowcloud_edge_backfill_frames_sent_total", "spooled access units sent to the gateway's backfill lane"
+)
+BACKFILL_BYTES_SENT = Counter(
+    "flowcloud_edge_backfill_bytes_sent_total", "bytes sent on the backfill connection"
+)
+BACKFILL_LAG = Gauge(
+    "flowcloud_edge_backfill_lag_seconds",
+    "age (now minus capture time) of the last access unit the backfill sent; 0 when the spool is empty",
+)
+KEYFRAME_REQUESTS = Counter(
+    "flowcloud_edge_keyframe_requests_total",
+    "keyframe requests from the gateway, by outcome (honoured: the encoder was asked for an IDR; "
+    "unsupported: a relayed stream cannot make one)",
+    ["outcome"],
+)
