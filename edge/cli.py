@@ -55,6 +55,10 @@ _SETTINGS = (
     "tls_cert_file",
     "tls_key_file",
     "tls_server_name",
+    "spool_dir",
+    "spool_max_bytes",
+    "spool_max_age",
+    "backfill_bitrate",
 )
 
 
@@ -110,6 +114,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="name the gateway's certificate must carry (default: the --gateway host; implies --tls)",
     )
+    outage = parser.add_argument_group(
+        "offline (store and forward)",
+        "With --spool DIR, video captured while the gateway is unreachable is kept on disk as whole "
+        "GOPs (from an IDR, with capture times; checksummed, so a torn write after a crash or kill -9 "
+        "is cut off, never sent). The spool is capped by --spool-max-bytes (default 1 GiB, about an "
+        "hour at the default 2 Mbit/s) and --spool-max-age (default 3600 s); the oldest GOPs go first "
+        "and are counted. After a reconnect live frames go first and the spool drains beside them on "
+        "a second connection at --backfill-bitrate (default 2 Mbit/s) and at most twice the frame "
+        "rate; the backfilled frames keep their capture times and are segmented by spare worker "
+        "capacity. Without --spool, frames captured offline are dropped (counted).",
+    )
+    outage.add_argument("--spool", dest="spool_dir", metavar="DIR", help="spool directory (one per device)")
+    outage.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool cap in bytes")
+    outage.add_argument("--spool-max-age", type=float, metavar="S", help="spool cap in seconds of age")
+    outage.add_argument("--backfill-bitrate", type=int, metavar="BPS", help="backfill's share of the link")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -188,6 +207,12 @@ def run(args: argparse.Namespace) -> int:
         backoff=Backoff(maximum=settings.reconnect_max_delay),
         tls=tls,
         tls_server_name=settings.tls_server_name,
+        spool_dir=settings.spool_dir,
+        spool_max_bytes=settings.spool_max_bytes,
+        spool_max_age=settings.spool_max_age,
+        spool_segment_seconds=settings.spool_segment_seconds,
+        backfill_bitrate=settings.backfill_bitrate,
+        backfill_speed=settings.backfill_speed,
     )
     health = serve_health_and_metrics(settings.metrics_port) if settings.metrics_port else None
     try:

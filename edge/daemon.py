@@ -4,6 +4,11 @@ The capture thread reads the source and encodes (both block), and hands each acc
 event loop through a bounded queue that drops the oldest when the network falls behind. The
 daemon ends after ``frames`` access units, after ``duration`` seconds, when the source ends,
 on SIGINT/SIGTERM, or when the gateway refuses the device for good.
+
+With a spool directory the edge keeps working offline: while no live session is streaming,
+access units go to the spool (`edge.spool`) from the next IDR on (the encoder is asked for one),
+and so do those a lost session left queued; after a reconnect the GOP being spooled is finished
+there, live resumes at the next IDR, and `edge.backfill` drains the spool beside it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import time
 from dataclasses import dataclass, field
 
 from edge import metrics
-from edge.encoder import Encoder, make_encoder
+from edge.backfill import Backfill
+from edge.encoder import Encoder, Libx264Encoder, make_encoder
 from edge.frames import EncodedFrame, StreamShape
 from edge.sender import Backoff, FrameQueue, Sender
 from edge.sources import PictureSource, RelaySource, SourceError
+from edge.spool import Spool
 from flowcloud.protocol.tls import ClientTls
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,12 @@ class DaemonConfig:
     backoff: Backoff = field(default_factory=Backoff)
     tls: ClientTls | None = None  # None: plain TCP
     tls_server_name: str | None = None  # default: host
+    spool_dir: str | None = None  # None: no spool (frames captured offline are dropped)
+    spool_max_bytes: int = 1 << 30
+    spool_max_age: float = 3600.0
+    spool_segment_seconds: float = 10.0
+    backfill_bitrate: int = 2_000_000  # the backfill's share of the link, bits/s
+    backfill_speed: float = 2.0  # at most this many times the capture frame rate
 
 
 @dataclass
@@ -60,6 +73,50 @@ class EdgeDaemon:
         self._encoder: Encoder | None = None
         self._keyframe_wanted = threading.Event()
         self._error: BaseException | None = None
+        self.spool: Spool | None = None
+        self.backfill: Backfill | None = None
+        self._queue: FrameQueue | None = None
+        self._sender: Sender | None = None
+
+    def _keyframe_requested(self) -> None:
+        """The gateway lost decodable state: an IDR from the encoder now, when it can make one."""
+        if isinstance(self._encoder, Libx264Encoder):
+            metrics.KEYFRAME_REQUESTS.labels("honoured").inc()
+            self._keyframe_wanted.set()
+        else:  # a relayed stream (or an encoder in gst-launch) waits for its next IDR
+            metrics.KEYFRAME_REQUESTS.labels("unsupported").inc()
+
+    def _spooled(self) -> int:
+        """Spooled frames to announce in a live HELLO: those held, and a GOP's worth that may still
+        come (the GOP being spooled, or begun during the handshake, goes on until the live
+        session's first IDR). Seqs reserved and not used are gaps, which the timeline allows."""
+        if self.spool is None:
+            return 0
+        return self.spool.frames + self.config.keyframe_interval
+
+    def _route(self, item: EncodedFrame | None) -> None:
+        """On the event loop: an access unit goes live while a live session streams, else to the spool."""
+        queue, spool, sender = self._queue, self.spool, self._sender
+        assert queue is not None and sender is not None
+        if item is None or spool is None:
+            queue.put(item)
+            return
+        if not sender.live or (spool.in_gop and not item.keyframe):
+            self._to_spool(item)
+            return
+        if spool.in_gop:
+            spool.seal()  # live resumes at this IDR: the spooled GOP ends before it
+        queue.put(item)
+
+    def _to_spool(self, item: EncodedFrame) -> None:
+        spool = self.spool
+        assert spool is not None
+        try:
+            if not spool.append(item):
+                self._keyframe_wanted.set()  # a spool starts at an IDR: ask for one
+        except OSError as exc:  # a full or failing disk costs the frame, never the daemon
+            metrics.FRAMES_DROPPED.labels("spool_error").inc()
+            log.warning("spool: cannot write: %s", exc)
 
     def _open(self) -> StreamShape:
         """Blocking: open the source (a relay waits for its first keyframe) and the encoder."""
@@ -78,7 +135,7 @@ class EdgeDaemon:
         def deliver(item: EncodedFrame) -> bool:
             self.captured += 1
             metrics.FRAMES_CAPTURED.inc()
-            loop.call_soon_threadsafe(queue.put, item)
+            loop.call_soon_threadsafe(self._route, item)
             return (limit is not None and self.captured >= limit) or (
                 deadline is not None and time.monotonic() >= deadline
             )
@@ -110,7 +167,7 @@ class EdgeDaemon:
             self.source.stop()
             if self._encoder is not None:
                 self._encoder.close()
-            loop.call_soon_threadsafe(queue.put, None)
+            loop.call_soon_threadsafe(self._route, None)
 
     async def run(self) -> DaemonResult:
         loop = asyncio.get_running_loop()
@@ -127,6 +184,10 @@ class EdgeDaemon:
             "plain TCP" if c.tls is None else "TLS",
         )
         queue = FrameQueue(c.queue_size)
+        if c.spool_dir is not None:
+            self.spool = await asyncio.to_thread(
+                Spool, c.spool_dir, shape, c.spool_max_bytes, c.spool_max_age, c.spool_segment_seconds
+            )
         sender = Sender(
             c.host,
             c.port,
@@ -138,7 +199,17 @@ class EdgeDaemon:
             handshake_timeout=c.handshake_timeout,
             tls=c.tls,
             server_name=c.tls_server_name,
+            on_keyframe_request=self._keyframe_requested,
+            spooled=self._spooled,
+            on_unsent=self._to_spool if self.spool is not None else None,
         )
+        self._queue, self._sender = queue, sender
+        backfill_task: asyncio.Task[None] | None = None
+        if self.spool is not None:
+            self.backfill = Backfill(
+                self.spool, sender, queue, shape, c.backfill_bitrate, c.backfill_speed, c.backoff
+            )
+            backfill_task = asyncio.create_task(self.backfill.run(), name="backfill")
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -161,11 +232,18 @@ class EdgeDaemon:
                 send.result()  # raises FatalRejection
         finally:
             stopper.cancel()
+            if backfill_task is not None:
+                backfill_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await backfill_task
             self.source.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
             await asyncio.to_thread(capture.join, 10)
+            await asyncio.sleep(0)  # the capture thread's last hand-overs
+            if self.spool is not None:
+                self.spool.close()
         if self._error is not None:
             if isinstance(self._error, SourceError | ValueError | RuntimeError | OSError):
                 raise SourceError(str(self._error)) from self._error

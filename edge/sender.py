@@ -25,7 +25,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge import metrics
 from edge.frames import EncodedFrame, StreamShape
@@ -37,9 +37,12 @@ from flowcloud.protocol.handshake import (
     MAX_CONTROL_SIZE,
     REJECT_BUSY,
     REJECT_LIMIT,
+    Accept,
+    ClockSync,
     HandshakeClosed,
     HandshakeRejected,
     Hello,
+    KeyframeRequest,
     Reject,
     StreamInfo,
     client_handshake,
@@ -56,6 +59,7 @@ MUTUAL_TLS_HINT = (
     " (with mutual TLS, this is also how a gateway refuses a client certificate from a CA it does not trust)"
 )
 END = None  # queue sentinel: the source has ended
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, Accept, ClockSync]
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,10 @@ class FrameQueue:
         """The source has ended (access units may still be queued)."""
         return self._ended
 
+    def take(self) -> EncodedFrame:
+        """The oldest access unit, now (the queue must not be empty)."""
+        return self._items.popleft()
+
     def head_is_keyframe(self) -> bool:
         return bool(self._items) and self._items[0].keyframe
 
@@ -146,8 +154,18 @@ class Sender:
         connect_timeout: float = 5.0,
         tls: ClientTls | None = None,
         server_name: str | None = None,
+        on_keyframe_request: Callable[[], None] = lambda: None,
+        spooled: Callable[[], int] = lambda: 0,
+        on_unsent: Callable[[EncodedFrame], None] | None = None,
     ) -> None:
+        """``spooled`` says how many spooled frames will follow on the backfill lane (announced in
+        each live HELLO); ``on_unsent`` takes the access units a lost session leaves queued (the
+        spool), instead of dropping them; ``on_keyframe_request`` answers the gateway's requests."""
         self.host, self.port = host, port
+        self.on_keyframe_request = on_keyframe_request
+        self.spooled = spooled
+        self.on_unsent = on_unsent
+        self.live = False  # a live session is streaming (else the daemon spools)
         self.tls = tls
         self.server_name = (server_name or host) if tls is not None else None
         self.device_id, self._token = device_id, token
@@ -159,6 +177,10 @@ class Sender:
         self.frames_sent = 0
         self.sessions = 0
         self._clock_base = time.time()
+
+    @property
+    def token(self) -> str:
+        return self._token
 
     def _rtp_timestamp(self, capture_time: float) -> int:
         return self.packetizer.timestamp_of(capture_time - self._clock_base)
@@ -194,6 +216,10 @@ class Sender:
                 attempt = 0
             finally:
                 metrics.CONNECTED.set(0)
+                self.live = False
+                if self.on_unsent is not None:
+                    while len(queue):
+                        self.on_unsent(queue.take())
             if queue.ended:
                 # Queued frames would be stale by the next session (it starts at a fresh IDR).
                 left = queue.discard_queued()
@@ -205,8 +231,8 @@ class Sender:
             log.info("reconnecting in %.2f s", delay)
             await asyncio.sleep(delay)
 
-    async def _session(self, queue: FrameQueue, hello: Hello) -> bool:
-        """One connection; True when the source has ended and everything was sent."""
+    async def connect(self, hello: Hello) -> Connection:
+        """Dial, then the handshake (the writer is closed if it fails); raises like `run` reports."""
         try:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(
@@ -226,6 +252,18 @@ class Sender:
             raise
         try:
             accept, clock = await client_handshake(reader, writer, hello, self.handshake_timeout)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer, accept, clock
+
+    async def _session(self, queue: FrameQueue, hello: Hello) -> bool:
+        """One connection; True when the source has ended and everything was sent."""
+        spooled = self.spooled()
+        if spooled:
+            hello = replace(hello, stream=replace(hello.stream, spooled=spooled))
+        reader, writer, accept, clock = await self.connect(hello)
+        try:
             metrics.CONNECTS.labels("accepted").inc()
             metrics.CONNECTED.set(1)
             metrics.CLOCK_OFFSET.set(clock.offset)
@@ -244,6 +282,7 @@ class Sender:
                 metrics.FRAMES_DROPPED.labels("stale").inc(stale)
             if not queue.head_is_keyframe():
                 self.request_keyframe()  # sessions start at an IDR: ask for one instead of waiting
+            self.live = True
             return await self._stream(queue, reader, writer)
         finally:
             writer.close()
@@ -253,7 +292,7 @@ class Sender:
     async def _stream(
         self, queue: FrameQueue, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        watch = asyncio.create_task(self._watch_gateway(reader))
+        watch = asyncio.create_task(self.watch_gateway(reader))
         need_keyframe = True
         item: EncodedFrame | None = None
         try:
@@ -299,7 +338,7 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
 
-    async def _watch_gateway(self, reader: asyncio.StreamReader) -> None:
+    async def watch_gateway(self, reader: asyncio.StreamReader, live: bool = True) -> None:
         """Returns when the gateway closes; raises HandshakeRejected on a REJECT (e.g. revoked)."""
         while True:
             try:
@@ -309,4 +348,8 @@ class Sender:
             message = parse_control(body)
             if isinstance(message, Reject):
                 raise HandshakeRejected(message.code, message.reason)
+            if isinstance(message, KeyframeRequest) and live:
+                log.debug("the gateway asks for a keyframe (%s)", message.reason)
+                self.on_keyframe_request()
+                continue
             log.debug("ignoring a %s message from the gateway", type(message).__name__)

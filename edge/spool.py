@@ -196,6 +196,11 @@ class Spool:
         return sum(s.frames - s.sent_frames for s in self.segments)
 
     @property
+    def sealed_frames(self) -> int:
+        """Access units the backfill may read now (in sealed segments) and not yet sent."""
+        return sum(s.frames - s.sent_frames for s in self._sealed)
+
+    @property
     def gops(self) -> int:
         return sum(s.gops - s.sent_gops for s in self.segments)
 

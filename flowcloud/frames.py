@@ -29,9 +29,10 @@ class Frame:
     height: int
     encoding: str
     data: bytes
+    backfill: bool = False  # from an edge's spool, after an outage (keys.BACKFILL_FRAMES_STREAM)
 
     def to_fields(self) -> dict[str, str | int | float | bytes]:
-        return {
+        fields: dict[str, str | int | float | bytes] = {
             keys.F_STREAM: self.stream,
             keys.F_SEQ: self.seq,
             keys.F_CAPTURE_TS: repr(self.capture_ts),
@@ -41,6 +42,9 @@ class Frame:
             keys.F_ENCODING: self.encoding,
             keys.F_DATA: self.data,
         }
+        if self.backfill:
+            fields[keys.F_BACKFILL] = "1"
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes] | dict[str, bytes]) -> Frame:
@@ -56,6 +60,7 @@ class Frame:
                 height=int(f[keys.F_HEIGHT]),
                 encoding=f[keys.F_ENCODING].decode(),
                 data=bytes(f[keys.F_DATA]),
+                backfill=f.get(keys.F_BACKFILL) == b"1",
             )
         except KeyError as exc:
             raise FrameFormatError(f"frame entry lacks field {exc.args[0]!r}") from None

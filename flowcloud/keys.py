@@ -23,6 +23,9 @@ def is_identifier(name: object) -> bool:
 FRAMES_STREAM = f"{PREFIX}:frames"  # one stream for all devices; workers share one group
 WORKER_GROUP = "workers"  # the consumer group KEDA measures lag on
 DEAD_LETTER_STREAM = f"{PREFIX}:frames:dead"  # frames that failed too often, with their error
+# Spooled frames an edge sends after an outage (the backfill lane): same fields, F_BACKFILL set,
+# same group name; workers read it only when FRAMES_STREAM has nothing, in complete mode.
+BACKFILL_FRAMES_STREAM = f"{PREFIX}:frames:backfill"
 
 # Fields of an entry on FRAMES_STREAM (see flowcloud.frames.Frame).
 F_STREAM = "stream"
@@ -33,6 +36,7 @@ F_WIDTH = "width"
 F_HEIGHT = "height"
 F_ENCODING = "encoding"
 F_DATA = "data"
+F_BACKFILL = "backfill"  # "1" on a frame of the backfill lane (absent on live frames)
 # Extra fields of a dead-letter entry.
 F_ERROR = "error"
 F_ATTEMPTS = "attempts"
@@ -63,6 +67,10 @@ M_LAST_SEEN = "last_seen"  # unix seconds of the last frame published
 M_STARTED = "started"  # unix seconds the current (or last) session began
 M_STATUS = "status"  # STATUS_LIVE while a session is open, else STATUS_IDLE
 M_LAST_SEQ = "last_seq"  # the last frame seq handed out (gateways HINCRBY it): unique across replicas
+# The seqs a live session reserved for the device's spooled frames (HELLO ``spooled``), so that
+# backfilled results sort in capture order: the last one handed out, and the last reserved.
+M_BACKFILL_LAST_SEQ = "backfill_last_seq"
+M_BACKFILL_END_SEQ = "backfill_end_seq"
 STATUS_LIVE = "live"
 STATUS_IDLE = "idle"
 

@@ -57,6 +57,7 @@ class MaskResult:
     height: int
     shares: dict[int, float] = field(default_factory=dict)  # class id -> fraction of pixels
     labels_png: bytes = b""
+    backfill: bool = False  # the frame came through the backfill lane (spooled during an outage)
 
     @property
     def latency(self) -> float:

@@ -88,6 +88,9 @@ class GatewaySettings(ServiceSettings):
     )
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
     frames_maxlen: int = Field(2000, ge=10, description="approximate MAXLEN of the frames stream")
+    backfill_maxlen: int = Field(
+        10_000, ge=10, description="approximate MAXLEN of the backfill frames stream (edges' spooled video)"
+    )
     handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
     max_sessions: int = Field(256, ge=1, description="live sessions at most")
     max_connections_per_ip: int = Field(16, ge=1, description="concurrent connections per client address")
@@ -246,6 +249,16 @@ class EdgeSettings(ServiceSettings):
     fps: float = Field(30.0, gt=0, le=240, description="frame rate for cameras and synthetic video")
     queue_size: int = Field(60, ge=1, description="encoded frames held while the network is behind")
     reconnect_max_delay: float = Field(30.0, gt=0, description="longest wait between reconnect attempts (s)")
+    spool_dir: str | None = Field(
+        None, description="spool video here while the gateway is away, and backfill it after (unset: drop)"
+    )
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="spool cap in bytes (oldest GOPs evicted)")
+    spool_max_age: float = Field(3600.0, gt=0, description="spool cap in seconds of age (older GOPs evicted)")
+    spool_segment_seconds: float = Field(10.0, ge=0, description="seconds of video per spool segment file")
+    backfill_bitrate: int = Field(
+        2_000_000, ge=10_000, description="the backfill's share of the link in bits/s (live always first)"
+    )
+    backfill_speed: float = Field(2.0, gt=0, le=100, description="backfill frames/s at most, times the fps")
     tls: bool = Field(False, description="TLS to the gateway, verified against the system trust store")
     tls_ca_file: str | None = Field(
         None, description="PEM CA bundle to verify the gateway with (implies TLS)"

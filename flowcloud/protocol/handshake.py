@@ -9,6 +9,12 @@ The whole TCP connection is RFC 4571 framed. The first frames are JSON objects (
 3. edge -> gateway `ClockSync` (NTP-style offset and round-trip time, see `clock_offset`);
 4. then RTP/H.264 packets, one per frame, each access unit's first packet carrying the capture
    time extension (`flowcloud.protocol.capture_time`).
+
+After the handshake the gateway may send `KeyframeRequest` on the same connection (in the spirit
+of RTCP PLI, RFC 4585 6.3.1): it lost decodable state and asks for an IDR instead of waiting for
+the next natural one. A stream description with ``backfill`` opens the device's backfill lane
+(spooled video, sent beside the live session); ``spooled`` on a live HELLO is how many spooled
+frames will follow on that lane, so the gateway can reserve their seqs before the live ones.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ MAX_SESSION_ID_LENGTH = 128
 MAX_REASON_LENGTH = 1024
 MAX_DIMENSION = 16384
 MAX_FPS = 1000.0
+MAX_SPOOLED = 1 << 32
 CODEC_H264 = "H264"
 CLOCK_RATE = DEFAULT_CLOCK_RATE  # the only one the stream description may state
 
@@ -151,15 +158,22 @@ class StreamInfo:
     fps: float
     codec: str = CODEC_H264
     clock_rate: int = CLOCK_RATE
+    backfill: bool = False  # this connection carries spooled video (the backfill lane), not live
+    spooled: int = 0  # live: spooled frames the backfill lane will send (at most)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "codec": self.codec,
             "width": self.width,
             "height": self.height,
             "fps": self.fps,
             "clock_rate": self.clock_rate,
         }
+        if self.backfill:
+            out["backfill"] = True
+        if self.spooled:
+            out["spooled"] = self.spooled
+        return out
 
     @classmethod
     def from_dict(cls, obj: Any) -> StreamInfo:
@@ -179,7 +193,13 @@ class StreamInfo:
         clock_rate = _field(obj, "clock_rate", int, where)
         if clock_rate != CLOCK_RATE:
             raise ProtocolError(f"clock rate {clock_rate} is not supported (only {CLOCK_RATE})")
-        return cls(width=width, height=height, fps=fps, codec=codec, clock_rate=clock_rate)
+        backfill = obj.get("backfill", False)
+        if not isinstance(backfill, bool):
+            raise ProtocolError(f"{where} field 'backfill' must be bool, got {type(backfill).__name__}")
+        spooled = _field(obj, "spooled", int, where) if "spooled" in obj else 0
+        if not 0 <= spooled < MAX_SPOOLED:
+            raise ProtocolError(f"stream spooled {spooled} is out of range [0, {MAX_SPOOLED})")
+        return cls(width, height, fps, codec, clock_rate, backfill, spooled)
 
 
 @dataclass(frozen=True)
@@ -286,8 +306,29 @@ class ClockSync:
         return cls(_time(obj, "offset", "clock"), rtt)
 
 
-ControlMessage = Hello | Accept | Reject | ClockSync
-_BY_TYPE: dict[str, Any] = {"hello": Hello, "accept": Accept, "reject": Reject, "clock": ClockSync}
+@dataclass(frozen=True)
+class KeyframeRequest:
+    """Gateway -> edge: send an IDR now (``reason``: why decodable state was lost)."""
+
+    reason: str
+
+    def to_bytes(self) -> bytes:
+        return _encode({"type": "keyframe", "reason": self.reason[:MAX_REASON_LENGTH]})
+
+    @classmethod
+    def parse(cls, body: bytes) -> KeyframeRequest:
+        obj = _decode(body, "keyframe")
+        return cls(_field(obj, "reason", str, "keyframe")[:MAX_REASON_LENGTH])
+
+
+ControlMessage = Hello | Accept | Reject | ClockSync | KeyframeRequest
+_BY_TYPE: dict[str, Any] = {
+    "hello": Hello,
+    "accept": Accept,
+    "reject": Reject,
+    "clock": ClockSync,
+    "keyframe": KeyframeRequest,
+}
 
 
 def parse_control(body: bytes) -> ControlMessage:

@@ -57,6 +57,9 @@ class MaskBody(BaseModel):
     height: int
     shares: dict[str, float] = Field(description="class id -> fraction of pixels (absent classes omitted)")
     latency: float = Field(description="capture to persisted, seconds")
+    backfill: bool = Field(
+        False, description="the frame was spooled by the edge during an outage and sent after it"
+    )
 
 
 class MaskPage(BaseModel):

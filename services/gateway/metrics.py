@@ -69,3 +69,23 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
 
 def drop(reason: str, count: int = 1) -> None:
     FRAMES_DROPPED.labels(reason).inc(count)
+
+
+KEYFRAME_REQUESTS = Counter(
+    "flowcloud_gateway_keyframe_requests_total",
+    "keyframe requests to edges, by reason (drop, decoder_restart, session_start) and outcome "
+    "(sent, rate_limited)",
+    ["reason", "outcome"],
+)
+KEYFRAME_ANSWER_SECONDS = Histogram(
+    "flowcloud_gateway_keyframe_answer_seconds",
+    "from a keyframe request to the next IDR received on that session",
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+BACKFILL_FRAMES = Counter(
+    "flowcloud_gateway_backfill_frames_total", "frames of backfill lanes (spooled video) decoded"
+)
+BACKFILL_UNRESERVED = Counter(
+    "flowcloud_gateway_backfill_unreserved_total",
+    "backfill frames beyond the seqs their live session reserved (they sort after it in the timeline)",
+)

@@ -33,6 +33,7 @@ from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame
 from services.gateway import metrics
+from services.gateway.backfill import take_backfill_seqs
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ class FramePublisher:
         queue_max: int = 512,
         recent_maxlen: int = RECENT_MAXLEN,
         clock: RedisClock | None = None,
+        backfill_maxlen: int = 10_000,
     ):
         self.redis = redis
         self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
         self.frames_maxlen = frames_maxlen
+        self.backfill_maxlen = backfill_maxlen
         self.recent_maxlen = recent_maxlen
         self._queue: deque[Frame] = deque()
         self._queue_max = queue_max
@@ -147,18 +150,23 @@ class FramePublisher:
         started = time.perf_counter()
         await self.clock.sync_if_due(self.redis)
         offset = self.clock.offset
-        seqs = await self._reserve_seqs(Counter(f.stream for f in batch))  # the next seq of each stream
+        seqs = await self._reserve_seqs(Counter(f.stream for f in batch if not f.backfill))  # next of each
+        spooled = Counter(f.stream for f in batch if f.backfill)
+        backfill_seqs = await take_backfill_seqs(self.redis, spooled) if spooled else {}
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
         for pending in batch:
             frame = replace(
                 pending,
-                seq=seqs[pending.stream],
+                seq=backfill_seqs[pending.stream].pop(0) if pending.backfill else seqs[pending.stream],
                 capture_ts=pending.capture_ts + offset,  # this machine's clock -> Redis's
                 recv_ts=pending.recv_ts + offset,
             )
-            seqs[pending.stream] += 1
             entry = frame.to_fields()
+            if pending.backfill:  # its own lane; not in the recent window (that is for live overlays)
+                pipe.xadd(keys.BACKFILL_FRAMES_STREAM, entry, maxlen=self.backfill_maxlen, approximate=True)  # type: ignore[arg-type]
+                continue
+            seqs[pending.stream] += 1
             pipe.xadd(keys.FRAMES_STREAM, entry, maxlen=self.frames_maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.xadd(
                 keys.recent_frames(pending.stream),

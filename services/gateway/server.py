@@ -107,7 +107,11 @@ class Gateway:
             redis_client(settings.control_url) if settings.control_url != settings.redis_url else self.redis
         )
         self.publisher = FramePublisher(
-            self.redis, settings.frames_maxlen, settings.publish_queue, recent_maxlen=settings.recent_maxlen
+            self.redis,
+            settings.frames_maxlen,
+            settings.publish_queue,
+            recent_maxlen=settings.recent_maxlen,
+            backfill_maxlen=settings.backfill_maxlen,
         )
         config = DecoderConfig(
             out_width=width,
@@ -315,6 +319,9 @@ class Gateway:
         event = parse_event(data)
         if event is None:
             return
+        backfill = self.services.backfill.get(event.device_id)
+        if backfill is not None and event.kind != EVENT_CONNECTED:
+            self._close_soon(backfill, END_REVOKED if event.kind == EVENT_REVOKED else END_ROTATED)
         session = self.sessions.get(event.device_id)
         if session is None:
             return

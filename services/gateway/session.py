@@ -68,6 +68,7 @@ from flowcloud.protocol.sps import SequenceParameterSet
 from flowcloud.registry import Device, DeviceAuthError, DeviceRegistry
 from flowcloud.settings import GatewaySettings
 from services.gateway import metrics
+from services.gateway.backfill import backfill_key, reserve_backfill_seqs
 from services.gateway.decoder import (
     ERROR_DIMENSIONS,
     AccessUnitDone,
@@ -76,6 +77,12 @@ from services.gateway.decoder import (
     DecoderCrashed,
     DecoderPool,
     DecoderProcess,
+)
+from services.gateway.keyframes import (
+    REASON_DECODER_RESTART,
+    REASON_DROP,
+    REASON_SESSION_START,
+    KeyframeRequester,
 )
 from services.gateway.limits import TokenBucket
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
@@ -125,6 +132,7 @@ class SessionServices:
     publisher: FramePublisher
     decoders: DecoderPool
     live: dict[str, Session] = field(default_factory=dict)  # device id -> its live session
+    backfill: dict[str, Session] = field(default_factory=dict)  # device id -> its backfill session
     limits: dict[str, DeviceLimits] = field(default_factory=dict)
     ended: Counter[str] = field(default_factory=Counter)  # device id -> sessions that have ended
 
@@ -174,6 +182,12 @@ class Session:
         self._draining = False
         self._closing = False
         self._ended = asyncio.Event()
+        self._keyframes = KeyframeRequester(writer, self.session_id)
+
+    @property
+    def is_backfill(self) -> bool:
+        """This connection carries the device's spooled video (the backfill lane), not live."""
+        return self.hello is not None and self.hello.stream.backfill
 
     @property
     def device_id(self) -> str | None:
@@ -227,6 +241,14 @@ class Session:
         live = self.services.live
         if device.device_id not in live and len(live) >= s.max_sessions:
             raise Refused(REJECT_LIMIT, f"the gateway holds its maximum of {s.max_sessions} sessions")
+        if hello.stream.spooled and not hello.stream.backfill:
+            try:  # before any live frame of this session gets a seq: backfill sorts in capture order
+                await reserve_backfill_seqs(
+                    self.services.publisher.redis, device.device_id, hello.stream.spooled
+                )
+            except (RedisError, OSError) as exc:
+                log.warning("cannot reserve backfill seqs: %s", exc)
+                raise Refused(REJECT_BUSY, "the frame store is unavailable; retry later") from None
         accept = Accept(self.session_id, hello.edge_time, gateway_recv, time.time())
         await write_frame(self.writer, accept.to_bytes())
         try:
@@ -241,8 +263,9 @@ class Session:
         """Receive until the edge closes or `close` is called; then flush and clean up."""
         assert self.device is not None and self.hello is not None and self.clock is not None
         device, hello = self.device, self.hello
-        previous = self.services.live.get(device.device_id)
-        self.services.live[device.device_id] = self
+        lane = self.services.backfill if hello.stream.backfill else self.services.live
+        previous = lane.get(device.device_id)
+        lane[device.device_id] = self
         if previous is not None:
             log.info(
                 "device %s: new session %s replaces %s",
@@ -252,28 +275,31 @@ class Session:
             )
             await previous.close(END_REPLACED)
         try:  # other gateway replicas close any session of this device they still hold
-            await self.services.registry.announce_session(device.device_id, self.session_id)
+            if not self.is_backfill:  # (a backfill lane is never replaced from afar: no announcement)
+                await self.services.registry.announce_session(device.device_id, self.session_id)
         except (RedisError, OSError) as exc:
             log.warning("session %s: could not announce it to other gateways: %s", self.session_id, exc)
         metrics.SESSIONS.inc()
         started = self.services.publisher.clock.now()  # on Redis's clock, like every time it publishes
-        self.services.publisher.set_meta(
-            device.device_id,
-            {
-                keys.M_DEVICE: device.device_id,
-                keys.M_TENANT: device.tenant,
-                keys.M_WIDTH: hello.stream.width,
-                keys.M_HEIGHT: hello.stream.height,
-                keys.M_FPS: hello.stream.fps,
-                keys.M_STARTED: repr(started),
-                keys.M_STATUS: keys.STATUS_LIVE,
-            },
-        )
+        if not self.is_backfill:  # the stream's status and size are the live session's
+            self.services.publisher.set_meta(
+                device.device_id,
+                {
+                    keys.M_DEVICE: device.device_id,
+                    keys.M_TENANT: device.tenant,
+                    keys.M_WIDTH: hello.stream.width,
+                    keys.M_HEIGHT: hello.stream.height,
+                    keys.M_FPS: hello.stream.fps,
+                    keys.M_STARTED: repr(started),
+                    keys.M_STATUS: keys.STATUS_LIVE,
+                },
+            )
         if self.settings.record_dir:
             self._recorder = self._open_recorder(started)
         log.info(
-            "session %s: device %s (tenant %s) from %s, %dx%d at %g fps, clock offset %+.3f s (rtt %.3f s)",
+            "session %s%s: device %s (tenant %s) from %s, %dx%d at %g fps, clock offset %+.3f s (rtt %.3f s)",
             self.session_id,
+            " (backfill)" if self.is_backfill else "",
             device.device_id,
             device.tenant,
             self.peer,
@@ -348,7 +374,7 @@ class Session:
 
     async def _read_packets(self) -> None:
         assert self.device is not None
-        limits = self.services.device_limits(self.device.device_id)
+        limits = self.services.device_limits(backfill_key(self.device.device_id, self.is_backfill))
         framer = Rfc4571Decoder()  # reads whole chunks: far fewer awaits than one per packet
         malformed = 0
         while True:
@@ -389,6 +415,9 @@ class Session:
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] += count
         metrics.drop(reason, count)
+        if reason != metrics.DROP_SESSION_CLOSED:
+            started = self._depacketizer.access_units == 0 and self.decoded == 0
+            self._keyframes.request(REASON_SESSION_START if started else REASON_DROP)
 
     def _size_allowed(self, au: AccessUnit) -> bool:
         """Check the access unit's SPS against the size cap; False (counted) when it may not be decoded."""
@@ -440,6 +469,8 @@ class Session:
         if self._need_idr and not au.keyframe:
             self._drop(metrics.DROP_AWAIT_IDR)
             return
+        if au.keyframe:
+            self._keyframes.keyframe_arrived()
         if self._in_flight >= self.settings.decoder_backlog:
             self._drop(metrics.DROP_DECODER_BACKLOG)
             self._need_idr = True
@@ -483,6 +514,7 @@ class Session:
                 if lost:
                     self._drop(metrics.DROP_DECODER_CRASH, lost)
                 self._need_idr = True
+                self._keyframes.request(REASON_DECODER_RESTART)
                 metrics.DECODER_RESTARTS.inc()
                 log.warning("session %s: %s; %d frames lost, restarting it", self.session_id, exc, lost)
                 self._decoder = await self.services.decoders.acquire()
@@ -491,6 +523,8 @@ class Session:
                 capture_ts, recv_ts = self._pending.pop(out.tag, (time.time(), time.time()))
                 self.decoded += 1
                 metrics.FRAMES_DECODED.inc()
+                if self.is_backfill:
+                    metrics.BACKFILL_FRAMES.inc()
                 metrics.DECODE_SECONDS.observe(out.seconds)
                 self.services.publisher.submit(
                     Frame(
@@ -502,6 +536,7 @@ class Session:
                         height=out.height,
                         encoding=self.settings.frame_encoding,
                         data=out.data,
+                        backfill=self.is_backfill,
                     )
                 )
             elif isinstance(out, DecodeFailure):
@@ -551,6 +586,8 @@ class Session:
                 self._drop(metrics.DROP_SESSION_CLOSED, self._in_flight)
             if self._recorder is not None:
                 self._recorder.close()
+            if self.services.backfill.get(device_id) is self:
+                del self.services.backfill[device_id]
             if self.services.live.get(device_id) is self:
                 del self.services.live[device_id]
                 if self.end_reason != END_REPLACED:  # else the replacing session (maybe elsewhere) owns it

@@ -42,6 +42,7 @@ from flowcloud.sizes import parse_size
 from flowcloud.zoo import load_model
 
 from . import metrics
+from .backfill import BackfillLane
 from .lifecycle import DRAINING, READY, WARMING, Heartbeat, default_name
 from .policy import FramePolicy
 from .recovery import Entry, Recovery, ensure_group, parse_entries
@@ -105,6 +106,7 @@ class Worker:
         self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
         self.store = MaskStore(self.redis, settings.results_max_per_stream, settings.results_ttl)
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
+        self.backfill = BackfillLane(self.redis, self.name)
         self.stop = asyncio.Event()
         self.ready = False
         self.segmenter = segmenter  # built from the settings by start() unless given
@@ -289,6 +291,8 @@ class Worker:
             if claimed:
                 return claimed
         entries = await self._read(s.poll_ms)
+        if len(entries) < s.batch_size:  # spare room: backfill frames, at most half a batch
+            entries += await self.backfill.read(min(s.batch_size - len(entries), max(1, s.batch_size // 2)))
         if not entries:
             return []
         deadline = time.monotonic() + s.batch_timeout_ms / 1000
@@ -333,7 +337,7 @@ class Worker:
         for entry in entries:
             if entry.frame is None:
                 batch.failed.append((entry, "parse", entry.error or "malformed entry"))
-            elif self.policy.is_stale(entry.frame, now):
+            elif self.policy.is_stale(entry.frame, now) and not entry.frame.backfill:
                 batch.dropped.append(entry)
             else:
                 todo.append(entry)
@@ -411,6 +415,7 @@ class Worker:
                     height=frame.height,
                     shares=shares,
                     labels_png=png,
+                    backfill=frame.backfill,
                 )
             )
         done = [entry for entry, _, _ in pending]
@@ -433,8 +438,8 @@ class Worker:
         for result in results:
             result.persisted_ts = persisted
         await self.store.put_many(results)
-        if acked:
-            await self.redis.xack(keys.FRAMES_STREAM, keys.WORKER_GROUP, *(e.id for e in acked))
+        for stream in {e.stream for e in acked}:
+            await self.redis.xack(stream, keys.WORKER_GROUP, *(e.id for e in acked if e.stream == stream))
         await self.recovery.forget_failures(acked)
 
     # --- helpers ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ class Entry:
     frame: Frame | None = None
     error: str | None = None
     deliveries: int = 1
+    stream: str = keys.FRAMES_STREAM  # the stream it was read from (acknowledged there)
 
     @property
     def reclaimed(self) -> bool:
@@ -151,7 +152,7 @@ class Recovery:
         )
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(keys.DEAD_LETTER_STREAM, fields, maxlen=self.dead_letter_maxlen, approximate=True)
-        pipe.xack(keys.FRAMES_STREAM, keys.WORKER_GROUP, entry.id)
+        pipe.xack(entry.stream, keys.WORKER_GROUP, entry.id)
         if entry.frame is not None:
             pipe.delete(keys.attempts(entry.frame.stream, entry.frame.seq))
         await pipe.execute()

@@ -1,0 +1,98 @@
+"""The edge keeps working offline: a real edge daemon (synthetic source, libx264), a real gateway
+and a real redis-server; the outage is made by stopping the gateway (3 s here instead of the
+issue's 20 s, to keep the test short: the path is the same, only the spool is smaller)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from support.edge import SYNTHETIC_SHAPE, daemon_config
+from support.frames import frames_on_redis
+from support.gateway import gateway_settings, metric, register
+from support.waiting import eventually, wait_for
+
+from edge.daemon import EdgeDaemon
+from edge.sources import SyntheticSource
+from edge.spool import Spool
+from flowcloud import keys
+from flowcloud.frames import Frame
+from services.gateway.server import Gateway
+
+OUTAGE = 3.0
+REAL_TIME_BOUND = 2.0  # the worker's default max_frame_age: live frames must stay within it
+
+
+def all_frames(url: str, stream: str) -> tuple[list[Frame], list[Frame]]:
+    return frames_on_redis(url, stream), frames_on_redis(url, stream, keys.BACKFILL_FRAMES_STREAM)
+
+
+def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, redis_url: str) -> None:
+    spool_dir = tmp_path / "spool"
+
+    async def main() -> None:
+        token = await register(redis_url, "cam-1")
+        settings = gateway_settings(redis_url)
+        async with Gateway(settings).listen(port=0) as gw:
+            port = gw.port
+            config = daemon_config(port, token=token, spool_dir=str(spool_dir), duration=60.0)
+            daemon = EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE))
+            edge = asyncio.create_task(daemon.run())
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 15, 20)
+            stopped_at = time.time()  # the gateway closes its sessions now, then stops
+            sender = daemon._sender
+            assert sender is not None and sender.live
+        # The gateway is gone: the edge spools from the moment its session ends. (What it wrote
+        # into the closing connection before it saw the end is lost: TCP has no receipt.)
+        assert await eventually(lambda: not sender.live, 10, step=0.005)
+        captured_at_stop = daemon.captured
+        await asyncio.sleep(OUTAGE)
+        spool = daemon.spool
+        assert spool is not None and spool.frames >= OUTAGE * SYNTHETIC_SHAPE.fps / 3
+        assert metric("flowcloud_edge_spool_bytes") > 0
+        async with Gateway(settings).listen(port=port):
+            restarted_at = time.time()
+            captured_at_restart = daemon.captured
+
+            def drained() -> bool:
+                return (
+                    spool.frames == 0
+                    and len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM)) > 0
+                )
+
+            assert await eventually(drained, 30)
+            assert await eventually(
+                lambda: any(f.recv_ts > restarted_at + 1 for f in frames_on_redis(redis_url, "cam-1")), 10
+            )
+            daemon_stop = daemon.source.stop
+            daemon_stop()
+            await asyncio.wait_for(edge, 15)
+        live, backfill = all_frames(redis_url, "cam-1")
+        # Every frame captured during the outage reached Redis, once each, with its capture time.
+        during = captured_at_restart - captured_at_stop
+        assert len(backfill) >= during - 3  # at most the frames before the spool's first IDR
+        captures = [round(f.capture_ts, 4) for f in live + backfill]
+        assert len(captures) == len(set(captures))  # none duplicated
+        # (frames captured before the first session are spooled too, and sent as backfill)
+        first_live = min(f.capture_ts for f in live)
+        outage = [f for f in backfill if f.capture_ts > first_live]
+        assert all(stopped_at - 0.5 < f.capture_ts < restarted_at + 1 for f in outage)
+        assert all(f.backfill for f in backfill) and not any(f.backfill for f in live)
+        # The timeline (by seq) is in capture order, backfill included.
+        timeline = sorted(live + backfill, key=lambda f: f.seq)
+        assert [f.capture_ts for f in timeline] == sorted(f.capture_ts for f in timeline)
+        # Live kept its latency while the backfill drained (the gateway's start-up before it is not
+        # the backfill's doing: a fresh gateway starts its decoder processes then).
+        drained = [f.recv_ts for f in backfill if f.recv_ts > restarted_at]
+        first, last = min(drained), max(drained)
+        during_backfill = [f for f in live if first <= f.capture_ts <= last]
+        assert during_backfill
+        assert max(f.recv_ts - f.capture_ts for f in during_backfill) < REAL_TIME_BOUND
+
+    asyncio.run(main())
