@@ -5,22 +5,16 @@ issue's 20 s, to keep the test short: the path is the same, only the spool is sm
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from support.edge import SYNTHETIC_SHAPE, daemon_config
 from support.frames import frames_on_redis
 from support.gateway import gateway_settings, metric, register
-from support.waiting import eventually, wait_for
+from support.waiting import eventually
 
 from edge.daemon import EdgeDaemon
 from edge.sources import SyntheticSource
-from edge.spool import Spool
 from flowcloud import keys
 from flowcloud.frames import Frame
 from services.gateway.server import Gateway
@@ -89,8 +83,8 @@ def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, re
         assert [f.capture_ts for f in timeline] == sorted(f.capture_ts for f in timeline)
         # Live kept its latency while the backfill drained (the gateway's start-up before it is not
         # the backfill's doing: a fresh gateway starts its decoder processes then).
-        drained = [f.recv_ts for f in backfill if f.recv_ts > restarted_at]
-        first, last = min(drained), max(drained)
+        received = [f.recv_ts for f in backfill if f.recv_ts > restarted_at]
+        first, last = min(received), max(received)
         during_backfill = [f for f in live if first <= f.capture_ts <= last]
         assert during_backfill
         assert max(f.recv_ts - f.capture_ts for f in during_backfill) < REAL_TIME_BOUND
