@@ -5,16 +5,22 @@ issue's 20 s, to keep the test short: the path is the same, only the spool is sm
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
+from support.cli import REPO, flowcloud
 from support.edge import SYNTHETIC_SHAPE, daemon_config
 from support.frames import frames_on_redis
 from support.gateway import gateway_settings, metric, register
-from support.waiting import eventually
+from support.waiting import eventually, wait_for
 
 from edge.daemon import EdgeDaemon
 from edge.sources import SyntheticSource
+from edge.spool import Spool
 from flowcloud import keys
 from flowcloud.frames import Frame
 from services.gateway.server import Gateway
@@ -88,5 +94,48 @@ def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, re
         during_backfill = [f for f in live if first <= f.capture_ts <= last]
         assert during_backfill
         assert max(f.recv_ts - f.capture_ts for f in during_backfill) < REAL_TIME_BOUND
+
+    asyncio.run(main())
+
+
+def test_an_edge_killed_during_an_outage_keeps_its_spool_and_drains_it(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """`flowcloud edge --spool` is SIGKILLed while the gateway is away; started again, its spool is
+    intact (a torn last record at most, cut off) and drains to the gateway's backfill lane."""
+    spool_dir = tmp_path / "spool"
+    token = asyncio.run(register(redis_url, "cam-1"))
+    with socket.socket() as probe:  # a free port where no gateway listens yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ("edge", "--gateway", f"127.0.0.1:{port}", "--device-id", "cam-1", "--source", "synthetic",
+            "--width", "96", "--height", "64", "--keyframe-interval", "10", "--bitrate", "300000",
+            "--metrics-port", "0", "--spool", str(spool_dir))  # fmt: skip
+    env = {**os.environ, "FLOWCLOUD_EDGE_TOKEN": token, "FLOWCLOUD_EDGE_SPOOL_SEGMENT_SECONDS": "0.5"}
+    first = subprocess.Popen(flowcloud(*args), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(
+            "two seconds of spooled video", lambda: len(list(spool_dir.glob("*.rfc4571"))) >= 4, 60, first
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    spool = Spool(spool_dir, SYNTHETIC_SHAPE)  # what the restarted edge will find
+    held = spool.frames
+    assert held >= 30 and spool.gops >= 3
+    assert not list(spool_dir.glob("*.tmp"))
+
+    async def main() -> None:
+        async with Gateway(gateway_settings(redis_url)).listen(port=port):
+            second = subprocess.Popen(flowcloud(*args), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+            try:
+                got = lambda: len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM))  # noqa: E731
+                assert await eventually(lambda: got() >= held, 60)
+            finally:
+                second.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(second.wait, 15)
+        backfill = frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM)
+        captures = [f.capture_ts for f in backfill]
+        assert captures[:held] == sorted(captures[:held]) and len(set(captures)) == len(captures)
 
     asyncio.run(main())
