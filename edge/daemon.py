@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from edge import metrics
 from edge.backfill import Backfill
-from edge.encoder import Encoder, Libx264Encoder, make_encoder
+from edge.encoder import Encoder, make_encoder
 from edge.frames import EncodedFrame, StreamShape
 from edge.sender import Backoff, FrameQueue, Sender
 from edge.sources import PictureSource, RelaySource, SourceError
@@ -80,10 +80,10 @@ class EdgeDaemon:
 
     def _keyframe_requested(self) -> None:
         """The gateway lost decodable state: an IDR from the encoder now, when it can make one."""
-        if isinstance(self._encoder, Libx264Encoder):
+        if self._encoder is not None:
             metrics.KEYFRAME_REQUESTS.labels("honoured").inc()
             self._keyframe_wanted.set()
-        else:  # a relayed stream (or an encoder in gst-launch) waits for its next IDR
+        else:  # a relayed stream cannot make one: it waits for its next IDR
             metrics.KEYFRAME_REQUESTS.labels("unsupported").inc()
 
     def _spooled(self) -> int:

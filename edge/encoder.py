@@ -141,7 +141,9 @@ class GstEncoder:
     Raw pictures go to its stdin; it answers RTP in RFC 4571 framing on stdout, which this side
     depacketizes back into access units (the marker bit gives exact access-unit boundaries). One
     picture in gives one access unit out, in order, so capture times are matched first in, first
-    out. It cannot force an IDR; after a reconnect the sender waits for the next one.
+    out. ``gst-launch`` takes no force-key-unit event, so a keyframe is made by starting a fresh
+    pipeline (its first picture is an IDR) after flushing the old one: nothing is lost, and the
+    gateway's requests are rate limited, so the restarts are rare.
     """
 
     def __init__(self, element: str, shape: StreamShape, bitrate: int, keyframe_interval: int) -> None:
@@ -149,15 +151,20 @@ class GstEncoder:
         if gst is None:
             raise RuntimeError("gst-launch-1.0 is not installed")
         self.shape = shape
+        self.gst = gst
         self.pipeline = gst_encoder_pipeline(element, shape, bitrate, keyframe_interval)
         log.info("GStreamer encoder: %s", self.pipeline)
+        self._times: deque[float] = deque()
+        self._restart = False
+        self._start()
+
+    def _start(self) -> None:
         self._proc = subprocess.Popen(
-            [gst, "-q", *self.pipeline.split()],
+            [self.gst, "-q", *self.pipeline.split()],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        self._times: deque[float] = deque()
         self._out: Queue[list[bytes] | None] = Queue()
         self._reader = threading.Thread(target=self._read, name="gst-encoder", daemon=True)
         self._reader.start()
@@ -174,15 +181,21 @@ class GstEncoder:
             self._out.put(None)
 
     def request_keyframe(self) -> None:
-        pass  # not possible through gst-launch; the sender waits for the next IDR
+        self._restart = True
 
     def encode(self, picture: Picture) -> list[EncodedFrame]:
+        out: list[EncodedFrame] = []
+        if self._restart:
+            self._restart = False
+            out = self.flush()  # the old pipeline's last access units, then a fresh one: an IDR
+            self.close()
+            self._start()
         if self._proc.poll() is not None or self._proc.stdin is None:
             raise RuntimeError(f"GStreamer encoder exited with status {self._proc.returncode}")
         self._times.append(picture.capture_time)
         self._proc.stdin.write(np.ascontiguousarray(picture.image, dtype=np.uint8).tobytes())
         self._proc.stdin.flush()
-        return self._drain(block=False)
+        return out + self._drain(block=False)
 
     def flush(self) -> list[EncodedFrame]:
         if self._proc.stdin is not None and not self._proc.stdin.closed:
