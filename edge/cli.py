@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from edge.daemon import DaemonConfig, EdgeDaemon
 from edge.encoder import ENCODERS
+from edge.fallback import FallbackError
 from edge.frames import StreamShape
 from edge.sender import Backoff, FatalRejection
 from edge.sources import FileSource, SourceError, open_source
@@ -59,6 +60,9 @@ _SETTINGS = (
     "spool_max_bytes",
     "spool_max_age",
     "backfill_bitrate",
+    "fallback_model",
+    "fallback_after",
+    "fallback_fps",
 )
 
 
@@ -123,12 +127,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "and are counted. After a reconnect live frames go first and the spool drains beside them on "
         "a second connection at --backfill-bitrate (default 2 Mbit/s) and at most twice the frame "
         "rate; the backfilled frames keep their capture times and are segmented by spare worker "
-        "capacity. Without --spool, frames captured offline are dropped (counted).",
+        "capacity. Without --spool, frames captured offline are dropped (counted). With "
+        "--fallback-model, after --fallback-after seconds (default 10) without the cloud the edge "
+        "segments up to --fallback-fps pictures a second (default 1; fewer when its CPU allows "
+        "fewer) with an ONNX model (onnxruntime, no torch), keeps the masks in SPOOL/masks and "
+        "sends them to the cloud on reconnect, where they are marked producer: edge.",
     )
     outage.add_argument("--spool", dest="spool_dir", metavar="DIR", help="spool directory (one per device)")
     outage.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool cap in bytes")
     outage.add_argument("--spool-max-age", type=float, metavar="S", help="spool cap in seconds of age")
     outage.add_argument("--backfill-bitrate", type=int, metavar="BPS", help="backfill's share of the link")
+    outage.add_argument(
+        "--fallback-model",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="segment on the device while the cloud is away (no FILE: the bundled demo model)",
+    )
+    outage.add_argument(
+        "--fallback-after", type=float, metavar="S", help="seconds offline before the fallback"
+    )
+    outage.add_argument("--fallback-fps", type=float, metavar="N", help="fallback masks per second at most")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -213,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
         spool_segment_seconds=settings.spool_segment_seconds,
         backfill_bitrate=settings.backfill_bitrate,
         backfill_speed=settings.backfill_speed,
+        fallback_model=settings.fallback_model,
+        fallback_after=settings.fallback_after,
+        fallback_fps=settings.fallback_fps,
     )
     health = serve_health_and_metrics(settings.metrics_port) if settings.metrics_port else None
     try:
@@ -221,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     except SourceError as exc:
         raise CommandError(f"source: {exc}") from None
+    except FallbackError as exc:
+        raise CommandError(str(exc)) from None
     finally:
         if health is not None:
             health.close()

@@ -17,17 +17,21 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edge import metrics
 from edge.backfill import Backfill
 from edge.encoder import Encoder, make_encoder
+from edge.fallback import BUNDLED_MODEL, FallbackModel, FallbackRunner, sync_masks
 from edge.frames import EncodedFrame, StreamShape
 from edge.sender import Backoff, FrameQueue, Sender
 from edge.sources import PictureSource, RelaySource, SourceError
 from edge.spool import Spool
+from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.tls import ClientTls
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,10 @@ class DaemonConfig:
     spool_segment_seconds: float = 10.0
     backfill_bitrate: int = 2_000_000  # the backfill's share of the link, bits/s
     backfill_speed: float = 2.0  # at most this many times the capture frame rate
+    fallback_model: str | None = None  # None: off; "": the bundled demo model; else an ONNX file
+    fallback_after: float = 10.0  # seconds without a live session before the fallback runs
+    fallback_fps: float = 1.0  # masks per second at most (fewer when the CPU allows fewer)
+    fallback_dir: str | None = None  # default: SPOOL_DIR/masks, else a directory in /tmp
 
 
 @dataclass
@@ -77,6 +85,47 @@ class EdgeDaemon:
         self.backfill: Backfill | None = None
         self._queue: FrameQueue | None = None
         self._sender: Sender | None = None
+        self.fallback: FallbackRunner | None = None
+
+    def _fallback_dir(self) -> Path:
+        c = self.config
+        if c.fallback_dir:
+            return Path(c.fallback_dir)
+        if c.spool_dir:
+            return Path(c.spool_dir) / "masks"
+        return Path(tempfile.gettempdir()) / f"flowcloud-edge-{c.device_id}" / "masks"
+
+    def _open_fallback(self) -> FallbackRunner | None:
+        c = self.config
+        if c.fallback_model is None:
+            return None
+        model = FallbackModel(Path(c.fallback_model) if c.fallback_model else BUNDLED_MODEL)
+        i = model.identity
+        log.info("fallback model %s %s (%dx%d) after %g s offline, at most %g masks/s",
+                 i.name, i.version, i.width, i.height, c.fallback_after, c.fallback_fps)  # fmt: skip
+        return FallbackRunner(model, self._fallback_dir(), c.fallback_fps)
+
+    def _offline_long(self) -> bool:
+        """The cloud has been unreachable for ``fallback_after`` seconds (read from the capture thread)."""
+        sender = self._sender
+        return (
+            sender is not None
+            and not sender.live
+            and (time.monotonic() - sender.offline_since >= self.config.fallback_after)
+        )
+
+    async def _sync_masks(self, shape: StreamShape) -> None:
+        """While a live session streams, send the fallback's masks to the cloud (retrying)."""
+        sender, directory = self._sender, self._fallback_dir()
+        assert sender is not None
+        while True:
+            await asyncio.sleep(0.5)
+            if not sender.live or not any(directory.glob("*.json")):
+                continue
+            try:
+                await sync_masks(directory, sender, shape)
+            except (OSError, ProtocolError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                log.info("fallback: mask sync interrupted (%s); retrying", exc or type(exc).__name__)
 
     def _keyframe_requested(self) -> None:
         """The gateway lost decodable state: an IDR from the encoder now, when it can make one."""
@@ -145,6 +194,8 @@ class EdgeDaemon:
                 encoder = self._encoder
                 assert encoder is not None
                 for picture in self.source.pictures():
+                    if self.fallback is not None and self._offline_long():
+                        self.fallback.offer(picture)
                     if self._keyframe_wanted.is_set():
                         self._keyframe_wanted.clear()
                         encoder.request_keyframe()
@@ -173,6 +224,7 @@ class EdgeDaemon:
         loop = asyncio.get_running_loop()
         c = self.config
         shape = await asyncio.to_thread(self._open)
+        self.fallback = await asyncio.to_thread(self._open_fallback)
         log.info(
             "stream %dx%d at %g fps to %s:%d as %s (%s)",
             shape.width,
@@ -210,6 +262,7 @@ class EdgeDaemon:
                 self.spool, sender, queue, shape, c.backfill_bitrate, c.backfill_speed, c.backoff
             )
             backfill_task = asyncio.create_task(self.backfill.run(), name="backfill")
+        sync_task = asyncio.create_task(self._sync_masks(shape)) if self.fallback is not None else None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -232,10 +285,11 @@ class EdgeDaemon:
                 send.result()  # raises FatalRejection
         finally:
             stopper.cancel()
-            if backfill_task is not None:
-                backfill_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await backfill_task
+            for task in (backfill_task, sync_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self.source.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -244,6 +298,8 @@ class EdgeDaemon:
             await asyncio.sleep(0)  # the capture thread's last hand-overs
             if self.spool is not None:
                 self.spool.close()
+            if self.fallback is not None:
+                await asyncio.to_thread(self.fallback.stop)
         if self._error is not None:
             if isinstance(self._error, SourceError | ValueError | RuntimeError | OSError):
                 raise SourceError(str(self._error)) from self._error

@@ -61,3 +61,13 @@ KEYFRAME_REQUESTS = Counter(
     "unsupported: a relayed stream cannot make one)",
     ["outcome"],
 )
+FALLBACK_MASKS = Counter(
+    "flowcloud_edge_fallback_masks_total",
+    "masks of the fallback model, by event (made, synced, failed, evicted)",
+    ["event"],
+)
+FALLBACK_SECONDS = Histogram(
+    "flowcloud_edge_fallback_seconds",
+    "time of one fallback-model segmentation on the device",
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)

@@ -166,6 +166,7 @@ class Sender:
         self.spooled = spooled
         self.on_unsent = on_unsent
         self.live = False  # a live session is streaming (else the daemon spools)
+        self.offline_since = time.monotonic()  # when the last live session ended (or the start)
         self.tls = tls
         self.server_name = (server_name or host) if tls is not None else None
         self.device_id, self._token = device_id, token
@@ -216,6 +217,8 @@ class Sender:
                 attempt = 0
             finally:
                 metrics.CONNECTED.set(0)
+                if self.live:
+                    self.offline_since = time.monotonic()
                 self.live = False
                 if self.on_unsent is not None:
                     while len(queue):

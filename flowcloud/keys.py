@@ -86,6 +86,16 @@ def mask(stream_id: str, seq: int) -> str:
     return f"{PREFIX}:mask:{stream_id}:{seq}"
 
 
+def edge_mask_index(stream_id: str) -> str:
+    """Sorted set: masks the edge made offline (fallback model), capture µs -> capture time."""
+    return f"{PREFIX}:stream:{stream_id}:edge-masks"
+
+
+def edge_mask(stream_id: str, capture_us: int) -> str:
+    """Hash: one edge-made mask (a MaskResult with producer "edge"), beside any cloud result."""
+    return f"{PREFIX}:edge-mask:{stream_id}:{capture_us}"
+
+
 def attempts(stream_id: str, seq: int) -> str:
     """Counter: how many times a worker failed on a frame (for dead-lettering)."""
     return f"{PREFIX}:attempts:{stream_id}:{seq}"

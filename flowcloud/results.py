@@ -20,6 +20,8 @@ from redis.asyncio import Redis
 from flowcloud import keys
 from flowcloud.labels import LabelSet
 
+PRODUCER_CLOUD = "cloud"
+PRODUCER_EDGE = "edge"  # the edge's fallback model, while the cloud was unreachable
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
 
@@ -58,6 +60,7 @@ class MaskResult:
     shares: dict[int, float] = field(default_factory=dict)  # class id -> fraction of pixels
     labels_png: bytes = b""
     backfill: bool = False  # the frame came through the backfill lane (spooled during an outage)
+    producer: str = PRODUCER_CLOUD  # who made the mask: the cloud's workers, or the edge's fallback
 
     @property
     def latency(self) -> float:
@@ -147,6 +150,30 @@ class MaskStore:
             else:
                 out.append(MaskResult.from_fields({META_FIELD.encode(): reply}))
         return out
+
+    async def put_edge(self, result: MaskResult) -> None:
+        """Persist a mask the edge made, keyed by its capture time: it stays beside any cloud result
+        of the same frame (neither overwrites the other), bounded like the cloud's."""
+        micros = round(result.capture_ts * 1_000_000)
+        index = keys.edge_mask_index(result.stream)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.edge_mask(result.stream, micros), mapping=result.to_fields())  # type: ignore[arg-type]
+        pipe.expire(keys.edge_mask(result.stream, micros), self.ttl_seconds)
+        pipe.zadd(index, {str(micros): result.capture_ts})
+        pipe.zcard(index)
+        size = int((await pipe.execute())[-1])
+        if size > self.max_per_stream:
+            old = cast(list[bytes], await self.redis.zrange(index, 0, size - self.max_per_stream - 1))
+            await self.redis.delete(*(keys.edge_mask(result.stream, int(m)) for m in old))
+            await self.redis.zrem(index, *old)
+
+    async def edge_masks(self, stream: str, limit: int = 50) -> list[MaskResult]:
+        """The newest masks the edge made (metadata only), newest first."""
+        found = cast(list[bytes], await self.redis.zrevrange(keys.edge_mask_index(stream), 0, limit - 1))
+        pipe = self.redis.pipeline(transaction=False)
+        for micros in found:
+            pipe.hget(keys.edge_mask(stream, int(micros)), META_FIELD)
+        return [MaskResult.from_fields({META_FIELD.encode(): m}) for m in await pipe.execute() if m]
 
     async def latest_seq(self, stream: str) -> int | None:
         newest = cast(list[bytes], await self.redis.zrange(keys.mask_index(stream), -1, -1))

@@ -259,6 +259,13 @@ class EdgeSettings(ServiceSettings):
         2_000_000, ge=10_000, description="the backfill's share of the link in bits/s (live always first)"
     )
     backfill_speed: float = Field(2.0, gt=0, le=100, description="backfill frames/s at most, times the fps")
+    fallback_model: str | None = Field(
+        None, description="ONNX model run on the device while the cloud is away ('': the bundled demo model)"
+    )
+    fallback_after: float = Field(
+        10.0, ge=0, description="seconds without the cloud before the fallback runs"
+    )
+    fallback_fps: float = Field(1.0, gt=0, le=60, description="fallback masks per second at most")
     tls: bool = Field(False, description="TLS to the gateway, verified against the system trust store")
     tls_ca_file: str | None = Field(
         None, description="PEM CA bundle to verify the gateway with (implies TLS)"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from flowcloud.cli.main import CommandError
+from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD
 from flowcloud.labels import LABEL_SETS
 from flowcloud.sizes import parse_size
 from flowcloud.zoo import MODEL_NAMES, LoadedModel, ModelInfo, WeightsError, load_model, save_weights
@@ -131,13 +132,16 @@ def export(
         report.checks[str(torchscript)] = diff
 
     if onnx is not None:
-        report.checks[str(onnx)] = _export_onnx(model, sample, reference, onnx)
+        report.checks[str(onnx)] = _export_onnx(model, sample, reference, onnx, info)
     log.info("exported %s: %s", output, report.checks)
     return report
 
 
-def _export_onnx(model: nn.Module, sample: torch.Tensor, reference: torch.Tensor, path: Path) -> float:
+def _export_onnx(
+    model: nn.Module, sample: torch.Tensor, reference: torch.Tensor, path: Path, info: ModelInfo
+) -> float:
     try:
+        import onnx
         import onnxruntime
     except ImportError:
         raise ExportError(
@@ -158,9 +162,25 @@ def _export_onnx(model: nn.Module, sample: torch.Tensor, reference: torch.Tensor
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
+    # What a consumer without torch needs (the edge's fallback): the model's identity and input.
+    exported = onnx.load(str(path))
+    onnx.helper.set_model_props(exported, onnx_metadata(info))
+    onnx.save(exported, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     output = session.run(None, {"image": sample.numpy()})[0]
     return _check(torch.from_numpy(output), reference, ONNX_TOLERANCE, str(path))
+
+
+def onnx_metadata(info: ModelInfo) -> dict[str, str]:
+    """The ONNX file's metadata_props: name, label set, version, input size, normalisation."""
+    return {
+        "flowcloud.model": info.name,
+        "flowcloud.label_set": info.label_set,
+        "flowcloud.version": info.version,
+        "flowcloud.input_size": str(info.extra.get("input_size", "")),
+        "flowcloud.mean": ",".join(str(v) for v in IMAGENET_MEAN),
+        "flowcloud.std": ",".join(str(v) for v in IMAGENET_STD),
+    }
 
 
 def _check(got: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str) -> float:

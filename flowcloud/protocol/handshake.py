@@ -160,6 +160,7 @@ class StreamInfo:
     clock_rate: int = CLOCK_RATE
     backfill: bool = False  # this connection carries spooled video (the backfill lane), not live
     spooled: int = 0  # live: spooled frames the backfill lane will send (at most)
+    masks: bool = False  # this connection carries masks the edge made offline (edge_mask.EdgeMask)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -173,6 +174,8 @@ class StreamInfo:
             out["backfill"] = True
         if self.spooled:
             out["spooled"] = self.spooled
+        if self.masks:
+            out["masks"] = True
         return out
 
     @classmethod
@@ -193,13 +196,13 @@ class StreamInfo:
         clock_rate = _field(obj, "clock_rate", int, where)
         if clock_rate != CLOCK_RATE:
             raise ProtocolError(f"clock rate {clock_rate} is not supported (only {CLOCK_RATE})")
-        backfill = obj.get("backfill", False)
-        if not isinstance(backfill, bool):
-            raise ProtocolError(f"{where} field 'backfill' must be bool, got {type(backfill).__name__}")
+        backfill, masks = obj.get("backfill", False), obj.get("masks", False)
+        if not isinstance(backfill, bool) or not isinstance(masks, bool):
+            raise ProtocolError(f"{where} fields 'backfill' and 'masks' must be bool")
         spooled = _field(obj, "spooled", int, where) if "spooled" in obj else 0
         if not 0 <= spooled < MAX_SPOOLED:
             raise ProtocolError(f"stream spooled {spooled} is out of range [0, {MAX_SPOOLED})")
-        return cls(width, height, fps, codec, clock_rate, backfill, spooled)
+        return cls(width, height, fps, codec, clock_rate, backfill, spooled, masks)
 
 
 @dataclass(frozen=True)

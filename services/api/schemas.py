@@ -60,6 +60,7 @@ class MaskBody(BaseModel):
     backfill: bool = Field(
         False, description="the frame was spooled by the edge during an outage and sent after it"
     )
+    producer: str = Field("cloud", description="who made the mask: cloud (workers) or edge (fallback model)")
 
 
 class MaskPage(BaseModel):

@@ -89,3 +89,8 @@ BACKFILL_UNRESERVED = Counter(
     "flowcloud_gateway_backfill_unreserved_total",
     "backfill frames beyond the seqs their live session reserved (they sort after it in the timeline)",
 )
+EDGE_MASKS = Counter(
+    "flowcloud_gateway_edge_masks_total",
+    "masks made by edges' fallback models and synced, by outcome (stored, malformed, redis_unavailable)",
+    ["outcome"],
+)

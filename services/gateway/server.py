@@ -289,6 +289,9 @@ class Gateway:
             await session.reject(Refused(None, f"connection error: {exc}"))
             return
         metrics.CONNECTIONS.labels("accepted").inc()
+        if session.hello is not None and session.hello.stream.masks:
+            await session.receive_edge_masks()
+            return
         await session.stream()
 
     async def _watch_device_events(self) -> None:

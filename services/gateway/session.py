@@ -66,6 +66,7 @@ from flowcloud.protocol.handshake import (
 from flowcloud.protocol.rtp import RtpPacket
 from flowcloud.protocol.sps import SequenceParameterSet
 from flowcloud.registry import Device, DeviceAuthError, DeviceRegistry
+from flowcloud.results import MaskStore
 from flowcloud.settings import GatewaySettings
 from services.gateway import metrics
 from services.gateway.backfill import backfill_key, reserve_backfill_seqs
@@ -78,6 +79,7 @@ from services.gateway.decoder import (
     DecoderPool,
     DecoderProcess,
 )
+from services.gateway.edge_masks import receive_edge_masks
 from services.gateway.keyframes import (
     REASON_DECODER_RESTART,
     REASON_DROP,
@@ -335,6 +337,19 @@ class Session:
                 await self._finish(results)
             finally:
                 self._ended.set()
+
+    async def receive_edge_masks(self) -> None:
+        """A ``masks`` connection: store the masks the edge made offline (services.gateway.edge_masks)."""
+        assert self.device is not None and self.clock is not None
+        publisher = self.services.publisher
+        store = MaskStore(publisher.redis)
+        try:
+            stored = await receive_edge_masks(
+                self.reader, self.device.device_id, self.clock.offset, store, publisher.clock.offset
+            )
+            log.info("session %s: %d edge masks of %s stored", self.session_id, stored, self.device.device_id)
+        finally:
+            self._close_writer()
 
     async def close(self, reason: str) -> None:
         """End the session (from outside: replaced, revoked, shutdown) and wait until it has ended."""

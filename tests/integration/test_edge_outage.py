@@ -12,6 +12,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
+from redis.asyncio import Redis
+from support.api import make_key, running_api
 from support.cli import REPO, flowcloud
 from support.edge import SYNTHETIC_SHAPE, daemon_config
 from support.frames import frames_on_redis
@@ -23,6 +26,8 @@ from edge.sources import SyntheticSource
 from edge.spool import Spool
 from flowcloud import keys
 from flowcloud.frames import Frame
+from flowcloud.results import MaskStore
+from flowcloud.settings import ApiSettings
 from services.gateway.server import Gateway
 
 OUTAGE = 3.0
@@ -139,3 +144,51 @@ def test_an_edge_killed_during_an_outage_keeps_its_spool_and_drains_it(
         assert captures[:held] == sorted(captures[:held]) and len(set(captures)) == len(captures)
 
     asyncio.run(main())
+
+
+def test_the_fallback_model_segments_during_an_outage_and_syncs_after(tmp_path: Path, redis_url: str) -> None:
+    """The bundled demo model (ONNX, onnxruntime) runs on the edge once it has been offline for
+    0.3 s; after the reconnect its masks are in the cloud store and the API lists them with their
+    model and ``producer: edge``."""
+    spool_dir = tmp_path / "spool"
+
+    async def main() -> int:
+        token = await register(redis_url, "cam-1")
+        settings = gateway_settings(redis_url)
+        async with Gateway(settings).listen(port=0) as gw:
+            port = gw.port
+            config = daemon_config(
+                port, token=token, spool_dir=str(spool_dir), duration=60.0, fallback_model="",
+                fallback_after=0.3, fallback_fps=5.0,
+            )  # fmt: skip
+            daemon = EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE))
+            edge = asyncio.create_task(daemon.run())
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, 20)
+            runner = daemon.fallback
+            assert runner is not None and runner.made == 0  # online: the cloud segments
+        assert await eventually(lambda: runner.made >= 3, 20)  # offline: the edge does
+        assert list((spool_dir / "masks").glob("*.json"))
+        made = runner.made
+        async with Gateway(settings).listen(port=port):
+            store = MaskStore(Redis.from_url(redis_url))
+            assert await eventually(lambda: not list((spool_dir / "masks").glob("*.json")), 30)
+            stored = await store.edge_masks("cam-1", limit=1000)
+            await store.redis.aclose()
+            daemon.source.stop()
+            await asyncio.wait_for(edge, 15)
+        assert len(stored) >= made
+        return made
+
+    made = asyncio.run(main())
+    key = make_key(redis_url, "reader", "acme")
+    with running_api(ApiSettings(redis_url=redis_url)) as base:
+        reply = httpx.get(f"{base}/streams/cam-1/edge-masks", headers={"Authorization": f"Bearer {key}"})
+    assert reply.status_code == 200, reply.text
+    items = reply.json()["items"]
+    assert len(items) >= made
+    assert {(i["producer"], i["model"], i["model_version"]) for i in items} == {
+        ("edge", "small_unet", "demo-1")
+    }
+    assert all(
+        i["width"] == 512 and i["height"] == 256 and abs(sum(i["shares"].values()) - 1) < 1e-6 for i in items
+    )

@@ -160,6 +160,21 @@ async def list_masks(
 
 
 @router.get(
+    "/{stream_id}/edge-masks",
+    response_model=MaskPage,
+    responses=NOT_FOUND,
+    summary="Masks the edge made itself while the cloud was unreachable (producer edge), newest first",
+)
+async def list_edge_masks(
+    stream_id: VisibleStream,
+    context: Context,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="results")] = 50,
+) -> dict[str, Any]:
+    items = await context.queries.store.edge_masks(stream_id, limit)
+    return {"items": [r.metadata() for r in items], "next_cursor": None}
+
+
+@router.get(
     "/{stream_id}/masks/{frame}",
     responses=IMAGE_RESPONSES,
     summary="The mask result of one frame: metadata, or an image (?format=)",
