@@ -1,0 +1,49 @@
+"""The worker's backfill lane: a real `flowcloud worker` in realtime mode segments spooled frames
+from `keys.BACKFILL_FRAMES_STREAM` however old they are, marks their results, acknowledges them
+on their own stream, and keeps serving live frames."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import cast
+
+import pytest
+import redis
+from support.waiting import wait_for
+from support.worker import frame, running_worker
+
+from flowcloud import keys
+from flowcloud.results import MaskResult
+
+pytestmark = pytest.mark.slow
+
+
+def results(client: redis.Redis, stream: str) -> list[MaskResult]:
+    seqs = [int(cast(bytes, s)) for s in cast(list[bytes], client.zrange(keys.mask_index(stream), 0, -1))]
+    found = [client.hget(keys.mask(stream, seq), "meta") for seq in seqs]
+    return [MaskResult.from_fields({b"meta": m}) for m in found if m]  # type: ignore[dict-item]
+
+
+def test_backfill_frames_are_segmented_in_complete_mode_and_marked(
+    redis_url: str, weights: Path, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    hour_ago = time.time() - 3600
+    spooled = [
+        dataclasses.replace(frame("cam-1", i, 64, 128, capture_ts=hour_ago + i), backfill=True)
+        for i in range(5)
+    ]
+    for f in spooled:
+        client.xadd(keys.BACKFILL_FRAMES_STREAM, f.to_fields())
+    args = ("--batch-size", "4", "--batch-timeout-ms", "100", "--mode", "realtime", "--max-frame-age", "2")
+    with running_worker(redis_url, weights, "w1", tmp_path, *args) as proc:
+        client.xadd(keys.FRAMES_STREAM, frame("cam-1", 10, 64, 128).to_fields())
+        wait_for("live and spooled frames segmented", lambda: len(results(client, "cam-1")) == 6, 120, proc)
+        assert client.xpending(keys.BACKFILL_FRAMES_STREAM, keys.WORKER_GROUP)["pending"] == 0
+        assert proc.stop() == 0
+    by_seq = {r.seq: r for r in results(client, "cam-1")}
+    assert [by_seq[i].backfill for i in range(5)] == [True] * 5  # an hour old, not dropped: complete
+    assert not by_seq[10].backfill and by_seq[10].producer == "cloud"
+    client.close()
