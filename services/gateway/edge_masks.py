@@ -24,6 +24,8 @@ from services.gateway import metrics
 
 log = logging.getLogger(__name__)
 
+IDLE_TIMEOUT = 30.0  # seconds a masks connection may stay silent before it is closed
+
 
 async def receive_edge_masks(
     reader: asyncio.StreamReader, stream: str, offset: float, store: MaskStore, clock_offset: float
@@ -33,8 +35,13 @@ async def receive_edge_masks(
     stored = 0
     while True:
         try:
-            body = await read_frame(reader, MAX_MASK_MESSAGE)
-        except asyncio.IncompleteReadError:
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                body = await read_frame(reader, MAX_MASK_MESSAGE)
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            return stored
+        except ProtocolError as exc:  # a frame above the size cap
+            metrics.EDGE_MASKS.labels("malformed").inc()
+            log.warning("edge masks of %s: %s; closing", stream, exc)
             return stored
         try:
             mask = EdgeMask.parse(body)
