@@ -4,13 +4,20 @@ stream description's ``backfill`` and ``spooled`` fields; the gateway's rate-lim
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import re
 import socket
 
+import numpy as np
 import pytest
 
+from flowcloud.labels import LABEL_IDS
+from flowcloud.protocol.edge_mask import MAX_MASK_MESSAGE, EdgeMask
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import read_frame
 from flowcloud.protocol.handshake import Hello, KeyframeRequest, StreamInfo, parse_control
+from flowcloud.results import encode_label_map
 from services.gateway.keyframes import KeyframeRequester
 
 
@@ -51,3 +58,37 @@ def test_requests_are_rate_limited() -> None:
         assert not right_reader.at_eof()
 
     asyncio.run(main())
+
+
+def edge_mask() -> EdgeMask:
+    png = encode_label_map(np.zeros((4, 8), np.uint8), LABEL_IDS)
+    return EdgeMask(1_764_000_000.5, "small_unet", "demo-1", LABEL_IDS.name, 8, 4, 0.2, {7: 1.0}, png)
+
+
+def test_edge_mask_round_trips() -> None:
+    mask = edge_mask()
+    assert EdgeMask.parse(mask.to_bytes()) == mask
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"type": "hello"}, "expected a 'mask' message"),
+        ({"labels_png": "not base64!"}, "'shares' or 'labels_png' are malformed"),
+        ({"labels_png": base64.b64encode(b"GIF89a").decode()}, "not a PNG"),
+        ({"width": 0}, "mask size 0x4 is out of bounds"),
+        ({"capture_time": float("inf")}, "'capture_time' must be a non-negative number"),
+        ({"model": ""}, "'model' must be a string of 1 to 128 characters"),
+        ({"shares": [1]}, "'shares' must be an object"),
+    ],
+)
+def test_a_malformed_edge_mask_gets_a_precise_error(change: dict[str, object], error: str) -> None:
+    obj = {**json.loads(edge_mask().to_bytes()), **change}
+    body = json.dumps(obj).encode()
+    with pytest.raises(ProtocolError, match=re.escape(error)):
+        EdgeMask.parse(body)
+
+
+def test_an_edge_mask_is_bounded() -> None:
+    with pytest.raises(ProtocolError, match="exceeds"):
+        EdgeMask.parse(b"{" + b" " * MAX_MASK_MESSAGE + b"}")
