@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import time
 import zlib
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 CHECKSUM_EXT_ID = 2  # RFC 8285 element on an access unit's last packet: CRC-32 (big-endian)
 SPOOL_MTU = 65_000  # whole access units in few packets; room left for the checksum element
 SENT_SUFFIX = ".sent"
+SEGMENT_NAME = re.compile(r"\d{17}-\d{6}")  # <first capture µs>-<counter>
 READ_CHUNK = 1 << 16
 
 # Why GOPs left the spool unsent (label values of flowcloud_edge_spool_evicted_gops_total).
@@ -227,6 +229,9 @@ class Spool:
     def _recover(self) -> None:
         """Scan the segments left by an earlier run; cut torn tails; count what is there."""
         for path in sorted(self.directory.glob(f"*{RECORDING_SUFFIX}")):
+            if SEGMENT_NAME.fullmatch(path.stem) is None:
+                log.warning("spool: ignoring %s (not a segment name)", path.name)
+                continue
             scan = scan_segment(path)
             if scan.torn:
                 log.warning(
