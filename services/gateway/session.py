@@ -430,7 +430,7 @@ class Session:
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] += count
         metrics.drop(reason, count)
-        if reason != metrics.DROP_SESSION_CLOSED:
+        if reason != metrics.DROP_SESSION_CLOSED and not self.is_backfill:  # a spooled GOP starts at an IDR
             started = self._depacketizer.access_units == 0 and self.decoded == 0
             self._keyframes.request(REASON_SESSION_START if started else REASON_DROP)
 
