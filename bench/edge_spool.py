@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -111,8 +112,10 @@ async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: fl
             await asyncio.sleep(1.0)
             daemon.source.stop()
             await asyncio.wait_for(edge, 30)
-    raw = await client.xrange(keys.FRAMES_STREAM)
-    raw_backfill = await client.xrange(keys.BACKFILL_FRAMES_STREAM)
+    raw = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.FRAMES_STREAM))
+    raw_backfill = cast(
+        list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.BACKFILL_FRAMES_STREAM)
+    )
     await client.aclose()
     live = [Frame.from_fields(f) for _, f in raw]
     spooled_frames = [Frame.from_fields(f) for _, f in raw_backfill]
