@@ -98,6 +98,7 @@ def test_dashboard_lists_the_stream_and_shows_its_overlay(dashboard: Dashboard, 
     assert page.inner_text("#fig-latency").endswith("ms")
     page.wait_for_function("() => document.getElementById('fig-fps').textContent === '10.0'")
     assert "mask over the frame" in page.inner_text("#live-caption")
+    assert "(cloud)" in page.inner_text("#live-caption")  # which side made the mask
 
     # Class shares over time: a stacked chart on canvas with a legend, road at the bottom.
     page.wait_for_function(

@@ -302,6 +302,9 @@ async def _live_events(
                                 "width": result.width,
                                 "height": result.height,
                                 "shares": {str(k): v for k, v in result.shares.items()},
+                                "model": f"{result.model} {result.model_version}",
+                                "producer": result.producer,
+                                "backfill": result.backfill,
                                 "jpeg": base64.b64encode(image).decode(),
                             },
                         )

@@ -143,9 +143,10 @@ function showMask(m) {
   if (m.fps) state.liveFps = m.fps;
   showFps();
   $("fig-seq").textContent = String(m.seq);
+  const by = `by ${m.model} (${m.producer}${m.backfill ? ", backfilled after an outage" : ""})`;
   $("live-caption").textContent = m.overlay
-    ? `frame ${m.seq}, ${m.width}x${m.height}, mask over the frame`
-    : `frame ${m.seq}, ${m.width}x${m.height}, mask only (the frame has left the recent window)`;
+    ? `frame ${m.seq}, ${m.width}x${m.height}, mask over the frame, ${by}`
+    : `frame ${m.seq}, ${m.width}x${m.height}, mask only (the frame has left the recent window), ${by}`;
 }
 
 async function startLive(streamId) {
