@@ -19,7 +19,7 @@ from tqdm import tqdm
 from flowcloud.cli.main import CommandError
 from flowcloud.labels import IGNORE_INDEX, LABEL_SETS
 from flowcloud.sizes import size_argument
-from flowcloud.zoo import MODEL_NAMES, WeightsError, load_model
+from flowcloud.zoo import MODEL_NAMES, WeightsError, choose_input_size, load_model
 from training.cityscapes import SPLITS, CityscapesError, CityscapesSegmentation
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.presets import SegmentationPresetEval
@@ -82,7 +82,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, help="zoo model (default: what the weights say)")
     parser.add_argument("--label-set", choices=sorted(LABEL_SETS), help="classes (default: the weights')")
     parser.add_argument(
-        "--size", type=size_argument, metavar="HxW", help="resize images to HxW (default: as stored)"
+        "--size",
+        type=size_argument,
+        metavar="HxW",
+        help="resize images and labels to HxW (default: the size the weights record, else as stored)",
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
@@ -106,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     try:
         loaded = load_model(args.model, args.weights, args.label_set)
-        dataset = CityscapesSegmentation(
-            args.data, args.split, loaded.label_set, SegmentationPresetEval(args.size)
-        )
+        size, size_text = choose_input_size(args.size, loaded.info)
+        preset = SegmentationPresetEval(size)
+        dataset = CityscapesSegmentation(args.data, args.split, loaded.label_set, preset)
     except (WeightsError, CityscapesError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     if args.weights is None:
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "split": args.split,
         "images": len(subset),  # type: ignore[arg-type]
-        "size": f"{args.size[0]}x{args.size[1]}" if args.size else "as stored",
+        "size": f"{size[0]}x{size[1]}" if size else "as stored",
+        "size_from": size_text,
         "model": loaded.info.name,
         "label_set": loaded.label_set.name,
         "weights": loaded.source,
@@ -148,5 +152,6 @@ def run(args: argparse.Namespace) -> int:
             f"{report['images']} images of {args.data} ({args.split}), "
             f"model {loaded.info.name} from {loaded.source}"
         )
+        print(f"input size: {size_text}")
         print(format_table(scores, loaded.label_set.class_names))
     return 0
