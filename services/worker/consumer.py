@@ -134,8 +134,11 @@ class Worker:
             loop.add_signal_handler(sig, self.request_stop)
         beating = asyncio.create_task(self._beat_forever())
         try:
-            await self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
-            await self.start()
+            await self._unless_stopped(
+                self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
+            )
+            if not self.stop.is_set():
+                await self.start()
             if self.stop.is_set():
                 return 0
             return await self.serve()
@@ -170,6 +173,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         if self.segmenter is None:
             self.segmenter = await loop.run_in_executor(self.infer_pool, self._load)
+        if self.stop.is_set():
+            return  # stopped while loading: no warm-up
         info = self.segmenter.loaded.info
         await self._sync_clock()  # before the first stamp; the heartbeat keeps it fresh from then on
         self.heartbeat.static = {
@@ -467,6 +472,18 @@ class Worker:
                 log.warning("cannot %s, Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _unless_stopped(self, work: Awaitable[object]) -> None:
+        """Await ``work``, or cancel it as soon as a stop is requested (start-up honours SIGTERM)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return
+        task.result()
 
 
 def _decode(entry: Entry) -> np.ndarray | str:
