@@ -37,7 +37,8 @@ def test_synth_then_eval_scores_at_the_models_input_size(
     assert abs(stored["mean_iou"] - default["mean_iou"]) > 0.01  # the size matters on this data
 
     assert main(["eval", data]) == 0
-    assert "input size: 256x512 (the model's recorded input size; --size to change)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "input size: 256x512 (the model's recorded input size; --size to change)" in printed
 
 
 def test_infer_says_which_input_size_it_used(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
