@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.labels import IGNORE_INDEX, LABEL_SETS
 from flowcloud.sizes import size_argument
 from flowcloud.zoo import MODEL_NAMES, WeightsError, choose_input_size, load_model
@@ -94,20 +94,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
 
 
+class DeviceUnavailable(ValueError):
+    """The device asked for is not on this machine."""
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` as a device; DeviceUnavailable for one that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda was asked for, but no CUDA device is available")
+        raise DeviceUnavailable("--device cuda was asked for, but no CUDA device is available")
     return device
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1")
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         loaded = load_model(args.model, args.weights, args.label_set)
         size, size_text = choose_input_size(args.size, loaded.info)
         preset = SegmentationPresetEval(size)

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.sizes import parse_size
 from training.codec import Mp4Writer, h264_roundtrip
 from training.synth import SceneSequence
@@ -97,17 +97,20 @@ def run(args: argparse.Namespace) -> int:
     length = args.sequence_length or args.frames
     if length < 1:
         raise CommandError("--sequence-length must be positive")
-    summary = write_dataset(
-        args.out,
-        args.frames,
-        args.seed,
-        (height, width),
-        args.split,
-        length,
-        args.video,
-        args.codec_share,
-        args.codec_crf,
-    )
+    try:
+        summary = write_dataset(
+            args.out,
+            args.frames,
+            args.seed,
+            (height, width),
+            args.split,
+            length,
+            args.video,
+            args.codec_share,
+            args.codec_crf,
+        )
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
     if args.json:
         print(json.dumps(asdict(summary)))
     else:
@@ -182,4 +185,4 @@ def write_dataset(
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     if not cv2.imwrite(str(path), array):
-        raise CommandError(f"cannot write {path}")
+        raise OSError(f"cannot write {path}")

@@ -27,16 +27,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.labels import IGNORE_INDEX, LABEL_IDS, LABEL_SETS, LabelSet, get_label_set
 from flowcloud.sizes import size_argument
 from flowcloud.zoo import MODEL_NAMES, ModelInfo, WeightsError, build_model, read_weights_file
 from training.cityscapes import CityscapesError, CityscapesSegmentation, read_label_ids
-from training.evaluate import evaluate, format_table, resolve_device
+from training.evaluate import DeviceUnavailable, evaluate, format_table, resolve_device
 from training.metrics import ConfusionMatrix
 from training.presets import SegmentationPresetEval, SegmentationPresetTrain
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(ValueError):
+    """A run that cannot go on: too few images, a diverging loss, a checkpoint that does not fit."""
+
 
 CHECKPOINT = "checkpoint.pth"
 METRICS = "metrics.json"
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
     try:
         history = train(args)
-    except (CityscapesError, WeightsError) as exc:
+    except (CityscapesError, WeightsError, TrainingError, DeviceUnavailable) as exc:
         raise CommandError(str(exc)) from None
     last = history[-1] if history else {}
     if args.json:
@@ -247,7 +252,7 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
     optimizer = make_optimizer(args, params)
     batches_per_epoch = len(train_set) // args.batch_size
     if batches_per_epoch < 1:
-        raise CommandError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+        raise TrainingError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
     steps = min(batches_per_epoch, args.steps_per_epoch) if args.steps_per_epoch > 0 else batches_per_epoch
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_schedule(steps * args.epochs, args.warmup_steps)
@@ -338,7 +343,7 @@ def _train_epoch(
                 outputs = model(image)
                 loss = criterion(outputs, target, weight)
             if not math.isfinite(float(loss.detach())):
-                raise CommandError(f"the loss became {float(loss.detach())} at epoch {epoch}; lower --lr")
+                raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -393,16 +398,16 @@ def _resume(
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise CommandError(f"cannot resume from {args.resume}: {exc}") from None
+        raise TrainingError(f"cannot resume from {args.resume}: {exc}") from None
     missing = {"model", "optimizer", "lr_scheduler", "epoch", "args"} - set(checkpoint)
     if missing:
-        raise CommandError(
+        raise TrainingError(
             f"{args.resume} is not a training checkpoint (missing {', '.join(sorted(missing))})"
         )
     saved = checkpoint["args"]
     for key in ("model", "label_set"):
         if saved.get(key) != getattr(args, key):
-            raise CommandError(f"{args.resume} was trained with --{key.replace('_', '-')} {saved.get(key)}")
+            raise TrainingError(f"{args.resume} was trained with --{key.replace('_', '-')} {saved.get(key)}")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])

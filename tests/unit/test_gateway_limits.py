@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from services.gateway.cli import configure, settings_from
 from services.gateway.limits import ConnectionLimiter, TokenBucket
 
