@@ -34,7 +34,7 @@ sys.exit(main(sys.argv[2:]))
 
 def _requirement_names(requirements: list[str]) -> set[str]:
     """The distribution names of requirements that apply here (markers evaluated, extras off)."""
-    names = set()
+    names: set[str] = set()
     for text in requirements:
         requirement = Requirement(text)
         if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
