@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.labels import TRAIN_IDS, class_shares
+from flowcloud.percentile import percentile
 from flowcloud.redis_server import EmbeddedRedis, free_port
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from services.api.apikeys import ApiKeyStore
@@ -55,17 +56,17 @@ class LoadResult:
     window: float = 0.0  # open loop: the seconds they were scheduled over
 
     def summary(self) -> dict[str, float]:
-        lat = np.asarray(self.latencies) if self.latencies else np.zeros(1)
+        lat = self.latencies or [0.0]
         return {
             "requests": self.ok,
             "errors": self.errors,
             "offered_rps": self.offered / self.window if self.window else 0.0,
             "unanswered": max(self.offered - self.ok - self.errors, 0),
             "rps": self.ok / self.seconds,
-            "p50": float(np.percentile(lat, 50)),
-            "p95": float(np.percentile(lat, 95)),
-            "p99": float(np.percentile(lat, 99)),
-            "max": float(lat.max()),
+            "p50": percentile(lat, 50),
+            "p95": percentile(lat, 95),
+            "p99": percentile(lat, 99),
+            "max": max(lat),
         }
 
 

@@ -30,6 +30,7 @@ from flowcloud.cli.errors import CommandError
 from flowcloud.cli.up import add_stack_arguments, stack_config, start_stack
 from flowcloud.frames import Frame
 from flowcloud.labels import get_label_set
+from flowcloud.percentile import percentile
 from flowcloud.redis_server import free_port
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import META_FIELD, MaskResult, decode_label_map
@@ -225,8 +226,8 @@ def collect(client: redis.Redis, base_seq: int, oracle: SceneOracle | None, sent
         sent=sent,
         published=published,
         segmented=segmented,
-        latency_p50=float(np.percentile(lat, 50)) if lat else None,
-        latency_p95=float(np.percentile(lat, 95)) if lat else None,
+        latency_p50=percentile(lat, 50) if lat else None,
+        latency_p95=percentile(lat, 95) if lat else None,
         miou=miou,
         pixel_accuracy=accuracy,
         scored_frames=scored,

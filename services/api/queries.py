@@ -8,7 +8,6 @@ binary search (a dozen lookups for the 10,000 results a stream keeps).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +17,11 @@ from redis.asyncio import Redis
 from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame, FrameFormatError
+from flowcloud.percentile import percentile
+from flowcloud.replies import field_text, text
 from flowcloud.results import MaskResult, MaskStore
 from services.api.cache import TtlCache
-from services.api.replies import as_fields, text
+from services.api.replies import as_fields
 
 LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
 MAX_STREAMS = 1000  # streams listed at most (newest activity first)
@@ -28,24 +29,12 @@ RECENT_SCAN = 256  # entries of a recent-frames stream searched for a seq at mos
 NEWEST_CAPACITY = 4096  # streams whose newest result is kept, so an unchanged one is not read again
 
 
-def _text(fields: Mapping[Any, Any], name: str) -> str | None:
-    value = fields.get(name.encode())
-    return text(value) if value is not None else None
-
-
 def _number(fields: Mapping[Any, Any], name: str) -> float | None:
-    text = _text(fields, name)
+    text = field_text(fields, name)
     try:
         return float(text) if text else None
     except ValueError:
         return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of a non-empty list (q in [0, 100])."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -175,13 +164,13 @@ class StreamQueries:
         now: float,
     ) -> StreamInfo:
         last_seen = _number(meta, keys.M_LAST_SEEN)
-        said_live = _text(meta, keys.M_STATUS) == keys.STATUS_LIVE
+        said_live = field_text(meta, keys.M_STATUS) == keys.STATUS_LIVE
         # A crashed gateway leaves "live" behind: trust it only while frames keep arriving.
         live = said_live and last_seen is not None and now - last_seen <= self.live_window
         return StreamInfo(
             stream_id=stream_id,
-            device=_text(meta, keys.M_DEVICE),
-            tenant=_text(meta, keys.M_TENANT),
+            device=field_text(meta, keys.M_DEVICE),
+            tenant=field_text(meta, keys.M_TENANT),
             status=keys.STATUS_LIVE if live else keys.STATUS_IDLE,
             width=_int(_number(meta, keys.M_WIDTH)),
             height=_int(_number(meta, keys.M_HEIGHT)),

@@ -17,7 +17,6 @@ import asyncio
 import functools
 import logging
 import signal
-import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,6 +35,7 @@ from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
+from flowcloud.percentile import percentile
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from flowcloud.settings import WorkerSettings
 from flowcloud.sizes import parse_size
@@ -448,9 +448,7 @@ class Worker:
         return max(self.settings.claim_idle_ms, int(CLAIM_IDLE_OVER_P99 * self.p99_batch_time() * 1000))
 
     def p99_batch_time(self) -> float:
-        if len(self.batch_times) < 2:
-            return self.batch_times[0] if self.batch_times else 0.0
-        return statistics.quantiles(self.batch_times, n=100, method="inclusive")[98]
+        return percentile(self.batch_times, 99) if self.batch_times else 0.0
 
     async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.replies import text, text_keys
 
 from . import metrics
 
@@ -69,9 +70,8 @@ class Heartbeat:
         except RedisError:
             return  # no stream yet
         for group in groups:
-            info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in group.items()}
-            name = info.get("name")
-            if (name.decode() if isinstance(name, bytes) else name) != keys.WORKER_GROUP:
+            info = text_keys(group)
+            if text(info.get("name")) != keys.WORKER_GROUP:
                 continue
             if info.get("lag") is not None:
                 metrics.CONSUMER_LAG.set(int(info["lag"]))

@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from flowcloud import keys
 from flowcloud.frames import Frame
+from flowcloud.replies import text
 
 from . import metrics
 
@@ -48,7 +49,7 @@ def parse_entries(raw: Any) -> list[Entry]:
     """Entries as redis-py returns them; a malformed one carries its parse error instead of a frame."""
     out = []
     for entry_id, fields in raw:
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        eid = text(entry_id)
         if fields is None:  # deleted by retention while pending
             continue
         entry = Entry(eid, fields)
@@ -90,7 +91,7 @@ class Recovery:
             keys.FRAMES_STREAM, keys.WORKER_GROUP, self.consumer, min_idle_ms, self._cursor, count=count
         )
         cursor, raw = reply[0], reply[1]
-        self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        self._cursor = text(cursor)
         entries = parse_entries(raw)
         if not entries:
             return []
@@ -103,7 +104,7 @@ class Recovery:
             count=len(entries) * 4,
             consumername=self.consumer,
         )
-        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        deliveries = {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         alive = []
         for entry in entries:
             entry.deliveries = deliveries.get(entry.id, 2)
@@ -163,7 +164,3 @@ class Recovery:
         names = [keys.attempts(e.frame.stream, e.frame.seq) for e in entries if e.reclaimed and e.frame]
         if names:
             await self.redis.delete(*names)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
