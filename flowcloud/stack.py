@@ -33,6 +33,9 @@ from flowcloud.redis_server import EmbeddedRedis, free_port
 log = logging.getLogger(__name__)
 
 
+ANY = "0.0.0.0"  # where the services serve /metrics (flowcloud.observability)
+
+
 class PortInUse(RuntimeError):
     """A port the stack needs is taken, or given to two services."""
 
@@ -137,11 +140,11 @@ class StackConfig:
         """Every port the stack's services will listen on (metrics ports on all addresses)."""
         ports = [
             Port("the gateway", "FLOWCLOUD_GATEWAY_PORT", self.gateway_port, self.host),
-            Port("the gateway's metrics", "FLOWCLOUD_GATEWAY_METRICS_PORT", self.gateway_metrics_port, ""),
+            Port("the gateway's metrics", "FLOWCLOUD_GATEWAY_METRICS_PORT", self.gateway_metrics_port, ANY),
             Port("the API", "FLOWCLOUD_API_PORT", self.api_port, self.host),
         ]
         ports += [
-            Port(f"worker-{i}'s metrics", "FLOWCLOUD_WORKER_METRICS_PORT", self.worker_metrics_port + i, "")
+            Port(f"worker-{i}'s metrics", "FLOWCLOUD_WORKER_METRICS_PORT", self.worker_metrics_port + i, ANY)
             for i in range(self.workers)
         ]
         return ports
@@ -159,7 +162,7 @@ class StackConfig:
             problem = _bind_problem(port.host, port.number)
             if problem:
                 raise PortInUse(
-                    f"port {port.number} for {port.owner} is in use on {port.host or 'all addresses'} "
+                    f"port {port.number} for {port.owner} is in use on {port.host} "
                     f"({problem}); choose another with {port.setting}"
                 )
 
@@ -170,9 +173,9 @@ class StackConfig:
 
 
 def _bind_problem(host: str, port: int) -> str | None:
-    """Why a server could not listen on host:port now ('' host: every address), or None."""
+    """Why a server could not listen on host:port now, or None."""
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         return str(exc)
     family, kind, proto, _, address = infos[0]

@@ -201,7 +201,7 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path: Path, given:
                              "--gateway-port", "0", "--api-port", "0", *option, env=env)  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
-        f"flowcloud up: port {port} for worker-0's metrics is in use on all addresses "
+        f"flowcloud up: port {port} for worker-0's metrics is in use on 0.0.0.0 "
         "(Address already in use); choose another with FLOWCLOUD_WORKER_METRICS_PORT"
     )
     assert not (tmp_path / "stack").exists()  # nothing was started
