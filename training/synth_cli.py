@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from flowcloud.cli.errors import CommandError
 from flowcloud.sizes import parse_size
-from training.codec import Mp4Writer, h264_roundtrip
+from flowcloud.x264 import Mp4Writer
+from training.codec import h264_roundtrip
 from training.synth import SceneSequence
 
 log = logging.getLogger(__name__)

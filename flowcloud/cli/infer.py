@@ -25,6 +25,7 @@ from flowcloud.cli.errors import CommandError
 from flowcloud.inference import PRECISIONS, Segmenter, SegmenterOptions
 from flowcloud.labels import LABEL_SETS, blend_overlay
 from flowcloud.sizes import size_argument
+from flowcloud.x264 import Mp4Writer
 from flowcloud.zoo import MODEL_NAMES, WeightsError, choose_input_size, load_model
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,8 @@ def infer_video(
         frames = (f.to_ndarray(format="rgb24") for f in source.decode(in_stream))
         count = 0
         start = time.perf_counter()
-        with av.open(str(out_path), "w") as sink:
-            out_stream = sink.add_stream("libx264", rate=rate)
-            # yuv420p needs even dimensions; an odd edge is padded by one pixel.
-            out_stream.width, out_stream.height = width + width % 2, height + height % 2
-            out_stream.pix_fmt = "yuv420p"
-            out_stream.options = {"crf": "20", "preset": "veryfast"}
+        # yuv420p needs even dimensions; an odd edge is padded by one pixel.
+        with Mp4Writer(out_path, width + width % 2, height + height % 2, rate, crf=20) as sink:
             total = in_stream.frames or None
             try:
                 with tqdm(total=total, unit="frame", desc=path.name) as bar:
@@ -189,13 +186,12 @@ def infer_video(
                             overlay = np.pad(
                                 result.overlay, ((0, height % 2), (0, width % 2), (0, 0)), "edge"
                             )
-                            sink.mux(out_stream.encode(av.VideoFrame.from_ndarray(overlay, format="rgb24")))
+                            sink.write(overlay)
                             display.show(result.overlay)
                             count += 1
                         bar.update(len(batch))
             except av.FFmpegError as exc:
                 raise CommandError(f"cannot decode video {path} after {count} frames: {exc}") from None
-            sink.mux(out_stream.encode(None))
         seconds = time.perf_counter() - start
     if count == 0:
         raise CommandError(f"{path} contains no decodable video frames")
