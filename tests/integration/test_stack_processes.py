@@ -7,6 +7,7 @@ SIGTERM in every state, and a taken metrics port fails fast with one line."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -166,7 +167,7 @@ def test_a_killed_supervisor_leaves_no_process_behind(tmp_path: Path) -> None:
         up.kill()
         up.wait(10)
         for pid in children:
-            wait_for(f"{_name(pid) or pid} to exit after its supervisor", lambda pid=pid: _gone(pid), 60)
+            wait_for(f"{_name(pid) or pid} to exit after its supervisor", functools.partial(_gone, pid), 60)
 
 
 @contextmanager
