@@ -82,10 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, help="zoo model (default: what the weights say)")
     parser.add_argument("--label-set", choices=sorted(LABEL_SETS), help="classes (default: the weights')")
     parser.add_argument(
-        "--size",
-        type=size_argument,
-        metavar="HxW",
-        help="resize images and labels to HxW (default: the size the weights record, else as stored)",
+        "--size", type=size_argument, metavar="HxW", help="resize to HxW (default: the weights' input size)"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")

@@ -45,10 +45,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision on GPU")
     group.add_argument(
-        "--size",
-        type=size_argument,
-        metavar="HxW",
-        help="model input size (default: the size the weights record, else the input's)",
+        "--size", type=size_argument, metavar="HxW", help="model input size (default: the weights' own)"
     )
     group.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (video)")
 
