@@ -74,7 +74,7 @@ T = TypeVar("T")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BATCH_TIMES_KEPT = 200
 CLAIM_IDLE_OVER_P99 = 4  # batch times are measured from the read of a batch's oldest frame to its ack
-BATCH_BUDGET_SHARE = 0.5  # realtime: one batch may take this share of max_frame_age
+BATCH_BUDGET_SHARE = 1 / 3  # realtime: a batch waited for, its own, and room for noise fit the bound
 READ_COUNT = 64  # realtime: entries one XREADGROUP takes at most
 DROP_LOG_INTERVAL = 5.0  # seconds between log lines about dropped frames
 
@@ -293,7 +293,7 @@ class Worker:
     @property
     def budget(self) -> float | None:
         """Realtime: the seconds one batch may take. A frame that arrives as a batch starts waits for
-        it, then rides the next, so two batch times must fit in ``max_frame_age``."""
+        it, then rides the next: two batch times, and room for reading and noise, fit the bound."""
         return self.policy.max_age * BATCH_BUDGET_SHARE if self.policy.realtime else None
 
     def forecast(self, pixels: float) -> float:

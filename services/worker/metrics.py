@@ -39,7 +39,7 @@ QUEUED = Gauge("flowcloud_worker_queued_frames", "Frames read and waiting for a 
 BATCH_LIMIT = Gauge(
     "flowcloud_worker_batch_limit",
     "Frames the next batch may take: the configured batch size, or fewer if more would not fit the "
-    "time budget of one batch (realtime: half of max_frame_age) at the model's measured speed",
+    "time budget of one batch (realtime: a third of max_frame_age) at the model's measured speed",
 )
 FRAMES_FAILED = Counter("flowcloud_worker_frames_failed_total", "Failed attempts at a frame", ["stage"])
 FRAMES_DEAD_LETTERED = Counter(
