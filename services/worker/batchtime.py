@@ -23,14 +23,21 @@ class BatchTime:
     kept: int = KEPT
     _samples: deque[tuple[float, float]] = field(init=False)
     _fit: tuple[float, float, float] | None = field(default=None, init=False)  # a, c, margin
+    _provisional: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._samples = deque(maxlen=self.kept)
 
-    def add(self, pixels: float, seconds: float) -> None:
-        if pixels > 0 and seconds >= 0:
-            self._samples.append((float(pixels), float(seconds)))
-            self._fit = None
+    def add(self, pixels: float, seconds: float, provisional: bool = False) -> None:
+        """Measure one batch; a ``provisional`` one (the warm-up, slowed by first-pass costs) serves
+        only until the first real batch replaces it."""
+        if pixels <= 0 or seconds < 0:
+            return
+        if self._provisional:
+            self._samples.clear()
+        self._provisional = provisional
+        self._samples.append((float(pixels), float(seconds)))
+        self._fit = None
 
     @property
     def measured(self) -> bool:

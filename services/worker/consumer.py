@@ -219,7 +219,7 @@ class Worker:
         started = time.perf_counter()
         last_pass = await loop.run_in_executor(self.infer_pool, self._warm_up)
         self.batch_times.append(last_pass)  # the first estimate of a batch's time, before any real batch
-        self.run_time.add(s.batch_size * self._warmup_pixels, last_pass)  # replaced as batches are measured
+        self.run_time.add(s.batch_size * self._warmup_pixels, last_pass, provisional=True)
         log.info("model warmed up in %.2fs (a batch: %.3fs); ready", time.perf_counter() - started, last_pass)
         self.ready = True
         metrics.READY.set(1)
