@@ -428,9 +428,12 @@ class Worker:
                 if persisting is not None:
                     await persisting  # one persist in flight: it overlaps this batch's inference
                 persisting = asyncio.create_task(self._persist(batch))
-        finally:
+        except BaseException:  # cancelled at the drain deadline, or crashed: the persist goes too
             if persisting is not None:
-                await persisting
+                persisting.cancel()
+            raise
+        if persisting is not None:
+            await persisting
 
     async def _fill(self) -> None:
         """Wait for a fuller batch until the oldest queued frame has waited ``batch_timeout_ms``."""
