@@ -332,7 +332,8 @@ class Worker:
                     await self._redis_down(exc)
                     continue
                 except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
+                    # NOGROUP, or UNBLOCKED: the stream went away while a read waited on it.
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                         raise
                     log.warning("consumer group missing (Redis lost its data?): creating it again")
                     await self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -15,8 +15,10 @@ import redis
 from support.frames import publish, publish_at_rates
 from support.waiting import wait_for
 from support.worker import (
+    WorkerProcess,
     all_judged,
     frame,
+    make_weights,
     metric,
     metric_samples,
     results_of,
@@ -26,7 +28,7 @@ from support.worker import (
 
 from flowcloud import keys
 from flowcloud.frames import encode_image
-from flowcloud.redis_server import free_port
+from flowcloud.redis_server import EmbeddedRedis, free_port
 from flowcloud.results import MaskResult
 from services.worker.policy import DROP_REASONS
 
@@ -36,14 +38,10 @@ MAX_AGE = 1.0
 SIZE = (128, 256)  # about 12 fps on one CPU thread with the test model: a measurable capacity
 OFFERED_FPS = {"cam-30": 30.0, "cam-15": 15.0, "cam-5": 5.0}
 LOAD = 3.0  # offered / capacity
-PROBE_SECONDS = 8.0
+PROBE_SECONDS = 6.0
 RUN_SECONDS = 30.0
 WINDOW = 5.0  # every stream has results in every window of this many seconds
 DROPPED = "flowcloud_worker_frames_dropped_total"
-
-
-def realtime_worker_args(port: int) -> tuple[str, ...]:
-    return ("--mode", "realtime", "--max-frame-age", str(MAX_AGE), "--metrics-port", str(port))
 
 
 def pictures(streams: list[str]) -> dict[str, list[bytes]]:
@@ -77,36 +75,54 @@ def assert_never_late(results: list[MaskResult]) -> None:
     assert not late, f"{len(late)} results persisted after their bound, e.g. {late[0].metadata()}"
 
 
+@dataclass
+class RealtimeWorker:
+    proc: WorkerProcess
+    port: int
+
+    def drops(self) -> dict[str, float]:
+        return metric_samples(self.port, DROPPED)
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealtimeWorker]:
+    """One realtime worker for the module's tests (each test's clean database included: the worker
+    recreates the consumer group when it finds it gone)."""
+    tmp = tmp_path_factory.mktemp("realtime")
+    port = free_port()
+    args = ("--mode", "realtime", "--max-frame-age", str(MAX_AGE), "--metrics-port", str(port))
+    with running_worker(redis_server.url, make_weights(tmp / "weights.pt"), "w-rt", tmp, *args) as proc:
+        yield RealtimeWorker(proc, port)
+
+
 def test_overload_keeps_the_bound_shares_fairly_and_counts_every_drop(
-    redis_url: str, weights: Path, tmp_path: Path
+    redis_url: str, worker: RealtimeWorker
 ) -> None:
     client = redis.Redis.from_url(redis_url)
-    port = free_port()
+    port, proc = worker.port, worker.proc
     probes = ["probe-a", "probe-b"]
-    with running_worker(redis_url, weights, "w-rt", tmp_path, *realtime_worker_args(port)) as proc:
-        # Its capacity on this machine now: results per second while offered far more than it can do.
-        started = time.time()
-        probe_sent = publish_at_rates(
-            client, dict.fromkeys(probes, 30.0), PROBE_SECONDS, pictures(probes), SIZE
-        )
-        wait_for("the probe frames to be judged", lambda: all_judged(client), 60, proc)
-        settled = [
-            r.persisted_ts for s in probes for r in results_of(client, s) if r.persisted_ts > started + 2
-        ]
-        capacity = len(settled) / (PROBE_SECONDS - 2)
-        assert capacity > 1, f"the worker segmented {len(settled)} frames in {PROBE_SECONDS - 2} s"
+    drops_before = worker.drops()
+    failed_before = metric(port, "flowcloud_worker_frames_failed_total")
+    # Its capacity on this machine now: results per second while offered far more than it can do.
+    started = time.time()
+    probe_sent = publish_at_rates(client, dict.fromkeys(probes, 30.0), PROBE_SECONDS, pictures(probes), SIZE)
+    wait_for("the probe frames to be judged", lambda: all_judged(client), 60, proc)
+    window = (started + 2, started + PROBE_SECONDS)  # after the first 2 s, while frames still came
+    settled = [r for s in probes for r in results_of(client, s) if window[0] < r.persisted_ts <= window[1]]
+    capacity = len(settled) / (PROBE_SECONDS - 2)
+    assert capacity > 1, f"the worker segmented {len(settled)} frames in {PROBE_SECONDS - 2} s"
 
-        # Three times that, split 30 : 15 : 5 between three streams.
-        scale = LOAD * capacity / sum(OFFERED_FPS.values())
-        rates = {s: fps * scale for s, fps in OFFERED_FPS.items()}
-        began = time.time()
-        sent = publish_at_rates(client, rates, RUN_SECONDS, pictures(list(rates)), SIZE)
-        ended = time.time()
-        wait_for("every frame to be judged", lambda: all_judged(client), 60, proc)
-        results = {s: results_of(client, s) for s in rates}
-        drops = metric_samples(port, DROPPED)
-        failed = metric(port, "flowcloud_worker_frames_failed_total")
-        log = proc.log()
+    # Three times that, split 30 : 15 : 5 between three streams.
+    scale = LOAD * capacity / sum(OFFERED_FPS.values())
+    rates = {s: fps * scale for s, fps in OFFERED_FPS.items()}
+    began = time.time()
+    sent = publish_at_rates(client, rates, RUN_SECONDS, pictures(list(rates)), SIZE)
+    ended = time.time()
+    wait_for("every frame to be judged", lambda: all_judged(client), 60, proc)
+    results = {s: results_of(client, s) for s in rates}
+    drops = {k: v - drops_before.get(k, 0.0) for k, v in worker.drops().items()}
+    failed = metric(port, "flowcloud_worker_frames_failed_total") - failed_before
+    log = proc.log()
 
     everything = [r for rs in results.values() for r in rs]
     served = {s: len(rs) for s, rs in results.items()}
@@ -118,7 +134,9 @@ def test_overload_keeps_the_bound_shares_fairly_and_counts_every_drop(
         f"p95 {np.percentile(latencies, 95):.3f} max {latencies.max():.3f} s; drops {drops}"
     )
     print(summary)
-    assert sum(sent.values()) >= 2 * sum(served.values()), f"not overloaded: {summary}\n{log[-3000:]}"
+    # Offered three times the capacity measured before; the capacity of a shared machine drifts, so
+    # what the run must show is a clear overload.
+    assert sum(sent.values()) >= 1.5 * sum(served.values()), f"not overloaded: {summary}\n{log[-3000:]}"
 
     # The bound: p95 within it (and, by the worker's last check, every result).
     assert np.percentile(latencies, 95) <= MAX_AGE, summary
@@ -150,27 +168,25 @@ def test_overload_keeps_the_bound_shares_fairly_and_counts_every_drop(
 
 
 def test_a_frame_that_cannot_make_its_bound_is_never_persisted(
-    redis_url: str, weights: Path, tmp_path: Path
+    redis_url: str, worker: RealtimeWorker
 ) -> None:
     """Frames already close to their bound when published: those the worker can still finish in time
     are persisted within it, the others are dropped (counted), none is persisted late."""
     client = redis.Redis.from_url(redis_url)
-    port = free_port()
+    proc = worker.proc
     height, width = SIZE
-    with running_worker(redis_url, weights, "w-late", tmp_path, *realtime_worker_args(port)) as proc:
-        # Ages from 0 to 0.95 of the bound, spread over four streams, all in one burst: more than the
-        # worker can do in a second, and each frame's remaining time shorter than a batch for many.
-        ages = [float(age) for age in np.linspace(0.0, 0.95 * MAX_AGE, 40)]
-        pictures = [frame(f"cam-{i % 4}", i, height, width) for i in range(len(ages))]
-        now = time.time()
-        frames = [
-            replace(f, capture_ts=now - age, recv_ts=now) for f, age in zip(pictures, ages, strict=True)
-        ]
-        publish(client, frames)
-        wait_for("every frame to be judged", lambda: all_judged(client), 60, proc)
-        results = [r for i in range(4) for r in results_of(client, f"cam-{i}")]
-        dropped = metric(port, DROPPED)
-        log = proc.log()
+    dropped_before = sum(worker.drops().values())
+    # Ages from 0 to 0.95 of the bound, spread over four streams, all in one burst: more than the
+    # worker can do in a second, and each frame's remaining time shorter than a batch for many.
+    ages = [float(age) for age in np.linspace(0.0, 0.95 * MAX_AGE, 40)]
+    pictures = [frame(f"cam-{i % 4}", i, height, width) for i in range(len(ages))]
+    now = time.time()
+    frames = [replace(f, capture_ts=now - age, recv_ts=now) for f, age in zip(pictures, ages, strict=True)]
+    publish(client, frames)
+    wait_for("every frame to be judged", lambda: all_judged(client), 60, proc)
+    results = [r for i in range(4) for r in results_of(client, f"cam-{i}")]
+    dropped = sum(worker.drops().values()) - dropped_before
+    log = proc.log()
     assert results, f"no frame was persisted: the test says nothing\n{log[-3000:]}"
     assert_never_late(results)
     assert dropped == len(frames) - len(results) > 0

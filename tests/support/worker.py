@@ -168,8 +168,8 @@ def metric_samples(port: int, line_prefix: str) -> dict[str, float]:
 def all_judged(client: redis.Redis) -> bool:
     """Every frame on the stream was read by the group and acknowledged (with a result or dropped)."""
     groups = cast(list[dict[str, object]], client.xinfo_groups(keys.FRAMES_STREAM))
-    group = next(g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()))
-    return group["lag"] == 0 and pending_total(client) == 0
+    ours = [g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode())]
+    return bool(ours) and ours[0]["lag"] == 0 and pending_total(client) == 0
 
 
 def results_of(client: redis.Redis, stream: str) -> list[MaskResult]:
