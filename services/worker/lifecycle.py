@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.frame_queue import FrameQueue
 
 from . import metrics
 
@@ -64,6 +65,8 @@ class Heartbeat:
             log.debug("heartbeat failed: %s", exc)
 
     async def _group_gauges(self) -> None:
+        # The lag from FrameQueue, not XINFO GROUPS: Redis 7.0 counts trimmed entries as unread forever.
+        metrics.CONSUMER_LAG.set(await FrameQueue(self.redis).unread())
         try:
             groups = await self.redis.xinfo_groups(keys.FRAMES_STREAM)
         except RedisError:
@@ -71,11 +74,8 @@ class Heartbeat:
         for group in groups:
             info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in group.items()}
             name = info.get("name")
-            if (name.decode() if isinstance(name, bytes) else name) != keys.WORKER_GROUP:
-                continue
-            if info.get("lag") is not None:
-                metrics.CONSUMER_LAG.set(int(info["lag"]))
-            metrics.PENDING.set(int(info.get("pending") or 0))
+            if (name.decode() if isinstance(name, bytes) else name) == keys.WORKER_GROUP:
+                metrics.PENDING.set(int(info.get("pending") or 0))
 
     async def leave(self) -> None:
         """Remove this worker from the index, and from the group when it holds no pending frames."""
