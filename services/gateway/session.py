@@ -180,6 +180,11 @@ class Session:
         return self.device.device_id if self.device else None
 
     @property
+    def in_flight(self) -> int:
+        """Access units sent to the decoder that it has not finished with yet."""
+        return self._in_flight
+
+    @property
     def decoder_pid(self) -> int | None:
         """The process id of this session's decoder (None before the handshake)."""
         return self._decoder.pid if self._decoder is not None else None
@@ -477,7 +482,8 @@ class Session:
             except DecoderCrashed as exc:
                 if self._closing:
                     return
-                lost, self._in_flight = self._in_flight, 0
+                lost = len(self._pending)  # in flight, or decoded and held back for reordering
+                self._in_flight = 0
                 self._pending.clear()
                 self._all_done.set()
                 if lost:
@@ -516,6 +522,24 @@ class Session:
                 if self._in_flight == 0:
                     self._all_done.set()
 
+    async def _end_of_stream(self) -> None:
+        """The access unit the depacketizer still holds, then the pictures the decoder holds back
+        to reorder B-frames: without this the last frames of every such stream are lost."""
+        assert self.device is not None
+        limits = self.services.device_limits(self.device.device_id)
+        for au in self._depacketizer.flush():
+            await self._decode(au, time.time(), limits)
+        decoder = self._decoder
+        if decoder is None or not decoder.alive:
+            return
+        tag = self._next_tag
+        self._next_tag += 1
+        self._in_flight += 1
+        self._all_done.clear()
+        self._last_output = time.monotonic()
+        with contextlib.suppress(DecoderCrashed):
+            await decoder.flush(tag)
+
     async def _watch_decoder(self) -> None:
         """Kill a decoder that has work but has said nothing for a while (it then restarts)."""
         while True:
@@ -537,6 +561,7 @@ class Session:
                 # Let the frames in flight come out of the decoder (a revoked device's are discarded).
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(FLUSH_TIMEOUT):
+                        await self._end_of_stream()
                         await self._all_done.wait()
             self._closing = True
             if results is not None:
@@ -547,8 +572,8 @@ class Session:
                 await self._decoder.close()
         finally:
             # Bookkeeping happens even when the gateway's shutdown cancels the cleanup above.
-            if self._in_flight:
-                self._drop(metrics.DROP_SESSION_CLOSED, self._in_flight)
+            if self._pending:  # access units whose picture never came out
+                self._drop(metrics.DROP_SESSION_CLOSED, len(self._pending))
             if self._recorder is not None:
                 self._recorder.close()
             if self.services.live.get(device_id) is self:
