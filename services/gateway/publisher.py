@@ -39,6 +39,7 @@ from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue, parse_trim
 from flowcloud.frames import Frame
+from flowcloud.streams import StreamMeta
 from services.gateway import metrics
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,10 @@ class FramePublisher:
         metrics.PUBLISH_QUEUE.set(len(self._queue))
         self._wakeup.set()
 
-    def set_meta(self, stream: str, fields: dict[str, str | int | float]) -> None:
-        """Fields of the stream's metadata hash, written with the next batch (retried until written)."""
-        self._meta.setdefault(stream, {}).update({k: str(v) for k, v in fields.items()})
+    def set_meta(self, stream: str, fields: dict[str, str]) -> None:
+        """Fields of the stream's metadata hash (`StreamMeta.to_fields`), written with the next batch
+        (retried until written)."""
+        self._meta.setdefault(stream, {}).update(fields)
         self._wakeup.set()
 
     def last_seq(self, stream: str) -> int:
@@ -177,7 +179,7 @@ class FramePublisher:
             )
         now = self.clock.now()
         for stream in seqs:
-            meta.setdefault(stream, {})[keys.M_LAST_SEEN] = repr(now)
+            meta.setdefault(stream, {}).update(StreamMeta(last_seen=now).to_fields())
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
             pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, now))})

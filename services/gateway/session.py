@@ -51,6 +51,7 @@ from flowcloud.protocol.framing import read_frame
 from flowcloud.protocol.handshake import MAX_CONTROL_SIZE, REJECT_BUSY, REJECT_MALFORMED, ClockSync, Hello
 from flowcloud.registry import Device, DeviceAuthError, DeviceRegistry
 from flowcloud.settings import GatewaySettings
+from flowcloud.streams import StreamMeta
 from services.gateway import metrics
 from services.gateway.admission import Admission, AdmissionLimits, Refused, reject_frame
 from services.gateway.decoder import DecodedFrame, DecoderPool
@@ -206,18 +207,16 @@ class Session:
             log.warning("session %s: could not announce it to other gateways: %s", self.session_id, exc)
         metrics.SESSIONS.inc()
         started = self.services.publisher.clock.now()  # on Redis's clock, like every time it publishes
-        self.services.publisher.set_meta(
-            device.device_id,
-            {
-                keys.M_DEVICE: device.device_id,
-                keys.M_TENANT: device.tenant,
-                keys.M_WIDTH: hello.stream.width,
-                keys.M_HEIGHT: hello.stream.height,
-                keys.M_FPS: hello.stream.fps,
-                keys.M_STARTED: repr(started),
-                keys.M_STATUS: keys.STATUS_LIVE,
-            },
+        meta = StreamMeta(
+            device=device.device_id,
+            tenant=device.tenant,
+            width=hello.stream.width,
+            height=hello.stream.height,
+            fps=hello.stream.fps,
+            started=started,
+            status=keys.STATUS_LIVE,
         )
+        self.services.publisher.set_meta(device.device_id, meta.to_fields())
         if self.settings.record_dir:
             self._recorder = self._open_recorder(started)
         log.info(
@@ -397,7 +396,8 @@ class Session:
             if self.services.live.get(device_id) is self:
                 del self.services.live[device_id]
                 if self.end_reason != END_REPLACED:  # else the replacing session (maybe elsewhere) owns it
-                    self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
+                    idle = StreamMeta(status=keys.STATUS_IDLE)
+                    self.services.publisher.set_meta(device_id, idle.to_fields())
             metrics.SESSIONS.dec()
             self.services.ended[device_id] += 1
             metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue
+from flowcloud.workers import WorkerHeartbeat
 
 from . import metrics
 
@@ -53,7 +54,9 @@ class Heartbeat:
         try:
             await self.clock.sync_if_due(self.redis)
             now = self.clock.now()  # on Redis's clock, as the API compares it
-            fields = {**self.static, **self.stats, keys.W_STATE: self.state, keys.W_HEARTBEAT: now}
+            beat = WorkerHeartbeat.from_fields({**self.static, **self.stats})
+            beat.state, beat.heartbeat = self.state, now
+            fields = beat.to_fields()
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.worker(self.name), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(keys.worker(self.name), self.ttl)

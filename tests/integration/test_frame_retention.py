@@ -24,6 +24,7 @@ from support.worker import WorkerProcess, frame, pending_total, result_count, re
 
 from flowcloud import keys
 from flowcloud.redis_server import free_port
+from flowcloud.streams import StreamMeta
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def redis_lag(client: redis.Redis) -> int:
 
 
 def trimmed(client: redis.Redis) -> int:
-    return int(client.hget(keys.stream_meta(STREAM), keys.M_TRIMMED_UNREAD) or 0)
+    return StreamMeta.from_fields(client.hgetall(keys.stream_meta(STREAM))).trimmed_unread or 0
 
 
 def complete_worker(

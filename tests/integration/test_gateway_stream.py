@@ -32,6 +32,7 @@ from support.waiting import eventually
 from flowcloud import keys
 from flowcloud.protocol.framing import Rfc4571Decoder
 from flowcloud.registry import DeviceRegistry
+from flowcloud.streams import StreamMeta
 from services.gateway.server import Gateway
 
 FRAMES = 45
@@ -65,10 +66,15 @@ def test_libx264_stream_end_to_end(redis_url: str, tmp_path: Path) -> None:
             await edge.close()
             assert await session_ended(gw, "cam-1")
         check_frames(redis_url, "cam-1", FRAMES, t0, published_offset(edge, gw))
-        meta = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.stream_meta("cam-1"))
-        assert meta[keys.M_DEVICE] == "cam-1" and meta[keys.M_TENANT] == "acme"
-        assert (meta[keys.M_WIDTH], meta[keys.M_HEIGHT], float(meta[keys.M_FPS])) == ("320", "240", FPS)
-        assert meta[keys.M_STATUS] == keys.STATUS_IDLE and meta[keys.M_LAST_SEQ] == str(FRAMES)
+        meta = StreamMeta.from_fields(redis.Redis.from_url(redis_url).hgetall(keys.stream_meta("cam-1")))
+        assert (meta.device, meta.tenant, meta.width, meta.height, meta.fps) == (
+            "cam-1",
+            "acme",
+            320,
+            240,
+            FPS,
+        )
+        assert meta.status == keys.STATUS_IDLE and meta.last_seq == FRAMES and meta.trimmed_unread is None
         # The recording holds exactly the RTP packets sent after the handshake.
         (recording,) = (tmp_path / "rec").glob("cam-1-*.rfc4571")
         assert Rfc4571Decoder().feed(recording.read_bytes()) == packets
