@@ -10,7 +10,8 @@ is lost is counted through ``on_drop``:
   every access unit whose picture had not come out, ``decoder_crash``. A started spare takes over;
 - at the end of the session, whatever never came out: ``session_closed`` (`discard`).
 
-After any of these, ``on_trouble`` tells the packet pipeline to wait for the next IDR. At the end
+After any of these, ``on_trouble`` (with the drop reason) tells the packet pipeline to wait for
+the next IDR. At the end
 of a stream, `flush` lets the decoder give out the pictures it holds back to reorder B-frames.
 """
 
@@ -45,7 +46,7 @@ class SessionDecoder:
         stall_timeout: float,
         on_frame: Callable[[DecodedFrame, UnitTimes], object],
         on_drop: Callable[[str, int], object],
-        on_trouble: Callable[[], object],
+        on_trouble: Callable[[str], object],
         name: str = "session",
     ) -> None:
         self.pool = pool
@@ -165,10 +166,10 @@ class SessionDecoder:
                 self._on_frame(out, times)
             elif isinstance(out, DecodeFailure):
                 self._pending.pop(out.tag, None)
-                self._on_drop(
-                    metrics.DROP_DIMENSIONS if out.code == ERROR_DIMENSIONS else metrics.DROP_DECODE_ERROR, 1
-                )
-                self._on_trouble()
+                dimensions = out.code == ERROR_DIMENSIONS
+                reason = metrics.DROP_DIMENSIONS if dimensions else metrics.DROP_DECODE_ERROR
+                self._on_drop(reason, 1)
+                self._on_trouble(reason)
                 log.info("%s: %s: %s", self.name, out.code, out.message)
             elif isinstance(out, AccessUnitDone):
                 self._in_flight = max(0, self._in_flight - 1)
@@ -182,7 +183,7 @@ class SessionDecoder:
         self._all_done.set()
         if lost:
             self._on_drop(metrics.DROP_DECODER_CRASH, lost)
-        self._on_trouble()
+        self._on_trouble(metrics.DROP_DECODER_CRASH)
         metrics.DECODER_RESTARTS.inc()
         log.warning("%s: %s; %d frames lost, restarting it", self.name, exc, lost)
         self._process = await self.pool.acquire()

@@ -18,7 +18,9 @@ RTP/H.264) and gives out the access units the decoder may have, each with its ti
 Every drop is reported by reason through ``on_drop`` and counted in ``dropped``. No sockets, no
 sleeping: the session does the I/O, and tests drive the pipeline with bytes
 (`tests/unit/test_packet_pipeline.py`). Whatever a frame should carry from here on (per-stage
-times, say) goes in `UnitTimes`; a wish for a keyframe starts in `await_idr`.
+times, say) goes in `UnitTimes`. ``on_keyframe_wanted`` hears (with the reason) each time the
+stream starts to need an IDR, and ``want_keyframe`` is true until one passes: what a keyframe
+request back to the edge needs.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class PacketPipeline:
         on_drop: Callable[[str, int], object] | None = None,
         on_malformed: Callable[[ProtocolError], object] | None = None,
         decoder_refusal: Callable[[], str | None] = lambda: None,
+        on_keyframe_wanted: Callable[[str], object] | None = None,
         name: str = "session",
     ) -> None:
         """``clock_offset`` maps edge capture times to this machine's clock (the handshake's);
@@ -92,6 +95,8 @@ class PacketPipeline:
         self.dropped: Counter[str] = Counter()
         self._on_drop = on_drop
         self._decoder_refusal = decoder_refusal
+        self._on_keyframe_wanted = on_keyframe_wanted
+        self.want_keyframe = False  # something was lost since the last IDR went to the decoder
         self.reader = AccessUnitReader(
             limits.max_nal_size,
             limits.max_access_unit_size,
@@ -116,20 +121,29 @@ class PacketPipeline:
         """End of the stream: the access unit the depacketizer still holds, if it may be decoded."""
         return self._clear(self.reader.flush(), now)
 
-    def await_idr(self) -> None:
+    def await_idr(self, reason: str) -> None:
         """Nothing but an IDR may be decoded next (after a drop, a decode error, a decoder restart)."""
         self._need_idr = True
+        self._wanted(reason)
+
+    def _wanted(self, reason: str) -> None:
+        if not self.want_keyframe:
+            self.want_keyframe = True
+            if self._on_keyframe_wanted is not None:
+                self._on_keyframe_wanted(reason)
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] += count
         if self._on_drop is not None:
             self._on_drop(reason, count)
+        if reason != DROP_AWAIT_IDR:  # the depacketizer's own losses want a keyframe too
+            self._wanted(reason)
 
     def _clear(self, units: Iterable[AccessUnit], recv_ts: float) -> Iterator[ClearedUnit]:
         for au in units:
             if not self.frames.try_take():
                 self._drop(DROP_RATE_LIMIT)
-                self.await_idr()
+                self.await_idr(DROP_RATE_LIMIT)
                 continue
             if not self._size_allowed(au):
                 continue
@@ -139,9 +153,11 @@ class PacketPipeline:
             refusal = self._decoder_refusal()
             if refusal is not None:
                 self._drop(refusal)
-                self.await_idr()
+                self.await_idr(refusal)
                 continue
             self._need_idr = False
+            if au.keyframe:
+                self.want_keyframe = False
             capture_ts = au.capture_time + self.clock_offset if au.capture_time is not None else recv_ts
             yield ClearedUnit(au.to_annexb(), au.keyframe, UnitTimes(capture_ts, recv_ts))
 
@@ -152,7 +168,7 @@ class PacketPipeline:
         if len(sps_nals) > MAX_SPS_PER_ACCESS_UNIT:
             log.debug("%s: access unit with %d SPSs dropped", self.name, len(sps_nals))
             self._drop(DROP_MALFORMED)
-            self.await_idr()
+            self.await_idr(DROP_MALFORMED)
             return False
         for nal in sps_nals:
             if nal == self._last_sps:
@@ -162,7 +178,7 @@ class PacketPipeline:
             except ProtocolError as exc:
                 log.debug("%s: access unit dropped: %s", self.name, exc)
                 self._drop(DROP_MALFORMED)
-                self.await_idr()
+                self.await_idr(DROP_MALFORMED)
                 return False
             self._last_sps = nal
             if sps.width <= limits.max_width and sps.height <= limits.max_height:
@@ -181,6 +197,6 @@ class PacketPipeline:
             self._oversized_sps.add(sps.sps_id)
         if self._oversized_sps:
             self._drop(DROP_DIMENSIONS)
-            self.await_idr()
+            self.await_idr(DROP_DIMENSIONS)
             return False
         return True

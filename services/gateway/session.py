@@ -264,7 +264,7 @@ class Session:
             s.decoder_stall_timeout,
             on_frame=self._publish,
             on_drop=self._drop,
-            on_trouble=lambda: pipeline.await_idr(),
+            on_trouble=lambda reason: pipeline.await_idr(reason),
             name=name,
         )
         pipeline = PacketPipeline(

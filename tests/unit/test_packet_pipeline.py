@@ -81,16 +81,23 @@ def test_above_the_frame_rate_units_are_dropped_until_the_next_idr() -> None:
 
 def test_a_decoder_refusal_or_trouble_waits_for_the_next_idr() -> None:
     asked = iter(range(100))
-    p = pipeline(decoder_refusal=lambda: "decoder_backlog" if next(asked) == 2 else None)
+    wanted: list[str] = []
+    p = pipeline(
+        decoder_refusal=lambda: "decoder_backlog" if next(asked) == 2 else None,
+        on_keyframe_wanted=wanted.append,
+    )
     cleared = []
     for unit in p.feed(stream_bytes(), recv_ts=T0):
         cleared.append(unit.times.capture_ts)
+        assert not p.want_keyframe  # what goes on is decodable: nothing lost since its IDR
         if len(cleared) == 5:
-            p.await_idr()  # say, a decode error: it applies to the very next unit
+            p.await_idr("decode_error")  # it applies to the very next unit
     # 0, 1 go; 2 refused; 3-14 wait for the IDR at 15; 15-17 go; 18-29 wait again (no IDR left).
     index = [round((ts - T0 - OFFSET) * FPS) for ts in cleared]
     assert index == [0, 1, 15, 16, 17]
     assert p.dropped == {"decoder_backlog": 1, "await_idr": 12 + 12}
+    # Heard once each time the stream starts to need an IDR.
+    assert p.want_keyframe and wanted == ["decoder_backlog", "decode_error"]
 
 
 def test_malformed_packets_in_a_row_end_the_stream_after_the_good_units() -> None:
