@@ -75,6 +75,7 @@ class StreamInfo:
     started: float | None
     last_seen: float | None
     last_seq: int | None
+    trimmed_unread: int
     results: int
     latest_result_seq: int | None
     latency: LatencySummary = field(default_factory=LatencySummary)
@@ -178,6 +179,7 @@ class StreamQueries:
             started=described.started,
             last_seen=last_seen,
             last_seq=described.last_seq,
+            trimmed_unread=described.trimmed_unread or 0,
             results=count,
             latest_result_seq=latest,
             latency=LatencySummary.of(results),
