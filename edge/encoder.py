@@ -19,7 +19,7 @@ from typing import Protocol
 import av
 import numpy as np
 
-from edge import rfc4571
+from edge import upstream
 from edge.frames import EncodedFrame, Picture, StreamShape
 from flowcloud.protocol.h264 import NAL_TYPE_IDR, nal_type, split_annexb
 from flowcloud.x264 import libx264_encoder
@@ -169,7 +169,7 @@ class GstEncoder:
         chunks = iter(lambda: stdout.read1(65536), b"")  # type: ignore[attr-defined]
         try:
             # rtph264pay marks the last packet of every access unit, so none is left to flush.
-            for au in rfc4571.access_units(chunks, "GStreamer encoder"):
+            for au in upstream.access_units(chunks, "GStreamer encoder"):
                 self._out.put(au.nals)
         finally:
             self._out.put(None)

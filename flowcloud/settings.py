@@ -87,7 +87,9 @@ class GatewaySettings(ServiceSettings):
         "jpeg", description="how frames are stored on the stream: jpeg or raw"
     )
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
-    frames_maxlen: int = Field(2000, ge=10, description="approximate MAXLEN of the frames stream")
+    frames_maxlen: int = Field(
+        2000, ge=10, description="frames the stream keeps; unread ones beyond it are trimmed and counted"
+    )
     handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
     max_sessions: int = Field(256, ge=1, description="live sessions at most")
     max_connections_per_ip: int = Field(16, ge=1, description="concurrent connections per client address")

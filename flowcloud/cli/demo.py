@@ -41,6 +41,7 @@ from flowcloud.registry import DeviceRegistry
 from flowcloud.results import META_FIELD, MaskResult, decode_label_map
 from flowcloud.settings import ServiceSettings
 from flowcloud.stack import Service, Stack
+from flowcloud.streams import StreamMeta
 
 DEMO_DEVICE = "demo-cam"
 DEMO_TENANT = "demo"
@@ -76,8 +77,8 @@ async def register_demo_device(redis_url: str, device_id: str = DEMO_DEVICE) -> 
 
 
 def last_seq(client: redis.Redis, stream: str) -> int:
-    value = client.hget(keys.stream_meta(stream), keys.M_LAST_SEQ)
-    return int(cast(bytes, value)) if value else 0
+    meta = StreamMeta.from_fields(cast(dict[bytes, bytes], client.hgetall(keys.stream_meta(stream))))
+    return meta.last_seq or 0
 
 
 @dataclass

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from flowcloud import keys
+from flowcloud.frame_queue import ensure_group as ensure_group  # the group's one owner; used by the consumer
 from flowcloud.frames import Frame
 from flowcloud.replies import text
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS_TTL = 24 * 3600  # failure counters outlive any sane retry schedule, but not forever
 START_ID = "0-0"
+DROP_TRIMMED_PENDING = "trimmed_pending"  # read by a worker that died, trimmed before another reclaimed it
 
 
 @dataclass
@@ -61,16 +62,6 @@ def parse_entries(raw: Any) -> list[Entry]:
     return out
 
 
-async def ensure_group(redis: Redis) -> None:
-    """Create the workers' consumer group (and the stream) unless it exists."""
-    try:
-        await redis.xgroup_create(keys.FRAMES_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
-        log.info("created consumer group %s on %s", keys.WORKER_GROUP, keys.FRAMES_STREAM)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
 @dataclass
 class Recovery:
     redis: Redis
@@ -92,6 +83,10 @@ class Recovery:
         )
         cursor, raw = reply[0], reply[1]
         self._cursor = text(cursor)
+        if len(reply) > 2 and reply[2]:  # pending, but trimmed away (Redis removed them from the group)
+            metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
+            log.warning("%d pending frames were trimmed from the stream before a worker acknowledged them",
+                        len(reply[2]))  # fmt: skip
         entries = parse_entries(raw)
         if not entries:
             return []

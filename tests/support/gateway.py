@@ -78,12 +78,24 @@ def rtp_packets(access_units: list[list[bytes]], t0: float, fps: float = FPS, mt
     return out
 
 
-def gst_capture(path: Path, frames: int, width: int = 320, height: int = 240) -> bytes:
+GST_ZEROLATENCY = "x264enc tune=zerolatency key-int-max=15 speed-preset=ultrafast"
+# Two B-frames between references: the decoder holds pictures back to reorder them. x264enc makes
+# none at 10-bit 4:4:4 (what it would pick), with ultrafast, or in the baseline profile (what
+# rtph264pay would ask for).
+GST_BFRAMES = (
+    "videoconvert ! video/x-raw,format=I420 ! "
+    "x264enc bframes=2 b-adapt=false key-int-max=15 speed-preset=superfast ! video/x-h264,profile=main"
+)
+
+
+def gst_capture(
+    path: Path, frames: int, width: int = 320, height: int = 240, encoder: str = GST_ZEROLATENCY
+) -> bytes:
     """RFC 4571 bytes written by GStreamer (x264enc ! rtph264pay ! rtpstreampay), made once per path."""
     if not path.exists():
         pipeline = (
             f"videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width={width},height={height},"
-            "framerate=30/1 ! x264enc tune=zerolatency key-int-max=15 speed-preset=ultrafast ! "
+            f"framerate=30/1 ! {encoder} ! "
             f"rtph264pay config-interval=1 mtu=1000 ! rtpstreampay ! filesink location={path}"
         )
         subprocess.run(
