@@ -71,4 +71,3 @@ def test_two_gloo_processes_train_the_weights_of_one(data: Path, tmp_path: Path)
         for key in ("loss", "pixel_accuracy", "mean_iou", "val_loss", "val_pixel_accuracy", "val_mean_iou"):
             assert x[key] == pytest.approx(y[key], abs=METRIC_ATOL), key
         assert x["val_iou"].keys() == y["val_iou"].keys()
-

@@ -15,7 +15,13 @@ import torch
 
 from flowcloud.cli.main import main
 from tests.support.cli import REPO, flowcloud
-from tests.support.training import assert_same_weights, load_checkpoint, metrics, tiny_dataset, tiny_train_args
+from tests.support.training import (
+    assert_same_weights,
+    load_checkpoint,
+    metrics,
+    tiny_dataset,
+    tiny_train_args,
+)
 from tests.support.waiting import wait_for
 
 # 3 epochs of 4 steps of 2 images, a checkpoint after every step.

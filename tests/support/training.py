@@ -41,7 +41,9 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float) -> None:
+def assert_same_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float
+) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():
         torch.testing.assert_close(value, b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
