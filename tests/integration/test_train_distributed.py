@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from flowcloud.cli.main import main
-from tests.support.cli import REPO
-from tests.support.training import (
+from support.cli import REPO
+from support.training import (
     RUN_FILES,
     assert_same_weights,
     free_port,
@@ -21,6 +19,8 @@ from tests.support.training import (
     tiny_dataset,
     tiny_train_args,
 )
+
+from flowcloud.cli.main import main
 
 # SGD is linear in the gradients, so summation order moves weights by float rounding only (we see
 # ~2e-6 relative after 4 steps). Adam divides by the gradients' size: where a gradient is ~0, rounding

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flowcloud.cli.main import main
-from tests.support.cli import REPO, flowcloud
-from tests.support.training import (
+from support.cli import REPO, flowcloud
+from support.training import (
     assert_same_weights,
     load_checkpoint,
     metrics,
     tiny_dataset,
     tiny_train_args,
 )
-from tests.support.waiting import wait_for
+from support.waiting import wait_for
+
+from flowcloud.cli.main import main
 
 # 3 epochs of 4 steps of 2 images, a checkpoint after every step.
 STEPS = (

@@ -46,7 +46,7 @@ def assert_same_weights(
 ) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():
-        torch.testing.assert_close(value, b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(value, b[key], rtol=rtol, atol=atol, msg=f"{key} differs")
 
 
 def metrics(out: Path) -> list[dict[str, Any]]:
