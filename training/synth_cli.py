@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from flowcloud.cli.main import CommandError
 from flowcloud.sizes import parse_size
-from training.codec import Mp4Writer, h264_roundtrip
 from training.synth import SceneSequence
 
 log = logging.getLogger(__name__)
@@ -131,6 +130,8 @@ def write_dataset(
     codec_crf: tuple[int, int] = (20, 36),
 ) -> SynthSummary:
     """Render ``frames`` frames into ``out`` in the Cityscapes layout (and optionally an MP4)."""
+    from training.codec import Mp4Writer, h264_roundtrip  # PyAV only where a codec is used
+
     height, width = size
     length = sequence_length or frames
     image_dir = out / "leftImg8bit" / split / city_name(seed)

@@ -657,8 +657,11 @@ def _resume(run: Training) -> tuple[int, int, dict[str, Any] | None]:
 
 def plot_history(history: list[dict[str, Any]], out_dir: Path) -> None:
     """loss.png, accuracy.png and miou.png: training and validation curves per epoch."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the train extra is not installed (e.g. a bare GPU image): no charts
+        log.warning("matplotlib is not installed (pip install 'flowcloud[train]'): no charts written")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
