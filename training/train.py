@@ -563,7 +563,8 @@ def _train(args: argparse.Namespace, ranks: Ranks) -> Outcome:
             progress = EpochProgress.restore(label_set.num_classes, partial, ranks)
             stopped = run.train_epoch(epoch, start_step, progress, preemption)
             if stopped is not None:
-                log.warning("SIGTERM: checkpointed epoch %d after step %d; stopping", epoch, stopped)
+                if ranks.is_main:
+                    log.warning("SIGTERM: checkpointed epoch %d after step %d; stopping", epoch, stopped)
                 return Outcome(run.history, ranks.is_main, (epoch, stopped))
             start_step, partial = 0, None
             record: dict[str, Any] = {"epoch": epoch, "lr": lr_scheduler.get_last_lr()[0]}
