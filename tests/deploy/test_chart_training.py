@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import kubernetes_validate
 import pytest
+import yaml
 from torch.distributed.run import get_args_parser
 
 from .conftest import CHART, parse_cli
@@ -62,6 +63,13 @@ def test_torchrun_rendezvous_through_the_headless_service(objs: list[Obj]) -> No
     train_args = args.training_script_args[1:]
     parse_cli(["flowcloud", "train", *train_args])
     assert {"--data=/data", "--output-dir=/output", "--device=cuda", "--sync-bn"} <= set(train_args)
+
+
+def test_pod_hostnames_fit_in_a_dns_label() -> None:
+    long = helm("template", "r" * 53, str(CHART), *TWO_NODES, "--show-only", "templates/training-job.yaml")
+    job = next(o for o in yaml.safe_load_all(long.stdout) if o and o["kind"] == "Job")
+    assert job["metadata"]["name"].endswith("-train")
+    assert len(f"{job['metadata']['name']}-{job['spec']['completions'] - 1}") <= 63
 
 
 def test_gpus_per_pod_and_resources(objs: list[Obj]) -> None:
