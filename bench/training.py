@@ -129,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["images_per_s"]
     for row in rows:
         row["scaling"] = round(row["images_per_s"] / base, 2)
-    report: dict[str, Any] = {"device": args.device, "model": args.model, "size": args.size, "rows": rows}
+    report: dict[str, Any] = {
+        "device": args.device,
+        "model": args.model,
+        "size": args.size,
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),
+        "rows": rows,
+    }
     if args.device == "cuda":
         # Estimates (not measurements): the recipe's global batch 8 as per-GPU batch 8/N, step time taken
         # as the measured per-process step time at --batch, scaled by the measured N-process efficiency.
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['processes']:>9} {r['threads_per_process']:>7} {r['global_batch']:>5} {r['step_s']:>7.3f} "
             f"{r['images_per_s']:>9.2f} {r['scaling']:>7.2f}  {r['all_step_s']}"
         )
+    print(f"load average (1 min) at the end: {report['load_average_1m_at_end']}")
     if "recipe_estimates_h" in report:
         print(f"ESTIMATED recipe time (80k iterations, batch 8): {report['recipe_estimates_h']} hours")
     if args.json:
