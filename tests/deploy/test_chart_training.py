@@ -33,7 +33,11 @@ def test_off_by_default() -> None:
 
 
 def test_the_job_and_its_service_validate_strictly(objs: list[Obj]) -> None:
-    for obj in (one(objs, "Job", "train"), one(objs, "Service", "train")):
+    for obj in (
+        one(objs, "Job", "train"),
+        one(objs, "Service", "train"),
+        one(objs, "NetworkPolicy", "train"),
+    ):
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(obj, version, strict=True)
 
@@ -99,6 +103,16 @@ def test_the_same_restricted_security_context_as_the_services(objs: list[Obj]) -
     assert next(containers(job))["securityContext"] == next(containers(worker))["securityContext"]
     assert pod_spec(job)["automountServiceAccountToken"] is False
     assert pod_spec(job)["securityContext"]["runAsNonRoot"] is True
+
+
+def test_only_training_pods_reach_training_pods(objs: list[Obj]) -> None:
+    policy = one(objs, "NetworkPolicy", "train")
+    pod_labels = one(objs, "Job", "train")["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items() and policy["spec"]["policyTypes"] == ["Ingress"]
+    # One rule: from the training pods, on any port (the rendezvous, then NCCL's own ports).
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+    assert not by_kind(render(*ON, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 def test_preemption_does_not_count_as_failure(objs: list[Obj]) -> None:
