@@ -22,6 +22,8 @@ from support.training import (
 
 from flowcloud.cli.main import main
 
+pytestmark = pytest.mark.slow
+
 # SGD is linear in the gradients, so summation order moves weights by float rounding only (we see
 # ~2e-6 relative after 4 steps). Adam divides by the gradients' size: where a gradient is ~0, rounding
 # flips its sign and the step (lr) with it, so Adam runs agree on metrics but not to this tolerance.

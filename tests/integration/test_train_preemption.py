@@ -24,6 +24,8 @@ from support.waiting import wait_for
 
 from flowcloud.cli.main import main
 
+pytestmark = pytest.mark.slow
+
 # 3 epochs of 4 steps of 2 images, a checkpoint after every step.
 STEPS = (
     "--batch-size", "2", "--epochs", "3", "--steps-per-epoch", "4", "--optimizer", "sgd", "--lr", "0.05",
