@@ -14,7 +14,7 @@
 # Goal: deeplabv3_resnet50 at 256x512 >= 300 frames/s on an H100 with >= 99 % of pixels equal
 # to fp32 (the "agree" column).
 #
-# Training (issue 17) is a run of its own: its wheels (OpenCV for the data pipeline, tqdm) and the
+# Training (issue 17) is a run of its own: its wheels (OpenCV, tqdm, pydantic; 63.6 MiB) and the
 # worker's do not fit in one carry.
 #   1. here:                           bash bench/gpu_check.sh --prepare-training
 #      puts them into .gpu-deps-training/ (gitignored)
@@ -33,7 +33,9 @@ if [[ "${1:-}" == "--prepare-training" ]]; then
     set -e
     PIP=${PIP:-.venv/bin/pip}
     rm -rf .gpu-deps-training && mkdir -p .gpu-deps-training/wheels
-    pkgs=$("$PIP" list --format=freeze 2>/dev/null | grep -iE '^(opencv-python-headless|tqdm)==')
+    # OpenCV and tqdm for the data pipeline, pydantic for the CLI (matplotlib stays out: no charts then).
+    pkgs=$("$PIP" list --format=freeze 2>/dev/null | grep -iE \
+        '^(opencv-python-headless|tqdm|pydantic|pydantic[-_]core|pydantic[-_]settings|annotated[-_]types|typing[-_]inspection|python[-_]dotenv)==')
     # shellcheck disable=SC2086
     "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
