@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench.protocol", "bench.gateway", "bench.worker", "bench.api")
+BENCHMARKS = ("bench.protocol", "bench.gateway", "bench.worker", "bench.api", "bench.training")
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -35,8 +35,13 @@ def evaluate(
     amp: bool = False,
     progress: bool = False,
     total: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[SegmentationScores, float]:
-    """Scores and mean cross-entropy (ignoring 255) of ``model`` over (image, target) batches."""
+    """Scores and mean cross-entropy (ignoring 255) of ``model`` over (image, target) batches.
+
+    With ``reduce`` (an in-place sum across processes), each process passes its share of the
+    batches and all get the scores of the whole set, the same as one process over all of it.
+    """
     model.eval()
     matrix = ConfusionMatrix(num_classes)
     loss_sum, pixels = 0.0, 0
@@ -60,6 +65,10 @@ def evaluate(
                 loss_sum += float(F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum"))
                 pixels += valid
             matrix.update(target, logits.argmax(1))
+    if reduce is not None:
+        reduce(matrix.mat)
+        sums = reduce(torch.tensor([loss_sum, float(pixels)], dtype=torch.float64))
+        loss_sum, pixels = float(sums[0]), int(sums[1])
     return matrix.scores(), loss_sum / max(pixels, 1)
 
 

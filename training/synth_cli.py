@@ -21,8 +21,6 @@ from tqdm import tqdm
 
 from flowcloud.cli.errors import CommandError
 from flowcloud.sizes import parse_size
-from flowcloud.x264 import Mp4Writer
-from training.codec import h264_roundtrip
 from training.synth import SceneSequence
 
 log = logging.getLogger(__name__)
@@ -135,6 +133,9 @@ def write_dataset(
     codec_crf: tuple[int, int] = (20, 36),
 ) -> SynthSummary:
     """Render ``frames`` frames into ``out`` in the Cityscapes layout (and optionally an MP4)."""
+    from flowcloud.x264 import Mp4Writer  # PyAV only where a codec is used
+    from training.codec import h264_roundtrip
+
     height, width = size
     length = sequence_length or frames
     image_dir = out / "leftImg8bit" / split / city_name(seed)
