@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.labels import TRAIN_IDS, class_shares
+from flowcloud.percentile import percentile
 from flowcloud.redis_server import EmbeddedRedis, free_port
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from services.api.apikeys import ApiKeyStore
@@ -51,17 +52,21 @@ class LoadResult:
     errors: int
     seconds: float
     latencies: list[float]
+    offered: int = 0  # open loop: requests scheduled (due) within the run; 0 in a closed loop
+    window: float = 0.0  # open loop: the seconds they were scheduled over
 
     def summary(self) -> dict[str, float]:
-        lat = np.asarray(self.latencies) if self.latencies else np.zeros(1)
+        lat = self.latencies or [0.0]
         return {
             "requests": self.ok,
             "errors": self.errors,
+            "offered_rps": self.offered / self.window if self.window else 0.0,
+            "unanswered": max(self.offered - self.ok - self.errors, 0),
             "rps": self.ok / self.seconds,
-            "p50": float(np.percentile(lat, 50)),
-            "p95": float(np.percentile(lat, 95)),
-            "p99": float(np.percentile(lat, 99)),
-            "max": float(lat.max()),
+            "p50": percentile(lat, 50),
+            "p95": percentile(lat, 95),
+            "p99": percentile(lat, 99),
+            "max": max(lat),
         }
 
 
@@ -93,7 +98,7 @@ async def load(
     ).encode()
     conns = [await _connection(host, port) for _ in range(connections)]
     latencies: list[float] = []
-    counts = {"sent": 0, "ok": 0, "errors": 0}
+    counts = {"sent": 0, "ok": 0, "errors": 0, "offered": 0}
     start = time.perf_counter()
     end = start + seconds
     due: asyncio.Queue[float] = asyncio.Queue()
@@ -125,20 +130,29 @@ async def load(
                 await asyncio.sleep(delay)
             due.put_nowait(at)
             n += 1
+            counts["offered"] = n
 
     tasks = [asyncio.create_task(client(r, w)) for r, w in conns]
     if rate:
         await schedule()
-        while not due.empty() and time.perf_counter() < end + 5:  # let the backlog drain
+        # Let the backlog drain: every offered request answered, or 5 s more at most.
+        while counts["ok"] + counts["errors"] < counts["offered"] and time.perf_counter() < end + 5:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
         for task in tasks:
             task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = max(seconds, time.perf_counter() - start) if rate else time.perf_counter() - start
     for _reader, writer in conns:
         writer.close()
-    return LoadResult(counts["sent"], counts["ok"], counts["errors"], elapsed, latencies)
+    return LoadResult(
+        counts["sent"],
+        counts["ok"],
+        counts["errors"],
+        elapsed,
+        latencies,
+        offered=counts["offered"],
+        window=seconds if rate else 0.0,
+    )
 
 
 def _generator_main(args: argparse.Namespace) -> int:
@@ -260,17 +274,31 @@ def bench(seconds: float, connections: int, rate: float, latest_cache_ms: float)
     print(
         f"masks/latest API CPU per request: {cpu:.0f} us, so one free core serves about {1e6 / cpu:.0f} req/s"
     )
-    latest = opened["masks/latest"]
-    met = (
-        closed["masks/latest"]["rps"] >= GOAL_RPS
-        and latest["rps"] >= 0.98 * rate
-        and latest["p99"] <= GOAL_P99
-    )
-    print(
-        f"goal >= {GOAL_RPS:.0f} req/s with p99 <= {GOAL_P99 * 1e3:.0f} ms: "
-        f"{'met' if met else 'NOT met'} (open loop at {rate:.0f}/s: p99 {latest['p99'] * 1e3:.1f} ms)"
-    )
+    met, why = goal_verdict(closed["masks/latest"], opened["masks/latest"])
+    goal = f"goal >= {GOAL_RPS:.0f} req/s with p99 <= {GOAL_P99 * 1e3:.0f} ms"
+    print(f"{goal}: {'met' if met else 'NOT met'} ({why})")
     return 0
+
+
+def goal_verdict(closed: dict[str, float], opened: dict[str, float]) -> tuple[bool, str]:
+    """Whether the masks route meets the goal, and why: the open loop offered at least the goal's
+    rate and every offered request was answered with p99 (from when it was due) within the goal;
+    the closed loop shows the capacity. The delivered rate is not judged: it trails the offered one
+    by the requests still in flight when the window closes."""
+    offered, p99 = opened["offered_rps"], opened["p99"]
+    why = (
+        f"open loop offered {offered:.0f}/s: {opened['requests']:.0f} answered, "
+        f"{opened['unanswered']:.0f} unanswered, {opened['errors']:.0f} errors, p99 {p99 * 1e3:.1f} ms; "
+        f"closed loop {closed['rps']:.0f}/s"
+    )
+    met = (
+        offered >= GOAL_RPS
+        and opened["unanswered"] == 0
+        and opened["errors"] == 0
+        and p99 <= GOAL_P99
+        and closed["rps"] >= GOAL_RPS
+    )
+    return met, why
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from edge.sources import Pacer, SyntheticSource, _Stoppable
 from edge.spool import Spool
 from flowcloud import keys
 from flowcloud.frames import Frame
+from flowcloud.percentile import percentile
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import EdgeSettings, GatewaySettings
@@ -81,10 +81,6 @@ class LoopedStreet(_Stoppable):
             i += 1
 
 
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20, method="inclusive")[18] if len(values) > 1 else values[0]
-
-
 async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: float) -> dict[str, float]:
     client = Redis.from_url(url)
     _, token = await DeviceRegistry(client).add("bench-cam")
@@ -128,8 +124,8 @@ async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: fl
         "backfilled": len(received),
         "drain_seconds": drained - restarted,
         "backfill_fps": len(received) / max(last - first, 1e-3),
-        "live_p95_before": p95(before),
-        "live_p95_during": p95(during),
+        "live_p95_before": percentile(before, 95),
+        "live_p95_during": percentile(during, 95),
         "live_frames_during": len(during),
     }
 

@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import cast
@@ -44,43 +43,32 @@ from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import frame
-from flowcloud.protocol.h264 import Packetizer, split_annexb, to_annexb
+from flowcloud.protocol.h264 import Packetizer, to_annexb
 from flowcloud.protocol.handshake import Hello, StreamInfo, client_handshake
 from flowcloud.protocol.tls import client_context
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import GatewaySettings
+from flowcloud.x264 import encode_access_units, libx264_encoder
 
 WIDTH, HEIGHT, FPS = 640, 480, 30
 
 
 def encode(frames: int, bitrate: int = 2_000_000, gop: int = 30) -> list[list[bytes]]:
     """NAL units per access unit of a moving 640x480 scene, libx264 zerolatency (like the edge)."""
-    codec = av.CodecContext.create("libx264", "w")
-    codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-    codec.time_base = Fraction(1, FPS)
-    codec.framerate = Fraction(FPS, 1)
-    codec.bit_rate = bitrate
-    codec.gop_size = gop
-    codec.options = {
-        "preset": "veryfast",
-        "tune": "zerolatency",
-        "x264-params": f"keyint={gop}:min-keyint={gop}",
-    }
+    codec = libx264_encoder(WIDTH, HEIGHT, FPS, preset="veryfast", keyframe_interval=gop, bitrate=bitrate)
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     rng = np.random.default_rng(1)
     noise = rng.integers(0, 24, (HEIGHT, WIDTH, 3), dtype=np.uint8)
-    out: list[list[bytes]] = []
-    for i in range(frames):
+
+    def scene(i: int) -> np.ndarray:
         img = np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, ((xx // 4 + yy // 4) + 5 * i) % 256], axis=-1)
         img = img.astype(np.uint8) + noise
         cx, cy = int(320 + 220 * np.sin(i / 15)), int(240 + 150 * np.cos(i / 20))
         img[max(0, cy - 50) : cy + 50, max(0, cx - 70) : cx + 70] = (230, 40, 40)
-        picture = av.VideoFrame.from_ndarray(img, format="rgb24")
-        picture.pts = i
-        out.extend(split_annexb(bytes(p)) for p in codec.encode(picture))
-    out.extend(split_annexb(bytes(p)) for p in codec.encode(None))
-    return out
+        return img
+
+    return encode_access_units(codec, (scene(i) for i in range(frames)))
 
 
 def bare_decode_fps(units: list[list[bytes]], repeats: int = 3) -> float:

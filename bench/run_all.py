@@ -10,7 +10,14 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench.protocol", "bench.gateway", "bench.worker", "bench.api", "bench.edge_spool")
+BENCHMARKS = (
+    "bench.protocol",
+    "bench.gateway",
+    "bench.worker",
+    "bench.api",
+    "bench.training",
+    "bench.edge_spool",
+)
 
 
 def main() -> int:

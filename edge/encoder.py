@@ -19,9 +19,10 @@ from typing import Protocol
 import av
 import numpy as np
 
-from edge import rfc4571
+from edge import upstream
 from edge.frames import EncodedFrame, Picture, StreamShape
 from flowcloud.protocol.h264 import NAL_TYPE_IDR, nal_type, split_annexb
+from flowcloud.x264 import libx264_encoder
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,22 @@ class Libx264Encoder:
 
     def __init__(self, shape: StreamShape, bitrate: int, keyframe_interval: int, threads: int = 0) -> None:
         self.shape = shape
-        codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height = shape.width, shape.height
-        codec.pix_fmt = "yuv420p"
-        codec.time_base = Fraction(1, 90_000)
-        codec.framerate = Fraction(shape.fps).limit_denominator(1001)
-        codec.bit_rate = bitrate
-        codec.gop_size = keyframe_interval
-        codec.thread_count = threads
-        codec.options = {
-            "preset": "ultrafast",
-            "tune": "zerolatency",
-            "forced-idr": "1",
+        codec = libx264_encoder(
+            shape.width,
+            shape.height,
+            shape.fps,
+            keyframe_interval=keyframe_interval,
+            bitrate=bitrate,
+            threads=threads,
+            time_base=Fraction(1, 90_000),  # pts from capture times on the RTP clock
             # repeat-headers: SPS/PPS with every IDR, so a receiver can join at any keyframe.
-            "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:repeat-headers=1:"
-            f"vbv-maxrate={bitrate // 1000}:vbv-bufsize={max(1, bitrate // 1000 // 2)}",
-        }
+            x264_params={
+                "repeat-headers": 1,
+                "vbv-maxrate": bitrate // 1000,
+                "vbv-bufsize": max(1, bitrate // 1000 // 2),
+            },
+            options={"forced-idr": "1"},
+        )
         codec.open()
         self._codec = codec
         self._times: deque[float] = deque()
@@ -175,7 +176,7 @@ class GstEncoder:
         chunks = iter(lambda: stdout.read1(65536), b"")  # type: ignore[attr-defined]
         try:
             # rtph264pay marks the last packet of every access unit, so none is left to flush.
-            for au in rfc4571.access_units(chunks, "GStreamer encoder"):
+            for au in upstream.access_units(chunks, "GStreamer encoder"):
                 self._out.put(au.nals)
         finally:
             self._out.put(None)

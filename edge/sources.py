@@ -32,7 +32,7 @@ import av
 import cv2
 import numpy as np
 
-from edge import rfc4571
+from edge import upstream
 from edge.frames import EncodedFrame, Picture, StreamShape
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import DESCRIPTION_SUFFIX, RECORDING_SUFFIX
@@ -463,7 +463,7 @@ class Rfc4571RelaySource(_H264Relay):
     def _read(self) -> Iterator[EncodedFrame]:
         for conn in self._connections():
             with conn:
-                for au in rfc4571.access_units(self._received(conn), self.what, self.dropped):
+                for au in upstream.access_units(self._received(conn), self.what, self.dropped):
                     yield _relayed(au)
             log.info("rfc4571 relay: upstream disconnected")
 
@@ -514,7 +514,7 @@ class RecordingSource(_H264Relay):
             try:
                 with self.path.open("rb") as file:
                     chunks = iter(functools.partial(file.read, 65536), b"")
-                    for au in rfc4571.access_units(chunks, self.what, self.dropped):
+                    for au in upstream.access_units(chunks, self.what, self.dropped):
                         if not clock.wait(au.timestamp, self._stopped):
                             return
                         replayed += 1

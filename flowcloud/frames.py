@@ -9,6 +9,7 @@ import numpy as np
 import simplejpeg
 
 from flowcloud import keys
+from flowcloud.replies import text_keys
 from flowcloud.settings import FrameEncoding
 
 ENCODINGS: tuple[str, ...] = get_args(FrameEncoding)
@@ -49,7 +50,7 @@ class Frame:
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes] | dict[str, bytes]) -> Frame:
         """Parse a stream entry (bytes keys, as redis-py returns them without decoding)."""
-        f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        f = text_keys(fields)
         try:
             frame = cls(
                 stream=f[keys.F_STREAM].decode(),

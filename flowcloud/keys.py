@@ -48,7 +48,7 @@ STREAMS_INDEX = f"{PREFIX}:streams"  # sorted set: stream id -> last seen (unix 
 
 
 def stream_meta(stream_id: str) -> str:
-    """Hash: device, tenant, width, height, fps, last_seen, started, status."""
+    """Hash: device, tenant, width, height, fps, last_seen, started, status, last_seq, trimmed_unread."""
     return f"{PREFIX}:stream:{stream_id}"
 
 
@@ -67,6 +67,7 @@ M_LAST_SEEN = "last_seen"  # unix seconds of the last frame published
 M_STARTED = "started"  # unix seconds the current (or last) session began
 M_STATUS = "status"  # STATUS_LIVE while a session is open, else STATUS_IDLE
 M_LAST_SEQ = "last_seq"  # the last frame seq handed out (gateways HINCRBY it): unique across replicas
+M_TRIMMED_UNREAD = "trimmed_unread"  # its frames trimmed from FRAMES_STREAM before a worker read them
 # The seqs a live session reserved for the device's spooled frames (HELLO ``spooled``), so that
 # backfilled results sort in capture order: the last one handed out, and the last reserved.
 M_BACKFILL_LAST_SEQ = "backfill_last_seq"

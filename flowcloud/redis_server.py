@@ -1,6 +1,8 @@
 """An embedded redis-server: a real Redis on a free loopback port with its own data directory.
 
 Used by `flowcloud up` / `flowcloud demo` when no FLOWCLOUD_REDIS_URL is set, and by the tests.
+It runs in a session of its own (the terminal's Ctrl-C goes to the supervisor, which stops it
+last) and gets SIGTERM when the process that started it dies (flowcloud.children).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from flowcloud.children import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,9 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:

@@ -29,6 +29,7 @@ from flowcloud.protocol.handshake import (
     REJECT_REVOKED,
     REJECT_UNKNOWN_DEVICE,
 )
+from flowcloud.replies import field_text, text
 
 DEFAULT_TENANT = "default"
 EVENT_REVOKED = "revoked"
@@ -99,8 +100,7 @@ class DeviceEvent:
 
 def parse_event(message: bytes | str) -> DeviceEvent | None:
     """A DEVICE_EVENTS message, or None when it is not one."""
-    text = message.decode(errors="replace") if isinstance(message, bytes) else message
-    kind, *words = text.split(" ")
+    kind, *words = text(message).split(" ")
     if kind in (EVENT_REVOKED, EVENT_ROTATED) and len(words) == 1 and words[0]:
         return DeviceEvent(kind, words[0])
     if kind == EVENT_CONNECTED and len(words) == 2 and all(words):
@@ -108,20 +108,13 @@ def parse_event(message: bytes | str) -> DeviceEvent | None:
     return None
 
 
-def _text(fields: dict[Any, Any], name: str) -> str | None:
-    value = fields.get(name.encode(), fields.get(name))
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _device(device_id: str, fields: dict[Any, Any]) -> Device:
-    rotated = _text(fields, keys.D_ROTATED)
-    revoked = _text(fields, keys.D_REVOKED)
+    rotated = field_text(fields, keys.D_ROTATED)
+    revoked = field_text(fields, keys.D_REVOKED)
     return Device(
         device_id=device_id,
-        tenant=_text(fields, keys.D_TENANT) or DEFAULT_TENANT,
-        created=float(_text(fields, keys.D_CREATED) or 0.0),
+        tenant=field_text(fields, keys.D_TENANT) or DEFAULT_TENANT,
+        created=float(field_text(fields, keys.D_CREATED) or 0.0),
         rotated=float(rotated) if rotated else None,
         revoked=float(revoked) if revoked else None,
     )
@@ -169,9 +162,7 @@ class DeviceRegistry:
 
     async def list(self, tenant: str | None = None) -> list[Device]:
         """All registered devices (revoked ones too), sorted by id."""
-        ids = sorted(
-            m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(keys.DEVICES_INDEX)
-        )
+        ids = sorted(text(m) for m in await self.redis.smembers(keys.DEVICES_INDEX))
         pipe = self.redis.pipeline(transaction=False)
         for device_id in ids:
             pipe.hgetall(keys.device(device_id))
@@ -227,8 +218,8 @@ class DeviceRegistry:
         device = _device(device_id, fields)
         if device.revoked is not None:
             raise DeviceAuthError(REVOKED, f"device {device_id!r} is revoked")
-        salt = _text(fields, keys.D_SALT) or ""
-        expected = _text(fields, keys.D_TOKEN_HASH) or ""
+        salt = field_text(fields, keys.D_SALT) or ""
+        expected = field_text(fields, keys.D_TOKEN_HASH) or ""
         if not expected or not tokens.verify_token(token, salt, expected):
             raise DeviceAuthError(BAD_TOKEN, f"wrong token for device {device_id!r}")
         return device

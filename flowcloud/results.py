@@ -11,14 +11,16 @@ import io
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
-from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.labels import LabelSet
+
+if TYPE_CHECKING:  # the edge's fallback model writes results without the redis package installed
+    from redis.asyncio import Redis
 
 PRODUCER_CLOUD = "cloud"
 PRODUCER_EDGE = "edge"  # the edge's fallback model, while the cloud was unreachable

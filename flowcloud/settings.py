@@ -87,7 +87,9 @@ class GatewaySettings(ServiceSettings):
         "jpeg", description="how frames are stored on the stream: jpeg or raw"
     )
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
-    frames_maxlen: int = Field(2000, ge=10, description="approximate MAXLEN of the frames stream")
+    frames_maxlen: int = Field(
+        2000, ge=10, description="frames the stream keeps; unread ones beyond it are trimmed and counted"
+    )
     backfill_maxlen: int = Field(
         10_000, ge=10, description="approximate MAXLEN of the backfill frames stream (edges' spooled video)"
     )
@@ -148,7 +150,19 @@ class WorkerSettings(ServiceSettings):
     batch_size: int = Field(8, ge=1, le=256, description="frames per batch at most")
     batch_timeout_ms: int = Field(50, ge=1, description="how long to wait to fill a batch")
     mode: FrameMode = Field("realtime", description="realtime (drop stale frames) or complete (process all)")
-    max_frame_age: float = Field(2.0, gt=0, description="realtime mode: older frames are dropped")
+    max_frame_age: float = Field(
+        2.0,
+        gt=0,
+        description="realtime mode: a frame's result is persisted within this many seconds of its "
+        "capture, or the frame is dropped",
+    )
+    max_queued_frames: int = Field(
+        512,
+        ge=1,
+        le=100_000,
+        description="realtime: frames read and waiting for a batch at most (the oldest of the longest "
+        "stream's queue are dropped beyond)",
+    )
     claim_idle_ms: int = Field(30_000, ge=100, description="reclaim pending frames idle this long")
     max_attempts: int = Field(3, ge=1, description="failures before a frame is dead-lettered")
     drain_timeout: float = Field(20.0, gt=0, description="seconds to finish the batch in flight on SIGTERM")

@@ -1,18 +1,23 @@
 """The one-machine stack: Redis, gateway, worker and API as supervised child processes.
 
 `flowcloud up` and `flowcloud demo` run it; the end-to-end tests use it too. Each service is a
-real `flowcloud <service>` process configured through its ``FLOWCLOUD_*`` settings. Children run
-in their own sessions and die with their parent (PR_SET_PDEATHSIG), so neither Ctrl-C nor a
-killed supervisor leaves orphans. Shutdown goes in data-flow order: the gateway stops taking
-frames, the workers drain what they hold, then the API and Redis stop.
+real `flowcloud <service>` process configured through its ``FLOWCLOUD_*`` settings. Children,
+the embedded redis-server included, run in their own sessions and die with their parent
+(flowcloud.children), so the terminal's Ctrl-C reaches only the supervisor and a killed
+supervisor leaves no orphan. Shutdown goes in data-flow order: the gateway stops taking frames,
+the workers drain what they hold, then the API stops, and Redis last.
+
+Every port is checked before anything starts (one line naming the port and its setting when one
+is taken), and a service is ready only when the process the stack started holds the listening
+socket of its health port and answers ready there: never whatever else answers on that port.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,17 +27,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from flowcloud.children import die_with_parent, listens_on
 from flowcloud.redis_server import EmbeddedRedis, free_port
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
+
+ANY = "0.0.0.0"  # where the services serve /metrics (flowcloud.observability)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+class PortInUse(RuntimeError):
+    """A port the stack needs is taken, or given to two services."""
+
+
+@dataclass
+class Port:
+    """A port a service will listen on, and the setting that chose it (for the error message)."""
+
+    owner: str
+    setting: str
+    number: int
+    host: str
 
 
 @dataclass
@@ -41,6 +56,7 @@ class Service:
     args: list[str]
     env: dict[str, str]
     ready_url: str | None = None
+    ready_port: int | None = None  # the port of ready_url, which the started process must hold
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -53,13 +69,24 @@ class Service:
             env={**os.environ, **self.env},
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # the supervisor starts no threads before this
+            preexec_fn=die_with_parent,  # the supervisor starts no threads before this
         )
         out.close()
         log.info("started %s (pid %d), log in %s", self.name, self.process.pid, self.log_path)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def ready(self) -> bool:
+        """Answers ready on ``ready_url``, from the socket of this service's own process."""
+        if self.ready_url is None:
+            return self.alive()
+        if not self.alive():
+            return False
+        assert self.process is not None
+        if self.ready_port is not None and not listens_on(self.process.pid, self.ready_port):
+            return False
+        return _ready(self.ready_url)
 
     def stop(self, timeout: float) -> int | None:
         if self.process is None:
@@ -99,13 +126,66 @@ class StackConfig:
     def __post_init__(self) -> None:
         # Port 0 means "any free port": pick it here, since the stack must know where to look.
         for name in ("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port"):
-            if getattr(self, name) == 0:
+            number = getattr(self, name)
+            if not 0 <= number <= 65535:
+                raise ValueError(f"{name} {number} is not a TCP port (0-65535)")
+            if number == 0:
                 setattr(self, name, free_port())
+        if self.worker_metrics_port + self.workers - 1 > 65535:
+            raise ValueError(
+                f"{self.workers} workers from metrics port {self.worker_metrics_port} pass 65535"
+            )
+
+    def ports(self) -> list[Port]:
+        """Every port the stack's services will listen on (metrics ports on all addresses)."""
+        ports = [
+            Port("the gateway", "FLOWCLOUD_GATEWAY_PORT", self.gateway_port, self.host),
+            Port("the gateway's metrics", "FLOWCLOUD_GATEWAY_METRICS_PORT", self.gateway_metrics_port, ANY),
+            Port("the API", "FLOWCLOUD_API_PORT", self.api_port, self.host),
+        ]
+        ports += [
+            Port(f"worker-{i}'s metrics", "FLOWCLOUD_WORKER_METRICS_PORT", self.worker_metrics_port + i, ANY)
+            for i in range(self.workers)
+        ]
+        return ports
+
+    def check_ports(self) -> None:
+        """Raise PortInUse, naming the port and its setting, if two services share a port or one is taken."""
+        seen: dict[int, Port] = {}
+        for port in self.ports():
+            other = seen.setdefault(port.number, port)
+            if other is not port:
+                raise PortInUse(
+                    f"port {port.number} is given to both {other.owner} ({other.setting}) "
+                    f"and {port.owner} ({port.setting})"
+                )
+            problem = _bind_problem(port.host, port.number)
+            if problem:
+                raise PortInUse(
+                    f"port {port.number} for {port.owner} is in use on {port.host} "
+                    f"({problem}); choose another with {port.setting}"
+                )
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs: object) -> StackConfig:
         ports = dict.fromkeys(("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port"), 0)
         return cls(data_dir=data_dir, **{**ports, **kwargs})  # type: ignore[arg-type]
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now, or None."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return str(exc)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 class Stack:
@@ -148,6 +228,7 @@ class Stack:
                     "FLOWCLOUD_GATEWAY_METRICS_PORT": str(c.gateway_metrics_port),
                 },
                 ready_url=f"http://127.0.0.1:{c.gateway_metrics_port}/readyz",
+                ready_port=c.gateway_metrics_port,
             )
         ]
         for i in range(c.workers):
@@ -162,12 +243,16 @@ class Stack:
                         "FLOWCLOUD_WORKER_NAME": f"local-{i}",
                     },
                     ready_url=f"http://127.0.0.1:{port}/readyz",
+                    ready_port=port,
                 )
             )
-        services.append(Service("api", ["api"], api_env, ready_url=f"{self.api_url}/healthz"))
+        services.append(
+            Service("api", ["api"], api_env, ready_url=f"{self.api_url}/healthz", ready_port=c.api_port)
+        )
         return services
 
     def start(self, ready_timeout: float = 180.0) -> Stack:
+        self.config.check_ports()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.config.redis_url:
             self.redis = EmbeddedRedis(self.config.data_dir / "redis").start()
@@ -189,7 +274,7 @@ class Stack:
             for service in list(pending):
                 if not service.alive():
                     raise RuntimeError(f"{service.name} exited during start-up; see {service.log_path}")
-                if _ready(service.ready_url or ""):
+                if service.ready():
                     log.info("%s is ready", service.name)
                     pending.remove(service)
             if pending and time.monotonic() > deadline:
@@ -210,6 +295,7 @@ class Stack:
             service.start()
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
+        """Stop the services in data-flow order, each within ``timeout``, then Redis."""
         codes = {service.name: service.stop(timeout) for service in self.services}
         if self.redis is not None:
             self.redis.stop()

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models import segmentation
 
 from flowcloud.labels import LABEL_IDS, LabelSet, get_label_set
+from flowcloud.sizes import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,26 @@ class ModelInfo:
     label_set: str = LABEL_IDS.name
     version: str = "unversioned"
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The (H, W) the weights file records as the model's input (``meta.input_size``), if valid."""
+        text = self.extra.get("input_size")
+        try:
+            return parse_size(text) if isinstance(text, str) else None
+        except ValueError:
+            return None
+
+
+def choose_input_size(given: tuple[int, int] | None, info: ModelInfo) -> tuple[tuple[int, int] | None, str]:
+    """The size to run a model at, and a line saying where it came from: ``--size`` when given, else
+    the size the weights record, else each picture's own."""
+    if given is not None:
+        return given, f"{given[0]}x{given[1]} (--size)"
+    recorded = info.input_size
+    if recorded is not None:
+        return recorded, f"{recorded[0]}x{recorded[1]} (the model's recorded input size; --size to change)"
+    return None, "each picture's own size (the weights record no input size; --size to choose one)"
 
 
 def build_model(name: str, label_set: LabelSet, aux_loss: bool = False) -> nn.Module:

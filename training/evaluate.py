@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.labels import IGNORE_INDEX, LABEL_SETS
 from flowcloud.sizes import size_argument
-from flowcloud.zoo import MODEL_NAMES, WeightsError, load_model
+from flowcloud.zoo import MODEL_NAMES, WeightsError, choose_input_size, load_model
 from training.cityscapes import SPLITS, CityscapesError, CityscapesSegmentation
 from training.metrics import ConfusionMatrix, SegmentationScores
 from training.presets import SegmentationPresetEval
@@ -35,8 +35,13 @@ def evaluate(
     amp: bool = False,
     progress: bool = False,
     total: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[SegmentationScores, float]:
-    """Scores and mean cross-entropy (ignoring 255) of ``model`` over (image, target) batches."""
+    """Scores and mean cross-entropy (ignoring 255) of ``model`` over (image, target) batches.
+
+    With ``reduce`` (an in-place sum across processes), each process passes its share of the
+    batches and all get the scores of the whole set, the same as one process over all of it.
+    """
     model.eval()
     matrix = ConfusionMatrix(num_classes)
     loss_sum, pixels = 0.0, 0
@@ -60,6 +65,10 @@ def evaluate(
                 loss_sum += float(F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum"))
                 pixels += valid
             matrix.update(target, logits.argmax(1))
+    if reduce is not None:
+        reduce(matrix.mat)
+        sums = reduce(torch.tensor([loss_sum, float(pixels)], dtype=torch.float64))
+        loss_sum, pixels = float(sums[0]), int(sums[1])
     return matrix.scores(), loss_sum / max(pixels, 1)
 
 
@@ -82,7 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODEL_NAMES, help="zoo model (default: what the weights say)")
     parser.add_argument("--label-set", choices=sorted(LABEL_SETS), help="classes (default: the weights')")
     parser.add_argument(
-        "--size", type=size_argument, metavar="HxW", help="resize images to HxW (default: as stored)"
+        "--size", type=size_argument, metavar="HxW", help="resize to HxW (default: the weights' input size)"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     parser.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
@@ -91,24 +100,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
 
 
+class DeviceUnavailable(ValueError):
+    """The device asked for is not on this machine."""
+
+
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda`` as a device; DeviceUnavailable for one that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda was asked for, but no CUDA device is available")
+        raise DeviceUnavailable("--device cuda was asked for, but no CUDA device is available")
     return device
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1")
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         loaded = load_model(args.model, args.weights, args.label_set)
-        dataset = CityscapesSegmentation(
-            args.data, args.split, loaded.label_set, SegmentationPresetEval(args.size)
-        )
+        size, size_text = choose_input_size(args.size, loaded.info)
+        preset = SegmentationPresetEval(size)
+        dataset = CityscapesSegmentation(args.data, args.split, loaded.label_set, preset)
     except (WeightsError, CityscapesError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     if args.weights is None:
@@ -133,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         "data": str(args.data),
         "split": args.split,
         "images": len(subset),  # type: ignore[arg-type]
-        "size": f"{args.size[0]}x{args.size[1]}" if args.size else "as stored",
+        "size": f"{size[0]}x{size[1]}" if size else "as stored",
+        "size_from": size_text,
         "model": loaded.info.name,
         "label_set": loaded.label_set.name,
         "weights": loaded.source,
@@ -148,5 +163,6 @@ def run(args: argparse.Namespace) -> int:
             f"{report['images']} images of {args.data} ({args.split}), "
             f"model {loaded.info.name} from {loaded.source}"
         )
+        print(f"input size: {size_text}")
         print(format_table(scores, loaded.label_set.class_names))
     return 0

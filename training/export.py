@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD
 from flowcloud.labels import LABEL_SETS
 from flowcloud.sizes import parse_size

@@ -19,9 +19,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.sizes import parse_size
-from training.codec import Mp4Writer, h264_roundtrip
 from training.synth import SceneSequence
 
 log = logging.getLogger(__name__)
@@ -97,17 +96,20 @@ def run(args: argparse.Namespace) -> int:
     length = args.sequence_length or args.frames
     if length < 1:
         raise CommandError("--sequence-length must be positive")
-    summary = write_dataset(
-        args.out,
-        args.frames,
-        args.seed,
-        (height, width),
-        args.split,
-        length,
-        args.video,
-        args.codec_share,
-        args.codec_crf,
-    )
+    try:
+        summary = write_dataset(
+            args.out,
+            args.frames,
+            args.seed,
+            (height, width),
+            args.split,
+            length,
+            args.video,
+            args.codec_share,
+            args.codec_crf,
+        )
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
     if args.json:
         print(json.dumps(asdict(summary)))
     else:
@@ -131,6 +133,9 @@ def write_dataset(
     codec_crf: tuple[int, int] = (20, 36),
 ) -> SynthSummary:
     """Render ``frames`` frames into ``out`` in the Cityscapes layout (and optionally an MP4)."""
+    from flowcloud.x264 import Mp4Writer  # PyAV only where a codec is used
+    from training.codec import h264_roundtrip
+
     height, width = size
     length = sequence_length or frames
     image_dir = out / "leftImg8bit" / split / city_name(seed)
@@ -182,4 +187,4 @@ def write_dataset(
 
 def _write_png(path: Path, array: np.ndarray) -> None:
     if not cv2.imwrite(str(path), array):
-        raise CommandError(f"cannot write {path}")
+        raise OSError(f"cannot write {path}")

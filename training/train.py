@@ -1,44 +1,56 @@
 """`flowcloud train`: fine-tune (or train from scratch) a zoo model on Cityscapes-layout data.
 
 SGD with momentum and a poly learning-rate schedule (AdamW optional), cross-entropy ignoring 255,
-an auxiliary loss where the model has one, AMP on CUDA. After every epoch it writes
-``checkpoint.pth`` (one dict: model, optimizer, lr_scheduler, epoch, args, plus FlowCloud ``meta``
-so that `flowcloud infer --weights` and `flowcloud export` read it), ``metrics.json`` and the
-charts ``loss.png``, ``accuracy.png`` and ``miou.png``. ``--resume`` continues the same run.
+an auxiliary loss where the model has one, AMP on CUDA. One process, or data-parallel under
+``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs) with ``--batch-size`` the global batch. Rank 0 writes
+``checkpoint.pth`` (see ``training.checkpoint``) after every epoch and every ``--checkpoint-every``
+steps, ``metrics.json`` and the charts ``loss.png``, ``accuracy.png`` and ``miou.png``. SIGTERM
+checkpoints at the next step and exits 0; a run started again in the same ``--output-dir``
+resumes from its newest checkpoint, and ends with the weights of a run never interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.labels import IGNORE_INDEX, LABEL_IDS, LABEL_SETS, LabelSet, get_label_set
 from flowcloud.sizes import size_argument
 from flowcloud.zoo import MODEL_NAMES, ModelInfo, WeightsError, build_model, read_weights_file
+from training import checkpoint as ckpt
+from training import distributed
+from training.backbone import load_backbone_weights
+from training.batchnorm import convert_sync_batchnorm
 from training.cityscapes import CityscapesError, CityscapesSegmentation, read_label_ids
-from training.evaluate import evaluate, format_table, resolve_device
+from training.distributed import Ranks
+from training.errors import TrainingError
+from training.evaluate import evaluate, format_table
 from training.metrics import ConfusionMatrix
 from training.presets import SegmentationPresetEval, SegmentationPresetTrain
+from training.sampling import GlobalBatchSampler, SeededSamples, derive_seed
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pth"
+CHECKPOINT = ckpt.CHECKPOINT
 METRICS = "metrics.json"
 POLY_POWER = 0.9
 AUX_WEIGHT = 0.5
@@ -79,6 +91,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--weights", type=Path, help="start from these weights; a head of another shape is replaced"
     )
+    model.add_argument(
+        "--backbone-weights",
+        type=Path,
+        metavar="FILE",
+        help="start the backbone from an ImageNet ResNet-50 or MobileNetV3 state_dict (reports what matched)",
+    )
     model.add_argument("--freeze-backbone", action="store_true", help="train only the head(s)")
     model.add_argument("--aux-loss", action="store_true", help="auxiliary classifier and loss (DeepLabV3)")
     model.add_argument(
@@ -88,7 +106,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=30)
-    optim.add_argument("--batch-size", type=int, default=8)
+    optim.add_argument(
+        "--batch-size", type=int, default=8, help="global batch: split among the processes under torchrun"
+    )
+    optim.add_argument(
+        "--sync-bn", action="store_true", help="batch norm over the global batch under torchrun (GPU and CPU)"
+    )
     optim.add_argument("--steps-per-epoch", type=int, default=0, help="cap batches per epoch (0 = all)")
     optim.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     optim.add_argument("--lr", type=float, default=0.02)
@@ -101,7 +124,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--output-dir", type=Path, default=Path("runs/train"), help="checkpoints and metrics"
     )
-    run_group.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    run_group.add_argument(
+        "--resume", type=Path, help="continue from this checkpoint (default: --output-dir's own, if any)"
+    )
+    run_group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        metavar="N",
+        help="also checkpoint every N steps, for preemption (0 = after each epoch only; default 500)",
+    )
     run_group.add_argument(
         "--stop-after",
         type=int,
@@ -120,19 +152,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
     try:
-        history = train(args)
-    except (CityscapesError, WeightsError) as exc:
+        outcome = train(args)
+    except (TrainingError, CityscapesError, WeightsError) as exc:
         raise CommandError(str(exc)) from None
-    last = history[-1] if history else {}
+    if not outcome.main:
+        return 0
+    path = args.output_dir / CHECKPOINT
+    if outcome.stopped_at is not None:
+        epoch, step = outcome.stopped_at
+        print(
+            f"stopped by SIGTERM in epoch {epoch} after step {step}; checkpoint {path}; run again to resume"
+        )
+        return 0
+    last = outcome.history[-1] if outcome.history else {}
     if args.json:
         print(json.dumps(last, indent=2))
     else:
-        print(f"trained {len(history)} epochs; checkpoint {args.output_dir / CHECKPOINT}")
+        print(f"trained {len(outcome.history)} epochs; checkpoint {path}")
     return 0
+
+
+@dataclass
+class Outcome:
+    history: list[dict[str, Any]]
+    main: bool  # this process is rank 0, the one that reports
+    stopped_at: tuple[int, int] | None = None  # (epoch, steps done) where SIGTERM stopped the run
 
 
 # -- model and optimiser ----------------------------------------------------------------------
@@ -189,15 +234,26 @@ def class_weights(dataset: CityscapesSegmentation, num_classes: int) -> torch.Te
     return weights.float()
 
 
-def criterion(
+def loss_sums(
     outputs: dict[str, torch.Tensor], target: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    losses = {}
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weighted) cross-entropy summed over the pixels that count, and the sum of their weights.
+
+    Their ratio is ``F.cross_entropy``'s mean (plus the auxiliary loss at AUX_WEIGHT); summing both
+    across processes before dividing gives the mean over the global batch, whatever each process's
+    share of ignored pixels.
+    """
+    valid = target != IGNORE_INDEX
+    norm = weight[target[valid]].sum() if weight is not None else valid.sum()
+    total = torch.zeros((), device=target.device)
     for name, logits in outputs.items():
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        losses[name] = F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE_INDEX)
-    return losses["out"] + AUX_WEIGHT * losses["aux"] if "aux" in losses else losses["out"]
+        ce = F.cross_entropy(
+            logits.float(), target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total = total + (AUX_WEIGHT * ce if name == "aux" else ce)
+    return total, norm.double()
 
 
 def seed_everything(seed: int) -> None:
@@ -205,12 +261,236 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run (or resume) training as ``args`` say; returns the per-epoch metrics history."""
+class Preemption:
+    """SIGTERM (a pod being evicted) asks the loop to checkpoint at the next step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclass
+class EpochProgress:
+    """The metric sums of the epoch so far: loss (the same on every rank), pixels (this rank's)."""
+
+    matrix: ConfusionMatrix
+    loss_sum: float = 0.0
+    seen: int = 0
+
+    def global_matrix(self, ranks: Ranks) -> torch.Tensor:
+        return ranks.reduce_sum(self.matrix.mat.clone())
+
+    def snapshot(self, ranks: Ranks) -> dict[str, Any]:
+        """What a mid-epoch checkpoint keeps (a collective: every rank calls it)."""
+        return {"loss_sum": self.loss_sum, "seen": self.seen, "matrix": self.global_matrix(ranks)}
+
+    @classmethod
+    def restore(cls, num_classes: int, partial: dict[str, Any] | None, ranks: Ranks) -> EpochProgress:
+        progress = cls(ConfusionMatrix(num_classes))
+        if partial:
+            progress.loss_sum, progress.seen = float(partial["loss_sum"]), int(partial["seen"])
+            if ranks.is_main:  # the sum across ranks counts the saved pixels once
+                progress.matrix.mat += partial["matrix"]
+        return progress
+
+    def scores(self, ranks: Ranks) -> dict[str, float]:
+        self.matrix.mat = self.global_matrix(ranks)
+        scores = self.matrix.scores()
+        return {
+            "loss": self.loss_sum / max(self.seen, 1),
+            "pixel_accuracy": scores.pixel_accuracy,
+            "mean_iou": scores.mean_iou,
+        }
+
+
+@dataclass
+class Training:
+    """The parts of one training run the epochs share."""
+
+    args: argparse.Namespace
+    ranks: Ranks
+    net: nn.Module  # the model itself
+    model: nn.Module  # what the steps call: ``net``, or DDP around it
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    label_set: LabelSet
+    info: ModelInfo
+    train_set: Dataset[tuple[torch.Tensor, torch.Tensor]]
+    steps: int
+    weight: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda" and not self.args.no_amp
+
+    def loader(self, epoch: int, start_step: int) -> DataLoader[tuple[torch.Tensor, torch.Tensor]]:
+        args, ranks = self.args, self.ranks
+        sampler = GlobalBatchSampler(
+            len(self.train_set),  # type: ignore[arg-type]
+            args.batch_size,
+            self.steps,
+            args.seed,
+            epoch,
+            ranks.rank,
+            ranks.world_size,
+            start_step,
+        )
+        return DataLoader(
+            SeededSamples(self.train_set),
+            batch_size=args.batch_size // ranks.world_size,
+            sampler=sampler,
+            num_workers=args.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def train_epoch(
+        self, epoch: int, start_step: int, progress: EpochProgress, stop: Preemption
+    ) -> int | None:
+        """Steps ``start_step``..``steps`` of ``epoch``; the steps done when SIGTERM stopped it, else None."""
+        args, ranks, device = self.args, self.ranks, self.device
+        self.model.train()
+        if args.freeze_backbone:
+            self.net.backbone.eval()  # type: ignore[union-attr]
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        )
+        memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        loader = self.loader(epoch, start_step)
+        bar = tqdm(
+            total=self.steps,
+            initial=start_step,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            disable=not ranks.is_main,
+        )
+        with bar:
+            for step, (image, target) in enumerate(loader, start=start_step):
+                torch.manual_seed(derive_seed(args.seed, epoch, step, ranks.rank))  # dropout, resumed or not
+                image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                target = target.to(device, non_blocking=True)
+                with autocast:
+                    outputs = self.model(image)
+                total, norm = loss_sums(outputs, target, self.weight)
+                flag = torch.tensor(float(stop.requested), dtype=torch.float64, device=device)
+                sums = ranks.reduce_sum(torch.stack([total.detach().double(), norm, flag]))
+                global_total, global_norm, stopping = sums.tolist()
+                step_loss = global_total / max(global_norm, 1e-12)
+                if not math.isfinite(step_loss):
+                    raise TrainingError(f"the loss became {step_loss} at epoch {epoch}; lower --lr")
+                # The mean over the global batch; DDP averages the gradients over the processes.
+                loss = total * (ranks.world_size / max(global_norm, 1e-12))
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.lr_scheduler.step()
+                progress.loss_sum += step_loss * args.batch_size
+                progress.seen += args.batch_size
+                progress.matrix.update(target, outputs["out"].detach().argmax(1))
+                bar.update()
+                bar.set_postfix(
+                    loss=f"{progress.loss_sum / progress.seen:.4f}",
+                    lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}",
+                )
+                done = step + 1
+                if stopping:
+                    self.save(epoch - 1, done, progress)
+                    return done
+                every = args.checkpoint_every
+                if every > 0 and self.lr_scheduler.last_epoch % every == 0 and done < self.steps:
+                    self.save(epoch - 1, done, progress)
+        return None
+
+    def validate(self, val_loader: DataLoader[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        ranks = self.ranks
+        scores, val_loss = evaluate(
+            self.net,
+            val_loader,
+            self.label_set.num_classes,
+            self.device,
+            self.amp,
+            progress=ranks.is_main,
+            reduce=ranks.reduce_sum if ranks.distributed else None,
+        )
+        if ranks.is_main:
+            log.info("validation:\n%s", format_table(scores, self.label_set.class_names))
+        names = self.label_set.class_names
+        return {
+            "val_loss": val_loss,
+            "val_pixel_accuracy": scores.pixel_accuracy,
+            "val_mean_iou": scores.mean_iou,
+            "val_iou": {names[i]: v for i, v in enumerate(scores.iou) if v is not None},
+        }
+
+    def save(self, epoch_done: int, step: int, progress: EpochProgress | None = None) -> None:
+        """Checkpoint after ``epoch_done`` and ``step`` batches of the next epoch (every rank calls it)."""
+        partial = progress.snapshot(self.ranks) if progress is not None and step else None
+        if not self.ranks.is_main:
+            return
+        args = self.args
+        checkpoint: dict[str, Any] = {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": epoch_done,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+            "scaler": self.scaler.state_dict(),
+            "meta": {"name": self.info.name, "label_set": self.info.label_set, "version": self.info.version},
+            "history": self.history,
+            "step": step,
+        }
+        if partial is not None:
+            checkpoint["partial"] = partial
+        ckpt.save(checkpoint, args.output_dir / CHECKPOINT)
+        log.info("checkpoint after epoch %d, step %d: %s", epoch_done, step, args.output_dir / CHECKPOINT)
+
+
+def train(args: argparse.Namespace) -> Outcome:
+    """Run (or resume) training as ``args`` say, in this process's place under torchrun (if any)."""
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.weights is not None and args.backbone_weights is not None:
+        raise TrainingError("--weights and --backbone-weights exclude each other")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    amp = device.type == "cuda" and not args.no_amp
+    ranks = distributed.start(args.device)
+    if not ranks.is_main:
+        for name in ("training", "flowcloud"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # rank 0 speaks for the run
+    try:
+        return _train(args, ranks)
+    finally:
+        distributed.stop()
+
+
+def _train(args: argparse.Namespace, ranks: Ranks) -> Outcome:
+    device = ranks.device
+    if args.batch_size % ranks.world_size:
+        raise TrainingError(
+            f"--batch-size {args.batch_size} is the global batch: it must divide among {ranks.world_size} "
+            "processes"
+        )
     label_set = get_label_set(args.label_set)
     train_set = CityscapesSegmentation(
         args.data,
@@ -224,201 +504,165 @@ def train(args: argparse.Namespace) -> list[dict[str, Any]]:
             degrade=not args.no_degrade,
         ),
     )
-    val_loader = None
-    if args.val_split != "none":
-        val_set = CityscapesSegmentation(
-            args.val_data or args.data, args.val_split, label_set, SegmentationPresetEval(args.eval_size)
-        )
-        subset: torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]] = val_set
-        if args.val_limit > 0:
-            subset = torch.utils.data.Subset(val_set, range(min(args.val_limit, len(val_set))))
-        val_loader = DataLoader(subset, batch_size=1 if args.eval_size is None else args.batch_size)
-    seed_everything(args.seed)
-    model = build_model(args.model, label_set, aux_loss=args.aux_loss)
-    if args.weights is not None:
-        init_from(model, args.weights)
-    if args.freeze_backbone:
-        for p in model.backbone.parameters():  # type: ignore[union-attr]
-            p.requires_grad_(False)
-    model.to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, params)
+    val_loader = _val_loader(args, label_set, ranks)
     batches_per_epoch = len(train_set) // args.batch_size
     if batches_per_epoch < 1:
-        raise CommandError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+        raise TrainingError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
     steps = min(batches_per_epoch, args.steps_per_epoch) if args.steps_per_epoch > 0 else batches_per_epoch
+    seed_everything(args.seed)
+    net = build_model(args.model, label_set, aux_loss=args.aux_loss)
+    if args.weights is not None:
+        init_from(net, args.weights)
+    if args.backbone_weights is not None:
+        load_backbone_weights(net, args.backbone_weights)
+    if args.freeze_backbone:
+        for p in net.backbone.parameters():  # type: ignore[union-attr]
+            p.requires_grad_(False)
+    net.to(device)
+    if device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)
+    if args.sync_bn and ranks.distributed:
+        net = convert_sync_batchnorm(net, device)
+    optimizer = make_optimizer(args, [p for p in net.parameters() if p.requires_grad])
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_schedule(steps * args.epochs, args.warmup_steps)
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     out_dir: Path = args.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if args.resume is not None:
-        start_epoch, history = _resume(args, model, optimizer, lr_scheduler, scaler)
-    info = ModelInfo(name=args.model, label_set=label_set.name, version=args.version or out_dir.name)
-    weight = class_weights(train_set, label_set.num_classes).to(device) if args.class_weights else None
-    if weight is not None:
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    weight = None
+    if args.class_weights:
+        weight = ranks.broadcast(class_weights(train_set, label_set.num_classes) if ranks.is_main else None)
         log.info(
             "class weights: %s", {label_set.class_names[i]: round(float(w), 2) for i, w in enumerate(weight)}
         )
+        weight = weight.to(device)
+    run = Training(
+        args=args,
+        ranks=ranks,
+        net=net,
+        model=net,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not args.no_amp),
+        label_set=label_set,
+        info=ModelInfo(name=args.model, label_set=label_set.name, version=args.version or out_dir.name),
+        train_set=train_set,
+        steps=steps,
+        weight=weight,
+    )
+    epoch_done, start_step, partial = _resume(run)
+    if ranks.distributed:
+        run.model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
+    start_epoch = epoch_done + 1
     last_epoch = args.epochs if args.stop_after <= 0 else min(args.epochs, start_epoch + args.stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        seed_everything(args.seed * 1000 + epoch)  # the same epoch sees the same data, resumed or not
-        loader = DataLoader(
-            train_set,
-            batch_size=args.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=args.workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-        started = time.perf_counter()
-        stats = _train_epoch(
-            model, loader, steps, optimizer, lr_scheduler, scaler, device, amp, label_set, epoch, args, weight
-        )
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr_scheduler.get_last_lr()[0], **stats}
-        if val_loader is not None:
-            scores, val_loss = evaluate(model, val_loader, label_set.num_classes, device, amp, progress=True)
-            record.update(
-                val_loss=val_loss,
-                val_pixel_accuracy=scores.pixel_accuracy,
-                val_mean_iou=scores.mean_iou,
-                val_iou={label_set.class_names[i]: v for i, v in enumerate(scores.iou) if v is not None},
-            )
-            log.info("epoch %d validation:\n%s", epoch, format_table(scores, label_set.class_names))
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        history.append(record)
-        _save_checkpoint(out_dir / CHECKPOINT, model, optimizer, lr_scheduler, scaler, epoch, args, info)
-        (out_dir / METRICS).write_text(json.dumps(history, indent=2))
-        plot_history(history, out_dir)
-        log.info(
-            "epoch %d: loss %.4f, pixel accuracy %.3f%s (%.0f s)",
-            epoch,
-            record["loss"],
-            record["pixel_accuracy"],
-            f", val mIoU {record['val_mean_iou']:.3f}" if "val_mean_iou" in record else "",
-            record["seconds"],
-        )
-    return history
+    with Preemption() as preemption:
+        for epoch in range(start_epoch, last_epoch):
+            started = time.perf_counter()
+            progress = EpochProgress.restore(label_set.num_classes, partial, ranks)
+            stopped = run.train_epoch(epoch, start_step, progress, preemption)
+            if stopped is not None:
+                if ranks.is_main:
+                    log.warning("SIGTERM: checkpointed epoch %d after step %d; stopping", epoch, stopped)
+                return Outcome(run.history, ranks.is_main, (epoch, stopped))
+            start_step, partial = 0, None
+            record: dict[str, Any] = {"epoch": epoch, "lr": lr_scheduler.get_last_lr()[0]}
+            record.update(progress.scores(ranks))
+            if val_loader is not None:
+                record.update(run.validate(val_loader))
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            run.history.append(record)
+            run.save(epoch, 0)
+            if ranks.is_main:
+                (out_dir / METRICS).write_text(json.dumps(run.history, indent=2))
+                plot_history(run.history, out_dir)
+                log.info(
+                    "epoch %d: loss %.4f, pixel accuracy %.3f%s (%.0f s)",
+                    epoch,
+                    record["loss"],
+                    record["pixel_accuracy"],
+                    f", val mIoU {record['val_mean_iou']:.3f}" if "val_mean_iou" in record else "",
+                    record["seconds"],
+                )
+    return Outcome(run.history, ranks.is_main)
 
 
-def _train_epoch(
-    model: nn.Module,
-    loader: DataLoader[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    amp: bool,
-    label_set: LabelSet,
-    epoch: int,
-    args: argparse.Namespace,
-    weight: torch.Tensor | None = None,
-) -> dict[str, float]:
-    model.train()
-    if args.freeze_backbone:
-        model.backbone.eval()  # type: ignore[union-attr]
-    matrix = ConfusionMatrix(label_set.num_classes)
-    loss_sum, seen = 0.0, 0
-    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if amp else contextlib.nullcontext()
-    memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = itertools.islice(iter(loader), steps)
-    with tqdm(batches, total=steps, desc=f"epoch {epoch}", unit="batch") as bar:
-        for image, target in bar:
-            image = image.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            target = target.to(device, non_blocking=True)
-            with autocast:
-                outputs = model(image)
-                loss = criterion(outputs, target, weight)
-            if not math.isfinite(float(loss.detach())):
-                raise CommandError(f"the loss became {float(loss.detach())} at epoch {epoch}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            lr_scheduler.step()
-            loss_sum += float(loss.detach()) * image.shape[0]
-            seen += image.shape[0]
-            matrix.update(target, outputs["out"].detach().argmax(1))
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-    scores = matrix.scores()
-    return {
-        "loss": loss_sum / max(seen, 1),
-        "pixel_accuracy": scores.pixel_accuracy,
-        "mean_iou": scores.mean_iou,
-    }
+def _val_loader(
+    args: argparse.Namespace, label_set: LabelSet, ranks: Ranks
+) -> DataLoader[tuple[torch.Tensor, torch.Tensor]] | None:
+    """This rank's share of the validation images (every world_size-th), or None without validation."""
+    if args.val_split == "none":
+        return None
+    val_set = CityscapesSegmentation(
+        args.val_data or args.data, args.val_split, label_set, SegmentationPresetEval(args.eval_size)
+    )
+    count = min(args.val_limit, len(val_set)) if args.val_limit > 0 else len(val_set)
+    mine = Subset(val_set, range(ranks.rank, count, ranks.world_size))
+    return DataLoader(
+        mine, batch_size=1 if args.eval_size is None else max(1, args.batch_size // ranks.world_size)
+    )
 
 
-# -- checkpoints and charts ---------------------------------------------------------------------
-
-
-def _save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    epoch: int,
-    args: argparse.Namespace,
-    info: ModelInfo,
-) -> None:
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "epoch": epoch,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        "scaler": scaler.state_dict(),
-        "meta": {"name": info.name, "label_set": info.label_set, "version": info.version},
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(path)  # a crash mid-write never leaves a half checkpoint
-
-
-def _resume(
-    args: argparse.Namespace,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-) -> tuple[int, list[dict[str, Any]]]:
-    try:
-        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise CommandError(f"cannot resume from {args.resume}: {exc}") from None
-    missing = {"model", "optimizer", "lr_scheduler", "epoch", "args"} - set(checkpoint)
-    if missing:
-        raise CommandError(
-            f"{args.resume} is not a training checkpoint (missing {', '.join(sorted(missing))})"
-        )
+def _resume(run: Training) -> tuple[int, int, dict[str, Any] | None]:
+    """Restore --resume, or --output-dir's newest checkpoint: (last epoch done, step, partial sums)."""
+    args, ranks = run.args, run.ranks
+    error, checkpoint = None, None
+    if ranks.is_main:  # rank 0 reads, every rank gets the same: other nodes need not see the volume
+        try:
+            ckpt.remove_partial(args.output_dir)
+            path = args.resume or ckpt.latest(args.output_dir)
+            if path is not None:
+                checkpoint = ckpt.load(path)
+                log.info(
+                    "resuming from %s%s",
+                    path,
+                    "" if args.resume else " (found in --output-dir; use another to start afresh)",
+                )
+        except TrainingError as exc:
+            error = str(exc)
+    error, checkpoint = ranks.broadcast((error, checkpoint))
+    if error is not None:
+        raise TrainingError(error)
+    if checkpoint is None:
+        return -1, 0, None
+    source = args.resume or args.output_dir / CHECKPOINT
     saved = checkpoint["args"]
     for key in ("model", "label_set"):
         if saved.get(key) != getattr(args, key):
-            raise CommandError(f"{args.resume} was trained with --{key.replace('_', '-')} {saved.get(key)}")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            raise TrainingError(f"{source} was trained with --{key.replace('_', '-')} {saved.get(key)}")
+    step = int(checkpoint.get("step", 0))
+    if step and saved.get("batch_size") != args.batch_size:
+        raise TrainingError(
+            f"{source} stopped mid-epoch with --batch-size {saved.get('batch_size')}; keep it"
+        )
+    run.net.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if "scaler" in checkpoint:
-        scaler.load_state_dict(checkpoint["scaler"])
-    metrics = args.output_dir / METRICS
-    history = json.loads(metrics.read_text()) if metrics.is_file() else []
-    history = [h for h in history if h["epoch"] <= checkpoint["epoch"]]
-    log.info("resuming from %s after epoch %d", args.resume, checkpoint["epoch"])
-    return int(checkpoint["epoch"]) + 1, history
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    epoch_done = int(checkpoint["epoch"])
+    history = checkpoint.get("history")
+    if history is None:  # written before checkpoints carried their history
+        metrics = args.output_dir / METRICS
+        history = json.loads(metrics.read_text()) if metrics.is_file() else []
+    run.history = [h for h in history if h["epoch"] <= epoch_done]
+    log.info(
+        "resuming after epoch %d%s", epoch_done, f", step {step} of epoch {epoch_done + 1}" if step else ""
+    )
+    return epoch_done, step, checkpoint.get("partial")
+
+
+# -- charts -----------------------------------------------------------------------------------
 
 
 def plot_history(history: list[dict[str, Any]], out_dir: Path) -> None:
     """loss.png, accuracy.png and miou.png: training and validation curves per epoch."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the train extra is not installed (e.g. a bare GPU image): no charts
+        log.warning("matplotlib is not installed (pip install 'flowcloud[train]'): no charts written")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -2,8 +2,12 @@
 
 It starts the local stack (`flowcloud up`), registers a demo device, streams the synthetic
 street scenes from a local edge daemon, and prints the dashboard URL, an API key and a live
-summary: frames sent and segmented, latency p50/p95, and mIoU against the generator's exact
-ground truth (H.264 compression, JPEG on the stream and resizing included).
+summary: frames sent, segmented and dropped by the workers, latency p50/p95, and mIoU against the
+generator's exact ground truth (H.264 compression, JPEG on the stream and resizing included).
+
+Every segmented frame is scored, however late its mask arrives: the demo notes each frame (a
+thumbnail) while it is in the stream's short recent window, which it reads every second, and
+matches the thumbnail to the generator's scenes when the frame's mask appears.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import json
 import os
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,16 +35,21 @@ from flowcloud.cli.errors import CommandError
 from flowcloud.cli.up import add_stack_arguments, stack_config, start_stack
 from flowcloud.frames import Frame
 from flowcloud.labels import get_label_set
+from flowcloud.percentile import percentile
 from flowcloud.redis_server import free_port
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import META_FIELD, MaskResult, decode_label_map
 from flowcloud.settings import ServiceSettings
 from flowcloud.stack import Service, Stack
+from flowcloud.streams import StreamMeta
 
 DEMO_DEVICE = "demo-cam"
 DEMO_TENANT = "demo"
-RENDER_CACHE = 96  # rendered scenes kept (a scoring pass asks for about 24 frames ± the window)
+RENDER_CACHE = 96  # rendered scenes kept: masks arrive within seconds of their frame, nearly in order
 ALIGN_WINDOW = 3  # frames either side of the expected index searched when matching a frame to the scene
+THUMBNAIL = (64, 48)  # width, height of the picture a frame is matched to the scenes by
+THUMBNAILS_KEPT = 2048  # frames noted and not yet scored (9 KB each): minutes of masks still to come
+SCORING_SLICE = 0.5  # seconds of scoring a second while live (the rest catches up at the end)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +77,8 @@ async def register_demo_device(redis_url: str, device_id: str = DEMO_DEVICE) -> 
 
 
 def last_seq(client: redis.Redis, stream: str) -> int:
-    value = client.hget(keys.stream_meta(stream), keys.M_LAST_SEQ)
-    return int(cast(bytes, value)) if value else 0
+    meta = StreamMeta.from_fields(cast(dict[bytes, bytes], client.hgetall(keys.stream_meta(stream))))
+    return meta.last_seq or 0
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Summary:
     miou: float | None
     pixel_accuracy: float | None
     scored_frames: int
+    dropped: dict[str, int] = field(default_factory=dict)  # by the workers, by reason
 
     def line(self) -> str:
         def ms(value: float | None) -> str:
@@ -89,6 +100,7 @@ class Summary:
         miou = f"{self.miou:.3f}" if self.miou is not None else "-"
         return (
             f"sent {self.sent:5d}  published {self.published:5d}  segmented {self.segmented:5d}  "
+            f"dropped {sum(self.dropped.values()):5d}  "
             f"latency p50 {ms(self.latency_p50)}  p95 {ms(self.latency_p95)}  "
             f"mIoU {miou} ({self.scored_frames} frames)"
         )
@@ -111,19 +123,23 @@ class SceneOracle:
         # Bounded: a demo may run for hours, and only scenes near the newest frames are asked for.
         self._render = functools.lru_cache(maxsize=RENDER_CACHE)(self.scenes.frame)
 
-    def ground_truth(self, frame_rgb: np.ndarray, expected_index: int) -> np.ndarray:
-        """The labelId map of the scene that ``frame_rgb`` shows, at the frame's size."""
-        size = (frame_rgb.shape[1], frame_rgb.shape[0])
-        small = cv2.resize(frame_rgb, (64, 48), interpolation=cv2.INTER_AREA).astype(np.float32)
+    def ground_truth(self, thumbnail: np.ndarray, size: tuple[int, int], expected_index: int) -> np.ndarray:
+        """The labelId map at ``size`` (width, height) of the scene that a frame shows, by the frame's
+        ``thumbnail``."""
+        small = thumbnail.astype(np.float32)
         best, best_error = expected_index + self.offset, float("inf")
         low = max(0, expected_index + self.offset - ALIGN_WINDOW)
         for index in range(low, expected_index + self.offset + ALIGN_WINDOW + 1):
-            rendered = cv2.resize(self._render(index)[0], (64, 48), interpolation=cv2.INTER_AREA)
+            rendered = cv2.resize(self._render(index)[0], THUMBNAIL, interpolation=cv2.INTER_AREA)
             error = float(np.abs(rendered.astype(np.float32) - small).mean())
             if error < best_error:
                 best, best_error = index, error
         self.offset = best - expected_index
         return cv2.resize(self._render(best)[1], size, interpolation=cv2.INTER_NEAREST)
+
+
+def thumbnail(frame: Frame) -> np.ndarray:
+    return cv2.resize(frame.image(), THUMBNAIL, interpolation=cv2.INTER_AREA)
 
 
 def recent_frames(client: redis.Redis, stream: str, after_seq: int) -> dict[int, Frame]:
@@ -140,35 +156,90 @@ def score_masks(
 
     Scored in the model's own label set: classes it cannot predict are ignored.
     """
-    from training.metrics import ConfusionMatrix
-
-    matrix: ConfusionMatrix | None = None
-    scored = 0
+    score = Score(oracle, base_seq)
     for seq in sorted(frames.keys() & masks.keys()):
-        result = masks[seq]
-        label_set = get_label_set(result.label_set)
+        score.add(masks[seq], thumbnail(frames[seq]))
+    return score.result()
+
+
+class Score:
+    """mIoU and pixel accuracy over every mask added, each against the scene its frame shows."""
+
+    def __init__(self, oracle: SceneOracle, base_seq: int) -> None:
+        from training.metrics import ConfusionMatrix
+
+        self.oracle = oracle
+        self.base_seq = base_seq
+        self.matrix: ConfusionMatrix | None = None
+        self.frames = 0
+        self._matrix_type = ConfusionMatrix
+
+    def add(self, result: MaskResult, thumb: np.ndarray) -> None:
+        label_set = get_label_set(result.label_set)  # scored in the model's own label set
         predicted = decode_label_map(result.labels_png)
-        truth = oracle.ground_truth(frames[seq].image(), seq - base_seq - 1)
-        matrix = matrix or ConfusionMatrix(label_set.num_classes)
-        matrix.update(label_set.from_label_ids(truth), predicted)
-        scored += 1
-    if matrix is None:
-        return None, None, 0
-    scores = matrix.scores()
-    return scores.mean_iou, scores.pixel_accuracy, scored
+        size = (predicted.shape[1], predicted.shape[0])
+        truth = self.oracle.ground_truth(thumb, size, result.seq - self.base_seq - 1)
+        self.matrix = self.matrix or self._matrix_type(label_set.num_classes)
+        self.matrix.update(label_set.from_label_ids(truth), predicted)
+        self.frames += 1
+
+    def result(self) -> tuple[float | None, float | None, int]:
+        if self.matrix is None:
+            return None, None, 0
+        scores = self.matrix.scores()
+        return scores.mean_iou, scores.pixel_accuracy, self.frames
 
 
-def score_stream(
-    client: redis.Redis, stream: str, base_seq: int, oracle: SceneOracle, max_frames: int = 24
-) -> tuple[float | None, float | None, int]:
-    """Score the newest masks whose frames are still in the recent window."""
-    frames = recent_frames(client, stream, base_seq)
-    masks = {}
-    for seq in sorted(frames)[-max_frames:]:
-        blob = cast(dict[bytes, bytes], client.hgetall(keys.mask(stream, seq)))
-        if blob:  # else not segmented (yet, or dropped as stale)
-            masks[seq] = MaskResult.from_fields(blob)
-    return score_masks(frames, masks, base_seq, oracle)
+class StreamScorer:
+    """Scores every segmented frame of a stream, however late its mask arrives.
+
+    ``note_frames`` keeps a thumbnail of each new frame in the stream's recent window (call it more
+    often than the window turns over); ``score_masks`` scores the masks that appeared since, each
+    by its frame's thumbnail, which it then forgets. A mask whose frame was never noted is counted
+    in ``unmatched``.
+    """
+
+    def __init__(self, client: redis.Redis, stream: str, base_seq: int, oracle: SceneOracle) -> None:
+        self.client = client
+        self.stream = stream
+        self.score = Score(oracle, base_seq)
+        self.thumbnails: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.unmatched = 0
+        self._last_id = "-"
+        self._seen: set[int] = set()  # seqs whose mask was scored or found unmatched
+
+    def note_frames(self) -> None:
+        start = self._last_id if self._last_id == "-" else f"({self._last_id}"
+        entries = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(keys.recent_frames(self.stream), start)
+        )
+        for entry_id, fields in entries:
+            self._last_id = entry_id.decode()
+            frame = Frame.from_fields(fields)
+            if frame.seq > self.score.base_seq and frame.seq not in self._seen:
+                self.thumbnails[frame.seq] = thumbnail(frame)
+        while len(self.thumbnails) > THUMBNAILS_KEPT:
+            self.thumbnails.popitem(last=False)
+
+    def score_masks(self, budget: float | None = None) -> None:
+        """Score new masks for at most ``budget`` seconds (None: all of them)."""
+        started = time.monotonic()
+        seqs = cast(
+            list[bytes],
+            self.client.zrangebyscore(keys.mask_index(self.stream), f"({self.score.base_seq}", "+inf"),
+        )
+        for seq in sorted({int(s) for s in seqs} - self._seen):
+            if budget is not None and time.monotonic() - started > budget:
+                return
+            blob = cast(dict[bytes, bytes], self.client.hgetall(keys.mask(self.stream, seq)))
+            if not blob:
+                continue  # trimmed or expired meanwhile
+            self._seen.add(seq)
+            thumb = self.thumbnails.pop(seq, None)
+            if thumb is None:
+                self.unmatched += 1
+            else:
+                self.score.add(MaskResult.from_fields(blob), thumb)
 
 
 def latencies(client: redis.Redis, stream: str, base_seq: int, count: int = 200) -> list[float]:
@@ -195,41 +266,60 @@ def edge_final_summary(edge: Service) -> dict[str, Any] | None:
 
 def edge_frames_sent(metrics_port: int) -> int | None:
     """Frames the edge has sent, from its metrics; None when it does not answer (ending)."""
+    samples = scrape(metrics_port, "flowcloud_edge_frames_sent")
+    return None if samples is None else int(sum(value for _, value in samples))
+
+
+def workers_dropped(stack: Stack) -> dict[str, int]:
+    """Frames the workers dropped, by reason, from their metrics (workers that do not answer: none)."""
+    dropped: dict[str, int] = {}
+    for i in range(stack.config.workers):
+        for labels, value in (
+            scrape(stack.config.worker_metrics_port + i, "flowcloud_worker_frames_dropped") or []
+        ):
+            reason = labels.get("reason", "")
+            dropped[reason] = dropped.get(reason, 0) + int(value)
+    return dropped
+
+
+def scrape(metrics_port: int, family_name: str) -> list[tuple[dict[str, str], float]] | None:
+    """The ``_total`` samples of a counter on a local /metrics; None when it does not answer."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=3.0) as reply:
             text = reply.read().decode()
     except OSError:
         return None
-    for family in text_string_to_metric_families(text):
-        if family.name == "flowcloud_edge_frames_sent":
-            return int(sum(sample.value for sample in family.samples if sample.name.endswith("_total")))
-    return 0
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == family_name
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    ]
 
 
 def segmented_count(client: redis.Redis, stream: str, base_seq: int) -> int:
     return int(cast(int, client.zcount(keys.mask_index(stream), f"({base_seq}", "+inf")))
 
 
-def collect(client: redis.Redis, base_seq: int, oracle: SceneOracle | None, sent: int) -> Summary:
+def collect(
+    client: redis.Redis, base_seq: int, scorer: StreamScorer | None, sent: int, dropped: dict[str, int]
+) -> Summary:
     stream = DEMO_DEVICE
-    # The counts first, together: scoring below takes seconds, and a count read after it would be
-    # seconds newer than ``sent`` (published ran ahead of sent in the live lines).
     published = last_seq(client, stream) - base_seq
     segmented = segmented_count(client, stream, base_seq)
     lat = latencies(client, stream, base_seq)
-    miou = accuracy = None
-    scored = 0
-    if oracle is not None and segmented:
-        miou, accuracy, scored = score_stream(client, stream, base_seq, oracle)
+    miou, accuracy, scored = scorer.score.result() if scorer is not None else (None, None, 0)
     return Summary(
         sent=sent,
         published=published,
         segmented=segmented,
-        latency_p50=float(np.percentile(lat, 50)) if lat else None,
-        latency_p95=float(np.percentile(lat, 95)) if lat else None,
+        latency_p50=percentile(lat, 50) if lat else None,
+        latency_p95=percentile(lat, 95) if lat else None,
         miou=miou,
         pixel_accuracy=accuracy,
         scored_frames=scored,
+        dropped=dropped,
     )
 
 
@@ -254,12 +344,17 @@ def start_edge(stack: Stack, token: str, args: argparse.Namespace, metrics_port:
     return edge
 
 
-def wait_for_drain(client: redis.Redis, base_seq: int, timeout: float = 30.0) -> None:
-    """After the edge stops, give the workers time to finish what the gateway published."""
+def wait_for_drain(
+    client: redis.Redis, base_seq: int, stack: Stack, scorer: StreamScorer, timeout: float = 30.0
+) -> None:
+    """After the edge stops, give the workers time to segment or drop what the gateway published
+    (scoring meanwhile)."""
     deadline = time.monotonic() + timeout
     previous = -1
     while time.monotonic() < deadline:
-        done = segmented_count(client, DEMO_DEVICE, base_seq)
+        scorer.note_frames()
+        scorer.score_masks(SCORING_SLICE)
+        done = segmented_count(client, DEMO_DEVICE, base_seq) + sum(workers_dropped(stack).values())
         if done >= last_seq(client, DEMO_DEVICE) - base_seq or done == previous:
             return
         previous = done
@@ -281,7 +376,7 @@ def run(args: argparse.Namespace) -> int:
         base_seq = last_seq(client, DEMO_DEVICE)
         edge_metrics = free_port()
         edge = start_edge(stack, token, args, edge_metrics)
-        oracle = SceneOracle(args.width, args.height)
+        scorer = StreamScorer(client, DEMO_DEVICE, base_seq, SceneOracle(args.width, args.height))
         print(f"dashboard  {stack.api_url}/dashboard#key={admin_key}")
         print(f"API key    {admin_key}   (admin; send as 'Authorization: Bearer <key>')")
         print(f"masks      {stack.api_url}/streams/{DEMO_DEVICE}/masks/latest?format=overlay")
@@ -292,7 +387,10 @@ def run(args: argparse.Namespace) -> int:
         sent = 0
         next_line = time.monotonic() + args.interval
         while edge.alive():
-            time.sleep(1.0)
+            started = time.monotonic()
+            scorer.note_frames()  # every second: the recent window holds a few seconds of frames
+            scorer.score_masks(SCORING_SLICE)
+            time.sleep(max(0.1, 1.0 - (time.monotonic() - started)))
             stack.check()
             scraped = edge_frames_sent(edge_metrics)  # scraped often: the edge may end any time
             if scraped is not None:
@@ -300,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
             # A line only with a fresh count: an ending edge stops answering, and a stale "sent"
             # beside live counts would look like lost frames (the final line has the exact one).
             if time.monotonic() >= next_line and scraped is not None:
-                print(collect(client, base_seq, oracle, sent).line(), flush=True)
+                print(collect(client, base_seq, scorer, sent, workers_dropped(stack)).line(), flush=True)
                 next_line += args.interval
         if edge.process is not None and edge.process.returncode not in (0, None):
             raise CommandError(
@@ -308,8 +406,10 @@ def run(args: argparse.Namespace) -> int:
             )
         final = edge_final_summary(edge)
         sent = int(final["sent"]) if final else sent
-        wait_for_drain(client, base_seq)
-        summary = collect(client, base_seq, oracle, sent)
+        wait_for_drain(client, base_seq, stack, scorer)
+        scorer.note_frames()
+        scorer.score_masks()
+        summary = collect(client, base_seq, scorer, sent, workers_dropped(stack))
     except KeyboardInterrupt:
         print("stopping ...")
     finally:

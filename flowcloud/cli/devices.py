@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.registry import DEFAULT_TENANT, Device, DeviceRegistry, RegistryError
 from flowcloud.settings import DEFAULT_REDIS_URL, ServiceSettings, redact_url
 

@@ -25,7 +25,8 @@ from flowcloud.cli.errors import CommandError
 from flowcloud.inference import PRECISIONS, Segmenter, SegmenterOptions
 from flowcloud.labels import LABEL_SETS, blend_overlay
 from flowcloud.sizes import size_argument
-from flowcloud.zoo import MODEL_NAMES, WeightsError, load_model
+from flowcloud.x264 import Mp4Writer
+from flowcloud.zoo import MODEL_NAMES, WeightsError, choose_input_size, load_model
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     group.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision on GPU")
     group.add_argument(
-        "--size", type=size_argument, metavar="HxW", help="model input size (default: input's)"
+        "--size", type=size_argument, metavar="HxW", help="model input size (default: the weights' own)"
     )
     group.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (video)")
 
 
-def build_segmenter(args: argparse.Namespace) -> Segmenter:
+def build_segmenter(args: argparse.Namespace) -> tuple[Segmenter, str]:
+    """The segmenter the options ask for, and a line saying the input size it runs at and why."""
     try:
         loaded = load_model(args.model, args.weights, args.label_set, args.random_weights)
-        options = SegmenterOptions(device=args.device, size=args.size, precision=args.precision)
+        size, size_text = choose_input_size(args.size, loaded.info)
+        options = SegmenterOptions(device=args.device, size=size, precision=args.precision)
         segmenter = Segmenter(loaded, options)
     except (WeightsError, ValueError, RuntimeError) as exc:
         raise CommandError(str(exc)) from None
@@ -64,7 +67,7 @@ def build_segmenter(args: argparse.Namespace) -> Segmenter:
         loaded.source,
         args.device,
     )
-    return segmenter
+    return segmenter, size_text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -170,12 +173,8 @@ def infer_video(
         frames = (f.to_ndarray(format="rgb24") for f in source.decode(in_stream))
         count = 0
         start = time.perf_counter()
-        with av.open(str(out_path), "w") as sink:
-            out_stream = sink.add_stream("libx264", rate=rate)
-            # yuv420p needs even dimensions; an odd edge is padded by one pixel.
-            out_stream.width, out_stream.height = width + width % 2, height + height % 2
-            out_stream.pix_fmt = "yuv420p"
-            out_stream.options = {"crf": "20", "preset": "veryfast"}
+        # yuv420p needs even dimensions; an odd edge is padded by one pixel.
+        with Mp4Writer(out_path, width + width % 2, height + height % 2, rate, crf=20) as sink:
             total = in_stream.frames or None
             try:
                 with tqdm(total=total, unit="frame", desc=path.name) as bar:
@@ -184,13 +183,12 @@ def infer_video(
                             overlay = np.pad(
                                 result.overlay, ((0, height % 2), (0, width % 2), (0, 0)), "edge"
                             )
-                            sink.mux(out_stream.encode(av.VideoFrame.from_ndarray(overlay, format="rgb24")))
+                            sink.write(overlay)
                             display.show(result.overlay)
                             count += 1
                         bar.update(len(batch))
             except av.FFmpegError as exc:
                 raise CommandError(f"cannot decode video {path} after {count} frames: {exc}") from None
-            sink.mux(out_stream.encode(None))
         seconds = time.perf_counter() - start
     if count == 0:
         raise CommandError(f"{path} contains no decodable video frames")
@@ -214,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--alpha must be within 0..1")
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1")
-    segmenter = build_segmenter(args)
+    segmenter, size_text = build_segmenter(args)
     args.output.mkdir(parents=True, exist_ok=True)
     display = Display(args.display)
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -223,9 +221,11 @@ def run(args: argparse.Namespace) -> int:
         summary = infer_video(path, segmenter, args.output, args.alpha, display, args.batch_size)
     summary["model"] = segmenter.loaded.info.name
     summary["weights"] = segmenter.loaded.source
+    summary["input_size"] = size_text
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        print(f"model input size: {size_text}")
         for name, out in summary["outputs"].items():
             print(f"{name:>8}: {out}")
         if summary["kind"] == "video":

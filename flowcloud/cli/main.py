@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from flowcloud import __version__
 from flowcloud.cli.errors import CommandError
 
-__all__ = ["COMMANDS", "CommandError", "main"]
+__all__ = ["COMMANDS", "main"]
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

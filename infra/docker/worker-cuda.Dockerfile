@@ -2,10 +2,13 @@
 # FlowCloud GPU worker on a CUDA runtime base (the NVIDIA driver comes from the node).
 #   docker build -f infra/docker/worker-cuda.Dockerfile -t flowcloud-worker-cuda .
 #   docker run --gpus all -e FLOWCLOUD_REDIS_URL=... -e FLOWCLOUD_WORKER_DEVICE=cuda flowcloud-worker-cuda
+# The training image (the chart's training Job) is the same with the train extra:
+#   docker build -f infra/docker/worker-cuda.Dockerfile --build-arg EXTRAS=server,train -t flowcloud-train-cuda .
 # Ubuntu 24.04 ships Python 3.12 (FlowCloud needs >= 3.11).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS build
+ARG EXTRAS=server
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -16,7 +19,7 @@ RUN python3 -m venv /opt/flowcloud \
     && pip install torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
 COPY . .
-RUN pip install "/src[server]"
+RUN pip install "/src[${EXTRAS}]"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

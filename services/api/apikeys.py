@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 from redis.asyncio import Redis
 
 from flowcloud import keys, tokens
-from services.api.replies import text
+from flowcloud.replies import field_text, text
 
 Role = Literal["admin", "reader"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -81,18 +81,13 @@ def split_token(token: str) -> tuple[str, str] | None:
     return key_id, secret
 
 
-def _text(fields: Mapping[Any, Any], name: str) -> str | None:
-    value = fields.get(name.encode())
-    return text(value) if value is not None else None
-
-
 def _apikey(key_id: str, fields: Mapping[Any, Any]) -> ApiKey:
-    revoked = _text(fields, keys.A_REVOKED)
+    revoked = field_text(fields, keys.A_REVOKED)
     return ApiKey(
         key_id=key_id,
-        role=validate_role(_text(fields, keys.A_ROLE) or "reader"),
-        tenant=_text(fields, keys.A_TENANT) or "",
-        created=float(_text(fields, keys.A_CREATED) or 0.0),
+        role=validate_role(field_text(fields, keys.A_ROLE) or "reader"),
+        tenant=field_text(fields, keys.A_TENANT) or "",
+        created=float(field_text(fields, keys.A_CREATED) or 0.0),
         revoked=float(revoked) if revoked else None,
     )
 
@@ -164,8 +159,8 @@ class ApiKeyStore:
         fields = await self.redis.hgetall(keys.apikey(key_id))
         if not fields:
             return None
-        salt = _text(fields, keys.A_SALT) or ""
-        expected = _text(fields, keys.A_SECRET_HASH) or ""
+        salt = field_text(fields, keys.A_SALT) or ""
+        expected = field_text(fields, keys.A_SECRET_HASH) or ""
         if not expected or not tokens.verify_token(secret, salt, expected):
             return None
         try:

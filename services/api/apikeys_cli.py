@@ -12,7 +12,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from flowcloud.settings import ServiceSettings, redact_url
 from services.api.apikeys import ROLES, ApiKey, ApiKeyError, ApiKeyStore
 

@@ -8,7 +8,6 @@ binary search (a dozen lookups for the 10,000 results a stream keeps).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,34 +17,18 @@ from redis.asyncio import Redis
 from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame, FrameFormatError
+from flowcloud.percentile import percentile
+from flowcloud.replies import text
 from flowcloud.results import MaskResult, MaskStore
+from flowcloud.streams import StreamMeta
+from flowcloud.workers import WorkerHeartbeat
 from services.api.cache import TtlCache
-from services.api.replies import as_fields, text
+from services.api.replies import as_fields
 
 LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
 MAX_STREAMS = 1000  # streams listed at most (newest activity first)
 RECENT_SCAN = 256  # entries of a recent-frames stream searched for a seq at most
 NEWEST_CAPACITY = 4096  # streams whose newest result is kept, so an unchanged one is not read again
-
-
-def _text(fields: Mapping[Any, Any], name: str) -> str | None:
-    value = fields.get(name.encode())
-    return text(value) if value is not None else None
-
-
-def _number(fields: Mapping[Any, Any], name: str) -> float | None:
-    text = _text(fields, name)
-    try:
-        return float(text) if text else None
-    except ValueError:
-        return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of a non-empty list (q in [0, 100])."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -86,6 +69,7 @@ class StreamInfo:
     started: float | None
     last_seen: float | None
     last_seq: int | None
+    trimmed_unread: int
     results: int
     latest_result_seq: int | None
     latency: LatencySummary = field(default_factory=LatencySummary)
@@ -94,10 +78,6 @@ class StreamInfo:
         out = dict(self.__dict__)
         out["latency"] = dict(self.latency.__dict__)
         return out
-
-
-def _int(value: float | None) -> int | None:
-    return int(value) if value is not None else None
 
 
 class StreamQueries:
@@ -174,21 +154,26 @@ class StreamQueries:
         results: list[MaskResult],
         now: float,
     ) -> StreamInfo:
-        last_seen = _number(meta, keys.M_LAST_SEEN)
-        said_live = _text(meta, keys.M_STATUS) == keys.STATUS_LIVE
+        described = StreamMeta.from_fields(meta)
+        last_seen = described.last_seen
         # A crashed gateway leaves "live" behind: trust it only while frames keep arriving.
-        live = said_live and last_seen is not None and now - last_seen <= self.live_window
+        live = (
+            described.status == keys.STATUS_LIVE
+            and last_seen is not None
+            and now - last_seen <= self.live_window
+        )
         return StreamInfo(
             stream_id=stream_id,
-            device=_text(meta, keys.M_DEVICE),
-            tenant=_text(meta, keys.M_TENANT),
+            device=described.device,
+            tenant=described.tenant,
             status=keys.STATUS_LIVE if live else keys.STATUS_IDLE,
-            width=_int(_number(meta, keys.M_WIDTH)),
-            height=_int(_number(meta, keys.M_HEIGHT)),
-            fps=_number(meta, keys.M_FPS),
-            started=_number(meta, keys.M_STARTED),
+            width=described.width,
+            height=described.height,
+            fps=described.fps,
+            started=described.started,
             last_seen=last_seen,
-            last_seq=_int(_number(meta, keys.M_LAST_SEQ)),
+            last_seq=described.last_seq,
+            trimmed_unread=described.trimmed_unread or 0,
             results=count,
             latest_result_seq=latest,
             latency=LatencySummary.of(results),
@@ -336,7 +321,7 @@ class StreamQueries:
             pipe.hgetall(keys.worker(name))
         out = []
         for (name, beat), fields in zip(names, await pipe.execute(), strict=True):
-            info: dict[str, Any] = {text(k): text(v) for k, v in fields.items()}
+            info: dict[str, Any] = WorkerHeartbeat.from_fields(fields).describe()
             info["name"] = name
             info["last_heartbeat"] = beat
             out.append(info)

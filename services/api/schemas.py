@@ -33,6 +33,9 @@ class StreamBody(BaseModel):
     started: float | None = Field(None, description="unix seconds the current or last session began")
     last_seen: float | None = Field(None, description="unix seconds of the last frame")
     last_seq: int | None = Field(None, description="seq of the last frame the gateway published")
+    trimmed_unread: int = Field(
+        0, description="frames the bounded frames stream trimmed before a worker read them (lost)"
+    )
     results: int = Field(description="mask results kept")
     latest_result_seq: int | None = None
     latency: LatencyBody

@@ -92,24 +92,37 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
 
 
 async def serve(settings: GatewaySettings) -> None:
+    """Serve until SIGTERM/SIGINT, which it honours in every state, start-up included."""
     from services.gateway.server import Gateway
 
-    try:
-        gateway = Gateway(settings)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    await gateway.start()
-    health = (
-        serve_health_and_metrics(settings.metrics_port, lambda: gateway.serving)
-        if settings.metrics_port
-        else None
-    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        gateway = Gateway(settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    health = None
+    try:
+        if settings.metrics_port:
+            try:
+                health = serve_health_and_metrics(settings.metrics_port, lambda: gateway.serving)
+            except OSError as exc:
+                raise CommandError(f"cannot serve /metrics on port {settings.metrics_port}: {exc}") from None
+        starting = asyncio.create_task(gateway.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            log.info("stopped during start-up")
+            return
+        try:
+            starting.result()
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+        await stopping
         log.info("stopping: no new connections; draining sessions (up to %g s)", settings.drain_timeout)
     finally:
         await gateway.close()
@@ -121,8 +134,5 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("gateway settings: %s", settings.describe())
-    try:
-        asyncio.run(serve(settings))
-    except OSError as exc:
-        raise CommandError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
+    asyncio.run(serve(settings))
     return 0

@@ -20,7 +20,9 @@ Messages on the child's stdin/stdout: a header ``>BQI`` (kind, tag, payload leng
 payload. The tag is the session's access-unit number; it travels as the packet's pts, so a
 decoded picture names the access unit it came from. For every access unit the child answers
 zero or more FRAME and ERROR messages (an ERROR names a refused access unit or picture), then
-exactly one DONE.
+exactly one DONE. A FLUSH (at the end of a session) is answered the same way: the pictures the
+decoder still held for reordering (each named by its own access unit's tag), then DONE with the
+FLUSH's tag; after it the child decodes nothing more.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 # parent -> child
 KIND_CONFIG = 1
 KIND_ACCESS_UNIT = 2
+KIND_FLUSH = 3  # end of the stream: give out the pictures the decoder still holds (B-frame reordering)
 # child -> parent
 KIND_FRAME = 10
 KIND_DONE = 11
@@ -161,6 +164,10 @@ class DecoderProcess:
     async def decode(self, tag: int, access_unit: bytes) -> None:
         """Queue one access unit (Annex B bytes) for decoding."""
         await self._send(KIND_ACCESS_UNIT, tag, access_unit)
+
+    async def flush(self, tag: int) -> None:
+        """Ask for the pictures still held (end of stream); answered like an access unit ``tag``."""
+        await self._send(KIND_FLUSH, tag, b"")
 
     async def receive(self) -> DecoderOutput:
         """The next output; DecoderCrashed once the process has ended."""
@@ -340,18 +347,23 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> None:
     encoder = PictureEncoder(config)
     _write(stdout, KIND_READY, 0)
     stdout.flush()
+    flushed = False
     while (message := _read_message(stdin)) is not None:
         kind, tag, payload = message
-        if kind != KIND_ACCESS_UNIT:
+        if kind not in (KIND_ACCESS_UNIT, KIND_FLUSH):
             continue
         started = time.perf_counter()
-        packet = av.Packet(payload)
-        packet.pts = tag
+        packet = None
+        if kind == KIND_ACCESS_UNIT and not flushed:
+            packet = av.Packet(payload)
+            packet.pts = tag
         try:
-            pictures = codec.decode(packet)
+            # None drains the decoder (once: it decodes nothing after that).
+            pictures = codec.decode(packet) if not flushed else []
         except av.FFmpegError as exc:
             _write(stdout, KIND_ERROR, tag, f"{ERROR_DECODE}\t{exc}".encode())
             pictures = []
+        flushed = flushed or kind == KIND_FLUSH
         for picture in pictures:
             picture_tag = picture.pts if picture.pts is not None else tag
             if picture.width > config.max_width or picture.height > config.max_height:

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 
 class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
+    """``rate`` tokens per second, at most ``burst`` saved up; starts full. ``clock`` gives seconds
+    (monotonic; tests pass their own)."""
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(
+        self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(rate)
         self.burst = float(burst if burst is not None else rate)
+        self.clock = clock
         self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self._stamp = clock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 

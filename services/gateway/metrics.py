@@ -18,6 +18,7 @@ DROP_DECODER_CRASH = "decoder_crash"  # in flight when the decoder process died
 DROP_SESSION_CLOSED = "session_closed"  # still decoding when the session ended
 DROP_PUBLISH_BACKLOG = "publish_backlog"  # the publish queue is full (Redis slow or down)
 DROP_REDIS_UNAVAILABLE = "redis_unavailable"  # a publish to Redis failed
+DROP_TRIMMED_UNREAD = "trimmed_unread"  # trimmed by the stream's bound before a worker read it
 
 SESSIONS = Gauge("flowcloud_gateway_sessions", "live (authenticated) sessions")
 CONNECTIONS = Counter(

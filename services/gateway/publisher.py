@@ -11,6 +11,15 @@ restarts and gateway replicas (two replicas may briefly both publish a device's 
 closes a replaced session), and results, keyed by seq, never collide. A reserved seq whose frame
 is not written (Redis failed mid-batch) is a gap, never reused.
 
+The frames stream is bounded by ``frames_maxlen``, trimmed after each batch by
+`flowcloud.frame_queue.FrameQueue.trim`: delivered frames go first; a frame no worker has read is
+trimmed only when more than ``frames_maxlen`` of them wait, and each such frame is counted
+(``flowcloud_gateway_frames_dropped_total{reason="trimmed_unread"}``, and per stream in the
+stream's metadata hash, ``keys.M_TRIMMED_UNREAD``) and logged with its seqs. A backfill frame
+(an edge's spooled video, `Frame.backfill`) takes a seq its live session reserved
+(services.gateway.backfill) and goes to ``keys.BACKFILL_FRAMES_STREAM`` instead, bounded by
+``backfill_maxlen`` with Redis's approximate MAXLEN.
+
 Times leave the gateway on Redis's clock (`flowcloud.clock.RedisClock`, measured with TIME every
 30 s): a frame's capture and receipt times, and the stream's last-seen time, are shifted by the
 offset of Redis's clock from this machine's. Workers judge frame ages and stamp results on the
@@ -31,7 +40,9 @@ from redis.exceptions import RedisError
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.frame_queue import FrameQueue, parse_trim
 from flowcloud.frames import Frame
+from flowcloud.streams import StreamMeta
 from services.gateway import metrics
 from services.gateway.backfill import take_backfill_seqs
 
@@ -65,6 +76,8 @@ class FramePublisher:
         self._queue_max = queue_max
         self._wakeup = asyncio.Event()
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
+        self._trimmed: Counter[str] = Counter()  # stream -> unread frames trimmed, still to add to its hash
+        self.queue = FrameQueue(redis)
         self._last_seq: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -82,9 +95,10 @@ class FramePublisher:
         metrics.PUBLISH_QUEUE.set(len(self._queue))
         self._wakeup.set()
 
-    def set_meta(self, stream: str, fields: dict[str, str | int | float]) -> None:
-        """Fields of the stream's metadata hash, written with the next batch (retried until written)."""
-        self._meta.setdefault(stream, {}).update({k: str(v) for k, v in fields.items()})
+    def set_meta(self, stream: str, fields: dict[str, str]) -> None:
+        """Fields of the stream's metadata hash (`StreamMeta.to_fields`), written with the next batch
+        (retried until written)."""
+        self._meta.setdefault(stream, {}).update(fields)
         self._wakeup.set()
 
     def last_seq(self, stream: str) -> int:
@@ -116,7 +130,7 @@ class FramePublisher:
     async def _run(self) -> None:
         backoff = BACKOFF_MIN
         while True:
-            if not self._queue and not self._meta:
+            if not self._queue and not self._meta and not self._trimmed:
                 if self._stopping:
                     return
                 self._wakeup.clear()
@@ -167,7 +181,7 @@ class FramePublisher:
                 pipe.xadd(keys.BACKFILL_FRAMES_STREAM, entry, maxlen=self.backfill_maxlen, approximate=True)  # type: ignore[arg-type]
                 continue
             seqs[pending.stream] += 1
-            pipe.xadd(keys.FRAMES_STREAM, entry, maxlen=self.frames_maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(keys.FRAMES_STREAM, entry)  # type: ignore[arg-type]
             pipe.xadd(
                 keys.recent_frames(pending.stream),
                 entry,  # type: ignore[arg-type]
@@ -176,23 +190,48 @@ class FramePublisher:
             )
         now = self.clock.now()
         for stream in seqs:
-            meta.setdefault(stream, {})[keys.M_LAST_SEEN] = repr(now)
+            meta.setdefault(stream, {}).update(StreamMeta(last_seen=now).to_fields())
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
             pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, now))})
+        trimmed, self._trimmed = self._trimmed, Counter()
+        for stream, count in trimmed.items():
+            pipe.hincrby(keys.stream_meta(stream), keys.M_TRIMMED_UNREAD, count)
+        if batch:
+            await self.queue.trim_in(pipe, self.frames_maxlen)
         try:
-            await pipe.execute()
+            replies = await pipe.execute()
         except BaseException:
             # Put the metadata back (newer updates win); frames of a failed batch are not retried.
             for stream, fields in meta.items():
                 fields.pop(keys.M_LAST_SEEN, None)
                 if fields:
                     self._meta[stream] = {**fields, **self._meta.get(stream, {})}
+            self._trimmed.update(trimmed)
             raise
+        if batch:
+            self._count_trimmed(parse_trim(replies[-1]).lost)
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(batch)
         metrics.FRAMES_PUBLISHED.inc(len(batch))
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    def _count_trimmed(self, lost: list[tuple[str, int]]) -> None:
+        """Count and log frames the stream's bound removed before any worker read them."""
+        if not lost:
+            return
+        metrics.drop(metrics.DROP_TRIMMED_UNREAD, len(lost))
+        by_stream: dict[str, list[int]] = {}
+        for stream, seq in lost:
+            by_stream.setdefault(stream, []).append(seq)
+        self._trimmed.update({stream: len(seqs) for stream, seqs in by_stream.items()})
+        self._wakeup.set()
+        log.warning(
+            "frames stream over its bound of %d unread frames: trimmed %d no worker had read (%s)",
+            self.frames_maxlen,
+            len(lost),
+            "; ".join(f"{stream} seqs {seq_ranges(seqs)}" for stream, seqs in by_stream.items()),
+        )
 
     async def _reserve_seqs(self, counts: Counter[str]) -> dict[str, int]:
         """The first of ``counts[stream]`` consecutive new seqs of each stream (one round trip)."""
@@ -203,3 +242,17 @@ class FramePublisher:
         return {
             stream: int(last) - count + 1 for (stream, count), last in zip(counts.items(), lasts, strict=True)
         }
+
+
+def seq_ranges(seqs: list[int]) -> str:
+    """``[1, 2, 3, 7]`` as ``1-3, 7``."""
+    out: list[str] = []
+    start = previous = seqs[0]
+    for seq in [*seqs[1:], None]:
+        if seq is not None and seq == previous + 1:
+            previous = seq
+            continue
+        out.append(str(start) if start == previous else f"{start}-{previous}")
+        if seq is not None:
+            start = previous = seq
+    return ", ".join(out)

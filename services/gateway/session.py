@@ -16,22 +16,27 @@ of being refused ``busy`` until the old connection times out; only a holder of t
 current token can take the stream over, and frame seqs stay unique and increasing across the
 switch, whichever replicas publish (see publisher.py).
 
-After the handshake, packets go through the protocol's `Depacketizer` (which bounds NAL-unit
-and access-unit sizes and drops broken access units until the next IDR), per-device token
-buckets (bytes/s: the reader pauses, TCP pushes back, nothing is lost; frames/s: excess access
-units are dropped and decoding resumes at the next IDR), and the session's own decoder process.
-Every drop is counted in ``flowcloud_gateway_frames_dropped_total`` by reason. A decoder crash
-loses only the access units in flight; the decoder restarts and resumes at the next IDR.
+The session is the I/O around three pieces of pure or self-contained code:
 
-**Frame sizes are checked before decoding.** Each SPS (NAL type 7) in an access unit is parsed
-(`flowcloud.protocol.sps`) before the unit may reach the decoder. An SPS that announces a picture
-above the session's cap (``max_width`` x ``max_height``, the cap of the handshake and of the
-decoder) is refused, not the session: its access unit and every one after it are dropped with
-reason ``dimensions`` until an acceptable SPS with the same id arrives, and then until the next
-IDR (``await_idr``), as after a loss. An SPS that does not parse drops its access unit as
-``malformed`` and decoding resumes at the next IDR with a valid SPS. The edge may change its
-size within the cap at any IDR (the decoder resizes); the decoder's own check of each decoded
-picture stays as the second line of defence.
+- `services.gateway.admission.Admission`: the handshake's rules (HELLO, size cap, session limit,
+  CLOCK), driven with the frames this module reads under the handshake deadline;
+- `services.gateway.pipeline.PacketPipeline`: RTP bytes to access units cleared for decoding
+  (depacketizing, frames/s bucket, SPS gate, waiting for an IDR), every drop counted by reason in
+  ``flowcloud_gateway_frames_dropped_total``;
+- `services.gateway.decoding.SessionDecoder`: the session's decoder process, restarted after a
+  crash or stall, flushed when the stream ends.
+
+What stays here: reading the socket (the bytes/s bucket pauses the reader, so TCP pushes back and
+nothing is lost), recording, replacing an older session of the device, the stream's metadata
+hash, and ending the session in order. A per-session step added later (a lease, a message back
+to the edge) goes into `Session.stream` around the read loop, or into one of the three pieces.
+
+Two lanes per device (services.gateway.backfill): a live HELLO that announces ``spooled`` frames
+reserves their seqs before its ACCEPT; a second connection whose HELLO says ``backfill`` carries
+that spooled video beside the live session, with its own rate limits and no keyframe requests (its
+GOPs start at IDRs). A live session asks the edge for an IDR (services.gateway.keyframes) whenever
+its pipeline starts to need one. A ``masks`` connection only uploads the masks the edge's fallback
+model made offline (`Session.receive_edge_masks`).
 """
 
 from __future__ import annotations
@@ -49,36 +54,18 @@ from redis.exceptions import RedisError
 from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import Rfc4571Decoder, read_frame, write_frame
-from flowcloud.protocol.h264 import DROP_MALFORMED, NAL_TYPE_SPS, AccessUnit, Depacketizer, nal_type
-from flowcloud.protocol.handshake import (
-    MAX_CONTROL_SIZE,
-    REJECT_BUSY,
-    REJECT_LIMIT,
-    REJECT_MALFORMED,
-    REJECT_VERSION,
-    Accept,
-    ClockSync,
-    Hello,
-    Reject,
-    UnsupportedVersion,
-)
-from flowcloud.protocol.rtp import RtpPacket
-from flowcloud.protocol.sps import SequenceParameterSet
+from flowcloud.protocol.framing import read_frame
+from flowcloud.protocol.h264 import DROP_AWAIT_IDR
+from flowcloud.protocol.handshake import MAX_CONTROL_SIZE, REJECT_BUSY, REJECT_MALFORMED, ClockSync, Hello
 from flowcloud.registry import Device, DeviceAuthError, DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import GatewaySettings
+from flowcloud.streams import StreamMeta
 from services.gateway import metrics
+from services.gateway.admission import Admission, AdmissionLimits, Refused, reject_frame
 from services.gateway.backfill import backfill_key, reserve_backfill_seqs
-from services.gateway.decoder import (
-    ERROR_DIMENSIONS,
-    AccessUnitDone,
-    DecodedFrame,
-    DecodeFailure,
-    DecoderCrashed,
-    DecoderPool,
-    DecoderProcess,
-)
+from services.gateway.decoder import DecodedFrame, DecoderPool
+from services.gateway.decoding import SessionDecoder
 from services.gateway.edge_masks import receive_edge_masks
 from services.gateway.keyframes import (
     REASON_DECODER_RESTART,
@@ -87,6 +74,7 @@ from services.gateway.keyframes import (
     KeyframeRequester,
 )
 from services.gateway.limits import TokenBucket
+from services.gateway.pipeline import WANTED_STREAM_START, PacketPipeline, PipelineLimits, UnitTimes
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.gateway.recorder import SessionRecorder
 
@@ -100,21 +88,9 @@ END_ROTATED = "rotated"
 END_SHUTDOWN = "shutdown"
 END_MALFORMED = "malformed"
 
-# SPSs one access unit may carry: one is the norm; more than a few is an attack on the parser.
-MAX_SPS_PER_ACCESS_UNIT = 4
-
 READ_CHUNK = 1 << 16
 DRAIN_READ_TIMEOUT = 0.1
 FLUSH_TIMEOUT = 5.0  # how long a session that ends waits for its frames in flight
-
-
-class Refused(Exception):
-    """The handshake failed; ``code`` is a REJECT code (None: close without a REJECT)."""
-
-    def __init__(self, code: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @dataclass
@@ -158,33 +134,23 @@ class Session:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.session_id = secrets.token_hex(8)
+        self.admission = Admission(AdmissionLimits.of(self.settings), self.session_id)
         self.device: Device | None = None
         self.hello: Hello | None = None
         self.clock: ClockSync | None = None
         self.end_reason: str | None = None
         self.dropped: Counter[str] = Counter()
-        self.decoded = 0
         self._token = ""
-        self._decoder: DecoderProcess | None = None
+        self._pipeline: PacketPipeline | None = None
+        self._decoder: SessionDecoder | None = None
         self._recorder: SessionRecorder | None = None
-        self._depacketizer = Depacketizer(
-            self.settings.max_nal_size, self.settings.max_access_unit_size, on_drop=self._drop
-        )
-        self._need_idr = False
-        self._oversized_sps: set[int] = set()  # ids of refused SPSs not yet replaced by acceptable ones
-        self._last_sps: bytes | None = None  # the last SPS parsed: its repeats need no parsing
-        self._next_tag = 0
-        self._in_flight = 0
-        self._pending: dict[int, tuple[float, float]] = {}  # tag -> (capture_ts, recv_ts)
-        self._last_output = time.monotonic()
-        self._all_done = asyncio.Event()
-        self._all_done.set()
         self._stream_task: asyncio.Task[None] | None = None
         self._main_task: asyncio.Task[object] | None = None
         self._draining = False
         self._closing = False
         self._ended = asyncio.Event()
-        self._keyframes = KeyframeRequester(writer, self.session_id)
+        self._keyframes: KeyframeRequester | None = None  # a live session's, once it streams
+        self._keyframe_reason = REASON_DROP  # why the pending keyframe request was made
 
     @property
     def is_backfill(self) -> bool:
@@ -200,6 +166,16 @@ class Session:
         """The process id of this session's decoder (None before the handshake)."""
         return self._decoder.pid if self._decoder is not None else None
 
+    @property
+    def decoded(self) -> int:
+        """Frames decoded in this session."""
+        return self._decoder.decoded if self._decoder is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        """Access units sent to the decoder that it has not finished with yet."""
+        return self._decoder.in_flight if self._decoder is not None else 0
+
     # --- handshake --------------------------------------------------------------------------
 
     async def handshake(self) -> None:
@@ -214,18 +190,14 @@ class Session:
         except asyncio.IncompleteReadError:
             raise Refused(None, "connection closed during the handshake") from None
 
+    async def _read_control(self, what: str) -> bytes:
+        try:
+            return await read_frame(self.reader, MAX_CONTROL_SIZE)
+        except ProtocolError as exc:
+            raise Refused(REJECT_MALFORMED, f"{what}: {exc}") from None
+
     async def _handshake(self) -> None:
-        try:
-            body = await read_frame(self.reader, MAX_CONTROL_SIZE)
-        except ProtocolError as exc:
-            raise Refused(REJECT_MALFORMED, f"handshake: {exc}") from None
-        gateway_recv = time.time()
-        try:
-            hello = Hello.parse(body)
-        except UnsupportedVersion as exc:
-            raise Refused(REJECT_VERSION, str(exc)) from None
-        except ProtocolError as exc:
-            raise Refused(REJECT_MALFORMED, f"hello: {exc}") from None
+        hello = self.admission.receive_hello(await self._read_control("handshake"))
         try:
             device = await self.services.registry.verify(hello.device_id, hello.token)
         except DeviceAuthError as exc:
@@ -233,16 +205,7 @@ class Session:
         except (RedisError, OSError) as exc:
             log.warning("device registry unavailable: %s", exc)
             raise Refused(REJECT_BUSY, "the device registry is unavailable; retry later") from None
-        s = self.settings
-        if hello.stream.width > s.max_width or hello.stream.height > s.max_height:
-            raise Refused(
-                REJECT_LIMIT,
-                f"stream size {hello.stream.width}x{hello.stream.height} is above the cap "
-                f"{s.max_width}x{s.max_height}",
-            )
-        live = self.services.live
-        if device.device_id not in live and len(live) >= s.max_sessions:
-            raise Refused(REJECT_LIMIT, f"the gateway holds its maximum of {s.max_sessions} sessions")
+        accept = self.admission.admit(device, self.services.live.keys())
         if hello.stream.spooled and not hello.stream.backfill:
             try:  # before any live frame of this session gets a seq: backfill sorts in capture order
                 await reserve_backfill_seqs(
@@ -251,12 +214,9 @@ class Session:
             except (RedisError, OSError) as exc:
                 log.warning("cannot reserve backfill seqs: %s", exc)
                 raise Refused(REJECT_BUSY, "the frame store is unavailable; retry later") from None
-        accept = Accept(self.session_id, hello.edge_time, gateway_recv, time.time())
-        await write_frame(self.writer, accept.to_bytes())
-        try:
-            self.clock = ClockSync.parse(await read_frame(self.reader, MAX_CONTROL_SIZE))
-        except ProtocolError as exc:
-            raise Refused(REJECT_MALFORMED, f"clock: {exc}") from None
+        self.writer.write(accept)
+        await self.writer.drain()
+        self.clock = self.admission.receive_clock(await self._read_control("clock"))
         self.hello, self.device, self._token = hello, device, hello.token
 
     # --- streaming --------------------------------------------------------------------------
@@ -265,7 +225,7 @@ class Session:
         """Receive until the edge closes or `close` is called; then flush and clean up."""
         assert self.device is not None and self.hello is not None and self.clock is not None
         device, hello = self.device, self.hello
-        lane = self.services.backfill if hello.stream.backfill else self.services.live
+        lane = self.services.backfill if self.is_backfill else self.services.live
         previous = lane.get(device.device_id)
         lane[device.device_id] = self
         if previous is not None:
@@ -284,18 +244,16 @@ class Session:
         metrics.SESSIONS.inc()
         started = self.services.publisher.clock.now()  # on Redis's clock, like every time it publishes
         if not self.is_backfill:  # the stream's status and size are the live session's
-            self.services.publisher.set_meta(
-                device.device_id,
-                {
-                    keys.M_DEVICE: device.device_id,
-                    keys.M_TENANT: device.tenant,
-                    keys.M_WIDTH: hello.stream.width,
-                    keys.M_HEIGHT: hello.stream.height,
-                    keys.M_FPS: hello.stream.fps,
-                    keys.M_STARTED: repr(started),
-                    keys.M_STATUS: keys.STATUS_LIVE,
-                },
+            meta = StreamMeta(
+                device=device.device_id,
+                tenant=device.tenant,
+                width=hello.stream.width,
+                height=hello.stream.height,
+                fps=hello.stream.fps,
+                started=started,
+                status=keys.STATUS_LIVE,
             )
+            self.services.publisher.set_meta(device.device_id, meta.to_fields())
         if self.settings.record_dir:
             self._recorder = self._open_recorder(started)
         log.info(
@@ -312,12 +270,11 @@ class Session:
             self.clock.rtt,
         )
         self._main_task = asyncio.current_task()
-        results: asyncio.Task[None] | None = None
-        watchdog: asyncio.Task[None] | None = None
+        if not self.is_backfill:  # a spooled GOP starts at an IDR: nothing to ask for
+            self._keyframes = KeyframeRequester(self.writer, self.session_id)
+        self._pipeline, self._decoder = self._packet_path(device)
         try:
-            self._decoder = await self.services.decoders.acquire()
-            results = asyncio.create_task(self._receive_decoded(), name=f"decoded:{self.session_id}")
-            watchdog = asyncio.create_task(self._watch_decoder(), name=f"watchdog:{self.session_id}")
+            await self._decoder.start()
             self._stream_task = asyncio.create_task(self._read_packets(), name=f"packets:{self.session_id}")
             await self._stream_task
             self.end_reason = self.end_reason or END_EOF
@@ -331,12 +288,36 @@ class Session:
             log.info("session %s: connection error: %s", self.session_id, exc)
             self.end_reason = self.end_reason or END_EOF
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            self._decoder.stop_watching()
             try:
-                await self._finish(results)
+                await self._finish()
             finally:
                 self._ended.set()
+
+    def _packet_path(self, device: Device) -> tuple[PacketPipeline, SessionDecoder]:
+        assert self.clock is not None
+        s = self.settings
+        name = f"session {self.session_id}"
+        decoder = SessionDecoder(
+            self.services.decoders,
+            s.decoder_backlog,
+            s.decoder_stall_timeout,
+            on_frame=self._publish,
+            on_drop=self._drop,
+            on_trouble=lambda reason: pipeline.await_idr(reason),
+            name=name,
+        )
+        pipeline = PacketPipeline(
+            PipelineLimits.of(s),
+            self.services.device_limits(backfill_key(device.device_id, self.is_backfill)).frames,
+            self.clock.offset,
+            on_drop=self._drop,
+            on_malformed=self._malformed,
+            decoder_refusal=decoder.refusal,
+            on_keyframe_wanted=self._keyframe_wanted if self._keyframes is not None else None,
+            name=name,
+        )
+        return pipeline, decoder
 
     async def receive_edge_masks(self) -> None:
         """A ``masks`` connection: store the masks the edge made offline (services.gateway.edge_masks)."""
@@ -388,15 +369,14 @@ class Session:
             return None
 
     async def _read_packets(self) -> None:
-        assert self.device is not None
+        assert self.device is not None and self._pipeline is not None and self._decoder is not None
+        pipeline, decoder = self._pipeline, self._decoder
         limits = self.services.device_limits(backfill_key(self.device.device_id, self.is_backfill))
-        framer = Rfc4571Decoder()  # reads whole chunks: far fewer awaits than one per packet
-        malformed = 0
         while True:
             if self._draining:
                 try:
                     async with asyncio.timeout(DRAIN_READ_TIMEOUT):  # only what has arrived already
-                        chunk = await self.reader.read(READ_CHUNK)
+                        chunk = await self.reader.read(READ_CHUNK)  # whole chunks: far fewer awaits
                 except TimeoutError:
                     return
             else:
@@ -411,194 +391,85 @@ class Session:
             if delay > 0:
                 metrics.THROTTLED_SECONDS.inc(delay)
                 await asyncio.sleep(delay)
-            packets = framer.feed(chunk)
-            metrics.PACKETS.inc(len(packets))
-            for data in packets:
-                try:
-                    access_units = self._depacketizer.push(RtpPacket.parse(data))
-                    malformed = 0
-                except ProtocolError as exc:
-                    malformed += 1
-                    metrics.PACKETS_REJECTED.labels("malformed").inc()
-                    log.debug("session %s: packet refused: %s", self.session_id, exc)
-                    if malformed >= self.settings.max_malformed:
-                        raise ProtocolError(f"{malformed} malformed packets in a row (last: {exc})") from None
-                    continue
-                for au in access_units:
-                    await self._decode(au, recv_ts, limits)
+            received = pipeline.reader.received
+            try:
+                for unit in pipeline.feed(chunk, recv_ts):
+                    if unit.keyframe and self._keyframes is not None:
+                        self._keyframes.keyframe_arrived()
+                    await decoder.decode(unit)
+            finally:
+                metrics.PACKETS.inc(pipeline.reader.received - received)
+
+    async def _end_of_stream(self) -> None:
+        """The access unit the depacketizer still holds, then the pictures the decoder holds back
+        to reorder B-frames: without this the last frames of every such stream are lost."""
+        assert self._pipeline is not None and self._decoder is not None
+        for unit in self._pipeline.finish(time.time()):
+            await self._decoder.decode(unit)
+        await self._decoder.flush()
+        await self._decoder.wait()
 
     def _drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] += count
         metrics.drop(reason, count)
-        if reason != metrics.DROP_SESSION_CLOSED and not self.is_backfill:  # a spooled GOP starts at an IDR
-            started = self._depacketizer.access_units == 0 and self.decoded == 0
-            self._keyframes.request(REASON_SESSION_START if started else REASON_DROP)
+        if reason == DROP_AWAIT_IDR and self._pipeline is not None and self._pipeline.want_keyframe:
+            self._ask_for_keyframe()  # still none: ask again (rate limited)
 
-    def _size_allowed(self, au: AccessUnit) -> bool:
-        """Check the access unit's SPS against the size cap; False (counted) when it may not be decoded."""
-        s = self.settings
-        sps_nals = [nal for nal in au.nals if nal_type(nal) == NAL_TYPE_SPS]
-        if len(sps_nals) > MAX_SPS_PER_ACCESS_UNIT:
-            log.debug("session %s: access unit with %d SPSs dropped", self.session_id, len(sps_nals))
-            self._drop(DROP_MALFORMED)
-            self._need_idr = True
-            return False
-        for nal in sps_nals:
-            if nal == self._last_sps:
-                continue  # encoders repeat their SPS at every IDR: it was checked when it first came
-            try:
-                sps = SequenceParameterSet.parse(nal)
-            except ProtocolError as exc:
-                log.debug("session %s: access unit dropped: %s", self.session_id, exc)
-                self._drop(DROP_MALFORMED)
-                self._need_idr = True
-                return False
-            self._last_sps = nal
-            if sps.width <= s.max_width and sps.height <= s.max_height:
-                self._oversized_sps.discard(sps.sps_id)
-                continue
-            if sps.sps_id not in self._oversized_sps:
-                log.info(
-                    "session %s: SPS %d announces %dx%d, above the cap %dx%d; dropping until a smaller one",
-                    self.session_id,
-                    sps.sps_id,
-                    sps.width,
-                    sps.height,
-                    s.max_width,
-                    s.max_height,
-                )
-            self._oversized_sps.add(sps.sps_id)
-        if self._oversized_sps:
-            self._drop(metrics.DROP_DIMENSIONS)
-            self._need_idr = True
-            return False
-        return True
+    def _keyframe_wanted(self, reason: str) -> None:
+        """The pipeline starts to need an IDR: ask the edge for one now, not at its next GOP."""
+        if reason == metrics.DROP_DECODER_CRASH:
+            self._keyframe_reason = REASON_DECODER_RESTART
+        elif reason == WANTED_STREAM_START:
+            self._keyframe_reason = REASON_SESSION_START
+        else:
+            self._keyframe_reason = REASON_DROP
+        self._ask_for_keyframe()
 
-    async def _decode(self, au: AccessUnit, recv_ts: float, limits: DeviceLimits) -> None:
-        if not limits.frames.try_take():  # first: it also bounds the parsing work a device can cause
-            self._drop(metrics.DROP_RATE_LIMIT)
-            self._need_idr = True
+    def _ask_for_keyframe(self) -> None:
+        # Not while the decoder restarts: an IDR arriving before its replacement is ready would be
+        # refused too. The first await_idr drop after the restart asks.
+        restarting = self._decoder is not None and self._decoder.refusal() == metrics.DROP_DECODER_CRASH
+        if self._keyframes is None or restarting:
             return
-        if not self._size_allowed(au):
-            return
-        if self._need_idr and not au.keyframe:
-            self._drop(metrics.DROP_AWAIT_IDR)
-            return
-        if au.keyframe:
-            self._keyframes.keyframe_arrived()
-        if self._in_flight >= self.settings.decoder_backlog:
-            self._drop(metrics.DROP_DECODER_BACKLOG)
-            self._need_idr = True
-            return
-        decoder = self._decoder
-        if decoder is None or not decoder.alive:
-            self._drop(metrics.DROP_DECODER_CRASH)
-            self._need_idr = True
-            return
-        assert self.clock is not None
-        capture_ts = au.capture_time + self.clock.offset if au.capture_time is not None else recv_ts
-        tag = self._next_tag
-        self._next_tag += 1
-        self._pending[tag] = (capture_ts, recv_ts)
-        if len(self._pending) > 4 * self.settings.decoder_backlog:
-            self._pending.pop(next(iter(self._pending)))
-        self._need_idr = False
-        if self._in_flight == 0:
-            self._last_output = time.monotonic()
-        self._in_flight += 1
-        self._all_done.clear()
-        # On a crash _receive_decoded sees it too, counts what was in flight and restarts the decoder.
-        with contextlib.suppress(DecoderCrashed):
-            await decoder.decode(tag, au.to_annexb())
+        self._keyframes.request(self._keyframe_reason)
 
-    async def _receive_decoded(self) -> None:
+    def _malformed(self, exc: ProtocolError) -> None:
+        metrics.PACKETS_REJECTED.labels("malformed").inc()
+        log.debug("session %s: packet refused: %s", self.session_id, exc)
+
+    def _publish(self, out: DecodedFrame, times: UnitTimes) -> None:
         assert self.device is not None
-        stream = self.device.device_id
-        while True:
-            decoder = self._decoder
-            assert decoder is not None
-            try:
-                out = await decoder.receive()
-                self._last_output = time.monotonic()
-            except DecoderCrashed as exc:
-                if self._closing:
-                    return
-                lost, self._in_flight = self._in_flight, 0
-                self._pending.clear()
-                self._all_done.set()
-                if lost:
-                    self._drop(metrics.DROP_DECODER_CRASH, lost)
-                self._need_idr = True
-                self._keyframes.request(REASON_DECODER_RESTART)
-                metrics.DECODER_RESTARTS.inc()
-                log.warning("session %s: %s; %d frames lost, restarting it", self.session_id, exc, lost)
-                self._decoder = await self.services.decoders.acquire()
-                continue
-            if isinstance(out, DecodedFrame):
-                capture_ts, recv_ts = self._pending.pop(out.tag, (time.time(), time.time()))
-                self.decoded += 1
-                metrics.FRAMES_DECODED.inc()
-                if self.is_backfill:
-                    metrics.BACKFILL_FRAMES.inc()
-                metrics.DECODE_SECONDS.observe(out.seconds)
-                self.services.publisher.submit(
-                    Frame(
-                        stream=stream,
-                        seq=UNASSIGNED_SEQ,
-                        capture_ts=capture_ts,
-                        recv_ts=recv_ts,
-                        width=out.width,
-                        height=out.height,
-                        encoding=self.settings.frame_encoding,
-                        data=out.data,
-                        backfill=self.is_backfill,
-                    )
-                )
-            elif isinstance(out, DecodeFailure):
-                self._pending.pop(out.tag, None)
-                self._drop(
-                    metrics.DROP_DIMENSIONS if out.code == ERROR_DIMENSIONS else metrics.DROP_DECODE_ERROR
-                )
-                self._need_idr = True
-                log.info("session %s: %s: %s", self.session_id, out.code, out.message)
-            elif isinstance(out, AccessUnitDone):
-                self._in_flight = max(0, self._in_flight - 1)
-                if self._in_flight == 0:
-                    self._all_done.set()
+        if self.is_backfill:
+            metrics.BACKFILL_FRAMES.inc()
+        self.services.publisher.submit(
+            Frame(
+                stream=self.device.device_id,
+                seq=UNASSIGNED_SEQ,
+                capture_ts=times.capture_ts,
+                recv_ts=times.recv_ts,
+                width=out.width,
+                height=out.height,
+                encoding=self.settings.frame_encoding,
+                data=out.data,
+                backfill=self.is_backfill,
+            )
+        )
 
-    async def _watch_decoder(self) -> None:
-        """Kill a decoder that has work but has said nothing for a while (it then restarts)."""
-        while True:
-            await asyncio.sleep(min(1.0, self.settings.decoder_stall_timeout / 2))
-            decoder = self._decoder
-            stalled = time.monotonic() - self._last_output > self.settings.decoder_stall_timeout
-            if decoder is not None and decoder.alive and self._in_flight and stalled:
-                log.warning("session %s: decoder %d stalled with %d frames; killing it", self.session_id,
-                            decoder.pid, self._in_flight)  # fmt: skip
-                decoder.kill()
-                self._last_output = time.monotonic()
-
-    async def _finish(self, results: asyncio.Task[None] | None) -> None:
-        assert self.device is not None
+    async def _finish(self) -> None:
+        assert self.device is not None and self._decoder is not None
         device_id = self.device.device_id
         self._close_writer()
         try:
             if self.end_reason not in (END_REVOKED, END_ROTATED):
                 # Let the frames in flight come out of the decoder (a revoked device's are discarded).
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError, ProtocolError):
                     async with asyncio.timeout(FLUSH_TIMEOUT):
-                        await self._all_done.wait()
+                        await self._end_of_stream()
             self._closing = True
-            if results is not None:
-                results.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await results
-            if self._decoder is not None:
-                await self._decoder.close()
+            await self._decoder.close()
         finally:
             # Bookkeeping happens even when the gateway's shutdown cancels the cleanup above.
-            if self._in_flight:
-                self._drop(metrics.DROP_SESSION_CLOSED, self._in_flight)
+            self._decoder.discard()
             if self._recorder is not None:
                 self._recorder.close()
             if self.services.backfill.get(device_id) is self:
@@ -606,7 +477,8 @@ class Session:
             if self.services.live.get(device_id) is self:
                 del self.services.live[device_id]
                 if self.end_reason != END_REPLACED:  # else the replacing session (maybe elsewhere) owns it
-                    self.services.publisher.set_meta(device_id, {keys.M_STATUS: keys.STATUS_IDLE})
+                    idle = StreamMeta(status=keys.STATUS_IDLE)
+                    self.services.publisher.set_meta(device_id, idle.to_fields())
             metrics.SESSIONS.dec()
             self.services.ended[device_id] += 1
             metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()
@@ -615,7 +487,7 @@ class Session:
                 self.session_id,
                 device_id,
                 self.end_reason,
-                self._depacketizer.packets,
+                self._pipeline.packets if self._pipeline is not None else 0,
                 self.decoded,
                 dict(self.dropped) or "none",
             )
@@ -631,9 +503,8 @@ class Session:
         if refused.code is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    await write_frame(self.writer, Reject(refused.code, refused.reason).to_bytes())
-        if self._decoder is not None:
-            await self._decoder.close()
+                    self.writer.write(reject_frame(refused))
+                    await self.writer.drain()
         self._close_writer()
 
     async def still_authorized(self) -> bool:

@@ -65,6 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     option("--batch-timeout-ms", type=int)
     option("--mode", choices=MODES)
     option("--max-frame-age", type=float, metavar="SECONDS")
+    option("--max-queued-frames", type=int)
     option("--claim-idle-ms", type=int)
     option("--max-attempts", type=int)
     option("--drain-timeout", type=float, metavar="SECONDS")

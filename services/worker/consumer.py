@@ -1,23 +1,39 @@
-"""The segmentation worker: read frames from the consumer group in batches, infer, persist, acknowledge.
+"""The segmentation worker: read frames from the consumer group, schedule them into batches, infer,
+persist, acknowledge.
 
-Three stages run concurrently, joined by one-slot queues so that each works on a different batch:
+Two tasks run concurrently:
 
-    source   XREADGROUP (or XAUTOCLAIM) a batch, drop stale frames, decode JPEGs in a thread pool,
-             group by size and stack each group into one (pinned) uint8 tensor
-    infer    the model on each group, in one dedicated thread (the GPU's, or torch's CPU pool)
-    persist  label maps to palette PNGs and class shares (thread pool), MaskStore.put_many, XACK
+    reader   XREADGROUP (or XAUTOCLAIM) whatever has arrived, judge each frame, queue it per
+             stream (services.worker.scheduler); realtime mode reads eagerly so that it sees each
+             stream's newest frame, complete mode only while the queue has room
+    runner   when the model is free: form a batch from the queue (fair across streams, newest
+             first and deadline-checked in realtime mode, sized to the model's measured time),
+             decode it in a thread pool, judge it again, run the model on its dedicated thread,
+             then hand it to a persist task (palette PNGs and class shares in the pool,
+             MaskStore.put_many, XACK) that overlaps the next batch's inference
 
-So the CPU decodes batch n+1 and encodes batch n-1 while the model runs batch n. On SIGTERM the
-source stops reading and the batches already read go through to their acknowledgement.
+A batch is formed only when the model can start it, so no batch waits behind another: a frame
+waits in the queue, where it is judged again for every batch, never in a hand-off. In realtime
+mode a frame is judged when read, when a batch forms, right before the model runs (each time
+with the forecast of what is left: services.worker.batchtime) and once more when its result is
+stamped persisted; at each point a frame that cannot be, or was not, persisted within
+``max_frame_age`` of its capture is acknowledged and counted, never persisted. On SIGTERM the
+reader stops and the runner finishes what is queued.
+
+Spare room in a batch (and an idle model) goes to the backfill lane (services.worker.backfill):
+frames edges spooled during an outage, at most half a batch, only as many as let the batch's live
+frames still make their deadlines. They are never dropped for age (`FramePolicy.can_make`), their
+results are marked ``backfill``, and they are acknowledged on their own stream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import math
 import signal
-import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -36,6 +52,7 @@ from flowcloud import keys
 from flowcloud.clock import RedisClock
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
+from flowcloud.percentile import percentile
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from flowcloud.settings import WorkerSettings
 from flowcloud.sizes import parse_size
@@ -43,16 +60,29 @@ from flowcloud.zoo import load_model
 
 from . import metrics
 from .backfill import BackfillLane
+from .batchtime import BatchTime
 from .lifecycle import DRAINING, READY, WARMING, Heartbeat, default_name
-from .policy import FramePolicy
+from .policy import (
+    DROP_REASONS,
+    LATE_AFTER_INFERENCE,
+    QUEUE_FULL,
+    STALE_BEFORE_INFERENCE,
+    STALE_IN_QUEUE,
+    STALE_ON_READ,
+    FramePolicy,
+)
 from .recovery import Entry, Recovery, ensure_group, parse_entries
+from .scheduler import FrameQueue, Queued
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 BATCH_TIMES_KEPT = 200
-CLAIM_IDLE_OVER_P99 = 4  # a frame waits up to ~3 batch times between read and ack (queues of one)
+CLAIM_IDLE_OVER_P99 = 4  # batch times are measured from the read of a batch's oldest frame to its ack
+BATCH_BUDGET_SHARE = 1 / 3  # realtime: a batch waited for, its own, and room for noise fit the bound
+READ_COUNT = 64  # realtime: entries one XREADGROUP takes at most
+DROP_LOG_INTERVAL = 5.0  # seconds between log lines about dropped frames
 
 
 @dataclass
@@ -68,9 +98,11 @@ class Group:
 
 @dataclass
 class Batch:
-    read_at: float
+    read_at: float  # monotonic: when its oldest frame was read
+    pixels: float  # the frames' pixels as formed (what the forecast was asked about)
+    model_start: float = 0.0  # perf_counter
     groups: list[Group] = field(default_factory=list)
-    dropped: list[Entry] = field(default_factory=list)
+    dropped: list[tuple[Entry, str]] = field(default_factory=list)  # entry, reason
     failed: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, stage, error
 
 
@@ -125,8 +157,17 @@ class Worker:
             clock=self.clock,
         )
         self.batch_times: deque[float] = deque(maxlen=BATCH_TIMES_KEPT)
+        self.queue = FrameQueue(self.policy, settings.max_queued_frames)
+        self.prepare_time = BatchTime()  # forming a batch to the model's start: decode, judge, stack
+        self.run_time = BatchTime()  # the model's start to the results persisted
         self.processed = 0
         self._next_claim = 0.0
+        self._warmup_pixels = float(math.prod(parse_size(settings.warmup_size)))
+        self._reading = False
+        self._arrived = asyncio.Event()  # the reader queued frames, or stopped
+        self._room = asyncio.Event()  # the runner took frames from the queue
+        self._dropped_unlogged: dict[str, int] = {}
+        self._next_drop_log = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> int:
@@ -136,8 +177,11 @@ class Worker:
             loop.add_signal_handler(sig, self.request_stop)
         beating = asyncio.create_task(self._beat_forever())
         try:
-            await self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
-            await self.start()
+            await self._unless_stopped(
+                self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
+            )
+            if not self.stop.is_set():
+                await self.start()
             if self.stop.is_set():
                 return 0
             return await self.serve()
@@ -172,6 +216,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         if self.segmenter is None:
             self.segmenter = await loop.run_in_executor(self.infer_pool, self._load)
+        if self.stop.is_set():
+            return  # stopped while loading: no warm-up
         info = self.segmenter.loaded.info
         await self._sync_clock()  # before the first stamp; the heartbeat keeps it fresh from then on
         self.heartbeat.static = {
@@ -185,6 +231,7 @@ class Worker:
         started = time.perf_counter()
         last_pass = await loop.run_in_executor(self.infer_pool, self._warm_up)
         self.batch_times.append(last_pass)  # the first estimate of a batch's time, before any real batch
+        self.run_time.add(s.batch_size * self._warmup_pixels, last_pass, provisional=True)
         log.info("model warmed up in %.2fs (a batch: %.3fs); ready", time.perf_counter() - started, last_pass)
         self.ready = True
         metrics.READY.set(1)
@@ -255,33 +302,66 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     # --- the pipeline -----------------------------------------------------------------------
-    async def _pipeline(self) -> None:
-        decoded: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
-        inferred: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._source(decoded))
-            tasks.create_task(self._infer_stage(decoded, inferred))
-            tasks.create_task(self._persist_stage(inferred))
+    @property
+    def budget(self) -> float | None:
+        """Realtime: the seconds one batch may take. A frame that arrives as a batch starts waits for
+        it, then rides the next: two batch times, and room for reading and noise, fit the bound."""
+        return self.policy.max_age * BATCH_BUDGET_SHARE if self.policy.realtime else None
 
-    async def _source(self, out: asyncio.Queue[Batch | None]) -> None:
-        while not self.stop.is_set():
-            try:
-                entries = await self._next_entries()
-            except REDIS_DOWN as exc:
-                await self._redis_down(exc)
-                continue
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                log.warning("consumer group missing (Redis lost its data?): creating it again")
-                await self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
-                continue
-            if entries:
-                await out.put(await self._prepare(entries))
-        await out.put(None)
+    def forecast(self, pixels: float) -> float:
+        """Seconds from forming a batch of ``pixels`` to its results persisted."""
+        return self.prepare_time.predict(pixels) + self.run_time.predict(pixels)
+
+    def batch_limit(self) -> int:
+        """The configured batch size, or fewer frames (of the queue's mean size) if more would not
+        fit the budget of one batch at the model's measured speed."""
+        limit = self.settings.batch_size
+        budget = self.budget
+        pixels = self.queue.mean_pixels() or self._warmup_pixels
+        while budget is not None and limit > 1 and self.forecast(limit * pixels) > budget:
+            limit -= 1
+        metrics.BATCH_LIMIT.set(limit)
+        return limit
+
+    async def _pipeline(self) -> None:
+        self._reading = True
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._read_frames())
+            tasks.create_task(self._run_batches())
+
+    async def _read_frames(self) -> None:
+        try:
+            while not self.stop.is_set():
+                if not self.policy.realtime and len(self.queue) >= self._intake_limit():
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.settings.poll_ms / 1000):
+                            await self._room.wait()
+                    continue
+                try:
+                    entries = await self._next_entries()
+                except REDIS_DOWN as exc:
+                    await self._redis_down(exc)
+                    continue
+                except ResponseError as exc:
+                    # NOGROUP, or UNBLOCKED: the stream went away while a read waited on it.
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                        raise
+                    log.warning("consumer group missing (Redis lost its data?): creating it again")
+                    await self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
+                    continue
+                if entries:
+                    await self._admit(entries)
+        finally:
+            self._reading = False
+            self._arrived.set()
+
+    def _intake_limit(self) -> int:
+        """Complete mode reads ahead two batches at most: the rest stays in Redis for other workers."""
+        return 2 * self.settings.batch_size
 
     async def _next_entries(self) -> list[Entry]:
-        """Reclaimed idle frames when a claim is due and finds some, else a batch of new frames."""
+        """Reclaimed idle frames when a claim is due and finds some, else the frames that arrived."""
         s = self.settings
         now = time.monotonic()
         if now >= self._next_claim or not self.recovery.scan_complete:
@@ -290,31 +370,18 @@ class Worker:
                 self._next_claim = now + min(max(self.claim_idle_ms() / 2000, 0.1), 5.0)
             if claimed:
                 return claimed
-        entries = await self._read(s.poll_ms)
-        if len(entries) < s.batch_size:  # spare room: backfill frames, at most half a batch
-            entries += await self.backfill.read(min(s.batch_size - len(entries), max(1, s.batch_size // 2)))
-        if not entries:
-            return []
-        deadline = time.monotonic() + s.batch_timeout_ms / 1000
-        while len(entries) < s.batch_size:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms < 1:
-                break
-            try:
-                more = await self._read(left_ms, s.batch_size - len(entries))
-            except REDIS_DOWN:
-                break  # keep what was read; the next read reports the outage
-            if not more:
-                break
-            entries.extend(more)
-        return entries
+        if self.policy.realtime:
+            count = max(READ_COUNT, s.batch_size)
+        else:
+            count = self._intake_limit() - len(self.queue)
+        return await self._read(s.poll_ms, count)
 
-    async def _read(self, block_ms: int, count: int | None = None) -> list[Entry]:
+    async def _read(self, block_ms: int, count: int) -> list[Entry]:
         reply = await self.redis.xreadgroup(
             keys.WORKER_GROUP,
             self.name,
             {keys.FRAMES_STREAM: ">"},
-            count=count or self.settings.batch_size,
+            count=count,
             block=block_ms,
         )
         if not reply:
@@ -328,61 +395,168 @@ class Worker:
         except REDIS_DOWN as exc:  # keep the last offset; the read that follows reports the outage
             log.debug("clock sync with Redis failed: %s", exc)
 
-    async def _prepare(self, entries: list[Entry]) -> Batch:
-        """Drop stale frames, decode the rest in parallel, stack each size into one tensor."""
-        assert self.segmenter is not None
-        batch = Batch(read_at=time.monotonic())
+    async def _admit(self, entries: list[Entry]) -> None:
+        """Judge frames as they are read: malformed ones fail, those that cannot be persisted in time
+        even alone are dropped, the rest are queued."""
         now = self.clock.now()  # kept measured by the heartbeat (RedisClock.sync_if_due)
-        todo = []
+        read_at = time.monotonic()
+        stale, evicted = [], []
+        for entry in entries:
+            frame = entry.frame
+            if frame is None:
+                metrics.FRAMES_FAILED.labels("parse").inc()
+                await self._retry_redis(
+                    functools.partial(self.recovery.fail, entry, entry.error or "malformed entry"),
+                    "record a failure",
+                )
+            elif not self.policy.can_make(frame, now, self.forecast(frame.width * frame.height)):
+                stale.append(entry)
+            else:
+                evicted += self.queue.push(entry, read_at)
+        metrics.QUEUED.set(len(self.queue))
+        self._arrived.set()
+        await self._drop(stale, STALE_ON_READ)
+        await self._drop(evicted, QUEUE_FULL)
+
+    async def _run_batches(self) -> None:
+        persisting: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if not self.queue:
+                    if not self._reading:
+                        break
+                    spare = await self._backfill_room([], self.batch_limit())  # the model is idle
+                    if not spare:
+                        self._arrived.clear()
+                        with contextlib.suppress(TimeoutError):  # the backfill lane is polled meanwhile
+                            async with asyncio.timeout(self.settings.poll_ms / 1000):
+                                await self._arrived.wait()
+                        continue
+                    items = spare
+                else:
+                    await self._fill()
+                    limit = self.batch_limit()
+                    taken = self.queue.take(self.clock.now(), limit, self.forecast, self.budget)
+                    metrics.QUEUED.set(len(self.queue))
+                    self._room.set()
+                    await self._drop(taken.expired, STALE_IN_QUEUE)
+                    if not taken.batch:
+                        continue
+                    items = taken.batch + await self._backfill_room(taken.batch, limit)
+                batch = await self._prepare(items)
+                await self._infer(batch)
+                if persisting is not None:
+                    await persisting  # one persist in flight: it overlaps this batch's inference
+                persisting = asyncio.create_task(self._persist(batch))
+        except BaseException:  # cancelled at the drain deadline, or crashed: the persist goes too
+            if persisting is not None:
+                persisting.cancel()
+            raise
+        if persisting is not None:
+            await persisting
+
+    async def _backfill_room(self, live: list[Queued], limit: int) -> list[Queued]:
+        """Backfill frames for a batch's spare room: at most half a batch, and no more than leave
+        every live frame of the batch (judged again) its deadline."""
+        if self.stop.is_set():
+            return []
+        now = self.clock.now()
+        pixels = sum(item.pixels for item in live)
+        each = pixels / len(live) if live else self.queue.mean_pixels() or self._warmup_pixels
+        room = min(limit - len(live), max(1, limit // 2))
+        while room > 0 and live and not self._room_fits(live, now, self.forecast(pixels + room * each)):
+            room -= 1
+        if room < 1:
+            return []
+        try:
+            entries = await self.backfill.read(room)
+        except REDIS_DOWN as exc:
+            log.debug("backfill lane unreadable: %s", exc)
+            return []
+        read_at = time.monotonic()
+        spare = []
         for entry in entries:
             if entry.frame is None:
-                batch.failed.append((entry, "parse", entry.error or "malformed entry"))
-            elif self.policy.is_stale(entry.frame, now) and not entry.frame.backfill:
-                batch.dropped.append(entry)
+                metrics.FRAMES_FAILED.labels("parse").inc()
+                await self._retry_redis(
+                    functools.partial(self.recovery.fail, entry, entry.error or "malformed entry"),
+                    "record a failure",
+                )
             else:
-                todo.append(entry)
-        images = await asyncio.gather(*(self._in_pool(_decode, e) for e in todo))
-        by_size: dict[tuple[int, ...], list[tuple[Entry, np.ndarray]]] = {}
-        for entry, image in zip(todo, images, strict=True):
+                spare.append(Queued(entry, read_at, float(entry.frame.width * entry.frame.height)))
+        return spare
+
+    def _room_fits(self, live: list[Queued], now: float, needed: float) -> bool:
+        budget = self.budget
+        if budget is not None and needed > budget:
+            return False
+        return all(i.entry.frame is None or self.policy.can_make(i.entry.frame, now, needed) for i in live)
+
+    async def _fill(self) -> None:
+        """Wait for a fuller batch until the oldest queued frame has waited ``batch_timeout_ms``."""
+        oldest = self.queue.oldest_read_at()
+        if oldest is None:
+            return
+        until = oldest + self.settings.batch_timeout_ms / 1000
+        while self._reading and len(self.queue) < self.batch_limit():
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._arrived.wait()
+
+    async def _prepare(self, items: list[Queued]) -> Batch:
+        """Decode the batch in parallel, judge it right before the model runs (what is left to do
+        must still fit), stack each size into one tensor."""
+        assert self.segmenter is not None
+        started = time.perf_counter()
+        batch = Batch(read_at=min(item.read_at for item in items), pixels=sum(item.pixels for item in items))
+        images = await asyncio.gather(*(self._in_pool(_decode, item.entry) for item in items))
+        decoded: list[tuple[Entry, np.ndarray]] = []
+        for item, image in zip(items, images, strict=True):
             if isinstance(image, str):
-                batch.failed.append((entry, "decode", image))
+                batch.failed.append((item.entry, "decode", image))
             else:
+                decoded.append((item.entry, image))
+        now = self.clock.now()
+        needed = self.run_time.predict(sum(float(image.shape[0] * image.shape[1]) for _, image in decoded))
+        by_size: dict[tuple[int, ...], list[tuple[Entry, np.ndarray]]] = {}
+        for entry, image in decoded:
+            assert entry.frame is not None
+            if self.policy.can_make(entry.frame, now, needed):
                 by_size.setdefault(image.shape, []).append((entry, image))
+            else:
+                batch.dropped.append((entry, STALE_BEFORE_INFERENCE))
         for pairs in by_size.values():
             tensor = await self._in_pool(self.segmenter.to_tensor, [image for _, image in pairs])
             batch.groups.append(Group([entry for entry, _ in pairs], tensor))
+        self.prepare_time.add(batch.pixels, time.perf_counter() - started)
         return batch
 
-    async def _infer_stage(self, inp: asyncio.Queue[Batch | None], out: asyncio.Queue[Batch | None]) -> None:
+    async def _infer(self, batch: Batch) -> None:
         loop = asyncio.get_running_loop()
-        while (batch := await inp.get()) is not None:
-            ok = []
-            for group in batch.groups:
-                group.infer_start = self.clock.now()
-                started = time.perf_counter()  # the duration: not from the clock, which may resync meanwhile
-                try:
-                    group.maps = await loop.run_in_executor(self.infer_pool, self._infer, group.tensor)
-                except Exception as exc:  # a bad batch fails its frames, not the worker
-                    log.exception("inference failed on %d frames", len(group.entries))
-                    batch.failed.extend(
-                        (e, "inference", f"{type(exc).__name__}: {exc}") for e in group.entries
-                    )
-                    continue
-                group.infer_end = self.clock.now()
-                metrics.BATCH_SIZE.observe(len(group.entries))
-                metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
-                ok.append(group)
-            batch.groups = ok
-            await out.put(batch)
-        await out.put(None)
+        batch.model_start = time.perf_counter()
+        ok = []
+        for group in batch.groups:
+            group.infer_start = self.clock.now()
+            started = time.perf_counter()  # the duration: not from the clock, which may resync meanwhile
+            try:
+                group.maps = await loop.run_in_executor(self.infer_pool, self._infer_maps, group.tensor)
+            except Exception as exc:  # a bad batch fails its frames, not the worker
+                log.exception("inference failed on %d frames", len(group.entries))
+                batch.failed.extend((e, "inference", f"{type(exc).__name__}: {exc}") for e in group.entries)
+                continue
+            group.infer_end = self.clock.now()
+            metrics.BATCH_SIZE.observe(len(group.entries))
+            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - started)
+            ok.append(group)
+        batch.groups = ok
 
-    def _infer(self, tensor: torch.Tensor) -> np.ndarray:
+    def _infer_maps(self, tensor: torch.Tensor) -> np.ndarray:
         assert self.segmenter is not None
         return self.segmenter.predict_tensor(tensor).cpu().numpy()
-
-    async def _persist_stage(self, inp: asyncio.Queue[Batch | None]) -> None:
-        while (batch := await inp.get()) is not None:
-            await self._persist(batch)
 
     async def _persist(self, batch: Batch) -> None:
         assert self.segmenter is not None
@@ -400,47 +574,93 @@ class Worker:
             frame = entry.frame
             assert frame is not None
             results.append(
-                MaskResult(
-                    stream=frame.stream,
-                    seq=frame.seq,
-                    capture_ts=frame.capture_ts,
-                    recv_ts=frame.recv_ts,
-                    infer_start=group.infer_start,
-                    infer_end=group.infer_end,
-                    persisted_ts=0.0,
-                    model=info.name,
-                    model_version=info.version,
-                    label_set=label_set.name,
-                    width=frame.width,
-                    height=frame.height,
-                    shares=shares,
-                    labels_png=png,
-                    backfill=frame.backfill,
+                (
+                    entry,
+                    MaskResult(
+                        stream=frame.stream,
+                        seq=frame.seq,
+                        capture_ts=frame.capture_ts,
+                        recv_ts=frame.recv_ts,
+                        infer_start=group.infer_start,
+                        infer_end=group.infer_end,
+                        persisted_ts=0.0,
+                        model=info.name,
+                        model_version=info.version,
+                        label_set=label_set.name,
+                        width=frame.width,
+                        height=frame.height,
+                        shares=shares,
+                        labels_png=png,
+                        backfill=frame.backfill,
+                    ),
                 )
             )
-        done = [entry for entry, _, _ in pending]
-        await self._retry_redis(lambda: self._store_and_ack(results, done + batch.dropped), "persist results")
+        stored: list[MaskResult] = []
+        await self._retry_redis(lambda: self._store_and_ack(results, batch, stored), "persist results")
         for entry, stage, error in batch.failed:
             metrics.FRAMES_FAILED.labels(stage).inc()
             await self._retry_redis(functools.partial(self.recovery.fail, entry, error), "record a failure")
-        for result in results:
+        for result in stored:
             metrics.END_TO_END_SECONDS.observe(result.latency)
-        metrics.FRAMES_PROCESSED.inc(len(results))
-        if batch.dropped:
-            metrics.FRAMES_DROPPED.labels("stale").inc(len(batch.dropped))
-            log.info("dropped %d stale frames (older than %.1fs)", len(batch.dropped), self.policy.max_age)
-        self.processed += len(results)
+        metrics.FRAMES_PROCESSED.inc(len(stored))
+        for reason in DROP_REASONS:
+            self._count_drops([e for e, r in batch.dropped if r == reason], reason)
+        self.processed += len(stored)
+        ran = sum(float(e.frame.width * e.frame.height) for g in batch.groups for e in g.entries if e.frame)
+        if ran:  # a batch dropped whole before the model says nothing about the model's speed
+            self.run_time.add(ran, time.perf_counter() - batch.model_start)
         self.batch_times.append(time.monotonic() - batch.read_at)
         metrics.BATCH_SECONDS.observe(self.batch_times[-1])
 
-    async def _store_and_ack(self, results: list[MaskResult], acked: list[Entry]) -> None:
+    async def _store_and_ack(
+        self, results: list[tuple[Entry, MaskResult]], batch: Batch, stored: list[MaskResult]
+    ) -> None:
+        """Stamp the results persisted, store those still within their bound (realtime: a result
+        that missed it is dropped, never persisted), acknowledge every frame of the batch."""
         persisted = self.clock.now()
-        for result in results:
-            result.persisted_ts = persisted
-        await self.store.put_many(results)
-        for stream in {e.stream for e in acked}:
-            await self.redis.xack(stream, keys.WORKER_GROUP, *(e.id for e in acked if e.stream == stream))
+        # A retry (Redis was down) stamps and judges again.
+        batch.dropped = [(e, r) for e, r in batch.dropped if r != LATE_AFTER_INFERENCE]
+        stored.clear()
+        for entry, result in results:
+            assert entry.frame is not None
+            if self.policy.can_make(entry.frame, persisted, 0.0):
+                result.persisted_ts = persisted
+                stored.append(result)
+            else:
+                batch.dropped.append((entry, LATE_AFTER_INFERENCE))
+        await self.store.put_many(stored)
+        acked = [entry for entry, _ in results] + [entry for entry, _ in batch.dropped]
+        await self._ack(acked)
         await self.recovery.forget_failures(acked)
+
+    async def _drop(self, entries: list[Entry], reason: str) -> None:
+        """Acknowledge frames that will get no result, and count them."""
+        if not entries:
+            return
+
+        async def ack() -> None:
+            await self._ack(entries)
+            await self.recovery.forget_failures(entries)
+
+        await self._retry_redis(ack, "acknowledge dropped frames")
+        self._count_drops(entries, reason)
+
+    async def _ack(self, entries: list[Entry]) -> None:
+        """XACK each entry on the stream it was read from (the frames stream or the backfill lane)."""
+        for stream in {e.stream for e in entries}:
+            await self.redis.xack(stream, keys.WORKER_GROUP, *(e.id for e in entries if e.stream == stream))
+
+    def _count_drops(self, entries: list[Entry], reason: str) -> None:
+        if not entries:
+            return
+        metrics.FRAMES_DROPPED.labels(reason).inc(len(entries))
+        self._dropped_unlogged[reason] = self._dropped_unlogged.get(reason, 0) + len(entries)
+        now = time.monotonic()
+        if now >= self._next_drop_log:  # a summary every few seconds, not a line per batch
+            counts = ", ".join(f"{n} {r}" for r, n in sorted(self._dropped_unlogged.items()))
+            log.info("dropped frames (bound %.1fs): %s", self.policy.max_age, counts)
+            self._dropped_unlogged.clear()
+            self._next_drop_log = now + DROP_LOG_INTERVAL
 
     # --- helpers ----------------------------------------------------------------------------
     def claim_idle_ms(self) -> int:
@@ -448,9 +668,7 @@ class Worker:
         return max(self.settings.claim_idle_ms, int(CLAIM_IDLE_OVER_P99 * self.p99_batch_time() * 1000))
 
     def p99_batch_time(self) -> float:
-        if len(self.batch_times) < 2:
-            return self.batch_times[0] if self.batch_times else 0.0
-        return statistics.quantiles(self.batch_times, n=100, method="inclusive")[98]
+        return percentile(self.batch_times, 99) if self.batch_times else 0.0
 
     async def _in_pool(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.cpu_pool, fn, *args)
@@ -472,6 +690,18 @@ class Worker:
                 log.warning("cannot %s, Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _unless_stopped(self, work: Awaitable[object]) -> None:
+        """Await ``work``, or cancel it as soon as a stop is requested (start-up honours SIGTERM)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return
+        task.result()
 
 
 def _decode(entry: Entry) -> np.ndarray | str:

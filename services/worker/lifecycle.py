@@ -13,6 +13,9 @@ from redis.exceptions import RedisError
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.frame_queue import FrameQueue
+from flowcloud.replies import text, text_keys
+from flowcloud.workers import WorkerHeartbeat
 
 from . import metrics
 
@@ -52,7 +55,9 @@ class Heartbeat:
         try:
             await self.clock.sync_if_due(self.redis)
             now = self.clock.now()  # on Redis's clock, as the API compares it
-            fields = {**self.static, **self.stats, keys.W_STATE: self.state, keys.W_HEARTBEAT: now}
+            beat = WorkerHeartbeat.from_fields({**self.static, **self.stats})
+            beat.state, beat.heartbeat = self.state, now
+            fields = beat.to_fields()
             pipe = self.redis.pipeline(transaction=False)
             pipe.hset(keys.worker(self.name), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(keys.worker(self.name), self.ttl)
@@ -64,18 +69,16 @@ class Heartbeat:
             log.debug("heartbeat failed: %s", exc)
 
     async def _group_gauges(self) -> None:
+        # The lag from FrameQueue, not XINFO GROUPS: Redis 7.0 counts trimmed entries as unread forever.
+        metrics.CONSUMER_LAG.set(await FrameQueue(self.redis).unread())
         try:
             groups = await self.redis.xinfo_groups(keys.FRAMES_STREAM)
         except RedisError:
             return  # no stream yet
         for group in groups:
-            info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in group.items()}
-            name = info.get("name")
-            if (name.decode() if isinstance(name, bytes) else name) != keys.WORKER_GROUP:
-                continue
-            if info.get("lag") is not None:
-                metrics.CONSUMER_LAG.set(int(info["lag"]))
-            metrics.PENDING.set(int(info.get("pending") or 0))
+            info = text_keys(group)
+            if text(info.get("name")) == keys.WORKER_GROUP:
+                metrics.PENDING.set(int(info.get("pending") or 0))
 
     async def leave(self) -> None:
         """Remove this worker from the index, and from the group when it holds no pending frames."""

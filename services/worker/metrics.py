@@ -30,7 +30,16 @@ CONSUMER_LAG = Gauge(
 PENDING = Gauge("flowcloud_worker_pending", "Entries the group has read but not acknowledged")
 FRAMES_PROCESSED = Counter("flowcloud_worker_frames_processed_total", "Frames segmented and persisted")
 FRAMES_DROPPED = Counter(
-    "flowcloud_worker_frames_dropped_total", "Frames acknowledged without inference", ["reason"]
+    "flowcloud_worker_frames_dropped_total",
+    "Frames acknowledged without a result (realtime mode), by reason: stale (when read), stale_in_queue, "
+    "stale_before_inference, late_after_inference (the model overran its forecast), queue_full",
+    ["reason"],
+)
+QUEUED = Gauge("flowcloud_worker_queued_frames", "Frames read and waiting for a batch")
+BATCH_LIMIT = Gauge(
+    "flowcloud_worker_batch_limit",
+    "Frames the next batch may take: the configured batch size, or fewer if more would not fit the "
+    "time budget of one batch (realtime: a third of max_frame_age) at the model's measured speed",
 )
 FRAMES_FAILED = Counter("flowcloud_worker_frames_failed_total", "Failed attempts at a frame", ["stage"])
 FRAMES_DEAD_LETTERED = Counter(

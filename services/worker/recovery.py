@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from flowcloud import keys
+from flowcloud.frame_queue import ensure_group as ensure_group  # the group's one owner; used by the consumer
 from flowcloud.frames import Frame
+from flowcloud.replies import text
 
 from . import metrics
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS_TTL = 24 * 3600  # failure counters outlive any sane retry schedule, but not forever
 START_ID = "0-0"
+DROP_TRIMMED_PENDING = "trimmed_pending"  # read by a worker that died, trimmed before another reclaimed it
 
 
 @dataclass
@@ -49,7 +51,7 @@ def parse_entries(raw: Any) -> list[Entry]:
     """Entries as redis-py returns them; a malformed one carries its parse error instead of a frame."""
     out = []
     for entry_id, fields in raw:
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        eid = text(entry_id)
         if fields is None:  # deleted by retention while pending
             continue
         entry = Entry(eid, fields)
@@ -59,16 +61,6 @@ def parse_entries(raw: Any) -> list[Entry]:
             entry.error = str(exc)
         out.append(entry)
     return out
-
-
-async def ensure_group(redis: Redis) -> None:
-    """Create the workers' consumer group (and the stream) unless it exists."""
-    try:
-        await redis.xgroup_create(keys.FRAMES_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
-        log.info("created consumer group %s on %s", keys.WORKER_GROUP, keys.FRAMES_STREAM)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 @dataclass
@@ -91,7 +83,11 @@ class Recovery:
             keys.FRAMES_STREAM, keys.WORKER_GROUP, self.consumer, min_idle_ms, self._cursor, count=count
         )
         cursor, raw = reply[0], reply[1]
-        self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        self._cursor = text(cursor)
+        if len(reply) > 2 and reply[2]:  # pending, but trimmed away (Redis removed them from the group)
+            metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
+            log.warning("%d pending frames were trimmed from the stream before a worker acknowledged them",
+                        len(reply[2]))  # fmt: skip
         entries = parse_entries(raw)
         if not entries:
             return []
@@ -104,7 +100,7 @@ class Recovery:
             count=len(entries) * 4,
             consumername=self.consumer,
         )
-        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        deliveries = {text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         alive = []
         for entry in entries:
             entry.deliveries = deliveries.get(entry.id, 2)
@@ -164,7 +160,3 @@ class Recovery:
         names = [keys.attempts(e.frame.stream, e.frame.seq) for e in entries if e.reclaimed and e.frame]
         if names:
             await self.redis.delete(*names)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -45,7 +45,16 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     the per-test flush of the shared one cannot touch it)."""
     with EmbeddedRedis(tmp_path_factory.mktemp("api-streams-redis"), appendonly=False) as server:
         seed_stream(server.url, "cam-1", "acme", count=COUNT, start_ts=START, period=PERIOD)
-        seed_stream(server.url, "cam-old", "acme", count=3, start_ts=START, period=PERIOD, live=False)
+        seed_stream(
+            server.url,
+            "cam-old",
+            "acme",
+            count=3,
+            start_ts=START,
+            period=PERIOD,
+            live=False,
+            trimmed_unread=7,
+        )
         token = make_key(server.url, "reader", "acme")
         with (
             running_api(ApiSettings(redis_url=server.url)) as base,
@@ -66,6 +75,8 @@ def test_streams_describe_status_resolution_and_latency(client: httpx.Client) ->
     assert live["latency"]["result_fps"] == pytest.approx(10.0)
     one = client.get("/streams/cam-1").json()
     assert one["stream_id"] == "cam-1" and one["tenant"] == "acme" and one["last_seq"] == COUNT - 1
+    # Frames the bounded frames stream lost before a worker read them, counted by the gateway.
+    assert (live["trimmed_unread"], old["trimmed_unread"]) == (0, 7)
 
 
 def test_pages_walk_every_result_newest_first_once(client: httpx.Client) -> None:

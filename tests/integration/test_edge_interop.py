@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -25,6 +24,7 @@ from edge.sources import (
     Rfc4571RelaySource,
 )
 from flowcloud.protocol.h264 import NAL_TYPE_PPS, NAL_TYPE_SPS, nal_type
+from flowcloud.x264 import Mp4Writer
 
 # GStreamer is a required test peer (make sysdeps installs it): without it these tests fail.
 pytestmark = [pytest.mark.timeout(90)]
@@ -88,16 +88,13 @@ def test_gstreamer_stream_passes_the_rfc4571_relay(tmp_path: Path) -> None:
 
 
 def write_mp4(path: Path, frames: int, width: int = 128, height: int = 96) -> None:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(30))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": "10", "bf": "0"}
+    with Mp4Writer(
+        path, width, height, 30, preset="ultrafast", keyframe_interval=10, options={"bf": "0"}
+    ) as mp4:
         for i in range(frames):
             img = np.zeros((height, width, 3), np.uint8)
             img[:, (i * 5) % width :] = (40 * i) % 256
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+            mp4.write(img)
 
 
 def test_demux_relay_passes_h264_through_with_parameter_sets_at_each_idr(tmp_path: Path) -> None:

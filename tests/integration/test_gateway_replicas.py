@@ -46,8 +46,8 @@ def test_reconnect_through_another_replica_replaces_the_old_session(redis_url: s
             old = a.sessions["roamer"]
 
             second = await connect(b.port, "roamer", token)  # the first connection stays open
-            assert await first.closed_by_gateway(timeout=2.0)
-            assert await session_ended(a, "roamer", timeout=2.0)
+            assert await first.closed_by_gateway(timeout=10.0)  # at once; the allowance is for load
+            assert await session_ended(a, "roamer")
             assert old.end_reason == "replaced" and "roamer" not in a.sessions
             assert b.sessions["roamer"].end_reason is None  # B's own announcement did not close it
 

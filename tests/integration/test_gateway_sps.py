@@ -21,8 +21,8 @@ from support.gateway import (
 )
 
 from flowcloud.protocol.h264 import NAL_TYPE_SPS, nal_type
+from services.gateway.pipeline import MAX_SPS_PER_ACCESS_UNIT
 from services.gateway.server import Gateway
-from services.gateway.session import MAX_SPS_PER_ACCESS_UNIT
 
 T0 = 1_765_000_000.0
 

@@ -13,9 +13,11 @@ import redis
 from support.frames import frames_on_redis
 from support.gateway import (
     FPS,
+    GST_BFRAMES,
     MODEL_H,
     MODEL_W,
     connect,
+    dropped,
     gateway_settings,
     gst_capture,
     libx264_access_units,
@@ -29,6 +31,8 @@ from support.waiting import eventually
 
 from flowcloud import keys
 from flowcloud.protocol.framing import Rfc4571Decoder
+from flowcloud.registry import DeviceRegistry
+from flowcloud.streams import StreamMeta
 from services.gateway.server import Gateway
 
 FRAMES = 45
@@ -62,10 +66,15 @@ def test_libx264_stream_end_to_end(redis_url: str, tmp_path: Path) -> None:
             await edge.close()
             assert await session_ended(gw, "cam-1")
         check_frames(redis_url, "cam-1", FRAMES, t0, published_offset(edge, gw))
-        meta = redis.Redis.from_url(redis_url, decode_responses=True).hgetall(keys.stream_meta("cam-1"))
-        assert meta[keys.M_DEVICE] == "cam-1" and meta[keys.M_TENANT] == "acme"
-        assert (meta[keys.M_WIDTH], meta[keys.M_HEIGHT], float(meta[keys.M_FPS])) == ("320", "240", FPS)
-        assert meta[keys.M_STATUS] == keys.STATUS_IDLE and meta[keys.M_LAST_SEQ] == str(FRAMES)
+        meta = StreamMeta.from_fields(redis.Redis.from_url(redis_url).hgetall(keys.stream_meta("cam-1")))
+        assert (meta.device, meta.tenant, meta.width, meta.height, meta.fps) == (
+            "cam-1",
+            "acme",
+            320,
+            240,
+            FPS,
+        )
+        assert meta.status == keys.STATUS_IDLE and meta.last_seq == FRAMES and meta.trimmed_unread is None
         # The recording holds exactly the RTP packets sent after the handshake.
         (recording,) = (tmp_path / "rec").glob("cam-1-*.rfc4571")
         assert Rfc4571Decoder().feed(recording.read_bytes()) == packets
@@ -101,5 +110,54 @@ def test_gstreamer_stream_and_seq_continues_after_reconnect(
             assert f.capture_ts == pytest.approx(expected, abs=2e-5)  # RTP timestamps are 90 kHz
         # videotestsrc's ball moves: consecutive frames differ.
         assert not np.array_equal(first[0].image(), first[20].image())
+
+    asyncio.run(main())
+
+
+def test_gstreamer_stream_with_b_frames_arrives_whole(redis_url: str, tmp_path: Path) -> None:
+    """x264enc bframes=2: the decoder holds the last pictures back to reorder them; the session's end
+    flushes it, so 60 frames sent are 60 frames published, in presentation (capture) order."""
+    frames = 60
+    capture = gst_capture(tmp_path / "gst_bframes_60.rtp", frames, encoder=GST_BFRAMES)
+
+    async def main() -> None:
+        token = await register(redis_url, "gst-b")
+        t0 = 1_764_000_200.0
+        closed_before = dropped("session_closed")
+        async with Gateway(gateway_settings(redis_url)).listen(port=0) as gw:
+            edge = await connect(gw.port, "gst-b", token)
+            await edge.send(with_capture_times(capture, t0))
+            await edge.close()
+            assert await session_ended(gw, "gst-b")
+            offset = published_offset(edge, gw)
+        published = frames_on_redis(redis_url, "gst-b")
+        assert [f.seq for f in published] == list(range(1, frames + 1))
+        for i, f in enumerate(published):
+            assert f.capture_ts == pytest.approx(t0 + i / FPS + offset, abs=2e-5)
+        assert dropped("session_closed") == closed_before
+
+    asyncio.run(main())
+
+
+def test_a_revoked_session_counts_the_pictures_its_decoder_still_held(redis_url: str, tmp_path: Path) -> None:
+    """A revoked device's frames are discarded, not flushed; what the decoder held back is counted."""
+    frames = 60
+    capture = gst_capture(tmp_path / "gst_bframes_60.rtp", frames, encoder=GST_BFRAMES)
+
+    async def main() -> None:
+        token = await register(redis_url, "gst-r")
+        closed_before = dropped("session_closed")
+        async with Gateway(gateway_settings(redis_url)).listen(port=0) as gw:
+            edge = await connect(gw.port, "gst-r", token)
+            await edge.send(with_capture_times(capture, 1_764_000_300.0))
+            # Every access unit is decoded; two pictures wait in the decoder for their successors.
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "gst-r")) >= frames - 2, 20)
+            session = gw.sessions["gst-r"]
+            assert await eventually(lambda: session.decoded == frames - 2 and not session.in_flight, 10)
+            await DeviceRegistry(gw.redis).revoke("gst-r")
+            assert await session_ended(gw, "gst-r")
+            await edge.close()
+        assert len(frames_on_redis(redis_url, "gst-r")) == frames - 2
+        assert dropped("session_closed") - closed_before == 2
 
     asyncio.run(main())

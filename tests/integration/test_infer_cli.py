@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
+
+from flowcloud.x264 import Mp4Writer
 
 FLOWCLOUD = [sys.executable, "-m", "flowcloud"]
 MODEL = ["--random-weights", "--model", "lraspp_mobilenet_v3_large"]
@@ -23,14 +24,11 @@ def flowcloud(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def make_video(path: Path, frames: int, width: int, height: int) -> None:
     rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as sink:
-        stream = sink.add_stream("libx264", rate=Fraction(10))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    with Mp4Writer(path, width, height, 10) as sink:
         for i in range(frames):
             rgb = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
             rgb[:, : (i * 7) % width] = (40, 200, 90)
-            sink.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        sink.mux(stream.encode(None))
+            sink.write(rgb)
 
 
 def test_help_lists_commands() -> None:

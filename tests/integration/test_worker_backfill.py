@@ -7,23 +7,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import cast
 
 import pytest
 import redis
 from support.waiting import wait_for
-from support.worker import frame, running_worker
+from support.worker import frame, results_of, running_worker
 
 from flowcloud import keys
-from flowcloud.results import MaskResult
 
 pytestmark = pytest.mark.slow
-
-
-def results(client: redis.Redis, stream: str) -> list[MaskResult]:
-    seqs = [int(cast(bytes, s)) for s in cast(list[bytes], client.zrange(keys.mask_index(stream), 0, -1))]
-    found = [client.hget(keys.mask(stream, seq), "meta") for seq in seqs]
-    return [MaskResult.from_fields({b"meta": m}) for m in found if m]  # type: ignore[dict-item]
 
 
 def test_backfill_frames_are_segmented_in_complete_mode_and_marked(
@@ -36,14 +28,14 @@ def test_backfill_frames_are_segmented_in_complete_mode_and_marked(
         for i in range(5)
     ]
     for f in spooled:
-        client.xadd(keys.BACKFILL_FRAMES_STREAM, f.to_fields())
+        client.xadd(keys.BACKFILL_FRAMES_STREAM, f.to_fields())  # type: ignore[arg-type]
     args = ("--batch-size", "4", "--batch-timeout-ms", "100", "--mode", "realtime", "--max-frame-age", "2")
     with running_worker(redis_url, weights, "w1", tmp_path, *args) as proc:
-        client.xadd(keys.FRAMES_STREAM, frame("cam-1", 10, 64, 128).to_fields())
-        wait_for("live and spooled frames segmented", lambda: len(results(client, "cam-1")) == 6, 120, proc)
+        client.xadd(keys.FRAMES_STREAM, frame("cam-1", 10, 64, 128).to_fields())  # type: ignore[arg-type]
+        wait_for("live and spooled segmented", lambda: len(results_of(client, "cam-1")) == 6, 120, proc)
         assert client.xpending(keys.BACKFILL_FRAMES_STREAM, keys.WORKER_GROUP)["pending"] == 0
         assert proc.stop() == 0
-    by_seq = {r.seq: r for r in results(client, "cam-1")}
+    by_seq = {r.seq: r for r in results_of(client, "cam-1")}
     assert [by_seq[i].backfill for i in range(5)] == [True] * 5  # an hour old, not dropped: complete
     assert not by_seq[10].backfill and by_seq[10].producer == "cloud"
     client.close()

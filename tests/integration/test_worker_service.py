@@ -15,7 +15,15 @@ import torch
 from redis.asyncio import Redis as AsyncRedis
 from support.frames import publish
 from support.waiting import wait_for
-from support.worker import frame, pending_of, pending_total, result_count, result_seqs, running_worker
+from support.worker import (
+    frame,
+    metric,
+    pending_of,
+    pending_total,
+    result_count,
+    result_seqs,
+    running_worker,
+)
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -30,12 +38,6 @@ pytestmark = pytest.mark.slow
 BATCH = 8
 KEEP = 8  # results kept per stream
 TTL = 120
-
-
-def metric(port: int, line_prefix: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(line_prefix)]
-    return sum(values)
 
 
 def stored(client: redis.Redis, stream: str, seq: int) -> dict[bytes, bytes]:

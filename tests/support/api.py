@@ -25,6 +25,7 @@ from flowcloud.redis_server import free_port
 from flowcloud.results import MaskResult, MaskStore, encode_label_map
 from flowcloud.settings import ApiSettings
 from flowcloud.stack import Service
+from flowcloud.streams import StreamMeta
 from services.api.apikeys import ApiKeyStore
 from services.api.main import build_server
 from support.waiting import wait_for
@@ -70,6 +71,7 @@ async def _seed(
     period: float,
     live: bool,
     size: tuple[int, int],
+    trimmed_unread: int | None = None,
 ) -> SeededStream:
     width, height = size
     redis = Redis.from_url(redis_url)
@@ -116,20 +118,19 @@ async def _seed(
             await redis.xadd(keys.recent_frames(stream_id), fields, maxlen=RECENT_MAXLEN)
         last = start_ts + (count - 1) * period if count else start_ts
         seen = time.time() if live else last
-        await redis.hset(
-            keys.stream_meta(stream_id),
-            mapping={
-                keys.M_DEVICE: stream_id,
-                keys.M_TENANT: tenant,
-                keys.M_WIDTH: 1280,
-                keys.M_HEIGHT: 720,
-                keys.M_FPS: 1.0 / period,
-                keys.M_LAST_SEEN: repr(seen),
-                keys.M_STARTED: repr(start_ts),
-                keys.M_STATUS: keys.STATUS_LIVE if live else keys.STATUS_IDLE,
-                keys.M_LAST_SEQ: max(count - 1, 0),
-            },
+        meta = StreamMeta(
+            device=stream_id,
+            tenant=tenant,
+            width=1280,
+            height=720,
+            fps=1.0 / period,
+            last_seen=seen,
+            started=start_ts,
+            status=keys.STATUS_LIVE if live else keys.STATUS_IDLE,
+            last_seq=max(count - 1, 0),
+            trimmed_unread=trimmed_unread,
         )
+        await redis.hset(keys.stream_meta(stream_id), mapping=meta.to_fields())  # type: ignore[arg-type]
         await redis.zadd(keys.STREAMS_INDEX, {stream_id: seen})
     finally:
         await redis.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
@@ -145,10 +146,13 @@ def seed_stream(
     period: float = 0.1,
     live: bool = True,
     size: tuple[int, int] = (WIDTH, HEIGHT),
+    trimmed_unread: int | None = None,
 ) -> SeededStream:
     """A stream described as the gateway does, ``count`` results as workers write them, and the
     last RECENT_MAXLEN frames in its recent-frames window."""
-    return asyncio.run(_seed(redis_url, stream_id, tenant, count, start_ts, period, live, size))
+    return asyncio.run(
+        _seed(redis_url, stream_id, tenant, count, start_ts, period, live, size, trimmed_unread)
+    )
 
 
 def make_key(redis_url: str, role: str, tenant: str) -> str:

@@ -10,12 +10,10 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -24,11 +22,12 @@ from prometheus_client import REGISTRY
 from edge.daemon import DaemonResult
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame
-from flowcloud.protocol.h264 import Packetizer, split_annexb
+from flowcloud.protocol.h264 import Packetizer
 from flowcloud.protocol.handshake import Accept, ClockSync, Hello, Reject, StreamInfo, client_handshake
 from flowcloud.protocol.rtp import RtpPacket
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import GatewaySettings
+from flowcloud.x264 import encode_access_units, libx264_encoder
 from services.gateway.server import Gateway
 from support.frames import frames_on_redis
 from support.waiting import eventually
@@ -57,30 +56,15 @@ def libx264_access_units(
     frames: int, width: int = 320, height: int = 240, gop: int = 15
 ) -> list[list[bytes]]:
     """NAL units of each access unit of a real libx264 zerolatency stream with moving content."""
-    codec = av.CodecContext.create("libx264", "w")
-    codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
-    codec.time_base = Fraction(1, 30)
-    codec.gop_size = gop
-    codec.thread_count = 1
-    codec.options = {
-        "preset": "ultrafast",
-        "tune": "zerolatency",
-        "x264-params": f"keyint={gop}:min-keyint={gop}",
-    }
+    codec = libx264_encoder(width, height, 30, keyframe_interval=gop, threads=1)
     yy, xx = np.mgrid[0:height, 0:width]
-    out: list[list[bytes]] = []
-
-    def collect(packets: Iterable[av.Packet]) -> None:
-        for packet in packets:
-            out.append(split_annexb(bytes(packet)))
-
-    for i in range(frames):
-        image = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + 8 * i) % 256], axis=-1)
-        picture = av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")
-        picture.pts = i
-        collect(codec.encode(picture))
-    collect(codec.encode(None))
-    return out
+    pictures = (
+        np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, ((xx + yy) // 2 + 8 * i) % 256], axis=-1).astype(
+            np.uint8
+        )
+        for i in range(frames)
+    )
+    return encode_access_units(codec, pictures)
 
 
 def rtp_packets(access_units: list[list[bytes]], t0: float, fps: float = FPS, mtu: int = 1200) -> list[bytes]:
@@ -94,12 +78,24 @@ def rtp_packets(access_units: list[list[bytes]], t0: float, fps: float = FPS, mt
     return out
 
 
-def gst_capture(path: Path, frames: int, width: int = 320, height: int = 240) -> bytes:
+GST_ZEROLATENCY = "x264enc tune=zerolatency key-int-max=15 speed-preset=ultrafast"
+# Two B-frames between references: the decoder holds pictures back to reorder them. x264enc makes
+# none at 10-bit 4:4:4 (what it would pick), with ultrafast, or in the baseline profile (what
+# rtph264pay would ask for).
+GST_BFRAMES = (
+    "videoconvert ! video/x-raw,format=I420 ! "
+    "x264enc bframes=2 b-adapt=false key-int-max=15 speed-preset=superfast ! video/x-h264,profile=main"
+)
+
+
+def gst_capture(
+    path: Path, frames: int, width: int = 320, height: int = 240, encoder: str = GST_ZEROLATENCY
+) -> bytes:
     """RFC 4571 bytes written by GStreamer (x264enc ! rtph264pay ! rtpstreampay), made once per path."""
     if not path.exists():
         pipeline = (
             f"videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width={width},height={height},"
-            "framerate=30/1 ! x264enc tune=zerolatency key-int-max=15 speed-preset=ultrafast ! "
+            f"framerate=30/1 ! {encoder} ! "
             f"rtph264pay config-interval=1 mtu=1000 ! rtpstreampay ! filesink location={path}"
         )
         subprocess.run(

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from flowcloud import keys
 from flowcloud.frames import Frame, encode_image
 from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD
 from flowcloud.labels import LABEL_IDS
+from flowcloud.results import META_FIELD, MaskResult
 from flowcloud.zoo import ModelInfo, build_model, calibrate_batch_norm, save_weights
 from support.cli import REPO, flowcloud
 from support.waiting import wait_for
@@ -146,3 +148,33 @@ def result_count(client: redis.Redis, stream: str) -> int:
 def result_seqs(client: redis.Redis, stream: str) -> list[int]:
     """The seqs of the stream's results in its mask index, oldest first."""
     return [int(s) for s in cast(list[bytes], client.zrange(keys.mask_index(stream), 0, -1))]
+
+
+def metric(port: int, line_prefix: str) -> float:
+    """The sum of the samples on the worker's /metrics whose line starts with ``line_prefix``."""
+    return sum(metric_samples(port, line_prefix).values())
+
+
+def metric_samples(port: int, line_prefix: str) -> dict[str, float]:
+    """The samples on the worker's /metrics whose line starts with ``line_prefix``, by name and labels."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith(line_prefix)
+    }
+
+
+def all_judged(client: redis.Redis) -> bool:
+    """Every frame on the stream was read by the group and acknowledged (with a result or dropped)."""
+    groups = cast(list[dict[str, object]], client.xinfo_groups(keys.FRAMES_STREAM))
+    ours = [g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode())]
+    return bool(ours) and ours[0]["lag"] == 0 and pending_total(client) == 0
+
+
+def results_of(client: redis.Redis, stream: str) -> list[MaskResult]:
+    """The stream's results (metadata only), oldest seq first."""
+    pipe = client.pipeline(transaction=False)
+    for seq in result_seqs(client, stream):
+        pipe.hget(keys.mask(stream, seq), META_FIELD)
+    return [MaskResult.from_fields({META_FIELD.encode(): meta}) for meta in pipe.execute() if meta]

@@ -16,7 +16,9 @@ from flowcloud.labels import LABEL_IDS
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.results import MaskResult, MaskStore, decode_label_map, encode_label_map
 from flowcloud.settings import ApiSettings, GatewaySettings, redact_url
+from flowcloud.streams import StreamMeta
 from flowcloud.tokens import hash_token, new_salt, new_token, verify_token
+from flowcloud.workers import WorkerHeartbeat
 from services.api.schemas import MaskBody
 
 
@@ -145,3 +147,33 @@ def test_mask_store_reads_with_and_without_label_maps(redis_url: str) -> None:
         await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_stream_meta_round_trip_through_redis_and_lenient_reading(redis_url: str) -> None:
+    meta = StreamMeta(device="cam-1", tenant="acme", width=640, height=480, fps=29.97, started=1e9 + 0.1)
+    client = redis.Redis.from_url(redis_url)
+    client.hset(keys.stream_meta("cam-1"), mapping=meta.to_fields())  # type: ignore[arg-type]
+    client.hincrby(keys.stream_meta("cam-1"), keys.M_LAST_SEQ, 12)
+    read = StreamMeta.from_fields(client.hgetall(keys.stream_meta("cam-1")))
+    assert read == StreamMeta(
+        device="cam-1", tenant="acme", width=640, height=480, fps=29.97, started=1e9 + 0.1, last_seq=12
+    )
+    assert StreamMeta(status=keys.STATUS_IDLE).to_fields() == {keys.M_STATUS: keys.STATUS_IDLE}
+    assert StreamMeta.from_fields({b"width": b"wide", b"fps": b"30"}) == StreamMeta(fps=30.0)
+    client.close()
+
+
+def test_worker_heartbeat_keeps_known_fields_typed_and_passes_new_ones_on() -> None:
+    beat = WorkerHeartbeat.from_fields({"model": "demo", "batch_size": 8, "queue_depth": 3})
+    beat.state, beat.heartbeat = keys.WORKER_READY, 1e9 + 0.5
+    fields = {k.encode(): v.encode() for k, v in beat.to_fields().items()}
+    read = WorkerHeartbeat.from_fields(fields)
+    assert read.ready and (read.model, read.batch_size, read.heartbeat) == ("demo", 8, 1e9 + 0.5)
+    assert read.extra == {"queue_depth": "3"}
+    assert read.describe() == {
+        "state": "ready",
+        "heartbeat": 1e9 + 0.5,
+        "model": "demo",
+        "batch_size": 8,
+        "queue_depth": "3",
+    }

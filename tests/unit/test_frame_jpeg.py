@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import av
 import numpy as np
 import pytest
 
 from flowcloud.frames import FrameFormatError, decode_image, encode_image, encode_yuv420_jpeg
+from flowcloud.x264 import libx264_encoder
 from services.gateway.decoder import DecoderConfig, PictureEncoder
 
 RED = (230, 40, 40)
@@ -31,13 +30,11 @@ def _scene(width: int = 320, height: int = 240) -> np.ndarray:
 def _h264_picture(rgb: np.ndarray, bt709: bool = False) -> av.VideoFrame:
     """``rgb`` through libx264 and back: a decoded 4:2:0 picture (BT.709, and labelled so, if asked)."""
     height, width = rgb.shape[:2]
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = width, height, "yuv420p"
-    enc.time_base = Fraction(1, 30)
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency", "qp": "10"}
+    enc = libx264_encoder(
+        width, height, 30, options={"qp": "10"}, x264_params={"colormatrix": "bt709"} if bt709 else None
+    )
     picture = av.VideoFrame.from_ndarray(rgb, format="rgb24")
     if bt709:
-        enc.options |= {"x264-params": "colormatrix=bt709"}
         picture = picture.reformat(format="yuv420p", dst_colorspace="itu709")
     packets = list(enc.encode(picture)) + list(enc.encode(None))
     dec = av.CodecContext.create("h264", "r")

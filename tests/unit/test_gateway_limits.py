@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import pytest
 
-from flowcloud.cli.main import CommandError
+from flowcloud.cli.errors import CommandError
 from services.gateway.cli import configure, settings_from
 from services.gateway.limits import ConnectionLimiter, TokenBucket
 
 
+class Clock:
+    """A clock the test moves (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_token_bucket_try_take_and_refill() -> None:
-    bucket = TokenBucket(rate=100, burst=3)
+    clock = Clock()
+    bucket = TokenBucket(rate=100, burst=3, clock=clock)
     assert [bucket.try_take() for _ in range(4)] == [True, True, True, False]
-    time.sleep(0.025)  # 2.5 tokens come back
+    clock.now += 0.025  # 2.5 tokens come back
     assert bucket.try_take(2) and not bucket.try_take(2)
+    clock.now += 60.0  # never more than the burst
+    assert bucket.try_take(3) and not bucket.try_take(0.5)
 
 
 def test_token_bucket_take_returns_the_wait() -> None:
-    bucket = TokenBucket(rate=1000, burst=1000)
+    clock = Clock()
+    bucket = TokenBucket(rate=1000, burst=1000, clock=clock)
     assert bucket.take(1000) == 0.0
-    assert bucket.take(500) == pytest.approx(0.5, abs=0.01)
+    assert bucket.take(500) == pytest.approx(0.5)  # in debt: half a second to wait
+    clock.now += 0.5
+    assert bucket.take(0) == 0.0 and not bucket.try_take(1)
     with pytest.raises(ValueError):
         TokenBucket(0)
 

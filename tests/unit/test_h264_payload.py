@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -28,6 +27,7 @@ from flowcloud.protocol.h264 import (
     split_annexb,
 )
 from flowcloud.protocol.rtp import RtpPacket, seq_diff
+from flowcloud.x264 import encode_access_units, libx264_encoder
 
 DATA = Path(__file__).parent.parent / "data"
 T0 = 1_764_000_000.0
@@ -37,29 +37,18 @@ def libx264_access_units(
     frames: int = 24, width: int = 320, height: int = 240, gop: int = 8
 ) -> list[list[bytes]]:
     """NAL units per access unit of a real libx264 stream (zerolatency: SPS/PPS/SEI with each IDR)."""
-    codec = av.CodecContext.create("libx264", "w")
-    codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
-    codec.time_base = Fraction(1, 30)
-    codec.gop_size = gop
-    codec.thread_count = 1  # one slice per picture
-    codec.options = {
-        "preset": "ultrafast",
-        "tune": "zerolatency",
-        "x264-params": f"keyint={gop}:min-keyint={gop}",
-    }
+    codec = libx264_encoder(width, height, 30, keyframe_interval=gop, threads=1)  # one slice per picture
     rng = np.random.default_rng(3)
     noise = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    out: list[list[bytes]] = []
-    for i in range(frames):
+
+    def picture(i: int) -> np.ndarray:
         # Static noise below, a small moving block above: large IDRs (FU-A), small P slices.
         img = noise.copy()
         img[: height // 2] = 128
         img[16:32, 4 * i : 4 * i + 16] = 250
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-        frame.pts = i
-        out += [split_annexb(bytes(p)) for p in codec.encode(frame)]
-    out += [split_annexb(bytes(p)) for p in codec.encode(None)]
-    return out
+        return img
+
+    return encode_access_units(codec, (picture(i) for i in range(frames)))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from support.waiting import eventually
 
 from flowcloud.keys import IDENTIFIER_RULE
 from flowcloud.protocol.errors import ProtocolError
@@ -196,9 +197,9 @@ def test_client_handshake_against_a_real_server_measures_the_offset() -> None:
         before = time.time()
         accept, clock = await _connect_and_handshake(host, port)
         assert accept.session_id == "sess-9"
-        assert clock.offset == pytest.approx(100.0, abs=0.05)
-        assert 0 <= clock.rtt < 0.5
-        await asyncio.sleep(0.05)
+        # NTP's bound, whatever the load: the true offset lies within half the round trip.
+        assert clock.rtt >= 0 and abs(clock.offset - 100.0) <= clock.rtt / 2 + 1e-3
+        assert await eventually(lambda: len(seen) == 2, 10)  # the gateway has read the CLOCK message
         hello = seen[0]
         assert isinstance(hello, Hello) and hello.device_id == HELLO.device_id
         assert before <= hello.edge_time <= time.time()  # stamped when sent

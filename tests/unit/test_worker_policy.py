@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from flowcloud import keys
@@ -23,6 +25,13 @@ def test_realtime_drops_only_frames_older_than_max_age() -> None:
 
 def test_complete_mode_keeps_every_frame() -> None:
     assert not FramePolicy("complete", max_age=2.0).is_stale(_frame(0.0), now=1e9)
+
+
+def test_a_backfill_frame_is_never_too_old_even_in_realtime_mode() -> None:
+    policy = FramePolicy("realtime", max_age=2.0)
+    spooled = dataclasses.replace(_frame(0.0), backfill=True)
+    assert policy.can_make(spooled, now=3600.0, needed=10.0) and not policy.is_stale(spooled, now=3600.0)
+    assert not policy.can_make(_frame(0.0), now=3600.0, needed=10.0)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,154 @@
+"""The frames stream as a queue: its consumer group, its bound, and how much is left to read.
+
+Gateways append frames to ``keys.FRAMES_STREAM``; workers read them through the consumer group
+``keys.WORKER_GROUP``. The stream is bounded, so trimming can remove frames no worker has read.
+Redis's own MAXLEN trimming does that silently, and on Redis 7.0 it also corrupts the group's
+lag: the group's read counter never learns of the skipped entries, so XINFO GROUPS reports them
+as unread for good (the worker's lag gauge and KEDA's scaler then see a backlog that is not there).
+
+So the gateway trims with `FrameQueue.trim`, one Lua script that runs atomically with respect
+to every worker's XREADGROUP:
+
+- it creates the group (at id 0) if it is missing, so that every frame is accounted from the first;
+- it counts the entries not yet delivered to the group (`unread`: the lag, kept exact by this
+  script, bounded by the stream's length, and 0 when the group has read the newest entry);
+- while they fit in ``maxlen`` it trims only delivered entries (``MAXLEN ~``, cheap);
+- when they do not, it trims exactly to ``maxlen``, returns the (stream, seq) of each unread entry
+  it removed so that the caller counts and logs them, and moves the group past them with their
+  read count (``XGROUP SETID ... ENTRIESREAD``), so the lag stays true.
+
+`FrameQueue.unread` runs the same script without trimming: the one definition of a worker's lag.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from flowcloud import keys
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the stream. ARGV: group, maxlen (negative: only count), stream field, seq field.
+# Returns {unread after the trim, stream_1, seq_1, stream_2, seq_2, ...} (the unread entries removed).
+_TRIM = """
+local stream, group, maxlen = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local function fields_of(flat)
+  local out = {}
+  for i = 1, #flat, 2 do out[flat[i]] = flat[i + 1] end
+  return out
+end
+local length = redis.call('XLEN', stream)
+local info = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local f = fields_of(g)
+  if f['name'] == group then info = f end
+end
+if info == nil then
+  if maxlen < 0 then return {length} end
+  redis.call('XGROUP', 'CREATE', stream, group, '0')
+  info = {['last-delivered-id'] = '0-0', ['entries-read'] = false, ['lag'] = length}
+end
+local last_id = info['last-delivered-id']
+local unread = info['lag']
+if length == 0 then
+  unread = 0
+elseif last_id == '0-0' then
+  unread = length
+else
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1][1]
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
+  local function before(a, b)
+    local am, as = string.match(a, '(%d+)-(%d+)')
+    local bm, bs = string.match(b, '(%d+)-(%d+)')
+    am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+    return am < bm or (am == bm and as < bs)
+  end
+  if not before(last_id, newest) then
+    unread = 0
+  elseif before(last_id, first) then
+    unread = length
+  elseif not unread then  -- Redis cannot tell (entries deleted mid-stream): count them
+    unread = #redis.call('XRANGE', stream, '(' .. last_id, '+')
+  end
+  unread = math.min(unread, length)
+end
+if maxlen < 0 or length <= maxlen then return {unread} end
+if unread <= maxlen then
+  redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen)
+  return {unread}
+end
+local lost = redis.call('XRANGE', stream, '(' .. last_id, '+', 'COUNT', unread - maxlen)
+local added = fields_of(redis.call('XINFO', 'STREAM', stream))['entries-added']
+redis.call('XTRIM', stream, 'MAXLEN', maxlen)
+redis.call('XGROUP', 'SETID', stream, group, lost[#lost][1], 'ENTRIESREAD', added - maxlen)
+local out = {maxlen}
+for _, entry in ipairs(lost) do
+  local f = fields_of(entry[2])
+  table.insert(out, f[ARGV[3]] or '')
+  table.insert(out, f[ARGV[4]] or '0')
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Trim:
+    """What one trim found: entries still unread after it, and the unread ones it removed."""
+
+    unread: int
+    lost: list[tuple[str, int]]  # (stream, seq) of each entry trimmed before the group read it
+
+
+def parse_trim(reply: object) -> Trim:
+    values = cast(list[bytes | int], reply)
+    lost = [(_text(values[i]), int(values[i + 1])) for i in range(1, len(values) - 1, 2)]
+    return Trim(int(values[0]), lost)
+
+
+def _text(value: bytes | int) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+async def ensure_group(redis: Redis) -> None:
+    """Create the workers' consumer group (and the stream) unless it exists."""
+    try:
+        await redis.xgroup_create(keys.FRAMES_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+        log.info("created consumer group %s on %s", keys.WORKER_GROUP, keys.FRAMES_STREAM)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class FrameQueue:
+    """The frames stream and its workers' group (see the module's docstring)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._script = redis.register_script(_TRIM)
+
+    def _args(self, maxlen: int) -> list[str | int]:
+        return [keys.WORKER_GROUP, maxlen, keys.F_STREAM, keys.F_SEQ]
+
+    async def trim_in(self, pipe: Pipeline, maxlen: int) -> None:
+        """Queue a trim to ``maxlen`` in ``pipe``; its reply goes through `parse_trim`."""
+        await self._script(keys=[keys.FRAMES_STREAM], args=self._args(maxlen), client=pipe)
+
+    async def trim(self, maxlen: int) -> Trim:
+        """Trim the stream to ``maxlen`` entries, removing unread ones only when they do not fit."""
+        return parse_trim(await self._script(keys=[keys.FRAMES_STREAM], args=self._args(maxlen)))
+
+    async def unread(self) -> int:
+        """Entries of the stream the group has not been given yet (its true lag)."""
+        try:
+            reply = await self._script(keys=[keys.FRAMES_STREAM], args=self._args(-1))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return 0
+            raise
+        return parse_trim(reply).unread
