@@ -18,6 +18,8 @@ to every worker's XREADGROUP:
   read count (``XGROUP SETID ... ENTRIESREAD``), so the lag stays true.
 
 `FrameQueue.unread` runs the same script without trimming: the one definition of a worker's lag.
+The backfill lane, ``keys.BACKFILL_FRAMES_STREAM`` (same group name), is bounded the same way
+(``FrameQueue(redis, keys.BACKFILL_FRAMES_STREAM)``).
 """
 
 from __future__ import annotations
@@ -128,8 +130,9 @@ async def ensure_group(redis: Redis) -> None:
 class FrameQueue:
     """The frames stream and its workers' group (see the module's docstring)."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, stream: str = keys.FRAMES_STREAM) -> None:
         self.redis = redis
+        self.stream = stream
         self._script = redis.register_script(_TRIM)
 
     def _args(self, maxlen: int) -> list[str | int]:
@@ -137,16 +140,16 @@ class FrameQueue:
 
     async def trim_in(self, pipe: Pipeline, maxlen: int) -> None:
         """Queue a trim to ``maxlen`` in ``pipe``; its reply goes through `parse_trim`."""
-        await self._script(keys=[keys.FRAMES_STREAM], args=self._args(maxlen), client=pipe)
+        await self._script(keys=[self.stream], args=self._args(maxlen), client=pipe)
 
     async def trim(self, maxlen: int) -> Trim:
         """Trim the stream to ``maxlen`` entries, removing unread ones only when they do not fit."""
-        return parse_trim(await self._script(keys=[keys.FRAMES_STREAM], args=self._args(maxlen)))
+        return parse_trim(await self._script(keys=[self.stream], args=self._args(maxlen)))
 
     async def unread(self) -> int:
         """Entries of the stream the group has not been given yet (its true lag)."""
         try:
-            reply = await self._script(keys=[keys.FRAMES_STREAM], args=self._args(-1))
+            reply = await self._script(keys=[self.stream], args=self._args(-1))
         except ResponseError as exc:
             if "no such key" in str(exc).lower():
                 return 0

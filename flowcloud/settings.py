@@ -91,7 +91,9 @@ class GatewaySettings(ServiceSettings):
         2000, ge=10, description="frames the stream keeps; unread ones beyond it are trimmed and counted"
     )
     backfill_maxlen: int = Field(
-        10_000, ge=10, description="approximate MAXLEN of the backfill frames stream (edges' spooled video)"
+        10_000,
+        ge=10,
+        description="frames the backfill stream keeps; unread ones beyond are trimmed, counted",
     )
     handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
     max_sessions: int = Field(256, ge=1, description="live sessions at most")

@@ -42,7 +42,7 @@ class StreamMeta:
     last_seen: float | None = None  # unix seconds (Redis's clock) of the last frame published
     status: str | None = None  # keys.STATUS_LIVE while a session is open, else keys.STATUS_IDLE
     last_seq: int | None = None  # the last frame seq handed out
-    trimmed_unread: int | None = None  # frames trimmed from the frames stream before a worker read them
+    trimmed_unread: int | None = None  # frames trimmed (frames or backfill stream) before a worker read them
     # Seqs a live session reserved for the device's spooled frames (services.gateway.backfill):
     backfill_last_seq: int | None = None  # the last of them handed out to a backfill frame
     backfill_end_seq: int | None = None  # the last reserved

@@ -18,7 +18,7 @@ trimmed only when more than ``frames_maxlen`` of them wait, and each such frame 
 stream's metadata hash, ``keys.M_TRIMMED_UNREAD``) and logged with its seqs. A backfill frame
 (an edge's spooled video, `Frame.backfill`) takes a seq its live session reserved
 (services.gateway.backfill) and goes to ``keys.BACKFILL_FRAMES_STREAM`` instead, bounded by
-``backfill_maxlen`` with Redis's approximate MAXLEN.
+``backfill_maxlen`` and trimmed the same way (its unread frames lost to the bound counted alike).
 
 Times leave the gateway on Redis's clock (`flowcloud.clock.RedisClock`, measured with TIME every
 30 s): a frame's capture and receipt times, and the stream's last-seen time, are shifted by the
@@ -78,6 +78,7 @@ class FramePublisher:
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
         self._trimmed: Counter[str] = Counter()  # stream -> unread frames trimmed, still to add to its hash
         self.queue = FrameQueue(redis)
+        self.backfill_queue = FrameQueue(redis, keys.BACKFILL_FRAMES_STREAM)
         self._last_seq: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -178,7 +179,7 @@ class FramePublisher:
             )
             entry = frame.to_fields()
             if pending.backfill:  # its own lane; not in the recent window (that is for live overlays)
-                pipe.xadd(keys.BACKFILL_FRAMES_STREAM, entry, maxlen=self.backfill_maxlen, approximate=True)  # type: ignore[arg-type]
+                pipe.xadd(keys.BACKFILL_FRAMES_STREAM, entry)  # type: ignore[arg-type]
                 continue
             seqs[pending.stream] += 1
             pipe.xadd(keys.FRAMES_STREAM, entry)  # type: ignore[arg-type]
@@ -197,8 +198,11 @@ class FramePublisher:
         trimmed, self._trimmed = self._trimmed, Counter()
         for stream, count in trimmed.items():
             pipe.hincrby(keys.stream_meta(stream), keys.M_TRIMMED_UNREAD, count)
-        if batch:
+        live = len(batch) > sum(spooled.values())  # (the trim needs the stream: a live frame made it)
+        if live:
             await self.queue.trim_in(pipe, self.frames_maxlen)
+        if spooled:
+            await self.backfill_queue.trim_in(pipe, self.backfill_maxlen)
         try:
             replies = await pipe.execute()
         except BaseException:
@@ -209,14 +213,18 @@ class FramePublisher:
                     self._meta[stream] = {**fields, **self._meta.get(stream, {})}
             self._trimmed.update(trimmed)
             raise
-        if batch:
-            self._count_trimmed(parse_trim(replies[-1]).lost)
+        if spooled:
+            self._count_trimmed(
+                parse_trim(replies.pop()).lost, self.backfill_queue.stream, self.backfill_maxlen
+            )
+        if live:
+            self._count_trimmed(parse_trim(replies[-1]).lost, self.queue.stream, self.frames_maxlen)
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(batch)
         metrics.FRAMES_PUBLISHED.inc(len(batch))
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
-    def _count_trimmed(self, lost: list[tuple[str, int]]) -> None:
+    def _count_trimmed(self, lost: list[tuple[str, int]], queue: str, bound: int) -> None:
         """Count and log frames the stream's bound removed before any worker read them."""
         if not lost:
             return
@@ -227,8 +235,9 @@ class FramePublisher:
         self._trimmed.update({stream: len(seqs) for stream, seqs in by_stream.items()})
         self._wakeup.set()
         log.warning(
-            "frames stream over its bound of %d unread frames: trimmed %d no worker had read (%s)",
-            self.frames_maxlen,
+            "%s over its bound of %d unread frames: trimmed %d no worker had read (%s)",
+            queue,
+            bound,
             len(lost),
             "; ".join(f"{stream} seqs {seq_ranges(seqs)}" for stream, seqs in by_stream.items()),
         )

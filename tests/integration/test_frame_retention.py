@@ -9,6 +9,7 @@ counted ``trimmed_unread`` frame of its stream, and the worker's lag gauge, like
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from support.frames import frames_on_redis
 from support.gateway import dropped
 from support.waiting import wait_for
 from support.worker import WorkerProcess, frame, pending_total, result_count, result_seqs, running_worker
@@ -33,15 +35,15 @@ MAXLEN = 50
 STREAM = "cam-r"
 
 
-def publish(redis_url: str, count: int) -> None:
+def publish(redis_url: str, count: int, backfill: bool = False) -> None:
     """Publish ``count`` frames through the gateway's publisher (seqs assigned by it), and wait."""
 
     async def main() -> None:
         client = AsyncRedis.from_url(redis_url)
-        publisher = FramePublisher(client, MAXLEN)
+        publisher = FramePublisher(client, MAXLEN, backfill_maxlen=MAXLEN)
         publisher.start()
         for i in range(count):
-            publisher.submit(frame(STREAM, UNASSIGNED_SEQ, 64, 128))
+            publisher.submit(dataclasses.replace(frame(STREAM, UNASSIGNED_SEQ, 64, 128), backfill=backfill))
             if i % 10 == 9:
                 await asyncio.sleep(0)  # batches of about ten, as a live stream gives
         await publisher.close(30.0)
@@ -91,6 +93,16 @@ def test_frames_published_before_any_worker_are_counted_when_trimmed(
         wait_for("nothing left to read", done, 30, proc)
         assert redis_lag(client) == 0
         assert proc.stop() == 0
+
+
+def test_backfill_frames_beyond_their_bound_are_counted_when_trimmed(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    before = dropped("trimmed_unread")
+    publish(redis_url, 80, backfill=True)  # an edge's spool drained before any worker reads the lane
+    assert trimmed(client) == 30 and dropped("trimmed_unread") - before == 30
+    assert client.xlen(keys.BACKFILL_FRAMES_STREAM) == MAXLEN and not client.exists(keys.FRAMES_STREAM)
+    kept = frames_on_redis(redis_url, STREAM, keys.BACKFILL_FRAMES_STREAM)
+    assert [f.seq for f in kept] == list(range(31, 81)) and all(f.backfill for f in kept)
 
 
 def test_worker_paused_mid_stream_loses_only_counted_frames_and_its_lag_returns_to_zero(
