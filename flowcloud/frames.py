@@ -30,9 +30,13 @@ class Frame:
     height: int
     encoding: str
     data: bytes
+    # Later stage stamps (flowcloud.stages), on the same clock as capture_ts; None: not stamped.
+    sent_ts: float | None = None
+    decoded_ts: float | None = None
+    published_ts: float | None = None
 
     def to_fields(self) -> dict[str, str | int | float | bytes]:
-        return {
+        fields: dict[str, str | int | float | bytes] = {
             keys.F_STREAM: self.stream,
             keys.F_SEQ: self.seq,
             keys.F_CAPTURE_TS: repr(self.capture_ts),
@@ -41,6 +45,18 @@ class Frame:
             keys.F_HEIGHT: self.height,
             keys.F_ENCODING: self.encoding,
             keys.F_DATA: self.data,
+        }
+        for name, value in self.stage_stamps().items():
+            if value is not None:
+                fields[name] = repr(value)
+        return fields
+
+    def stage_stamps(self) -> dict[str, float | None]:
+        """The stamps after receipt that travel on the entry, by field name."""
+        return {
+            keys.F_SENT_TS: self.sent_ts,
+            keys.F_DECODED_TS: self.decoded_ts,
+            keys.F_PUBLISHED_TS: self.published_ts,
         }
 
     @classmethod
@@ -57,6 +73,9 @@ class Frame:
                 height=int(f[keys.F_HEIGHT]),
                 encoding=f[keys.F_ENCODING].decode(),
                 data=bytes(f[keys.F_DATA]),
+                sent_ts=_optional_time(f.get(keys.F_SENT_TS)),
+                decoded_ts=_optional_time(f.get(keys.F_DECODED_TS)),
+                published_ts=_optional_time(f.get(keys.F_PUBLISHED_TS)),
             )
         except KeyError as exc:
             raise FrameFormatError(f"frame entry lacks field {exc.args[0]!r}") from None
@@ -71,6 +90,10 @@ class Frame:
     def image(self) -> np.ndarray:
         """The frame as an HxWx3 uint8 RGB array."""
         return decode_image(self.data, self.encoding, self.width, self.height)
+
+
+def _optional_time(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def encode_image(rgb: np.ndarray, encoding: str = "jpeg", quality: int = DEFAULT_JPEG_QUALITY) -> bytes:

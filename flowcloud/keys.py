@@ -29,6 +29,10 @@ F_STREAM = "stream"
 F_SEQ = "seq"
 F_CAPTURE_TS = "capture_ts"  # edge capture time, mapped to Redis's clock (unix seconds)
 F_RECV_TS = "recv_ts"  # gateway receive time, on Redis's clock (unix seconds)
+# Stage stamps (flowcloud.stages), on Redis's clock; absent from entries of older gateways.
+F_SENT_TS = "sent_ts"  # edge send time, mapped like the capture time (absent: an older edge)
+F_DECODED_TS = "decoded_ts"  # the gateway's decoder gave the picture back
+F_PUBLISHED_TS = "published_ts"  # the gateway wrote the entry
 F_WIDTH = "width"
 F_HEIGHT = "height"
 F_ENCODING = "encoding"

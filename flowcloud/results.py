@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.labels import LabelSet
+from flowcloud.stages import durations, stamps_of
 
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
@@ -57,23 +58,33 @@ class MaskResult:
     height: int
     shares: dict[int, float] = field(default_factory=dict)  # class id -> fraction of pixels
     labels_png: bytes = b""
+    # The other stage stamps (flowcloud.stages); None on results of older services.
+    sent_ts: float | None = None
+    decoded_ts: float | None = None
+    published_ts: float | None = None
+    read_ts: float | None = None
 
     @property
     def latency(self) -> float:
         """Capture to persisted, in seconds (both on Redis's clock: `flowcloud.clock`)."""
         return self.persisted_ts - self.capture_ts
 
+    def stages(self) -> dict[str, float | None]:
+        """Seconds spent in each stage from capture to persisted (`flowcloud.stages.STAGES`)."""
+        return durations(stamps_of(self))
+
     def metadata(self) -> dict[str, Any]:
-        """Everything but the PNG, JSON-ready."""
+        """Everything but the PNG, JSON-ready, with the derived latency and stages."""
         meta = asdict(self)
         del meta["labels_png"]
         meta["shares"] = {str(k): v for k, v in self.shares.items()}
         meta["latency"] = self.latency
+        meta["stages"] = self.stages()
         return meta
 
     def to_fields(self) -> dict[str, str | bytes]:
         meta = self.metadata()
-        del meta["latency"]
+        del meta["latency"], meta["stages"]
         return {META_FIELD: json.dumps(meta), LABELS_FIELD: self.labels_png}
 
     @classmethod

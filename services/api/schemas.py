@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 
 from flowcloud import keys
 from flowcloud.registry import DEFAULT_TENANT
+from flowcloud.stages import STAGES
 
 
 class ErrorBody(BaseModel):
@@ -60,6 +61,15 @@ class MaskBody(BaseModel):
     height: int
     shares: dict[str, float] = Field(description="class id -> fraction of pixels (absent classes omitted)")
     latency: float = Field(description="capture to persisted, seconds")
+    sent_ts: float | None = Field(None, description="the edge sent it (absent from older edges)")
+    decoded_ts: float | None = Field(None, description="the gateway had decoded it")
+    published_ts: float | None = Field(None, description="the gateway wrote it to the frames stream")
+    read_ts: float | None = Field(None, description="a worker read it")
+    stages: dict[str, float | None] = Field(
+        description="seconds in each stage, capture to persisted, in order: "
+        + ", ".join(f"{s.name} ({s.what})" for s in STAGES)
+        + "; they sum to latency (null: not stamped, its time is in the next stage)"
+    )
 
 
 class MaskPage(BaseModel):

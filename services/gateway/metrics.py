@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from flowcloud import stages
 from flowcloud.protocol import h264
 
 # Reasons a frame is dropped (label values of FRAMES_DROPPED). The depacketizer's own reasons
@@ -66,6 +67,9 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
     "flowcloud_gateway_tls_certificate_expiry_timestamp_seconds",
     "notAfter of the TLS certificate served on the device port, as a unix time",
 )
+
+# Capture (edge) to published: edge, network, decode, publish (flowcloud.stages.GATEWAY_STAGES).
+STAGE_SECONDS = stages.stage_histogram("gateway")
 
 
 def drop(reason: str, count: int = 1) -> None:

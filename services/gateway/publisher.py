@@ -35,7 +35,7 @@ from dataclasses import replace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flowcloud import keys
+from flowcloud import keys, stages
 from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue, parse_trim
 from flowcloud.frames import Frame
@@ -161,13 +161,19 @@ class FramePublisher:
         seqs = await self._reserve_seqs(Counter(f.stream for f in batch))  # the next seq of each stream
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
+        published_ts = self.clock.now()
+        frames = []
         for pending in batch:
             frame = replace(
                 pending,
                 seq=seqs[pending.stream],
                 capture_ts=pending.capture_ts + offset,  # this machine's clock -> Redis's
                 recv_ts=pending.recv_ts + offset,
+                sent_ts=pending.sent_ts + offset if pending.sent_ts is not None else None,
+                decoded_ts=pending.decoded_ts + offset if pending.decoded_ts is not None else None,
+                published_ts=published_ts,
             )
+            frames.append(frame)
             seqs[pending.stream] += 1
             entry = frame.to_fields()
             pipe.xadd(keys.FRAMES_STREAM, entry)  # type: ignore[arg-type]
@@ -203,6 +209,8 @@ class FramePublisher:
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(batch)
         metrics.FRAMES_PUBLISHED.inc(len(batch))
+        for frame in frames:
+            stages.observe(metrics.STAGE_SECONDS, stages.stamps_of(frame), stages.GATEWAY_STAGES)
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
     def _count_trimmed(self, lost: list[tuple[str, int]]) -> None:

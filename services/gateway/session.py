@@ -373,6 +373,8 @@ class Session:
                 height=out.height,
                 encoding=self.settings.frame_encoding,
                 data=out.data,
+                sent_ts=times.sent_ts,
+                decoded_ts=time.time(),  # its picture has just come out of the decoder
             )
         )
 

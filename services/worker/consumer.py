@@ -43,7 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flowcloud import keys
+from flowcloud import keys, stages
 from flowcloud.clock import RedisClock
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
@@ -405,6 +405,7 @@ class Worker:
             elif not self.policy.can_make(frame, now, self.forecast(frame.width * frame.height)):
                 stale.append(entry)
             else:
+                entry.read_ts = now  # flowcloud.stages: read
                 evicted += self.queue.push(entry, read_at)
         metrics.QUEUED.set(len(self.queue))
         self._arrived.set()
@@ -540,6 +541,10 @@ class Worker:
                         height=frame.height,
                         shares=shares,
                         labels_png=png,
+                        sent_ts=frame.sent_ts,
+                        decoded_ts=frame.decoded_ts,
+                        published_ts=frame.published_ts,
+                        read_ts=entry.read_ts,
                     ),
                 )
             )
@@ -550,6 +555,7 @@ class Worker:
             await self._retry_redis(functools.partial(self.recovery.fail, entry, error), "record a failure")
         for result in stored:
             metrics.END_TO_END_SECONDS.observe(result.latency)
+            stages.observe(metrics.STAGE_SECONDS, stages.stamps_of(result), stages.WORKER_STAGES)
         metrics.FRAMES_PROCESSED.inc(len(stored))
         for reason in DROP_REASONS:
             self._count_drops([e for e, r in batch.dropped if r == reason], reason)

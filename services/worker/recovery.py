@@ -40,6 +40,7 @@ class Entry:
     frame: Frame | None = None
     error: str | None = None
     deliveries: int = 1
+    read_ts: float | None = None  # when this worker read it, on Redis's clock (flowcloud.stages)
 
     @property
     def reclaimed(self) -> bool:
