@@ -88,6 +88,17 @@ class SharePoint(BaseModel):
     capture_ts: float
     latency: float
     shares: dict[str, float]
+    stages: dict[str, float | None] = Field(description="seconds in each stage (as a mask's stages)")
+
+
+class StageBody(BaseModel):
+    name: str
+    what: str = Field(description="what the frame waits for or goes through in this stage")
+    samples: int = Field(description="results in the window that measured this stage")
+    p50: float | None = Field(None, description="seconds, median")
+    p95: float | None = Field(None, description="seconds, 95th percentile")
+    mean: float | None = Field(None, description="seconds, mean over the window (the means add up)")
+    share: float | None = Field(None, description="mean / mean capture-to-persisted latency")
 
 
 class StatsBody(BaseModel):
@@ -96,6 +107,7 @@ class StatsBody(BaseModel):
     classes: list[ClassBody] = Field(description="classes present in the window")
     mean: dict[str, float] = Field(description="class id -> mean share over the points")
     series: list[SharePoint] = Field(description="oldest first")
+    stages: list[StageBody] = Field(description="where the frames' time goes, capture to persisted, in order")
 
 
 class DeviceCreate(BaseModel):

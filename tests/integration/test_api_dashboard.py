@@ -32,6 +32,8 @@ SIZE = (384, 192)
 # Set to a path (e.g. docs/img/dashboard.png) to keep a copy of the screenshot for the README.
 SCREENSHOT_COPY = os.environ.get("FLOWCLOUD_DASHBOARD_SCREENSHOT")
 ROAD = tuple(int(v) for v in TRAIN_IDS.palette[0])
+LINK = 0.35  # the far GPU server's one-way delay: the network stage should stand out
+NETWORK_COLOR = (0xEB, 0xCB, 0x8B)  # dashboard.js STAGE_COLORS.network
 
 
 @dataclass
@@ -44,7 +46,9 @@ class Dashboard:
 @pytest.fixture
 def dashboard(redis_url: str) -> Iterator[Dashboard]:
     now = time.time()
-    seed_stream(redis_url, "cam-street", "acme", count=80, start_ts=now - 8.0, period=0.1, size=SIZE)
+    seed_stream(
+        redis_url, "cam-street", "acme", count=80, start_ts=now - 8.0, period=0.1, size=SIZE, link_delay=LINK
+    )
     seed_stream(redis_url, "cam-hidden", "other", count=3, start_ts=now - 1.0, period=0.1)
     token = make_key(redis_url, "reader", "acme")
     with running_api(ApiSettings(redis_url=redis_url)) as base, sync_playwright() as playwright:
@@ -112,6 +116,23 @@ def test_dashboard_lists_the_stream_and_shows_its_overlay(dashboard: Dashboard, 
     )
     assert tuple(pixel[:3]) == ROAD
     page.wait_for_function("() => document.getElementById('fig-latency-summary').textContent.includes('ms')")
+
+    # Where the time goes: the stacked stages say the 0.4 s are mostly the link, in words and colour.
+    page.wait_for_function(
+        "() => Number(document.getElementById('stages-chart').dataset.points) > 0", timeout=15_000
+    )
+    verdict = page.inner_text("#stages-verdict")
+    assert verdict.startswith("Most of the time goes to network (8") and "edge to gateway" in verdict
+    assert page.locator("#stages-table tbody tr").count() == 8
+    network_row = page.locator('#stages-table tr[data-stage="network"]')
+    assert "top" in (network_row.get_attribute("class") or "") and "358 ms" in network_row.inner_text()
+    assert page.locator('#stages-table tr[data-stage="inference"]').inner_text().split()[1:3] == ["30", "ms"]
+    pixel = page.evaluate(  # 40 % of the height up: inside the network band (2 ms to 360 ms of 461)
+        "() => { const c = document.getElementById('stages-chart');"
+        " return Array.from(c.getContext('2d').getImageData(c.width / 2, 8 + 170 * 0.6, 1, 1).data); }"
+    )
+    assert tuple(pixel[:3]) == NETWORK_COLOR
+    page.wait_for_function("() => document.getElementById('fig-stages').textContent.startsWith('network 3')")
 
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)

@@ -72,6 +72,7 @@ async def _seed(
     live: bool,
     size: tuple[int, int],
     trimmed_unread: int | None = None,
+    link_delay: float = 0.0,
 ) -> SeededStream:
     width, height = size
     redis = Redis.from_url(redis_url)
@@ -82,16 +83,17 @@ async def _seed(
         for seq in range(count):
             ts = start_ts + seq * period
             capture[seq] = ts
+            at = ts + link_delay  # the gateway's and the worker's stamps come that much later
             cmap = class_map(seq, width, height)
             results.append(
                 MaskResult(
                     stream=stream_id,
                     seq=seq,
                     capture_ts=ts,
-                    recv_ts=ts + 0.01,
-                    infer_start=ts + 0.02,
-                    infer_end=ts + 0.05,
-                    persisted_ts=ts + 0.06 + 0.001 * (seq % 10),
+                    recv_ts=at + 0.01,
+                    infer_start=at + 0.02,
+                    infer_end=at + 0.05,
+                    persisted_ts=at + 0.06 + 0.001 * (seq % 10),
                     model="test-model",
                     model_version="1",
                     label_set=TRAIN_IDS.name,
@@ -99,6 +101,10 @@ async def _seed(
                     height=height,
                     shares=class_shares(cmap, TRAIN_IDS.num_classes),
                     labels_png=encode_label_map(cmap, TRAIN_IDS),
+                    sent_ts=ts + 0.002,
+                    decoded_ts=at + 0.013,
+                    published_ts=at + 0.014,
+                    read_ts=at + 0.016,
                 )
             )
         await store.put_many(results)
@@ -147,11 +153,13 @@ def seed_stream(
     live: bool = True,
     size: tuple[int, int] = (WIDTH, HEIGHT),
     trimmed_unread: int | None = None,
+    link_delay: float = 0.0,
 ) -> SeededStream:
     """A stream described as the gateway does, ``count`` results as workers write them, and the
-    last RECENT_MAXLEN frames in its recent-frames window."""
+    last RECENT_MAXLEN frames in its recent-frames window. Every result has all its stage stamps;
+    ``link_delay`` seconds more in the network stage (edge to gateway) than on loopback."""
     return asyncio.run(
-        _seed(redis_url, stream_id, tenant, count, start_ts, period, live, size, trimmed_unread)
+        _seed(redis_url, stream_id, tenant, count, start_ts, period, live, size, trimmed_unread, link_delay)
     )
 
 

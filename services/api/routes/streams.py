@@ -29,6 +29,7 @@ from services.api.deps import (
     app_context,
 )
 from services.api.metrics import LIVE_REVOKED, LIVE_VIEWERS
+from services.api.queries import stage_summary
 from services.api.schemas import ErrorBody, MaskBody, MaskPage, StatsBody, StreamBody, StreamList
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ async def frame_mask(
     "/{stream_id}/stats",
     response_model=StatsBody,
     responses=NOT_FOUND,
-    summary="Per-class pixel shares over time, sampled evenly over the window",
+    summary="Per-class pixel shares and per-stage times over time, sampled evenly over the window",
 )
 async def stream_stats(
     stream_id: VisibleStream,
@@ -210,9 +211,11 @@ async def stream_stats(
                 "capture_ts": r.capture_ts,
                 "latency": r.latency,
                 "shares": {str(k): v for k, v in r.shares.items()},
+                "stages": r.stages(),
             }
             for r in results
         ],
+        "stages": stage_summary(results),
     }
 
 
@@ -282,6 +285,7 @@ async def _live_events(
                                 "seq": result.seq,
                                 "capture_ts": result.capture_ts,
                                 "latency": result.latency,
+                                "stages": result.stages(),
                                 "fps": 1.0 / gap if gap else None,
                                 "overlay": blended,
                                 "width": result.width,
