@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apikeys": ("services.api.apikeys_cli", "add, list and revoke API keys"),
     "up": ("flowcloud.cli.up", "run gateway, worker and API together on this machine"),
     "demo": ("flowcloud.cli.demo", "run the whole pipeline on the synthetic street video"),
+    "link": ("flowcloud.cli.link", "emulate a network link (delay, bandwidth, jitter, outages) to a port"),
 }
 
 
