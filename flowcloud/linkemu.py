@@ -207,6 +207,8 @@ class LinkEmulator:
         ]
         try:
             await asyncio.gather(*connection.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # the link is closing; streams' callback would log a cancelled handler as an error
         finally:
             self._live.discard(connection)
             connection.abort()

@@ -51,7 +51,12 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("edge", "capture_ts", "sent_ts", "encode and queue on the edge"),
-    Stage("network", "sent_ts", "recv_ts", "edge to gateway, the last packet of the access unit"),
+    Stage(
+        "network",
+        "sent_ts",
+        "recv_ts",
+        "edge to gateway: the link, up to the gateway's read of the access unit",
+    ),
     Stage("decode", "recv_ts", "decoded_ts", "decode, resize and JPEG-encode at the gateway"),
     Stage("publish", "decoded_ts", "published_ts", "the gateway's publish queue and write"),
     Stage("queue", "published_ts", "read_ts", "waiting on the frames stream for a worker"),
