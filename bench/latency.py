@@ -290,9 +290,9 @@ def tables(
         )
     out += [
         "",
-        "| load | fps | p50 ms | p95 ms | segmented | batch ms (frames) "
+        "| load | fps | p50 ms | p95 ms | fresh p50 | fresh p95 | segmented | batch ms (frames) "
         "| p50 goal: <= batch + 30 ms | p95 goal: <= max_frame_age |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for factor, r in loads:
         p50_goal = "-"
@@ -304,7 +304,8 @@ def tables(
             )
         p95_goal = "met" if r.p95 is not None and r.p95 <= max_age else "**not met**"
         out.append(
-            f"| {factor:g}x | {r.offered_fps:.1f} | {_ms(r.p50)} | {_ms(r.p95)} | {r.share:.0%} | "
+            f"| {factor:g}x | {r.offered_fps:.1f} | {_ms(r.p50)} | {_ms(r.p95)} | "
+            f"{_ms(r.freshness_p50)} | {_ms(r.freshness_p95)} | {r.share:.0%} | "
             f"{_ms(r.batch_seconds)} ({r.mean_batch or 0:.1f}) | {p50_goal} | {p95_goal} |"
         )
     return "\n".join(out)
