@@ -47,7 +47,7 @@ from flowcloud.linkemu import PROFILES
 from flowcloud.redis_server import free_port
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import META_FIELD, MaskResult
-from flowcloud.settings import GatewaySettings, WorkerSettings
+from flowcloud.settings import GatewaySettings, ServiceSettings, WorkerSettings
 from flowcloud.sizes import parse_size
 from flowcloud.stack import Service, Stack, StackConfig
 from flowcloud.stages import STAGE_NAMES
@@ -186,7 +186,8 @@ class Bench:
     def run(self, name: str, link: str, fps: float) -> Run:
         self.runs += 1
         device = f"bench-{self.runs}-{name}".replace(".", "_")
-        token = asyncio.run(_register(self.stack.redis_url, device))
+        # Where the stack's gateway looks for devices: FLOWCLOUD_CONTROL_REDIS_URL, else the stack's Redis.
+        token = asyncio.run(_register(ServiceSettings(redis_url=self.stack.redis_url).control_url, device))
         address = self.stack.gateway_address
         proxy: Service | None = None
         if link != "loopback":
