@@ -97,16 +97,6 @@ def durations(
     return out
 
 
-def stage_histogram(service: str) -> Histogram:
-    """A service's per-stage histogram, ``flowcloud_<service>_stage_seconds{stage=...}``."""
-    return Histogram(
-        f"flowcloud_{service}_stage_seconds",
-        "Seconds a frame spent in each stage it passes in this service (flowcloud.stages), on Redis's clock",
-        ["stage"],
-        buckets=BUCKETS,
-    )
-
-
 def observe(histogram: Histogram, stamps: Mapping[str, float | None], stages: tuple[Stage, ...]) -> None:
     """Record the known stages of one frame (a negative time, from clock error, counts as 0)."""
     for name, seconds in durations(stamps, stages).items():

@@ -69,7 +69,12 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
 )
 
 # Capture (edge) to published: edge, network, decode, publish (flowcloud.stages.GATEWAY_STAGES).
-STAGE_SECONDS = stages.stage_histogram("gateway")
+STAGE_SECONDS = Histogram(
+    "flowcloud_gateway_stage_seconds",
+    "Seconds a frame spent in each stage this service measures (flowcloud.stages), on Redis's clock",
+    ["stage"],
+    buckets=stages.BUCKETS,
+)
 
 
 def drop(reason: str, count: int = 1) -> None:

@@ -58,4 +58,9 @@ READY = Gauge(
     "flowcloud_worker_ready", "1 once the model is loaded and warmed up, 0 while loading or draining"
 )
 # Published to persisted: queue, batch, inference, persist (flowcloud.stages.WORKER_STAGES).
-STAGE_SECONDS = stages.stage_histogram("worker")
+STAGE_SECONDS = Histogram(
+    "flowcloud_worker_stage_seconds",
+    "Seconds a frame spent in each stage this service measures (flowcloud.stages), on Redis's clock",
+    ["stage"],
+    buckets=stages.BUCKETS,
+)

@@ -107,12 +107,8 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         decode_threads=1,
     )
     client = redis.Redis.from_url(redis_url)
-    now = time.time()
-    fresh = [replace(frame("cam-clock", seq, 32, 64), published_ts=time.time()) for seq in (1, 2, 3)]
     inference_before = stage_count("worker", "inference")
-    slow = frame("cam-clock", 4, 32, 64, capture_ts=now - 5.0)  # 5 s from capture to the gateway
-    assert slow.recv_ts - slow.capture_ts > 4.9
-
+    fresh: list[Frame] = []
     beats: list[float | None] = []
 
     async def main() -> Worker:
@@ -120,7 +116,11 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         await ensure_group(aclient)
         clock = RedisClock(local=lambda: time.time() + skew)  # this machine's clock is off
         worker = Worker(settings, aclient, clock=clock)
-        await worker.start()
+        await worker.start()  # the frames after it: loading the model may take longer than their bound
+        now = time.time()
+        fresh.extend(replace(frame("cam-clock", seq, 32, 64), published_ts=now) for seq in (1, 2, 3))
+        slow = frame("cam-clock", 4, 32, 64, capture_ts=now - 5.0)  # 5 s from capture to the gateway
+        assert slow.recv_ts - slow.capture_ts > 4.9
         publish(client, [*fresh, slow])
         serving = asyncio.create_task(worker.serve())
         finished = await eventually(
