@@ -232,7 +232,7 @@ class Bench:
     def capacity(self, estimate: float) -> Run:
         """A loopback stream offered more than the worker segments: its rate of results. Offered
         three times the model-alone estimate (at least 8 fps), doubled until the worker falls behind."""
-        fps = max(3 * estimate, 8.0)
+        fps = min(max(3 * estimate, 8.0), MAX_FPS)
         while True:
             run = self.run("capacity", "loopback", fps)
             if run.rate is None or run.rate < SATURATED * fps or fps >= MAX_FPS:
