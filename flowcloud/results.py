@@ -17,11 +17,50 @@ import numpy as np
 from PIL import Image
 from redis.asyncio import Redis
 
-from flowcloud import keys
+from flowcloud import keys, share_index
 from flowcloud.labels import LabelSet
 
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
+
+# One result, its indexes, its minute aggregate and its results-stream event, all or nothing, and
+# only when the frame has no result yet (flowcloud.share_index describes the layout).
+# KEYS: result hash, mask index, minute aggregate, class-index registry, results stream, then one
+# class-index key per (class, level reached), in ARGV's class order.
+# ARGV: meta, label PNG, ttl, seq, capture_ts, results-stream maxlen, shares by name (JSON),
+# stream, then (name, share, levels reached) per class.
+INDEX_SCRIPT = f"""
+if redis.call('HSETNX', KEYS[1], '{META_FIELD}', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], '{LABELS_FIELD}', ARGV[2])
+local ttl = tonumber(ARGV[3])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[4])
+local ts = ARGV[5]
+local agg = KEYS[3]
+redis.call('ZINCRBY', agg, 1, '{share_index.AGG_COUNT}')
+redis.call('ZADD', agg, 'LT', ts, '{share_index.AGG_FIRST}')
+redis.call('ZADD', agg, 'GT', ts, '{share_index.AGG_LAST}')
+redis.call('EXPIRE', agg, ttl)
+local k = 6
+local a = 9
+while a <= #ARGV do
+  local name, share, reached = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  redis.call('ZINCRBY', agg, share, '{share_index.AGG_SUM}' .. name)
+  redis.call('ZADD', agg, 'GT', share, '{share_index.AGG_MAX}' .. name)
+  for level = 0, reached - 1 do
+    redis.call('ZINCRBY', agg, 1, '{share_index.AGG_ABOVE}' .. name .. ':' .. level)
+    redis.call('ZADD', KEYS[k], ts, ARGV[4] .. ':' .. share)
+    redis.call('EXPIRE', KEYS[k], ttl)
+    redis.call('SADD', KEYS[4], KEYS[k])
+    k = k + 1
+  end
+  a = a + 3
+end
+redis.call('EXPIRE', KEYS[4], ttl)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', '{keys.R_STREAM}', ARGV[8], '{keys.R_SEQ}', ARGV[4],
+  '{keys.R_CAPTURE_TS}', ts, '{keys.R_SHARES}', ARGV[7])
+return 1
+"""
 
 
 def encode_label_map(class_map: np.ndarray, label_set: LabelSet) -> bytes:
@@ -85,38 +124,61 @@ class MaskResult:
 
 
 class MaskStore:
-    """Results in Redis: a hash per frame plus a per-stream index sorted by sequence number."""
+    """Results in Redis: a hash per frame, a per-stream index sorted by sequence number, and the
+    class-share indexes of ``flowcloud.share_index``."""
 
     def __init__(self, redis: Redis, max_per_stream: int = 10_000, ttl_seconds: int = 24 * 3600) -> None:
         self.redis = redis
         self.max_per_stream = max_per_stream
         self.ttl_seconds = ttl_seconds
+        self._index = redis.register_script(INDEX_SCRIPT)
 
-    async def put_many(self, results: list[MaskResult]) -> None:
-        """Persist results in one round trip, then trim each touched stream to its bound."""
+    async def put_many(self, results: list[MaskResult]) -> int:
+        """Persist and index results in one round trip, then trim each touched stream to its
+        bound. A frame that already has a result keeps it (at-least-once delivery writes the same
+        frame again). Returns how many results were new."""
         if not results:
-            return
+            return 0
         pipe = self.redis.pipeline(transaction=False)
         for result in results:
-            key = keys.mask(result.stream, result.seq)
-            pipe.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
-            pipe.expire(key, self.ttl_seconds)
-            pipe.zadd(keys.mask_index(result.stream), {str(result.seq): result.seq})
+            script_keys, args = share_index.index_call(
+                result.stream,
+                result.seq,
+                result.capture_ts,
+                result.label_set,
+                result.shares,
+                result.to_fields(),
+                self.ttl_seconds,
+            )
+            await self._index(keys=script_keys, args=args, client=pipe)  # queued on the pipeline
         streams = sorted({r.stream for r in results})
         for stream in streams:  # the index sizes in the same round trip: trimming is rarely needed
             pipe.zcard(keys.mask_index(stream))
-        sizes = (await pipe.execute())[-len(streams) :]
-        for stream, size in zip(streams, sizes, strict=True):
+        replies = await pipe.execute()
+        for stream, size in zip(streams, replies[len(results) :], strict=True):
             if int(size) > self.max_per_stream:
                 await self._trim(stream, int(size) - self.max_per_stream)
+        return sum(int(r) for r in replies[: len(results)])
 
     async def _trim(self, stream: str, excess: int) -> None:
-        """Delete the stream's ``excess`` oldest results."""
+        """Delete the stream's ``excess`` oldest results, and their class-index entries (by
+        capture time: everything up to the newest result deleted)."""
         index = keys.mask_index(stream)
         old = cast(list[bytes], await self.redis.zrange(index, 0, excess - 1))
+        if not old:
+            return
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.mask(stream, int(old[-1])), META_FIELD)
+        pipe.smembers(keys.class_indexes(stream))
         pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))
         pipe.zrem(index, *old)
+        newest_meta, class_keys, *_ = await pipe.execute()
+        if newest_meta is None or not class_keys:
+            return  # expired already: its index entries go with their keys' TTL
+        cutoff = float(json.loads(newest_meta)["capture_ts"])
+        pipe = self.redis.pipeline(transaction=False)
+        for class_key in class_keys:
+            pipe.zremrangebyscore(class_key, "-inf", cutoff)
         await pipe.execute()
 
     async def get(self, stream: str, seq: int, labels: bool = True) -> MaskResult | None:

@@ -164,3 +164,27 @@ class ClusterBody(BaseModel):
 
 class WorkerList(BaseModel):
     items: list[dict[str, str | float]] = Field(description="heartbeat fields, name, last_heartbeat")
+
+
+class ClassAggregate(BaseModel):
+    mean: float = Field(description="mean share over the bucket's results (0 where absent)")
+    max: float = Field(description="largest share in the bucket")
+    results_above: int = Field(description="results whose share is at or above the threshold")
+    seconds_above: float = Field(description="time at or above the threshold (results x frame interval)")
+
+
+class AggregateBucket(BaseModel):
+    start: float = Field(description="unix seconds the minute or hour begins")
+    results: int
+    first: float | None = Field(None, description="capture time of the bucket's first result")
+    last: float | None = Field(None, description="capture time of the bucket's last result")
+    classes: dict[str, ClassAggregate] = Field(description="class name -> statistics (present classes)")
+
+
+class AggregateBody(BaseModel):
+    stream: str
+    since: float
+    until: float
+    resolution: str
+    threshold: float
+    buckets: list[AggregateBucket] = Field(description="oldest first; buckets without results are left out")

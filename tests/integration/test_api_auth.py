@@ -35,6 +35,8 @@ EXPECTED = PUBLIC | {
     ("GET", "/streams/{stream_id}/masks/{frame}"),
     ("GET", "/streams/{stream_id}/stats"),
     ("GET", "/streams/{stream_id}/live"),
+    ("GET", "/streams/{stream_id}/aggregates"),
+    ("GET", "/search"),
     ("POST", "/devices"),
     ("GET", "/devices"),
     ("DELETE", "/devices/{device_id}"),
@@ -92,6 +94,8 @@ def concrete(method: str, path: str, stream: str = "cam-beta") -> tuple[str, dic
         .replace("{device_id}", device)
         .replace("{asset}", "dashboard.js")
     )
+    if path == "/search":
+        url += "?class=person"
     body = {"device_id": "cam-new", "tenant": "beta"} if (method, path) == ("POST", "/devices") else None
     return url, body
 
@@ -178,7 +182,7 @@ def test_the_openapi_document_needs_a_key_and_no_docs_page_is_served(api: Setup)
 
 def test_another_tenants_stream_answers_404_on_every_stream_route(api: Setup) -> None:
     stream_routes = sorted(r for r in documented_routes() if "{stream_id}" in r[1])
-    assert len(stream_routes) == 6
+    assert len(stream_routes) == 7
     for method, path in stream_routes:
         other = call(api.client, method, path, api.reader_alpha, stream="cam-beta")
         unknown = call(api.client, method, path, api.reader_alpha, stream="cam-nowhere")

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from flowcloud.labels import LABEL_SETS
 from flowcloud.results import MaskResult
-from services.api import render
+from services.api import render, search
 from services.api.deps import (
     ApiContext,
     Context,
@@ -75,6 +75,14 @@ def _unix(when: datetime | None) -> float | None:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def _seq_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit():
+        raise search.QueryError(f"malformed cursor {cursor!r}: pass the next_cursor of the previous page")
+    return int(cursor)
+
+
 async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Response:
     if fmt == "labels":
         return Response(result.labels_png, media_type=render.PNG)
@@ -124,7 +132,7 @@ async def latest_mask(stream_id: VisibleStream, request: Request, format: Format
 
 @router.get("", response_model=StreamList, summary="The streams the caller may see, newest activity first")
 async def list_streams(context: Context, key: CurrentKey) -> dict[str, Any]:
-    ids = await context.queries.stream_ids()
+    ids = await search.visible_streams(context.redis, key)  # a reader's tenant index only
     infos = await context.queries.streams(ids)
     return {"items": [i.to_dict() for i in infos if key.can_see(i.tenant)]}
 
@@ -145,13 +153,27 @@ async def list_masks(
     context: Context,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="results per page")] = 50,
     cursor: Annotated[
-        int | None, Query(ge=0, description="next_cursor of the previous page: results older than it")
+        str | None, Query(description="next_cursor of the previous page: results older than it")
     ] = None,
     since: Since = None,
     until: Until = None,
+    class_name: Annotated[
+        str | None, Query(alias="class", description="only results with this class (see min_share)")
+    ] = None,
+    min_share: Annotated[
+        float, Query(ge=0.0, le=1.0, description="with class: the share it covers at least (0: present)")
+    ] = 0.0,
 ) -> dict[str, Any]:
+    try:
+        if class_name is not None:  # through the class-share index
+            return await search.ShareSearch(context.redis, context.store).page(
+                [stream_id], class_name, min_share, limit, _unix(since), _unix(until), cursor
+            )
+        before = _seq_cursor(cursor)
+    except search.QueryError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     items, next_seq = await context.queries.page(
-        stream_id, limit, before=cursor, since=_unix(since), until=_unix(until)
+        stream_id, limit, before=before, since=_unix(since), until=_unix(until)
     )
     return {
         "items": [r.metadata() for r in items],
