@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
+from flowcloud import mask_formats
 from flowcloud.labels import LABEL_SETS
 from flowcloud.results import MaskResult
 from services.api import render, search
@@ -40,14 +41,20 @@ KEEPALIVE_SECONDS = 15.0
 MJPEG_BOUNDARY = "flowcloudframe"
 TOO_MANY_VIEWERS = "too many live viewers; try again later"
 
-Format = Literal["json", "labels", "color", "overlay"]
+Format = Literal["json", "labels", "color", "overlay", "coco-rle", "polygons"]
 FormatQuery = Annotated[
     Format,
     Query(
         description="json: metadata; labels: the lossless palette PNG of class ids; "
-        "color: an RGB PNG in the label set's colours; overlay: a JPEG of the mask on its frame"
+        "color: an RGB PNG in the label set's colours; overlay: a JPEG of the mask on its frame; "
+        "coco-rle: one COCO RLE per class present (JSON); polygons: outlines per class (JSON)"
     ),
 ]
+ToleranceQuery = Annotated[
+    float,
+    Query(ge=0.0, le=mask_formats.MAX_TOLERANCE, description="polygons: simplification tolerance, pixels"),
+]
+EXPORTS = ("coco-rle", "polygons")
 Since = Annotated[
     datetime | None, Query(description="only results captured at or after (ISO 8601 or unix seconds)")
 ]
@@ -83,9 +90,16 @@ def _seq_cursor(cursor: str | None) -> int | None:
     return int(cursor)
 
 
-async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Response:
+async def _render(context: ApiContext, result: MaskResult, fmt: Format, tolerance: float = 0.0) -> Response:
     if fmt == "labels":
         return Response(result.labels_png, media_type=render.PNG)
+    if fmt in EXPORTS:
+        key = (result.stream, result.seq, f"{fmt}:{tolerance!r}")
+        body = context.renders.get(key)
+        if body is None:
+            body = await asyncio.to_thread(render.export_json, result, fmt, tolerance)
+            context.renders.put(key, body)
+        return Response(body, media_type="application/json")
     cache_key = (result.stream, result.seq, fmt)
     cached = context.renders.get(cache_key)
     if cached is None:
@@ -105,11 +119,13 @@ async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Respo
     return Response(cached, media_type=render.PNG if fmt == "color" else render.JPEG)
 
 
-async def _mask(context: ApiContext, result: MaskResult | None, fmt: Format, missing: str) -> Response:
+async def _mask(
+    context: ApiContext, result: MaskResult | None, fmt: Format, missing: str, tolerance: float = 0.0
+) -> Response:
     if result is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, missing)
     if fmt != "json":
-        return await _render(context, result, fmt)
+        return await _render(context, result, fmt, tolerance)
     # Encoded once per result and kept, not by FastAPI's generic encoder: this is the hottest route.
     body = context.renders.get((result.stream, result.seq, fmt))
     if body is None:
@@ -124,10 +140,12 @@ async def _mask(context: ApiContext, result: MaskResult | None, fmt: Format, mis
     responses=IMAGE_RESPONSES,
     summary="The newest mask result: metadata, or an image (?format=)",
 )
-async def latest_mask(stream_id: VisibleStream, request: Request, format: FormatQuery = "json") -> Response:
+async def latest_mask(
+    stream_id: VisibleStream, request: Request, format: FormatQuery = "json", tolerance: ToleranceQuery = 0.0
+) -> Response:
     context = app_context(request)
     result = await context.queries.latest(stream_id)
-    return await _mask(context, result, format, f"stream {stream_id!r} has no result yet")
+    return await _mask(context, result, format, f"stream {stream_id!r} has no result yet", tolerance)
 
 
 @router.get("", response_model=StreamList, summary="The streams the caller may see, newest activity first")
@@ -191,9 +209,11 @@ async def frame_mask(
     frame: Annotated[int, Path(ge=0, description="the frame's seq")],
     context: Context,
     format: FormatQuery = "json",
+    tolerance: ToleranceQuery = 0.0,
 ) -> Response:
     result = await context.store.get(stream_id, frame)
-    return await _mask(context, result, format, f"stream {stream_id!r} has no result for frame {frame}")
+    missing = f"stream {stream_id!r} has no result for frame {frame}"
+    return await _mask(context, result, format, missing, tolerance)
 
 
 @router.get(
