@@ -34,7 +34,7 @@ from services.api.cluster import ClusterUnavailableError, ClusterView
 from services.api.deps import ApiContext, CurrentKey
 from services.api.metrics import REDIS_ERRORS, RequestMetrics
 from services.api.queries import StreamQueries
-from services.api.routes import cluster, dashboard, devices, health, search, streams
+from services.api.routes import alerts, cluster, dashboard, devices, health, search, streams
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(streams.router)
     app.include_router(search.router)
+    app.include_router(alerts.router)
     app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(dashboard.router)
