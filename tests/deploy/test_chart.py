@@ -464,7 +464,7 @@ def test_ingress_and_service_monitors(ci_objs: list[Obj]) -> None:
     monitors = {
         m["metadata"]["labels"]["app.kubernetes.io/component"]: m for m in by_kind(ci_objs, "ServiceMonitor")
     }
-    assert set(monitors) == {"gateway", "worker", "api"}
+    assert set(monitors) == {"gateway", "worker", "api", "alerts"}
     services = by_kind(ci_objs, "Service")
     for component, monitor in monitors.items():
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
