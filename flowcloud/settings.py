@@ -165,6 +165,9 @@ class WorkerSettings(ServiceSettings):
     drain_timeout: float = Field(20.0, gt=0, description="seconds to finish the batch in flight on SIGTERM")
     results_max_per_stream: int = Field(10_000, ge=1, description="results kept per stream")
     results_ttl: int = Field(86_400, ge=60, description="seconds a result is kept")
+    results_tenant_max_bytes: int = Field(
+        0, ge=0, description="bytes of results each tenant may keep; the oldest go first (0: no budget)"
+    )
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     compile_mode: CompileMode = Field(

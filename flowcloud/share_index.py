@@ -81,8 +81,11 @@ def index_call(
     shares: Mapping[int, float],
     fields: Mapping[str, str | bytes],
     ttl: int,
+    tenant: str | None = None,
+    size: int = 0,
 ) -> tuple[list[str], list[str | bytes]]:
-    """The KEYS and ARGV of ``results.INDEX_SCRIPT`` for one result."""
+    """The KEYS and ARGV of ``results.INDEX_SCRIPT`` for one result; with a tenant, its ``size``
+    is accounted to the tenant's memory budget."""
     named = class_names(label_set, shares)
     index_keys: list[str] = []
     per_class: list[str | bytes] = []
@@ -96,6 +99,8 @@ def index_call(
         keys.share_buckets(stream, bucket_of(capture_ts)),
         keys.class_indexes(stream),
         keys.RESULTS_STREAM,
+        keys.tenant_memory(tenant or "-"),
+        keys.tenant_usage(tenant or "-"),
         *index_keys,
     ]
     args: list[str | bytes] = [
@@ -107,6 +112,8 @@ def index_call(
         str(RESULTS_STREAM_MAXLEN),
         json.dumps(named),
         stream,
+        str(size),
+        "1" if tenant else "0",
         *per_class,
     ]
     return script_keys, args
