@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import cast
 
 from redis.asyncio import Redis
 from support.api import describe_stream, share_result
@@ -26,7 +27,7 @@ def _results(stream: str, count: int, offset: float, seed: int) -> list[MaskResu
 
 async def _stored(redis: Redis, stream: str) -> dict[int, int]:
     """seq -> bytes (metadata and label map) of a stream's stored results."""
-    seqs = [int(s) for s in await redis.zrange(keys.mask_index(stream), 0, -1)]
+    seqs = [int(s) for s in cast(list[bytes], await redis.zrange(keys.mask_index(stream), 0, -1))]
     pipe = redis.pipeline(transaction=False)
     for seq in seqs:
         pipe.hstrlen(keys.mask(stream, seq), "meta")
