@@ -10,7 +10,14 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ("bench.protocol", "bench.gateway", "bench.worker", "bench.api", "bench.training")
+BENCHMARKS = (
+    "bench.protocol",
+    "bench.gateway",
+    "bench.worker",
+    "bench.api",
+    "bench.training",
+    "bench.results",
+)
 
 
 def main() -> int:
