@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 
 
+class _Stopped(Exception):
+    """Raised in the service's task group on SIGTERM: cancels the loops wherever they wait."""
+
+
 def default_name() -> str:
     import os
     import socket
@@ -66,9 +70,14 @@ class AlertService:
             log.info(
                 "alerts %s: evaluating %s, delivering %s", self.name, keys.RESULTS_STREAM, keys.FIRINGS_STREAM
             )
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._loop("evaluate", self.evaluator.step))
-                tg.create_task(self._loop("deliver", self.deliverer.step))
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._loop("evaluate", self.evaluator.step))
+                    tg.create_task(self._loop("deliver", self.deliverer.step))
+                    tg.create_task(self._stopped())
+            except* _Stopped:
+                pass  # what was read and not acknowledged stays pending for the next evaluator
+            log.info("alerts %s: stopped after %d results", self.name, self.evaluator.evaluated)
             return 0
         finally:
             self.ready = False
@@ -76,6 +85,10 @@ class AlertService:
                 loop.remove_signal_handler(sig)
             await self.deliverer.close()
             await self.redis.aclose()  # type: ignore[attr-defined,unused-ignore]
+
+    async def _stopped(self) -> None:
+        await self._stop.wait()
+        raise _Stopped
 
     async def _start(self) -> None:
         await self.evaluator.start()

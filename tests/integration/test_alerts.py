@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -173,6 +174,8 @@ def test_each_firing_reaches_the_webhook_once_signed_and_is_listed(api: Api, tmp
         text = proc.metrics()
         assert metric(text, "flowcloud_alerts_firings_total") == len(expected) + len(recorded)
         assert metric(text, 'flowcloud_alerts_webhook_deliveries_total{outcome="ok"}') == len(expected)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0  # stops at once, even while blocked on a read
     # Readers cannot manage rules.
     reply = api.client.get("/alerts/rules", headers={"Authorization": f"Bearer {reader}"})
     assert reply.status_code == 403
