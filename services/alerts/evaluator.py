@@ -91,14 +91,20 @@ class Evaluator:
     """Reads results in batches, evaluates the rules that apply, acknowledges."""
 
     def __init__(
-        self, redis: Redis, consumer: str, batch_size: int, claim_idle_ms: int, cache_seconds: float
-    ):
+        self,
+        redis: Redis,
+        consumer: str,
+        batch_size: int,
+        claim_idle_ms: int,
+        cache_seconds: float,
+        control: Redis | None = None,
+    ) -> None:
         self.redis = redis
         self.consumer = consumer
         self.batch_size = batch_size
         self.claim_idle_ms = claim_idle_ms
         self.cache_seconds = cache_seconds
-        self.rules = RuleStore(redis)
+        self.rules = RuleStore(control or redis)  # rules live in the control plane
         self._script = redis.register_script(EVALUATE_SCRIPT)
         self._tenants: dict[str, tuple[float, str | None]] = {}
         self._rules: dict[str, tuple[float, list[AlertRule]]] = {}

@@ -39,8 +39,17 @@ class AlertService:
         self.settings = settings
         self.name = settings.name or default_name()
         self.redis = Redis.from_url(settings.redis_url)
+        # Rules are control plane (devices, keys, rules: small, durable); results and firings are data.
+        self.control = (
+            Redis.from_url(settings.control_url) if settings.control_url != settings.redis_url else self.redis
+        )
         self.evaluator = Evaluator(
-            self.redis, self.name, settings.batch_size, settings.claim_idle_ms, settings.rules_cache_seconds
+            self.redis,
+            self.name,
+            settings.batch_size,
+            settings.claim_idle_ms,
+            settings.rules_cache_seconds,
+            control=self.control,
         )
         self.deliverer = WebhookDeliverer(
             self.redis,
@@ -84,7 +93,8 @@ class AlertService:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.deliverer.close()
-            await self.redis.aclose()  # type: ignore[attr-defined,unused-ignore]
+            for client in {id(c): c for c in (self.redis, self.control)}.values():
+                await client.aclose()  # type: ignore[attr-defined,unused-ignore]
 
     async def _stopped(self) -> None:
         await self._stop.wait()

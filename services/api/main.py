@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import __version__
+from flowcloud.alerts import RuleStore
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
@@ -107,6 +108,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             apikeys=apikeys,
             auth=Authenticator(apikeys, admin, settings.auth_cache_seconds),
             registry=DeviceRegistry(control),
+            rules=RuleStore(control),
             cluster=cluster_view(settings),
         )
         log.info("query API starting: %s", settings.describe())

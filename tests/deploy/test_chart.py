@@ -267,8 +267,10 @@ def test_commands_and_env_match_the_cli_and_settings(rendered: list[Obj]) -> Non
         from_cm = {n for r in c["envFrom"] for n in configmaps[r["configMapRef"]["name"]]}
         assert all(n.startswith(prefix) for n in from_cm), f"{component} gets another service's settings"
         assert "FLOWCLOUD_REDIS_URL" in env
-        # Devices and keys come from the control plane; the workers never read them.
-        assert ("FLOWCLOUD_CONTROL_REDIS_URL" in env) == (component in ("gateway", "api")), component
+        # Devices, keys and alert rules come from the control plane; the workers never read them.
+        assert ("FLOWCLOUD_CONTROL_REDIS_URL" in env) == (component in ("gateway", "api", "alerts")), (
+            component
+        )
 
 
 def test_ports_match_the_service_contract(default_objs: list[Obj]) -> None:

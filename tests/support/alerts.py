@@ -105,10 +105,13 @@ def _ready(port: int) -> bool:
 
 
 @contextmanager
-def running_alerts(redis_url: str, name: str, log_dir: Path, *extra: str) -> Iterator[AlertsProcess]:
+def running_alerts(
+    redis_url: str, name: str, log_dir: Path, *extra: str, control_url: str | None = None
+) -> Iterator[AlertsProcess]:
     """A real `flowcloud alerts` process, ready when the block starts; killed at exit if still running."""
     port = free_port()
     log_path = log_dir / f"{name}.log"
+    control = {"FLOWCLOUD_CONTROL_REDIS_URL": control_url} if control_url else {}
     command = flowcloud(
         "alerts", "--redis-url", redis_url, "--name", name, "--metrics-port", str(port), *extra
     )
@@ -118,7 +121,11 @@ def running_alerts(redis_url: str, name: str, log_dir: Path, *extra: str) -> Ite
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                **control,
+            },
         )
         proc.log_path = log_path
         proc.metrics_port = port

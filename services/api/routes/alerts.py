@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 
 from flowcloud import alerts, keys
-from flowcloud.alerts import RuleError, RuleStore
+from flowcloud.alerts import RuleError
 from services.api.apikeys import ALL_TENANTS, ApiKey
 from services.api.deps import STREAM_ID_PATTERN, AdminKey, Context, CurrentKey
 from services.api.schemas import (
@@ -56,7 +56,7 @@ async def add_rule(body: AlertRuleCreate, context: Context, admin: AdminKey) -> 
     if body.stream is not None and not keys.is_identifier(body.stream):
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"stream must be {keys.IDENTIFIER_RULE}")
     try:
-        rule = await RuleStore(context.redis).add(
+        rule = await context.rules.add(
             tenant=body.tenant or admin.tenant,
             class_name=body.class_name,
             op=body.op,
@@ -74,9 +74,8 @@ async def add_rule(body: AlertRuleCreate, context: Context, admin: AdminKey) -> 
 
 @router.get("/rules", response_model=AlertRuleList, responses=ERRORS, summary="Alert rules (admin keys)")
 async def list_rules(context: Context, admin: AdminKey, tenant: TenantQuery = None) -> dict[str, Any]:
-    store = RuleStore(context.redis)
-    tenants = [tenant] if tenant else await store.tenants()
-    return {"items": [r.public() for t in tenants for r in await store.rules(t)]}
+    tenants = [tenant] if tenant else await context.rules.tenants()
+    return {"items": [r.public() for t in tenants for r in await context.rules.rules(t)]}
 
 
 @router.delete(
@@ -91,7 +90,7 @@ async def delete_rule(
     admin: AdminKey,
     tenant: Annotated[str, Query(pattern=STREAM_ID_PATTERN, description="the rule's tenant")],
 ) -> None:
-    if not await RuleStore(context.redis).delete(tenant, rule_id):
+    if not await context.rules.delete(tenant, rule_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rule {rule_id!r} in tenant {tenant!r}")
 
 
@@ -108,7 +107,7 @@ async def list_firings(
 ) -> dict[str, Any]:
     tenants = _tenants_of(key, tenant)
     if tenants is None:
-        tenants = await RuleStore(context.redis).tenants()
+        tenants = await context.rules.tenants()
     items: list[dict[str, Any]] = []
     for one in tenants:
         items += await alerts.firings(context.redis, one, limit, since, stream)
