@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from redis.asyncio import Redis
 
 from flowcloud import keys
+from flowcloud.replies import text
 
 Op = Literal["above", "below"]
 OPS: tuple[Op, ...] = ("above", "below")
@@ -135,7 +136,7 @@ class RuleStore:
 
     async def tenants(self) -> list[str]:
         found = cast(set[bytes], await self.redis.smembers(keys.ALERT_TENANTS))
-        return sorted(t.decode() for t in found)
+        return sorted(text(t) for t in found)
 
     async def get(self, tenant: str, rule_id: str) -> AlertRule | None:
         raw = await self.redis.hget(keys.alert_rules(tenant), rule_id)

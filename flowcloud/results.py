@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from flowcloud import keys, share_index
 from flowcloud.labels import LabelSet
+from flowcloud.replies import text
 
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
@@ -238,7 +239,7 @@ class MaskStore:
             for stream in stale:
                 pipe.hget(keys.stream_meta(stream), keys.M_TENANT)
             for stream, raw in zip(stale, await pipe.execute(), strict=True):
-                tenant = raw.decode() if isinstance(raw, bytes) else raw
+                tenant = text(raw) if raw is not None else None
                 self._tenants[stream] = (now + TENANT_CACHE_SECONDS, tenant)
         return {s: self._tenants[s][1] for s in streams}
 

@@ -20,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule, RuleStore
+from flowcloud.replies import text
 
 from . import metrics
 
@@ -208,7 +209,7 @@ class Evaluator:
         if cached is not None and cached[0] > now:
             return cached[1]
         raw = await self.redis.hget(keys.stream_meta(stream), keys.M_TENANT)
-        tenant = raw.decode() if isinstance(raw, bytes) else raw
+        tenant = text(raw) if raw is not None else None
         self._tenants[stream] = (now + self.cache_seconds, tenant)
         return tenant
 

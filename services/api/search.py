@@ -17,9 +17,9 @@ from redis.asyncio import Redis
 
 from flowcloud import keys, share_index
 from flowcloud.labels import LABEL_SETS
+from flowcloud.replies import text
 from flowcloud.results import MaskResult, MaskStore
 from services.api.apikeys import ALL_TENANTS, ApiKey
-from services.api.replies import text
 
 MAX_STREAMS = 1000  # streams a search spans at most (newest activity first)
 INDEX_CHUNK = 64  # index entries read per stream and round trip at least
