@@ -17,6 +17,7 @@ BENCHMARKS = (
     "bench.api",
     "bench.training",
     "bench.latency",
+    "bench.results",
 )
 
 

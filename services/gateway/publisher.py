@@ -72,6 +72,7 @@ class FramePublisher:
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
         self._trimmed: Counter[str] = Counter()  # stream -> unread frames trimmed, still to add to its hash
         self.queue = FrameQueue(redis)
+        self._tenants: dict[str, str] = {}  # stream -> tenant, for the per-tenant stream index
         self._last_seq: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -93,6 +94,8 @@ class FramePublisher:
         """Fields of the stream's metadata hash (`StreamMeta.to_fields`), written with the next batch
         (retried until written)."""
         self._meta.setdefault(stream, {}).update(fields)
+        if keys.M_TENANT in fields:
+            self._tenants[stream] = fields[keys.M_TENANT]
         self._wakeup.set()
 
     def last_seq(self, stream: str) -> int:
@@ -188,7 +191,10 @@ class FramePublisher:
             meta.setdefault(stream, {}).update(StreamMeta(last_seen=now).to_fields())
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
-            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, now))})
+            seen = float(fields.get(keys.M_LAST_SEEN, now))
+            pipe.zadd(keys.STREAMS_INDEX, {stream: seen})
+            if stream in self._tenants:  # a reader's /streams reads only its tenant's index
+                pipe.zadd(keys.tenant_streams(self._tenants[stream]), {stream: seen})
         trimmed, self._trimmed = self._trimmed, Counter()
         for stream, count in trimmed.items():
             pipe.hincrby(keys.stream_meta(stream), keys.M_TRIMMED_UNREAD, count)

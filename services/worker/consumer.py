@@ -130,7 +130,12 @@ class Worker:
         self.policy = FramePolicy(settings.mode, settings.max_frame_age)
         # Frame ages and result times on Redis's clock, as the gateway's are (flowcloud.clock).
         self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
-        self.store = MaskStore(self.redis, settings.results_max_per_stream, settings.results_ttl)
+        self.store = MaskStore(
+            self.redis,
+            settings.results_max_per_stream,
+            settings.results_ttl,
+            settings.results_tenant_max_bytes,
+        )
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.stop = asyncio.Event()
         self.ready = False
