@@ -17,6 +17,8 @@ BENCHMARKS = (
     "bench.api",
     "bench.training",
     "bench.edge_spool",
+    "bench.latency",
+    "bench.results",
 )
 
 

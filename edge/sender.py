@@ -322,7 +322,7 @@ class Sender:
                 packets = self.packetizer.packetize(
                     item.nals,
                     self._rtp_timestamp(item.capture_time),
-                    capture_time_extension(item.capture_time),
+                    capture_time_extension(item.capture_time, sent=time.time()),  # sent: flowcloud.stages
                 )
                 data = b"".join(frame(bytes(p)) for p in packets)
                 try:

@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 from edge import metrics
 from edge.frames import EncodedFrame, StreamShape
-from flowcloud.protocol.capture_time import capture_time_extension, encode_capture_time
+from flowcloud.protocol.capture_time import SPOOL_CHECKSUM_EXT_ID, capture_time_extension, encode_capture_time
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import DESCRIPTION_SUFFIX, RECORDING_SUFFIX, Rfc4571Decoder, frame
 from flowcloud.protocol.h264 import Depacketizer, Packetizer
@@ -43,7 +43,7 @@ from flowcloud.protocol.rtp import RtpPacket
 
 log = logging.getLogger(__name__)
 
-CHECKSUM_EXT_ID = 2  # RFC 8285 element on an access unit's last packet: CRC-32 (big-endian)
+CHECKSUM_EXT_ID = SPOOL_CHECKSUM_EXT_ID  # on an access unit's last packet: CRC-32 (big-endian)
 SPOOL_MTU = 65_000  # whole access units in few packets; room left for the checksum element
 SENT_SUFFIX = ".sent"
 SEGMENT_NAME = re.compile(r"\d{17}-\d{6}")  # <first capture µs>-<counter>

@@ -31,6 +31,10 @@ class Frame:
     encoding: str
     data: bytes
     backfill: bool = False  # from an edge's spool, after an outage (keys.BACKFILL_FRAMES_STREAM)
+    # Later stage stamps (flowcloud.stages), on the same clock as capture_ts; None: not stamped.
+    sent_ts: float | None = None
+    decoded_ts: float | None = None
+    published_ts: float | None = None
 
     def to_fields(self) -> dict[str, str | int | float | bytes]:
         fields: dict[str, str | int | float | bytes] = {
@@ -45,7 +49,18 @@ class Frame:
         }
         if self.backfill:
             fields[keys.F_BACKFILL] = "1"
+        for name, value in self.stage_stamps().items():
+            if value is not None:
+                fields[name] = repr(value)
         return fields
+
+    def stage_stamps(self) -> dict[str, float | None]:
+        """The stamps after receipt that travel on the entry, by field name."""
+        return {
+            keys.F_SENT_TS: self.sent_ts,
+            keys.F_DECODED_TS: self.decoded_ts,
+            keys.F_PUBLISHED_TS: self.published_ts,
+        }
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes] | dict[str, bytes]) -> Frame:
@@ -62,6 +77,9 @@ class Frame:
                 encoding=f[keys.F_ENCODING].decode(),
                 data=bytes(f[keys.F_DATA]),
                 backfill=f.get(keys.F_BACKFILL) == b"1",
+                sent_ts=_optional_time(f.get(keys.F_SENT_TS)),
+                decoded_ts=_optional_time(f.get(keys.F_DECODED_TS)),
+                published_ts=_optional_time(f.get(keys.F_PUBLISHED_TS)),
             )
         except KeyError as exc:
             raise FrameFormatError(f"frame entry lacks field {exc.args[0]!r}") from None
@@ -76,6 +94,10 @@ class Frame:
     def image(self) -> np.ndarray:
         """The frame as an HxWx3 uint8 RGB array."""
         return decode_image(self.data, self.encoding, self.width, self.height)
+
+
+def _optional_time(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def encode_image(rgb: np.ndarray, encoding: str = "jpeg", quality: int = DEFAULT_JPEG_QUALITY) -> bytes:

@@ -32,6 +32,10 @@ F_STREAM = "stream"
 F_SEQ = "seq"
 F_CAPTURE_TS = "capture_ts"  # edge capture time, mapped to Redis's clock (unix seconds)
 F_RECV_TS = "recv_ts"  # gateway receive time, on Redis's clock (unix seconds)
+# Stage stamps (flowcloud.stages), on Redis's clock; absent from entries of older gateways.
+F_SENT_TS = "sent_ts"  # edge send time, mapped like the capture time (absent: an older edge)
+F_DECODED_TS = "decoded_ts"  # the gateway's decoder gave the picture back
+F_PUBLISHED_TS = "published_ts"  # the gateway wrote the entry
 F_WIDTH = "width"
 F_HEIGHT = "height"
 F_ENCODING = "encoding"
@@ -152,3 +156,74 @@ def worker(name: str) -> str:
 W_STATE = "state"
 W_HEARTBEAT = "heartbeat"  # unix seconds of the last beat
 WORKER_LOADING, WORKER_WARMING, WORKER_READY, WORKER_DRAINING = "loading", "warming", "ready", "draining"
+
+
+# --- result indexes (written by flowcloud.results.MaskStore, read by the query API) ----------
+def tenant_streams(tenant: str) -> str:
+    """Sorted set: the tenant's stream ids -> last seen (a reader's /streams reads only this)."""
+    return f"{PREFIX}:tenant:{tenant}:streams"
+
+
+def class_index(stream_id: str, class_name: str, level: int) -> str:
+    """Sorted set: results whose share of the class is at least share_index.LEVELS[level]:
+    member "<seq>:<share>", score capture_ts."""
+    return f"{PREFIX}:stream:{stream_id}:class:{class_name}:{level}"
+
+
+def class_indexes(stream_id: str) -> str:
+    """Set: the class_index keys a stream has (what retention trims)."""
+    return f"{PREFIX}:stream:{stream_id}:classes"
+
+
+def share_buckets(stream_id: str, minute: int) -> str:
+    """Sorted set: per-class share aggregates of one minute of results (share_index.Bucket)."""
+    return f"{PREFIX}:stream:{stream_id}:agg:{minute}"
+
+
+RESULTS_STREAM = f"{PREFIX}:results"  # one entry per new result: what alert evaluators read
+ALERTS_GROUP = "alerts"  # the consumer group of alert evaluators on RESULTS_STREAM
+# Fields of an entry on RESULTS_STREAM.
+R_STREAM = "stream"
+R_SEQ = "seq"
+R_CAPTURE_TS = "capture_ts"
+R_SHARES = "shares"  # JSON: class name -> share
+
+
+def tenant_memory(tenant: str) -> str:
+    """Sorted set: the tenant's results "<stream>:<seq>" -> capture_ts (memory retention order)."""
+    return f"{PREFIX}:tenant:{tenant}:results"
+
+
+def tenant_usage(tenant: str) -> str:
+    """Counter: bytes of the tenant's stored results."""
+    return f"{PREFIX}:tenant:{tenant}:result-bytes"
+
+
+# --- alerts (services/alerts, services/api/routes/alerts.py) ---------------------------------
+def alert_rules(tenant: str) -> str:
+    """Hash: rule id -> rule JSON (services.alerts.rules.AlertRule)."""
+    return f"{PREFIX}:tenant:{tenant}:alert-rules"
+
+
+ALERT_TENANTS = f"{PREFIX}:alert-tenants"  # set of tenants that have rules
+
+
+def alert_state(rule_id: str, stream_id: str) -> str:
+    """Hash: one rule's evaluation state on one stream (last seq, run start, last firing)."""
+    return f"{PREFIX}:alert:{rule_id}:state:{stream_id}"
+
+
+def alert_firing(firing_id: str) -> str:
+    """Hash: one firing and its webhook delivery status."""
+    return f"{PREFIX}:firing:{firing_id}"
+
+
+def tenant_firings(tenant: str) -> str:
+    """Sorted set: the tenant's firing ids -> firing time (what the API lists)."""
+    return f"{PREFIX}:tenant:{tenant}:firings"
+
+
+FIRINGS_STREAM = f"{PREFIX}:firings"  # firings to deliver; consumer group WEBHOOK_GROUP
+WEBHOOK_GROUP = "webhooks"
+WEBHOOK_DEAD_LETTER = f"{PREFIX}:firings:dead"  # firings whose webhook failed every try
+FI_ID = "id"  # field of a FIRINGS_STREAM entry: the firing id

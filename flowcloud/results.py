@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image
+from prometheus_client import Counter
 
-from flowcloud import keys
+from flowcloud import keys, share_index
 from flowcloud.labels import LabelSet
+from flowcloud.replies import text
+from flowcloud.stages import durations, stamps_of
 
 if TYPE_CHECKING:  # the edge's fallback model writes results without the redis package installed
     from redis.asyncio import Redis
@@ -26,6 +30,96 @@ PRODUCER_CLOUD = "cloud"
 PRODUCER_EDGE = "edge"  # the edge's fallback model, while the cloud was unreachable
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
+
+# One result, its indexes, its minute aggregate and its results-stream event, all or nothing, and
+# only when the frame has no result yet (flowcloud.share_index describes the layout).
+# KEYS: result hash, mask index, minute aggregate, class-index registry, results stream, tenant's
+# results by age, tenant's bytes, then one class-index key per (class, level reached), in ARGV's
+# class order.
+# ARGV: meta, label PNG, ttl, seq, capture_ts, results-stream maxlen, shares by name (JSON),
+# stream, size in bytes, account (1: the tenant has a memory budget), then (name, share, levels
+# reached) per class.
+INDEX_SCRIPT = f"""
+if redis.call('HSETNX', KEYS[1], '{META_FIELD}', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], '{LABELS_FIELD}', ARGV[2])
+local ttl = tonumber(ARGV[3])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[4])
+local ts = ARGV[5]
+local agg = KEYS[3]
+redis.call('ZINCRBY', agg, 1, '{share_index.AGG_COUNT}')
+redis.call('ZADD', agg, 'LT', ts, '{share_index.AGG_FIRST}')
+redis.call('ZADD', agg, 'GT', ts, '{share_index.AGG_LAST}')
+redis.call('EXPIRE', agg, ttl)
+if ARGV[10] == '1' then
+  redis.call('ZADD', KEYS[6], ts, ARGV[8] .. ':' .. ARGV[4] .. ':' .. ARGV[9])
+  redis.call('INCRBY', KEYS[7], ARGV[9])
+end
+local k = 8
+local a = 11
+while a <= #ARGV do
+  local name, share, reached = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  redis.call('ZINCRBY', agg, share, '{share_index.AGG_SUM}' .. name)
+  redis.call('ZADD', agg, 'GT', share, '{share_index.AGG_MAX}' .. name)
+  for level = 0, reached - 1 do
+    redis.call('ZINCRBY', agg, 1, '{share_index.AGG_ABOVE}' .. name .. ':' .. level)
+    redis.call('ZADD', KEYS[k], ts, ARGV[4] .. ':' .. share)
+    redis.call('EXPIRE', KEYS[k], ttl)
+    redis.call('SADD', KEYS[4], KEYS[k])
+    k = k + 1
+  end
+  a = a + 3
+end
+redis.call('EXPIRE', KEYS[4], ttl)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', '{keys.R_STREAM}', ARGV[8], '{keys.R_SEQ}', ARGV[4],
+  '{keys.R_CAPTURE_TS}', ts, '{keys.R_SHARES}', ARGV[7])
+return 1
+"""
+
+# Removes results from a tenant's memory accounting and from Redis, once each (concurrent evictors
+# free each result's bytes once). KEYS: tenant's results by age, tenant's bytes, then per result
+# its hash and its stream's mask index. ARGV per result: member, seq, size. Returns [results, bytes].
+EVICT_SCRIPT = """
+local n, freed = 0, 0
+for i = 1, #ARGV, 3 do
+  local k = 3 + (i - 1) / 3 * 2
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    redis.call('DEL', KEYS[k])
+    redis.call('ZREM', KEYS[k + 1], ARGV[i + 1])
+    redis.call('DECRBY', KEYS[2], ARGV[i + 2])
+    n = n + 1
+    freed = freed + tonumber(ARGV[i + 2])
+  end
+end
+return {n, freed}
+"""
+EVICT_CHUNK = 256  # results evicted per round trip at most
+TENANT_CACHE_SECONDS = 30.0  # a stream's tenant is read again after this long
+
+EVICTED = Counter(
+    "flowcloud_results_evicted_total",
+    "Results removed before their TTL, by reason: count (per-stream bound) or memory (tenant budget)",
+    ["reason"],
+)
+EVICTED_BYTES = Counter(
+    "flowcloud_results_evicted_bytes_total",
+    "Bytes (metadata and label map) of the results evicted",
+    ["reason"],
+)
+for _reason in ("count", "memory"):
+    EVICTED.labels(_reason)
+    EVICTED_BYTES.labels(_reason)
+
+
+def memory_member(stream: str, seq: int, size: int) -> str:
+    """A result in its tenant's age index: what eviction needs without reading it."""
+    return f"{stream}:{seq}:{size}"
+
+
+def parse_memory_member(raw: bytes | str) -> tuple[str, int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    stream, seq, size = text.rsplit(":", 2)
+    return stream, int(seq), int(size)
 
 
 def encode_label_map(class_map: np.ndarray, label_set: LabelSet) -> bytes:
@@ -63,23 +157,33 @@ class MaskResult:
     labels_png: bytes = b""
     backfill: bool = False  # the frame came through the backfill lane (spooled during an outage)
     producer: str = PRODUCER_CLOUD  # who made the mask: the cloud's workers, or the edge's fallback
+    # The other stage stamps (flowcloud.stages); None on results of older services.
+    sent_ts: float | None = None
+    decoded_ts: float | None = None
+    published_ts: float | None = None
+    read_ts: float | None = None
 
     @property
     def latency(self) -> float:
         """Capture to persisted, in seconds (both on Redis's clock: `flowcloud.clock`)."""
         return self.persisted_ts - self.capture_ts
 
+    def stages(self) -> dict[str, float | None]:
+        """Seconds spent in each stage from capture to persisted (`flowcloud.stages.STAGES`)."""
+        return durations(stamps_of(self))
+
     def metadata(self) -> dict[str, Any]:
-        """Everything but the PNG, JSON-ready."""
+        """Everything but the PNG, JSON-ready, with the derived latency and stages."""
         meta = asdict(self)
         del meta["labels_png"]
         meta["shares"] = {str(k): v for k, v in self.shares.items()}
         meta["latency"] = self.latency
+        meta["stages"] = self.stages()
         return meta
 
     def to_fields(self) -> dict[str, str | bytes]:
         meta = self.metadata()
-        del meta["latency"]
+        del meta["latency"], meta["stages"]
         return {META_FIELD: json.dumps(meta), LABELS_FIELD: self.labels_png}
 
     @classmethod
@@ -91,39 +195,150 @@ class MaskResult:
 
 
 class MaskStore:
-    """Results in Redis: a hash per frame plus a per-stream index sorted by sequence number."""
+    """Results in Redis: a hash per frame, a per-stream index sorted by sequence number, and the
+    class-share indexes of ``flowcloud.share_index``."""
 
-    def __init__(self, redis: Redis, max_per_stream: int = 10_000, ttl_seconds: int = 24 * 3600) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        max_per_stream: int = 10_000,
+        ttl_seconds: int = 24 * 3600,
+        tenant_max_bytes: int = 0,
+    ) -> None:
         self.redis = redis
         self.max_per_stream = max_per_stream
         self.ttl_seconds = ttl_seconds
+        self.tenant_max_bytes = tenant_max_bytes  # 0: no memory budget
+        self._index = redis.register_script(INDEX_SCRIPT)
+        self._evict = redis.register_script(EVICT_SCRIPT)
+        self._tenants: dict[str, tuple[float, str | None]] = {}
 
-    async def put_many(self, results: list[MaskResult]) -> None:
-        """Persist results in one round trip, then trim each touched stream to its bound."""
+    async def put_many(self, results: list[MaskResult]) -> int:
+        """Persist and index results in one round trip, then trim each touched stream to its
+        bound. A frame that already has a result keeps it (at-least-once delivery writes the same
+        frame again). Returns how many results were new."""
         if not results:
-            return
+            return 0
+        tenants = await self._tenants_of({r.stream for r in results}) if self.tenant_max_bytes else {}
         pipe = self.redis.pipeline(transaction=False)
         for result in results:
-            key = keys.mask(result.stream, result.seq)
-            pipe.hset(key, mapping=result.to_fields())  # type: ignore[arg-type]
-            pipe.expire(key, self.ttl_seconds)
-            pipe.zadd(keys.mask_index(result.stream), {str(result.seq): result.seq})
+            fields = result.to_fields()
+            tenant = tenants.get(result.stream)
+            script_keys, args = share_index.index_call(
+                result.stream,
+                result.seq,
+                result.capture_ts,
+                result.label_set,
+                result.shares,
+                fields,
+                self.ttl_seconds,
+                tenant,
+                sum(len(v) for v in fields.values()),
+            )
+            await self._index(keys=script_keys, args=args, client=pipe)  # queued on the pipeline
         streams = sorted({r.stream for r in results})
         for stream in streams:  # the index sizes in the same round trip: trimming is rarely needed
             pipe.zcard(keys.mask_index(stream))
-        sizes = (await pipe.execute())[-len(streams) :]
-        for stream, size in zip(streams, sizes, strict=True):
+        replies = await pipe.execute()
+        for stream, size in zip(streams, replies[len(results) :], strict=True):
             if int(size) > self.max_per_stream:
-                await self._trim(stream, int(size) - self.max_per_stream)
+                await self._trim(stream, int(size) - self.max_per_stream, tenants.get(stream))
+        for tenant in sorted({t for t in tenants.values() if t is not None}):
+            await self.enforce_budget(tenant)
+        return sum(int(r) for r in replies[: len(results)])
 
-    async def _trim(self, stream: str, excess: int) -> None:
-        """Delete the stream's ``excess`` oldest results."""
+    async def _tenants_of(self, streams: set[str]) -> dict[str, str | None]:
+        """Each stream's tenant (as the gateway describes it), cached for TENANT_CACHE_SECONDS."""
+        now = time.monotonic()
+        stale = sorted(s for s in streams if self._tenants.get(s, (0.0, None))[0] <= now)
+        if stale:
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in stale:
+                pipe.hget(keys.stream_meta(stream), keys.M_TENANT)
+            for stream, raw in zip(stale, await pipe.execute(), strict=True):
+                tenant = text(raw) if raw is not None else None
+                self._tenants[stream] = (now + TENANT_CACHE_SECONDS, tenant)
+        return {s: self._tenants[s][1] for s in streams}
+
+    async def tenant_usage(self, tenant: str) -> int:
+        """Bytes of the tenant's results, as accounted while a budget is set."""
+        return int(await self.redis.get(keys.tenant_usage(tenant)) or 0)
+
+    async def enforce_budget(self, tenant: str) -> int:
+        """Evict the tenant's oldest results until its bytes fit the budget; how many went."""
+        evicted = 0
+        while (usage := await self.tenant_usage(tenant)) > self.tenant_max_bytes:
+            oldest = cast(
+                list[tuple[bytes, float]],
+                await self.redis.zrange(keys.tenant_memory(tenant), 0, EVICT_CHUNK - 1, withscores=True),
+            )
+            if not oldest:
+                await self.redis.set(keys.tenant_usage(tenant), 0)  # nothing left to account for
+                break
+            chosen, freeing = [], 0
+            for member, _score in oldest:
+                chosen.append(member)
+                freeing += parse_memory_member(member)[2]
+                if usage - freeing <= self.tenant_max_bytes:
+                    break
+            count, _freed = await self._evict_members(tenant, chosen, "memory")
+            await self._trim_indexes({parse_memory_member(m)[0]: s for m, s in oldest[: len(chosen)]})
+            evicted += count
+        return evicted
+
+    async def _evict_members(self, tenant: str, members: list[bytes], reason: str) -> tuple[int, int]:
+        script_keys = [keys.tenant_memory(tenant), keys.tenant_usage(tenant)]
+        args: list[bytes | str | int] = []
+        for member in members:
+            stream, seq, size = parse_memory_member(member)
+            script_keys += [keys.mask(stream, seq), keys.mask_index(stream)]
+            args += [member, seq, size]
+        count, freed = await self._evict(keys=script_keys, args=args)
+        EVICTED.labels(reason).inc(int(count))
+        EVICTED_BYTES.labels(reason).inc(int(freed))
+        return int(count), int(freed)
+
+    async def _trim_indexes(self, cutoffs: dict[str, float]) -> None:
+        """Drop class-index entries captured at or before each stream's cutoff."""
+        pipe = self.redis.pipeline(transaction=False)
+        streams = sorted(cutoffs)
+        for stream in streams:
+            pipe.smembers(keys.class_indexes(stream))
+        registries = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, class_keys in zip(streams, registries, strict=True):
+            for class_key in class_keys:
+                pipe.zremrangebyscore(class_key, "-inf", cutoffs[stream])
+        await pipe.execute()
+
+    async def _trim(self, stream: str, excess: int, tenant: str | None = None) -> None:
+        """Delete the stream's ``excess`` oldest results (and their bytes from the tenant's
+        account), and their class-index entries (by capture time: up to the newest one deleted)."""
         index = keys.mask_index(stream)
         old = cast(list[bytes], await self.redis.zrange(index, 0, excess - 1))
+        if not old:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.mask(stream, int(old[-1])), META_FIELD)
+        for seq in old:
+            pipe.hstrlen(keys.mask(stream, int(seq)), META_FIELD)
+            pipe.hstrlen(keys.mask(stream, int(seq)), LABELS_FIELD)
+        newest_meta, *sizes = await pipe.execute()
+        if tenant is not None:
+            members = [
+                memory_member(stream, int(seq), int(meta) + int(png))
+                for seq, meta, png in zip(old, sizes[0::2], sizes[1::2], strict=True)
+            ]
+            await self._evict_members(tenant, [m.encode() for m in members], "count")
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))
         pipe.zrem(index, *old)
         await pipe.execute()
+        if tenant is None:  # else counted by _evict_members
+            EVICTED.labels("count").inc(len(old))
+            EVICTED_BYTES.labels("count").inc(sum(int(n) for n in sizes))
+        if newest_meta is not None:  # else expired already: its index entries go with their keys' TTL
+            await self._trim_indexes({stream: float(json.loads(newest_meta)["capture_ts"])})
 
     async def get(self, stream: str, seq: int, labels: bool = True) -> MaskResult | None:
         (result,) = await self.get_many([(stream, seq)], labels)

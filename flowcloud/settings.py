@@ -170,6 +170,9 @@ class WorkerSettings(ServiceSettings):
     drain_timeout: float = Field(20.0, gt=0, description="seconds to finish the batch in flight on SIGTERM")
     results_max_per_stream: int = Field(10_000, ge=1, description="results kept per stream")
     results_ttl: int = Field(86_400, ge=60, description="seconds a result is kept")
+    results_tenant_max_bytes: int = Field(
+        0, ge=0, description="bytes of results each tenant may keep; the oldest go first (0: no budget)"
+    )
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")
     compile_mode: CompileMode = Field(
@@ -244,6 +247,36 @@ class ApiSettings(ServiceSettings):
         None, description="the workers' Deployment (its replicas and the autoscaler that scales it)"
     )
     cluster_gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of a GPU")
+
+
+class AlertsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_ALERTS_")  # the rest from ServiceSettings
+
+    name: str | None = Field(None, description="consumer name (default: hostname-pid)")
+    batch_size: int = Field(256, ge=1, le=10_000, description="results evaluated per read at most")
+    poll_ms: int = Field(
+        500, ge=10, le=10_000, description="longest blocking read, so SIGTERM is seen quickly"
+    )
+    claim_idle_ms: int = Field(
+        30_000,
+        ge=100,
+        description="take over results and deliveries another evaluator left pending this long",
+    )
+    rules_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="how long rules and stream tenants are trusted before Redis is asked again",
+    )
+    webhook_timeout: float = Field(5.0, gt=0, le=60, description="seconds a webhook has to answer")
+    webhook_attempts: int = Field(6, ge=1, le=100, description="tries before a firing is dead-lettered")
+    webhook_backoff: float = Field(
+        0.5, gt=0, le=60, description="seconds before the first retry (then doubled)"
+    )
+    webhook_backoff_max: float = Field(60.0, gt=0, le=3600, description="longest wait between two tries")
+    deliveries_in_flight: int = Field(16, ge=1, le=1024, description="webhook deliveries at once at most")
+    dead_letter_maxlen: int = Field(10_000, ge=10, description="approximate MAXLEN of the dead-letter stream")
+    metrics_port: int = Field(9104, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
 
 
 class EdgeSettings(ServiceSettings):

@@ -1,11 +1,11 @@
-"""The one-machine stack: Redis, gateway, worker and API as supervised child processes.
+"""The one-machine stack: Redis, gateway, worker, alert evaluator and API as supervised child processes.
 
 `flowcloud up` and `flowcloud demo` run it; the end-to-end tests use it too. Each service is a
 real `flowcloud <service>` process configured through its ``FLOWCLOUD_*`` settings. Children,
 the embedded redis-server included, run in their own sessions and die with their parent
 (flowcloud.children), so the terminal's Ctrl-C reaches only the supervisor and a killed
 supervisor leaves no orphan. Shutdown goes in data-flow order: the gateway stops taking frames,
-the workers drain what they hold, then the API stops, and Redis last.
+the workers drain what they hold, then the alert evaluator and the API stop, and Redis last.
 
 Every port is checked before anything starts (one line naming the port and its setting when one
 is taken), and a service is ready only when the process the stack started holds the listening
@@ -110,6 +110,9 @@ def _ready(url: str) -> bool:
         return False
 
 
+PORTS = ("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port", "alerts_metrics_port")
+
+
 @dataclass
 class StackConfig:
     data_dir: Path
@@ -118,6 +121,7 @@ class StackConfig:
     api_port: int = 8000
     gateway_metrics_port: int = 9101
     worker_metrics_port: int = 9102
+    alerts_metrics_port: int = 9104
     workers: int = 1
     admin_key: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra FLOWCLOUD_* settings for every service
@@ -125,7 +129,7 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         # Port 0 means "any free port": pick it here, since the stack must know where to look.
-        for name in ("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port"):
+        for name in PORTS:
             number = getattr(self, name)
             if not 0 <= number <= 65535:
                 raise ValueError(f"{name} {number} is not a TCP port (0-65535)")
@@ -142,6 +146,12 @@ class StackConfig:
             Port("the gateway", "FLOWCLOUD_GATEWAY_PORT", self.gateway_port, self.host),
             Port("the gateway's metrics", "FLOWCLOUD_GATEWAY_METRICS_PORT", self.gateway_metrics_port, ANY),
             Port("the API", "FLOWCLOUD_API_PORT", self.api_port, self.host),
+            Port(
+                "the alert evaluator's metrics",
+                "FLOWCLOUD_ALERTS_METRICS_PORT",
+                self.alerts_metrics_port,
+                ANY,
+            ),
         ]
         ports += [
             Port(f"worker-{i}'s metrics", "FLOWCLOUD_WORKER_METRICS_PORT", self.worker_metrics_port + i, ANY)
@@ -168,7 +178,7 @@ class StackConfig:
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs: object) -> StackConfig:
-        ports = dict.fromkeys(("gateway_port", "api_port", "gateway_metrics_port", "worker_metrics_port"), 0)
+        ports = dict.fromkeys(PORTS, 0)
         return cls(data_dir=data_dir, **{**ports, **kwargs})  # type: ignore[arg-type]
 
 
@@ -246,6 +256,15 @@ class Stack:
                     ready_port=port,
                 )
             )
+        services.append(
+            Service(
+                "alerts",
+                ["alerts"],
+                {**common, "FLOWCLOUD_ALERTS_METRICS_PORT": str(c.alerts_metrics_port)},
+                ready_url=f"http://127.0.0.1:{c.alerts_metrics_port}/readyz",
+                ready_port=c.alerts_metrics_port,
+            )
+        )
         services.append(
             Service("api", ["api"], api_env, ready_url=f"{self.api_url}/healthz", ready_port=c.api_port)
         )

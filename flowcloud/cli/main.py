@@ -31,8 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("services.worker.cli", "run a segmentation worker"),
     "api": ("services.api.cli", "run the query API and dashboard"),
     "apikeys": ("services.api.apikeys_cli", "add, list and revoke API keys"),
+    "alerts": ("services.alerts.cli", "evaluate alert rules on new results and deliver webhooks"),
     "up": ("flowcloud.cli.up", "run gateway, worker and API together on this machine"),
     "demo": ("flowcloud.cli.demo", "run the whole pipeline on the synthetic street video"),
+    "link": ("flowcloud.cli.link", "emulate a network link (delay, bandwidth, jitter, outages) to a port"),
 }
 
 

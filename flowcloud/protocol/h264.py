@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flowcloud.protocol.capture_time import CAPTURE_TIME_EXT_ID, decode_capture_time
+from flowcloud.protocol.capture_time import CAPTURE_TIME_EXT_ID, SEND_TIME_EXT_ID, decode_capture_time
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.rtp import RTP_HEADER_SIZE, TIMESTAMP_MODULO, RtpPacket, seq_add, seq_diff
 
@@ -106,12 +106,13 @@ def to_annexb(nals: list[bytes]) -> bytes:
 
 @dataclass
 class AccessUnit:
-    """One coded picture: its NAL units, RTP timestamp and edge capture time (unix seconds)."""
+    """One coded picture: its NAL units, RTP timestamp, edge capture and send times (unix seconds)."""
 
     timestamp: int
     nals: list[bytes]
     keyframe: bool
     capture_time: float | None = None
+    send_time: float | None = None
 
     @property
     def size(self) -> int:
@@ -294,6 +295,7 @@ class _Assembly:
     size: int = 0
     fragment: bytearray | None = None  # the FU-A NAL unit being reassembled
     capture_time: float | None = None
+    send_time: float | None = None
     broken: str | None = None  # drop reason once it cannot be delivered
 
 
@@ -396,6 +398,8 @@ class Depacketizer:
     def _add(self, au: _Assembly, packet: RtpPacket) -> None:
         if au.capture_time is None and CAPTURE_TIME_EXT_ID in packet.extensions:
             au.capture_time = decode_capture_time(packet.extensions[CAPTURE_TIME_EXT_ID])
+        if au.send_time is None and SEND_TIME_EXT_ID in packet.extensions:
+            au.send_time = decode_capture_time(packet.extensions[SEND_TIME_EXT_ID], "send-time")
         units = parse_payload(packet.payload)
         if au.broken is not None:
             return  # the unit is already lost; keep consuming its packets without work
@@ -471,4 +475,4 @@ class Depacketizer:
             return
         self._need_idr = False
         self.access_units += 1
-        self._ready.append(AccessUnit(au.timestamp, au.nals, keyframe, au.capture_time))
+        self._ready.append(AccessUnit(au.timestamp, au.nals, keyframe, au.capture_time, au.send_time))

@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis.asyncio import Redis
 
 from flowcloud import keys
+from flowcloud.alerts import RuleStore
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
@@ -36,6 +37,7 @@ class ApiContext:
     apikeys: ApiKeyStore
     auth: Authenticator
     registry: DeviceRegistry
+    rules: RuleStore  # alert rules, in the control plane
     cluster: ClusterView | None = None  # None: the cluster view is off
     renders: RenderCache = field(default_factory=RenderCache)
     live_clients: int = 0

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import __version__
+from flowcloud.alerts import RuleStore
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
@@ -34,7 +35,7 @@ from services.api.cluster import ClusterUnavailableError, ClusterView
 from services.api.deps import ApiContext, CurrentKey
 from services.api.metrics import REDIS_ERRORS, RequestMetrics
 from services.api.queries import StreamQueries
-from services.api.routes import cluster, dashboard, devices, health, streams
+from services.api.routes import alerts, cluster, dashboard, devices, health, search, streams
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             apikeys=apikeys,
             auth=Authenticator(apikeys, admin, settings.auth_cache_seconds),
             registry=DeviceRegistry(control),
+            rules=RuleStore(control),
             cluster=cluster_view(settings),
         )
         log.info("query API starting: %s", settings.describe())
@@ -145,6 +147,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_exception_handler(RedisError, _internal_error)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(streams.router)
+    app.include_router(search.router)
+    app.include_router(alerts.router)
     app.include_router(health.router)
     app.include_router(devices.router)
     app.include_router(dashboard.router)

@@ -20,6 +20,7 @@ from flowcloud.frames import Frame, FrameFormatError
 from flowcloud.percentile import percentile
 from flowcloud.replies import text
 from flowcloud.results import MaskResult, MaskStore
+from flowcloud.stages import STAGES
 from flowcloud.streams import StreamMeta
 from flowcloud.workers import WorkerHeartbeat
 from services.api.cache import TtlCache
@@ -55,6 +56,29 @@ class LatencySummary:
             max=max(latencies),
             result_fps=(len(times) - 1) / span if span > 0 else None,
         )
+
+
+def stage_summary(results: list[MaskResult]) -> list[dict[str, Any]]:
+    """Each stage's seconds over ``results`` (p50, p95, mean) and its share of the mean latency:
+    the stages' means add up to the mean latency, so the shares say where the time goes."""
+    per_result = [r.stages() for r in results]
+    mean_latency = sum(r.latency for r in results) / len(results) if results else 0.0
+    out = []
+    for stage in STAGES:
+        known = [t for t in (s[stage.name] for s in per_result) if t is not None]
+        mean = sum(known) / len(results) if known else None  # unknown counts as 0: it is in the next
+        out.append(
+            {
+                "name": stage.name,
+                "what": stage.what,
+                "samples": len(known),
+                "p50": percentile(known, 50) if known else None,
+                "p95": percentile(known, 95) if known else None,
+                "mean": mean,
+                "share": mean / mean_latency if mean is not None and mean_latency > 0 else None,
+            }
+        )
+    return out
 
 
 @dataclass

@@ -7,12 +7,14 @@ keyed by (stream, seq, format).
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from threading import Lock
 
 import cv2
 import numpy as np
 
+from flowcloud import mask_formats
 from flowcloud.frames import Frame
 from flowcloud.labels import blend_overlay, get_label_set
 from flowcloud.results import MaskResult, decode_label_map
@@ -57,6 +59,17 @@ def overlay_rgb(result: MaskResult, frame: Frame, alpha: float = OVERLAY_ALPHA) 
 
 def overlay_jpeg(result: MaskResult, frame: Frame) -> bytes:
     return jpeg(overlay_rgb(result, frame))
+
+
+def export_json(result: MaskResult, fmt: str, tolerance: float = 0.0) -> bytes:
+    """The result's label map as COCO RLE (``coco-rle``) or polygons (``polygons``), JSON."""
+    class_map = decode_label_map(result.labels_png)
+    label_set = get_label_set(result.label_set)
+    if fmt == "coco-rle":
+        body = mask_formats.coco_rle(class_map, label_set)
+    else:
+        body = mask_formats.polygons(class_map, label_set, tolerance)
+    return json.dumps({"stream": result.stream, "seq": result.seq, **body}).encode()
 
 
 class RenderCache:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from flowcloud import keys
 from flowcloud.registry import DEFAULT_TENANT
+from flowcloud.stages import STAGES
 
 
 class ErrorBody(BaseModel):
@@ -64,6 +67,15 @@ class MaskBody(BaseModel):
         False, description="the frame was spooled by the edge during an outage and sent after it"
     )
     producer: str = Field("cloud", description="who made the mask: cloud (workers) or edge (fallback model)")
+    sent_ts: float | None = Field(None, description="the edge sent it (absent from older edges)")
+    decoded_ts: float | None = Field(None, description="the gateway had decoded it")
+    published_ts: float | None = Field(None, description="the gateway wrote it to the frames stream")
+    read_ts: float | None = Field(None, description="a worker read it")
+    stages: dict[str, float | None] = Field(
+        description="seconds in each stage, capture to persisted, in order: "
+        + ", ".join(f"{s.name} ({s.what})" for s in STAGES)
+        + "; they sum to latency (null: not stamped, its time is in the next stage)"
+    )
 
 
 class MaskPage(BaseModel):
@@ -82,6 +94,17 @@ class SharePoint(BaseModel):
     capture_ts: float
     latency: float
     shares: dict[str, float]
+    stages: dict[str, float | None] = Field(description="seconds in each stage (as a mask's stages)")
+
+
+class StageBody(BaseModel):
+    name: str
+    what: str = Field(description="what the frame waits for or goes through in this stage")
+    samples: int = Field(description="results in the window that measured this stage")
+    p50: float | None = Field(None, description="seconds, median")
+    p95: float | None = Field(None, description="seconds, 95th percentile")
+    mean: float | None = Field(None, description="seconds, mean over the window (the means add up)")
+    share: float | None = Field(None, description="mean / mean capture-to-persisted latency")
 
 
 class StatsBody(BaseModel):
@@ -90,6 +113,7 @@ class StatsBody(BaseModel):
     classes: list[ClassBody] = Field(description="classes present in the window")
     mean: dict[str, float] = Field(description="class id -> mean share over the points")
     series: list[SharePoint] = Field(description="oldest first")
+    stages: list[StageBody] = Field(description="where the frames' time goes, capture to persisted, in order")
 
 
 class DeviceCreate(BaseModel):
@@ -168,3 +192,89 @@ class ClusterBody(BaseModel):
 
 class WorkerList(BaseModel):
     items: list[dict[str, str | float]] = Field(description="heartbeat fields, name, last_heartbeat")
+
+
+class ClassAggregate(BaseModel):
+    mean: float = Field(description="mean share over the bucket's results (0 where absent)")
+    max: float = Field(description="largest share in the bucket")
+    results_above: int = Field(description="results whose share is at or above the threshold")
+    seconds_above: float = Field(description="time at or above the threshold (results x frame interval)")
+
+
+class AggregateBucket(BaseModel):
+    start: float = Field(description="unix seconds the minute or hour begins")
+    results: int
+    first: float | None = Field(None, description="capture time of the bucket's first result")
+    last: float | None = Field(None, description="capture time of the bucket's last result")
+    classes: dict[str, ClassAggregate] = Field(description="class name -> statistics (present classes)")
+
+
+class AggregateBody(BaseModel):
+    stream: str
+    since: float
+    until: float
+    resolution: str
+    threshold: float
+    buckets: list[AggregateBucket] = Field(description="oldest first; buckets without results are left out")
+
+
+class AlertRuleCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str | None = Field(None, description="the rule's tenant (default: the key's)")
+    stream: str | None = Field(None, description="one stream, or every stream of the tenant when absent")
+    class_name: str = Field(description="a class name of the label set, e.g. person")
+    op: Literal["above", "below"] = Field(description="fire when the share is above or below the threshold")
+    threshold: float = Field(ge=0.0, le=1.0, description="share of the pixels")
+    hold_frames: int = Field(1, ge=1, le=100_000, description="consecutive results the condition must hold")
+    hold_seconds: float = Field(0.0, ge=0, le=86_400, description="capture time the condition must hold")
+    cooldown: float = Field(60.0, ge=0, le=86_400 * 7, description="seconds after a firing before the next")
+    webhook_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://", description="POST each firing here (http or https)"
+    )
+
+
+class AlertRuleBody(BaseModel):
+    id: str
+    tenant: str
+    stream: str | None
+    class_name: str
+    op: str
+    threshold: float
+    hold_frames: int
+    hold_seconds: float
+    cooldown: float
+    webhook_url: str | None
+    created: float
+
+
+class AlertRuleWithSecret(AlertRuleBody):
+    webhook_secret: str = Field(description="HMAC-SHA256 key of the webhook signature; shown only this once")
+
+
+class AlertRuleList(BaseModel):
+    items: list[AlertRuleBody]
+
+
+class FiringBody(BaseModel):
+    id: str
+    rule: str
+    tenant: str
+    stream: str
+    seq: int
+    class_name: str
+    share: float = Field(description="the class's share in the result that fired")
+    op: str
+    threshold: float
+    capture_ts: float = Field(description="capture time of the result that fired")
+    run_start: float = Field(description="capture time the condition began to hold")
+    run_frames: int = Field(description="results the condition had held for")
+    webhook_url: str | None = None
+    status: str = Field(description="pending, delivered, dead (every webhook try failed) or recorded")
+    attempts: int = Field(0, description="webhook tries so far")
+    last_error: str | None = None
+    delivered_ts: float | None = None
+
+
+class FiringList(BaseModel):
+    items: list[FiringBody] = Field(description="newest first")

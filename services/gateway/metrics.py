@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from flowcloud import stages
 from flowcloud.protocol import h264
 
 # Reasons a frame is dropped (label values of FRAMES_DROPPED). The depacketizer's own reasons
@@ -65,6 +66,14 @@ TLS_RELOADS = Counter(
 TLS_CERTIFICATE_EXPIRY = Gauge(
     "flowcloud_gateway_tls_certificate_expiry_timestamp_seconds",
     "notAfter of the TLS certificate served on the device port, as a unix time",
+)
+
+# Capture (edge) to published: edge, network, decode, publish (flowcloud.stages.GATEWAY_STAGES).
+STAGE_SECONDS = Histogram(
+    "flowcloud_gateway_stage_seconds",
+    "Seconds a frame spent in each stage this service measures (flowcloud.stages), on Redis's clock",
+    ["stage"],
+    buckets=stages.BUCKETS,
 )
 
 

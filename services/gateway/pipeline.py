@@ -66,6 +66,7 @@ class UnitTimes:
 
     capture_ts: float  # the edge's capture time mapped by the handshake's offset (else recv_ts)
     recv_ts: float  # when its last bytes were read
+    sent_ts: float | None = None  # the edge's send time mapped the same way (None: an older edge)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,8 @@ class PacketPipeline:
             if au.keyframe:
                 self.want_keyframe = False
             capture_ts = au.capture_time + self.clock_offset if au.capture_time is not None else recv_ts
-            yield ClearedUnit(au.to_annexb(), au.keyframe, UnitTimes(capture_ts, recv_ts))
+            sent_ts = au.send_time + self.clock_offset if au.send_time is not None else None
+            yield ClearedUnit(au.to_annexb(), au.keyframe, UnitTimes(capture_ts, recv_ts, sent_ts))
 
     def _size_allowed(self, au: AccessUnit) -> bool:
         """Check the access unit's SPSs against the size cap; False (counted) when it may not be decoded."""

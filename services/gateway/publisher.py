@@ -38,7 +38,7 @@ from dataclasses import replace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flowcloud import keys
+from flowcloud import keys, stages
 from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue, parse_trim
 from flowcloud.frames import Frame
@@ -79,6 +79,7 @@ class FramePublisher:
         self._trimmed: Counter[str] = Counter()  # stream -> unread frames trimmed, still to add to its hash
         self.queue = FrameQueue(redis)
         self.backfill_queue = FrameQueue(redis, keys.BACKFILL_FRAMES_STREAM)
+        self._tenants: dict[str, str] = {}  # stream -> tenant, for the per-tenant stream index
         self._last_seq: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -100,6 +101,8 @@ class FramePublisher:
         """Fields of the stream's metadata hash (`StreamMeta.to_fields`), written with the next batch
         (retried until written)."""
         self._meta.setdefault(stream, {}).update(fields)
+        if keys.M_TENANT in fields:
+            self._tenants[stream] = fields[keys.M_TENANT]
         self._wakeup.set()
 
     def last_seq(self, stream: str) -> int:
@@ -170,17 +173,23 @@ class FramePublisher:
         backfill_seqs = await take_backfill_seqs(self.redis, spooled) if spooled else {}
         meta, self._meta = self._meta, {}
         pipe = self.redis.pipeline(transaction=False)
+        published_ts = self.clock.now()
+        frames = []
         for pending in batch:
             frame = replace(
                 pending,
                 seq=backfill_seqs[pending.stream].pop(0) if pending.backfill else seqs[pending.stream],
                 capture_ts=pending.capture_ts + offset,  # this machine's clock -> Redis's
                 recv_ts=pending.recv_ts + offset,
+                sent_ts=pending.sent_ts + offset if pending.sent_ts is not None else None,
+                decoded_ts=pending.decoded_ts + offset if pending.decoded_ts is not None else None,
+                published_ts=published_ts,
             )
             entry = frame.to_fields()
             if pending.backfill:  # its own lane; not in the recent window (that is for live overlays)
                 pipe.xadd(keys.BACKFILL_FRAMES_STREAM, entry)  # type: ignore[arg-type]
                 continue
+            frames.append(frame)  # (stage times are live frames': a spooled one waited out an outage)
             seqs[pending.stream] += 1
             pipe.xadd(keys.FRAMES_STREAM, entry)  # type: ignore[arg-type]
             pipe.xadd(
@@ -194,7 +203,10 @@ class FramePublisher:
             meta.setdefault(stream, {}).update(StreamMeta(last_seen=now).to_fields())
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
-            pipe.zadd(keys.STREAMS_INDEX, {stream: float(fields.get(keys.M_LAST_SEEN, now))})
+            seen = float(fields.get(keys.M_LAST_SEEN, now))
+            pipe.zadd(keys.STREAMS_INDEX, {stream: seen})
+            if stream in self._tenants:  # a reader's /streams reads only its tenant's index
+                pipe.zadd(keys.tenant_streams(self._tenants[stream]), {stream: seen})
         trimmed, self._trimmed = self._trimmed, Counter()
         for stream, count in trimmed.items():
             pipe.hincrby(keys.stream_meta(stream), keys.M_TRIMMED_UNREAD, count)
@@ -222,6 +234,8 @@ class FramePublisher:
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(batch)
         metrics.FRAMES_PUBLISHED.inc(len(batch))
+        for frame in frames:
+            stages.observe(metrics.STAGE_SECONDS, stages.stamps_of(frame), stages.GATEWAY_STAGES)
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
     def _count_trimmed(self, lost: list[tuple[str, int]], queue: str, bound: int) -> None:

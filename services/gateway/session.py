@@ -452,6 +452,8 @@ class Session:
                 encoding=self.settings.frame_encoding,
                 data=out.data,
                 backfill=self.is_backfill,
+                sent_ts=times.sent_ts,
+                decoded_ts=time.time(),  # its picture has just come out of the decoder
             )
         )
 

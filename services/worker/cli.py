@@ -71,6 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     option("--drain-timeout", type=float, metavar="SECONDS")
     option("--results-max-per-stream", type=int)
     option("--results-ttl", type=int, metavar="SECONDS")
+    option("--results-tenant-max-bytes", type=int, metavar="BYTES")
     option("--dead-letter-maxlen", type=int)
     option("--heartbeat-interval", type=float, metavar="SECONDS")
     option("--poll-ms", type=int)

@@ -48,7 +48,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flowcloud import keys
+from flowcloud import keys, stages
 from flowcloud.clock import RedisClock
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
@@ -136,7 +136,12 @@ class Worker:
         self.policy = FramePolicy(settings.mode, settings.max_frame_age)
         # Frame ages and result times on Redis's clock, as the gateway's are (flowcloud.clock).
         self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
-        self.store = MaskStore(self.redis, settings.results_max_per_stream, settings.results_ttl)
+        self.store = MaskStore(
+            self.redis,
+            settings.results_max_per_stream,
+            settings.results_ttl,
+            settings.results_tenant_max_bytes,
+        )
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.backfill = BackfillLane(self.redis, self.name)
         self.stop = asyncio.Event()
@@ -412,6 +417,7 @@ class Worker:
             elif not self.policy.can_make(frame, now, self.forecast(frame.width * frame.height)):
                 stale.append(entry)
             else:
+                entry.read_ts = now  # flowcloud.stages: read
                 evicted += self.queue.push(entry, read_at)
         metrics.QUEUED.set(len(self.queue))
         self._arrived.set()
@@ -592,6 +598,10 @@ class Worker:
                         shares=shares,
                         labels_png=png,
                         backfill=frame.backfill,
+                        sent_ts=frame.sent_ts,
+                        decoded_ts=frame.decoded_ts,
+                        published_ts=frame.published_ts,
+                        read_ts=entry.read_ts,
                     ),
                 )
             )
@@ -601,7 +611,10 @@ class Worker:
             metrics.FRAMES_FAILED.labels(stage).inc()
             await self._retry_redis(functools.partial(self.recovery.fail, entry, error), "record a failure")
         for result in stored:
+            if result.backfill:  # its latency is the outage's length, not the pipeline's
+                continue
             metrics.END_TO_END_SECONDS.observe(result.latency)
+            stages.observe(metrics.STAGE_SECONDS, stages.stamps_of(result), stages.WORKER_STAGES)
         metrics.FRAMES_PROCESSED.inc(len(stored))
         for reason in DROP_REASONS:
             self._count_drops([e for e, r in batch.dropped if r == reason], reason)

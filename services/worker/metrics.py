@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from flowcloud import stages
+
 BATCH_SIZE = Histogram(
     "flowcloud_worker_batch_size",
     "Frames per inference batch",
@@ -54,4 +56,11 @@ CLOCK_OFFSET = Gauge(
 REDIS_ERRORS = Counter("flowcloud_worker_redis_errors_total", "Redis connection failures (then reconnect)")
 READY = Gauge(
     "flowcloud_worker_ready", "1 once the model is loaded and warmed up, 0 while loading or draining"
+)
+# Published to persisted: queue, batch, inference, persist (flowcloud.stages.WORKER_STAGES).
+STAGE_SECONDS = Histogram(
+    "flowcloud_worker_stage_seconds",
+    "Seconds a frame spent in each stage this service measures (flowcloud.stages), on Redis's clock",
+    ["stage"],
+    buckets=stages.BUCKETS,
 )

@@ -41,6 +41,7 @@ class Entry:
     error: str | None = None
     deliveries: int = 1
     stream: str = keys.FRAMES_STREAM  # the stream it was read from (acknowledged there)
+    read_ts: float | None = None  # when this worker read it, on Redis's clock (flowcloud.stages)
 
     @property
     def reclaimed(self) -> bool:

@@ -14,7 +14,14 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from flowcloud.cli.main import COMMANDS
-from flowcloud.settings import ApiSettings, EdgeSettings, GatewaySettings, ServiceSettings, WorkerSettings
+from flowcloud.settings import (
+    AlertsSettings,
+    ApiSettings,
+    EdgeSettings,
+    GatewaySettings,
+    ServiceSettings,
+    WorkerSettings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "flowcloud"
@@ -22,6 +29,7 @@ SETTINGS_CLASSES: tuple[type[BaseSettings], ...] = (
     GatewaySettings,
     WorkerSettings,
     ApiSettings,
+    AlertsSettings,
     EdgeSettings,
 )
 

@@ -267,8 +267,10 @@ def test_commands_and_env_match_the_cli_and_settings(rendered: list[Obj]) -> Non
         from_cm = {n for r in c["envFrom"] for n in configmaps[r["configMapRef"]["name"]]}
         assert all(n.startswith(prefix) for n in from_cm), f"{component} gets another service's settings"
         assert "FLOWCLOUD_REDIS_URL" in env
-        # Devices and keys come from the control plane; the workers never read them.
-        assert ("FLOWCLOUD_CONTROL_REDIS_URL" in env) == (component in ("gateway", "api")), component
+        # Devices, keys and alert rules come from the control plane; the workers never read them.
+        assert ("FLOWCLOUD_CONTROL_REDIS_URL" in env) == (component in ("gateway", "api", "alerts")), (
+            component
+        )
 
 
 def test_ports_match_the_service_contract(default_objs: list[Obj]) -> None:
@@ -464,7 +466,7 @@ def test_ingress_and_service_monitors(ci_objs: list[Obj]) -> None:
     monitors = {
         m["metadata"]["labels"]["app.kubernetes.io/component"]: m for m in by_kind(ci_objs, "ServiceMonitor")
     }
-    assert set(monitors) == {"gateway", "worker", "api"}
+    assert set(monitors) == {"gateway", "worker", "api", "alerts"}
     services = by_kind(ci_objs, "Service")
     for component, monitor in monitors.items():
         assert monitor["metadata"]["labels"]["release"] == "prometheus"

@@ -112,6 +112,7 @@ EVERYONE = {
     "gateway": release_pod("gateway"),
     "api": release_pod("api"),
     "worker": release_pod("worker"),
+    "alerts": release_pod("alerts"),
     "api-test": release_pod("api-test"),
 }
 # (target, port) -> the sources admitted; every other source of EVERYONE is refused.
@@ -120,8 +121,9 @@ PROMISES: dict[tuple[str, int], set[str]] = {
     ("gateway", 9101): {"prometheus"},
     ("api", 8000): {"ingress", "prometheus", "api-test"},
     ("worker", 9102): {"prometheus"},
-    ("redis", 6379): {"gateway", "api", "worker", "api-test", "keda"},
-    ("control-redis", 6379): {"gateway", "api"},
+    ("alerts", 9104): {"prometheus"},
+    ("redis", 6379): {"gateway", "api", "worker", "alerts", "api-test", "keda"},
+    ("control-redis", 6379): {"gateway", "api", "alerts"},
     ("api-test", 8000): set(),
 }
 
@@ -153,7 +155,7 @@ def test_policies_admit_exactly_what_the_chart_promises(objs: list[Obj]) -> None
         for other in running[target][1] - {p for t, p in PROMISES if t == target}:
             assert not any(admits(objs, target, other, s) for s in EVERYONE.values()), (target, other)
         checked += 1
-    assert checked == (7 if "control-redis" in running else 5)
+    assert checked == (8 if "control-redis" in running else 6)
 
 
 def test_external_redis_still_covers_every_pod() -> None:
@@ -162,6 +164,7 @@ def test_external_redis_still_covers_every_pod() -> None:
         "flowcloud-gateway",
         "flowcloud-api",
         "flowcloud-worker",
+        "flowcloud-alerts",
         "flowcloud-api-test",
     }
 

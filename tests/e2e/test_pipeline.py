@@ -71,10 +71,13 @@ def test_edge_to_api_masks_match_ground_truth(stack: Stack) -> None:
         for item in items:
             png = api.get(f"/streams/{DEMO_DEVICE}/masks/{item['seq']}", params={"format": "labels"})
             assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-            fields = {k: v for k, v in item.items() if k != "latency"}
+            fields = {k: v for k, v in item.items() if k not in ("latency", "stages")}
             fields["shares"] = {int(k): v for k, v in fields["shares"].items()}
             masks[item["seq"]] = MaskResult(**fields, labels_png=png.content)
             assert item["capture_ts"] <= item["recv_ts"] + 0.05 <= item["persisted_ts"] + 0.05
+            # Every stage is stamped, from the edge's send to the write, and the stages add up.
+            assert None not in item["stages"].values()
+            assert sum(item["stages"].values()) == pytest.approx(item["latency"], abs=1e-6)
 
     client = redis.Redis.from_url(stack.redis_url)
     frames = recent_frames(client, DEMO_DEVICE, 0)

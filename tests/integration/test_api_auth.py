@@ -5,14 +5,18 @@ needs a key, and the public probes say nothing about the workers."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 from support.api import make_key, running_api, seed_stream
 
+from flowcloud import keys
+from flowcloud.alerts import AlertRule
 from flowcloud.registry import DeviceRegistry
 from flowcloud.settings import ApiSettings
 from services.api.apikeys import ApiKeyStore
@@ -35,6 +39,12 @@ EXPECTED = PUBLIC | {
     ("GET", "/streams/{stream_id}/masks/{frame}"),
     ("GET", "/streams/{stream_id}/stats"),
     ("GET", "/streams/{stream_id}/live"),
+    ("GET", "/streams/{stream_id}/aggregates"),
+    ("GET", "/search"),
+    ("POST", "/alerts/rules"),
+    ("GET", "/alerts/rules"),
+    ("DELETE", "/alerts/rules/{rule_id}"),
+    ("GET", "/alerts/firings"),
     ("POST", "/devices"),
     ("GET", "/devices"),
     ("DELETE", "/devices/{device_id}"),
@@ -42,7 +52,18 @@ EXPECTED = PUBLIC | {
     ("GET", "/workers"),
     ("GET", "/cluster"),
 }
-ADMIN_ONLY = {r for r in EXPECTED if r[1].startswith("/devices")} | {("GET", "/workers"), ("GET", "/cluster")}
+ADMIN_ONLY = {r for r in EXPECTED if r[1].startswith(("/devices", "/alerts/rules"))} | {
+    ("GET", "/workers"),
+    ("GET", "/cluster"),
+}
+
+
+RULE_ID = "rauth"  # an alert rule of tenant beta, made by the fixture
+QUERIES = {"/search": "?class=person", "/alerts/rules/{rule_id}": "?tenant=beta"}
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("POST", "/devices"): {"device_id": "cam-new", "tenant": "beta"},
+    ("POST", "/alerts/rules"): {"tenant": "beta", "class_name": "car", "op": "above", "threshold": 0.3},
+}
 
 
 def documented_routes() -> set[tuple[str, str]]:
@@ -69,6 +90,8 @@ def api(redis_url: str) -> Iterator[Setup]:
         registry = DeviceRegistry(redis)
         for device_id in ("cam-rotate", "cam-delete"):
             await registry.add(device_id, "beta")
+        rule = AlertRule(id=RULE_ID, tenant="beta", class_name="person", op="above", threshold=0.1)
+        await redis.hset(keys.alert_rules("beta"), RULE_ID, json.dumps(asdict(rule)))
         await redis.aclose()  # type: ignore[attr-defined,unused-ignore]
 
     asyncio.run(devices())
@@ -83,7 +106,7 @@ def api(redis_url: str) -> Iterator[Setup]:
         )
 
 
-def concrete(method: str, path: str, stream: str = "cam-beta") -> tuple[str, dict[str, str] | None]:
+def concrete(method: str, path: str, stream: str = "cam-beta") -> tuple[str, dict[str, Any] | None]:
     """A URL for a route template, and the JSON body it needs."""
     device = "cam-delete" if method == "DELETE" else "cam-rotate"
     url = (
@@ -91,9 +114,10 @@ def concrete(method: str, path: str, stream: str = "cam-beta") -> tuple[str, dic
         .replace("{frame}", "11")
         .replace("{device_id}", device)
         .replace("{asset}", "dashboard.js")
+        .replace("{rule_id}", RULE_ID)
     )
-    body = {"device_id": "cam-new", "tenant": "beta"} if (method, path) == ("POST", "/devices") else None
-    return url, body
+    url += QUERIES.get(path, "")
+    return url, BODIES.get((method, path))
 
 
 def call(
@@ -161,7 +185,7 @@ def test_admin_routes_refuse_readers(api: Setup) -> None:
         response = call(api.client, method, path, api.reader_beta)
         assert response.status_code == 403, (method, path, response.status_code)
         assert response.json()["detail"] == "this route needs an admin key"
-    assert _forbidden(api.client) - before == len(ADMIN_ONLY) == 6  # counted for the operators
+    assert _forbidden(api.client) - before == len(ADMIN_ONLY) == 9  # counted for the operators
 
 
 def test_the_openapi_document_needs_a_key_and_no_docs_page_is_served(api: Setup) -> None:
@@ -178,7 +202,7 @@ def test_the_openapi_document_needs_a_key_and_no_docs_page_is_served(api: Setup)
 
 def test_another_tenants_stream_answers_404_on_every_stream_route(api: Setup) -> None:
     stream_routes = sorted(r for r in documented_routes() if "{stream_id}" in r[1])
-    assert len(stream_routes) == 6
+    assert len(stream_routes) == 7
     for method, path in stream_routes:
         other = call(api.client, method, path, api.reader_alpha, stream="cam-beta")
         unknown = call(api.client, method, path, api.reader_alpha, stream="cam-nowhere")
@@ -207,9 +231,13 @@ def test_admin_keys_reach_every_route(api: Setup, token_kind: str) -> None:
     for method, path in sorted(documented_routes(), key=lambda r: (r[0] == "DELETE", r)):
         response = call(api.client, method, path, token)
         # /cluster: admitted, and off outside a cluster (tests/integration/test_api_cluster.py).
-        expected = {("POST", "/devices"): 201, ("GET", "/"): 307, ("GET", "/cluster"): 404}.get(
-            (method, path), 200
-        )
+        expected = {
+            ("POST", "/devices"): 201,
+            ("GET", "/"): 307,
+            ("GET", "/cluster"): 404,
+            ("POST", "/alerts/rules"): 201,
+            ("DELETE", "/alerts/rules/{rule_id}"): 204,
+        }.get((method, path), 200)
         assert response.status_code == expected, (method, path, response.status_code)
 
 

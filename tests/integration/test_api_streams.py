@@ -33,6 +33,7 @@ from flowcloud.frames import decode_image
 from flowcloud.labels import TRAIN_IDS, blend_overlay
 from flowcloud.redis_server import EmbeddedRedis
 from flowcloud.settings import ApiSettings
+from flowcloud.stages import STAGE_NAMES
 
 COUNT = 250
 START = 1_700_000_000.0
@@ -149,6 +150,10 @@ def test_latest_and_frame_metadata(client: httpx.Client) -> None:
     latest = client.get("/streams/cam-1/masks/latest").json()
     assert latest["seq"] == COUNT - 1 and latest["label_set"] == TRAIN_IDS.name
     assert latest["latency"] == pytest.approx(latest["persisted_ts"] - latest["capture_ts"])
+    # Every stage of the frame's way, in order, adding up to the latency.
+    assert list(latest["stages"]) == list(STAGE_NAMES)
+    assert sum(latest["stages"].values()) == pytest.approx(latest["latency"], abs=1e-6)
+    assert latest["read_ts"] - latest["published_ts"] == pytest.approx(latest["stages"]["queue"], abs=1e-6)
     expected = class_map(COUNT - 1)
     share_road = float((expected == 0).mean())
     assert latest["shares"]["0"] == pytest.approx(share_road)
@@ -206,6 +211,12 @@ def test_stats_sample_class_shares_over_time(client: httpx.Client) -> None:
     for point in series:
         assert sum(point["shares"].values()) == pytest.approx(1.0)
     assert stats["mean"]["10"] == pytest.approx(0.25)  # the sky is the top quarter
+    # Where the time goes: each stage's summary in order; the means add up to the mean latency.
+    assert [stage["name"] for stage in stats["stages"]] == list(STAGE_NAMES)
+    assert sum(stage["share"] for stage in stats["stages"]) == pytest.approx(1.0)
+    inference = next(stage for stage in stats["stages"] if stage["name"] == "inference")
+    assert inference["p50"] == pytest.approx(0.03, abs=1e-6) and inference["samples"] == 50
+    assert all(set(point["stages"]) == set(STAGE_NAMES) for point in series)
     window = client.get(
         "/streams/cam-1/stats", params={"since": START + 100 * PERIOD, "until": START + 110 * PERIOD}
     ).json()

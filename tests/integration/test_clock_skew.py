@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import cast
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis as AsyncRedis
 from support.api import seed_stream
 from support.frames import publish
@@ -21,6 +23,7 @@ from flowcloud.clock import RedisClock
 from flowcloud.frames import Frame
 from flowcloud.results import MaskResult, MaskStore
 from flowcloud.settings import WorkerSettings
+from flowcloud.stages import WORKER_STAGES
 from services.api.queries import StreamQueries
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.gateway.server import Gateway
@@ -28,17 +31,36 @@ from services.worker.consumer import Worker
 from services.worker.recovery import ensure_group
 
 
+def stage_count(service: str, stage: str) -> float:
+    """Observations so far of a service's stage histogram (this process's registry)."""
+    name = f"flowcloud_{service}_stage_seconds_count"
+    return REGISTRY.get_sample_value(name, {"stage": stage}) or 0.0
+
+
 def test_gateway_publishes_times_on_redis_clock(redis_url: str) -> None:
-    """A gateway machine 100 s fast: what it publishes is on Redis's clock all the same."""
+    """A gateway machine 100 s fast: what it publishes is on Redis's clock all the same, stage
+    stamps included, and its stage histogram counts the frame's times."""
     skew = 100.0
+    network_before = stage_count("gateway", "network")
 
     async def main() -> FramePublisher:
         aclient = AsyncRedis.from_url(redis_url)
         gateway_clock = RedisClock(local=lambda: time.time() + skew)
         publisher = FramePublisher(aclient, frames_maxlen=100, clock=gateway_clock)
         publisher.start()
-        local_now = time.time() + skew  # what this gateway's clock says
-        received = Frame("cam-skew", UNASSIGNED_SEQ, local_now - 0.5, local_now, 8, 8, "raw", bytes(192))
+        local_now = time.time() + skew - 0.05  # what this gateway's clock said at receipt
+        received = Frame(
+            "cam-skew",
+            UNASSIGNED_SEQ,
+            local_now - 0.5,
+            local_now,
+            8,
+            8,
+            "raw",
+            bytes(192),
+            sent_ts=local_now - 0.3,
+            decoded_ts=local_now + 0.01,
+        )
         publisher.submit(received)
         await publisher.close(timeout=10)
         await aclient.aclose()
@@ -53,6 +75,10 @@ def test_gateway_publishes_times_on_redis_clock(redis_url: str) -> None:
     now = time.time()  # redis-server runs here: its clock is this one
     assert float(fields[keys.F_RECV_TS]) == pytest.approx(now, abs=1.0)
     assert float(fields[keys.F_RECV_TS]) - float(fields[keys.F_CAPTURE_TS]) == pytest.approx(0.5, abs=1e-6)
+    assert float(fields[keys.F_SENT_TS]) - float(fields[keys.F_CAPTURE_TS]) == pytest.approx(0.2, abs=1e-6)
+    assert float(fields[keys.F_DECODED_TS]) - float(fields[keys.F_RECV_TS]) == pytest.approx(0.01, abs=1e-6)
+    assert float(fields[keys.F_DECODED_TS]) <= float(fields[keys.F_PUBLISHED_TS]) <= time.time()
+    assert stage_count("gateway", "network") == network_before + 1
     assert last_seen == pytest.approx(now, abs=1.0)
 
 
@@ -81,11 +107,8 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         decode_threads=1,
     )
     client = redis.Redis.from_url(redis_url)
-    now = time.time()
-    fresh = [frame("cam-clock", seq, 32, 64) for seq in (1, 2, 3)]
-    slow = frame("cam-clock", 4, 32, 64, capture_ts=now - 5.0)  # 5 s from capture to the gateway
-    assert slow.recv_ts - slow.capture_ts > 4.9
-
+    inference_before = stage_count("worker", "inference")
+    fresh: list[Frame] = []
     beats: list[float | None] = []
 
     async def main() -> Worker:
@@ -93,7 +116,11 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
         await ensure_group(aclient)
         clock = RedisClock(local=lambda: time.time() + skew)  # this machine's clock is off
         worker = Worker(settings, aclient, clock=clock)
-        await worker.start()
+        await worker.start()  # the frames after it: loading the model may take longer than their bound
+        now = time.time()
+        fresh.extend(replace(frame("cam-clock", seq, 32, 64), published_ts=now) for seq in (1, 2, 3))
+        slow = frame("cam-clock", 4, 32, 64, capture_ts=now - 5.0)  # 5 s from capture to the gateway
+        assert slow.recv_ts - slow.capture_ts > 4.9
         publish(client, [*fresh, slow])
         serving = asyncio.create_task(worker.serve())
         finished = await eventually(
@@ -114,6 +141,13 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
     for seq in (1, 2, 3):  # stamped on Redis's clock: latencies of a fraction of a second, not a minute
         result = MaskResult.from_fields(client.hgetall(keys.mask("cam-clock", seq)))  # type: ignore[arg-type]
         assert 0 < result.latency < 30
+        # The worker's stamps too: its stages are all there, none negative, and they add up.
+        assert result.published_ts == fresh[seq - 1].published_ts
+        worker_stages = [result.stages()[s.name] for s in WORKER_STAGES]
+        known = [t for t in worker_stages if t is not None]
+        assert len(known) == len(WORKER_STAGES) and min(known) >= 0 and result.published_ts is not None
+        assert sum(known) == pytest.approx(result.persisted_ts - result.published_ts, abs=1e-6)
+    assert stage_count("worker", "inference") >= inference_before + 3
     assert not client.exists(keys.mask("cam-clock", 4))  # the slow one was dropped as stale
     assert pending_total(client) == 0
     assert beats == [pytest.approx(time.time(), abs=30)]

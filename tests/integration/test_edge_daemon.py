@@ -61,6 +61,9 @@ def test_synthetic_frames_arrive_in_order_with_capture_times() -> None:
         assert all(started <= t <= finished for t in times)
         assert times == sorted(times)
         assert 0.45 < times[-1] - times[0] < 1.5  # paced at 30 fps: 19 frame intervals
+        # Each access unit also carries when it was handed to the socket: after its capture.
+        sends = [au.send_time or 0.0 for au in aus]
+        assert all(c <= s <= finished for c, s in zip(times, sends, strict=True))
         stamps = [au.timestamp for au in aus]
         assert all(0 < (b - a) % 2**32 < 9000 for a, b in itertools.pairwise(stamps))
         frames = decode_access_units(aus)

@@ -75,6 +75,8 @@ def test_libx264_stream_end_to_end(redis_url: str, tmp_path: Path) -> None:
             FPS,
         )
         assert meta.status == keys.STATUS_IDLE and meta.last_seq == FRAMES and meta.trimmed_unread is None
+        tenant_index = redis.Redis.from_url(redis_url).zrange(keys.tenant_streams("acme"), 0, -1)
+        assert tenant_index == [b"cam-1"]  # what a reader's /streams reads
         # The recording holds exactly the RTP packets sent after the handshake.
         (recording,) = (tmp_path / "rec").glob("cam-1-*.rfc4571")
         assert Rfc4571Decoder().feed(recording.read_bytes()) == packets

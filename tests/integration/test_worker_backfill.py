@@ -33,7 +33,8 @@ def test_backfill_frames_are_segmented_in_complete_mode_and_marked(
     with running_worker(redis_url, weights, "w1", tmp_path, *args) as proc:
         client.xadd(keys.FRAMES_STREAM, frame("cam-1", 10, 64, 128).to_fields())  # type: ignore[arg-type]
         wait_for("live and spooled segmented", lambda: len(results_of(client, "cam-1")) == 6, 120, proc)
-        assert client.xpending(keys.BACKFILL_FRAMES_STREAM, keys.WORKER_GROUP)["pending"] == 0
+        acked = lambda: client.xpending(keys.BACKFILL_FRAMES_STREAM, keys.WORKER_GROUP)["pending"] == 0  # noqa: E731
+        wait_for("spooled frames acknowledged on their own stream", acked, 30, proc)  # (stored, then acked)
         assert proc.stop() == 0
     by_seq = {r.seq: r for r in results_of(client, "cam-1")}
     assert [by_seq[i].backfill for i in range(5)] == [True] * 5  # an hour old, not dropped: complete

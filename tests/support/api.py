@@ -72,6 +72,7 @@ async def _seed(
     live: bool,
     size: tuple[int, int],
     trimmed_unread: int | None = None,
+    link_delay: float = 0.0,
 ) -> SeededStream:
     width, height = size
     redis = Redis.from_url(redis_url)
@@ -82,16 +83,17 @@ async def _seed(
         for seq in range(count):
             ts = start_ts + seq * period
             capture[seq] = ts
+            at = ts + link_delay  # the gateway's and the worker's stamps come that much later
             cmap = class_map(seq, width, height)
             results.append(
                 MaskResult(
                     stream=stream_id,
                     seq=seq,
                     capture_ts=ts,
-                    recv_ts=ts + 0.01,
-                    infer_start=ts + 0.02,
-                    infer_end=ts + 0.05,
-                    persisted_ts=ts + 0.06 + 0.001 * (seq % 10),
+                    recv_ts=at + 0.01,
+                    infer_start=at + 0.02,
+                    infer_end=at + 0.05,
+                    persisted_ts=at + 0.06 + 0.001 * (seq % 10),
                     model="test-model",
                     model_version="1",
                     label_set=TRAIN_IDS.name,
@@ -99,6 +101,10 @@ async def _seed(
                     height=height,
                     shares=class_shares(cmap, TRAIN_IDS.num_classes),
                     labels_png=encode_label_map(cmap, TRAIN_IDS),
+                    sent_ts=ts + 0.002,
+                    decoded_ts=at + 0.013,
+                    published_ts=at + 0.014,
+                    read_ts=at + 0.016,
                 )
             )
         await store.put_many(results)
@@ -132,6 +138,7 @@ async def _seed(
         )
         await redis.hset(keys.stream_meta(stream_id), mapping=meta.to_fields())  # type: ignore[arg-type]
         await redis.zadd(keys.STREAMS_INDEX, {stream_id: seen})
+        await redis.zadd(keys.tenant_streams(tenant), {stream_id: seen})
     finally:
         await redis.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
     return SeededStream(stream_id, tenant, list(range(count)), capture, recent)
@@ -147,12 +154,53 @@ def seed_stream(
     live: bool = True,
     size: tuple[int, int] = (WIDTH, HEIGHT),
     trimmed_unread: int | None = None,
+    link_delay: float = 0.0,
 ) -> SeededStream:
     """A stream described as the gateway does, ``count`` results as workers write them, and the
-    last RECENT_MAXLEN frames in its recent-frames window."""
+    last RECENT_MAXLEN frames in its recent-frames window. Every result has all its stage stamps;
+    ``link_delay`` seconds more in the network stage (edge to gateway) than on loopback."""
     return asyncio.run(
-        _seed(redis_url, stream_id, tenant, count, start_ts, period, live, size, trimmed_unread)
+        _seed(redis_url, stream_id, tenant, count, start_ts, period, live, size, trimmed_unread, link_delay)
     )
+
+
+PERSON = TRAIN_IDS.class_names.index("person")
+SHARE_PIXELS = 1000  # pixels of a share_result map: shares are multiples of 0.001
+
+
+def share_result(stream_id: str, seq: int, capture_ts: float, person: float, car: float = 0.0) -> MaskResult:
+    """A result whose map is ``person`` people and ``car`` cars (fractions), road elsewhere."""
+    flat = np.full(SHARE_PIXELS, ROAD, dtype=np.uint8)
+    people = round(person * SHARE_PIXELS)
+    flat[:people] = PERSON
+    flat[people : people + round(car * SHARE_PIXELS)] = CAR
+    cmap = flat.reshape(20, SHARE_PIXELS // 20)
+    return MaskResult(
+        stream=stream_id,
+        seq=seq,
+        capture_ts=capture_ts,
+        recv_ts=capture_ts + 0.01,
+        infer_start=capture_ts + 0.02,
+        infer_end=capture_ts + 0.03,
+        persisted_ts=capture_ts + 0.04,
+        model="test-model",
+        model_version="1",
+        label_set=TRAIN_IDS.name,
+        width=cmap.shape[1],
+        height=cmap.shape[0],
+        shares=class_shares(cmap, TRAIN_IDS.num_classes),
+        labels_png=encode_label_map(cmap, TRAIN_IDS),
+    )
+
+
+async def describe_stream(redis: Redis, stream_id: str, tenant: str, last_seen: float) -> None:
+    """The stream's metadata and index entries as the gateway writes them."""
+    await redis.hset(
+        keys.stream_meta(stream_id),
+        mapping={keys.M_DEVICE: stream_id, keys.M_TENANT: tenant, keys.M_LAST_SEEN: repr(last_seen)},
+    )
+    await redis.zadd(keys.STREAMS_INDEX, {stream_id: last_seen})
+    await redis.zadd(keys.tenant_streams(tenant), {stream_id: last_seen})
 
 
 def make_key(redis_url: str, role: str, tenant: str) -> str:

@@ -269,4 +269,7 @@ async def check_stream(
     captured = [f.capture_ts for f in published]
     assert captured == sorted(captured) and len(set(captured)) == frames
     assert {(f.width, f.height) for f in published} == {(MODEL_W, MODEL_H)}
+    for f in published:  # every hand-over stamped, in order (one machine: the offset error is small)
+        assert f.sent_ts is not None and f.decoded_ts is not None and f.published_ts is not None
+        assert f.capture_ts <= f.sent_ts <= f.recv_ts + 0.01 <= f.decoded_ts + 0.01 <= f.published_ts + 0.01
     assert gateway.services.ended[device_id] == 1

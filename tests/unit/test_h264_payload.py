@@ -11,7 +11,12 @@ import av
 import numpy as np
 import pytest
 
-from flowcloud.protocol.capture_time import capture_time_extension
+from flowcloud.protocol.capture_time import (
+    CAPTURE_TIME_EXT_ID,
+    SEND_TIME_EXT_ID,
+    capture_time_extension,
+    decode_capture_time,
+)
 from flowcloud.protocol.errors import ProtocolError
 from flowcloud.protocol.framing import Rfc4571Decoder
 from flowcloud.protocol.h264 import (
@@ -385,3 +390,24 @@ def test_a_malformed_capture_time_extension_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="^capture-time extension has 3 bytes, expected 8$"):
         d.push(packet)
     assert d.dropped == {"malformed": 1}
+
+
+def test_the_send_time_rides_beside_the_capture_time_and_is_optional(x264_aus: list[list[bytes]]) -> None:
+    """The edge's send time (id 2) reaches the access unit; a stream without it (an older edge)
+    still gives capture times, and a receiver that knows only id 1 reads the same capture time."""
+    with_send = Packetizer(mtu=300).packetize(x264_aus[0], 0, capture_time_extension(T0, sent=T0 + 0.025))
+    assert len(bytes(with_send[0])) <= 300
+    [au] = depacketize_all(with_send)
+    assert (au.capture_time, au.send_time) == (pytest.approx(T0), pytest.approx(T0 + 0.025))
+    first = RtpPacket.parse(bytes(with_send[0]))
+    assert decode_capture_time(first.extensions[CAPTURE_TIME_EXT_ID]) == pytest.approx(T0)
+    [old] = depacketize_all(Packetizer(mtu=300).packetize(x264_aus[0], 0, capture_time_extension(T0)))
+    assert (old.capture_time, old.send_time) == (pytest.approx(T0), None)
+
+
+def test_a_malformed_send_time_extension_is_a_protocol_error() -> None:
+    d = Depacketizer()
+    ext = {**capture_time_extension(T0), SEND_TIME_EXT_ID: b"abcd"}
+    packet = RtpPacket(sequence_number=1, timestamp=0, marker=True, extensions=ext, payload=IDR)
+    with pytest.raises(ProtocolError, match="^send-time extension has 4 bytes, expected 8$"):
+        d.push(packet)

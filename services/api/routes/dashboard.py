@@ -11,7 +11,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 router = APIRouter(tags=["dashboard"])
 
-ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
+ASSETS = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "results.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 # Everything from this origin only (no CDN, no third party); the live overlay arrives as data: URLs.
 PAGE_HEADERS = {

@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
+from flowcloud import mask_formats
 from flowcloud.labels import LABEL_SETS
 from flowcloud.results import MaskResult
-from services.api import render
+from services.api import render, search
 from services.api.deps import (
     ApiContext,
     Context,
@@ -29,6 +30,7 @@ from services.api.deps import (
     app_context,
 )
 from services.api.metrics import LIVE_REVOKED, LIVE_VIEWERS
+from services.api.queries import stage_summary
 from services.api.schemas import ErrorBody, MaskBody, MaskPage, StatsBody, StreamBody, StreamList
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,20 @@ KEEPALIVE_SECONDS = 15.0
 MJPEG_BOUNDARY = "flowcloudframe"
 TOO_MANY_VIEWERS = "too many live viewers; try again later"
 
-Format = Literal["json", "labels", "color", "overlay"]
+Format = Literal["json", "labels", "color", "overlay", "coco-rle", "polygons"]
 FormatQuery = Annotated[
     Format,
     Query(
         description="json: metadata; labels: the lossless palette PNG of class ids; "
-        "color: an RGB PNG in the label set's colours; overlay: a JPEG of the mask on its frame"
+        "color: an RGB PNG in the label set's colours; overlay: a JPEG of the mask on its frame; "
+        "coco-rle: one COCO RLE per class present (JSON); polygons: outlines per class (JSON)"
     ),
 ]
+ToleranceQuery = Annotated[
+    float,
+    Query(ge=0.0, le=mask_formats.MAX_TOLERANCE, description="polygons: simplification tolerance, pixels"),
+]
+EXPORTS = ("coco-rle", "polygons")
 Since = Annotated[
     datetime | None, Query(description="only results captured at or after (ISO 8601 or unix seconds)")
 ]
@@ -75,9 +83,24 @@ def _unix(when: datetime | None) -> float | None:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Response:
+def _seq_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit():
+        raise search.QueryError(f"malformed cursor {cursor!r}: pass the next_cursor of the previous page")
+    return int(cursor)
+
+
+async def _render(context: ApiContext, result: MaskResult, fmt: Format, tolerance: float = 0.0) -> Response:
     if fmt == "labels":
         return Response(result.labels_png, media_type=render.PNG)
+    if fmt in EXPORTS:
+        key = (result.stream, result.seq, f"{fmt}:{tolerance!r}")
+        body = context.renders.get(key)
+        if body is None:
+            body = await asyncio.to_thread(render.export_json, result, fmt, tolerance)
+            context.renders.put(key, body)
+        return Response(body, media_type="application/json")
     cache_key = (result.stream, result.seq, fmt)
     cached = context.renders.get(cache_key)
     if cached is None:
@@ -97,11 +120,13 @@ async def _render(context: ApiContext, result: MaskResult, fmt: Format) -> Respo
     return Response(cached, media_type=render.PNG if fmt == "color" else render.JPEG)
 
 
-async def _mask(context: ApiContext, result: MaskResult | None, fmt: Format, missing: str) -> Response:
+async def _mask(
+    context: ApiContext, result: MaskResult | None, fmt: Format, missing: str, tolerance: float = 0.0
+) -> Response:
     if result is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, missing)
     if fmt != "json":
-        return await _render(context, result, fmt)
+        return await _render(context, result, fmt, tolerance)
     # Encoded once per result and kept, not by FastAPI's generic encoder: this is the hottest route.
     body = context.renders.get((result.stream, result.seq, fmt))
     if body is None:
@@ -116,15 +141,17 @@ async def _mask(context: ApiContext, result: MaskResult | None, fmt: Format, mis
     responses=IMAGE_RESPONSES,
     summary="The newest mask result: metadata, or an image (?format=)",
 )
-async def latest_mask(stream_id: VisibleStream, request: Request, format: FormatQuery = "json") -> Response:
+async def latest_mask(
+    stream_id: VisibleStream, request: Request, format: FormatQuery = "json", tolerance: ToleranceQuery = 0.0
+) -> Response:
     context = app_context(request)
     result = await context.queries.latest(stream_id)
-    return await _mask(context, result, format, f"stream {stream_id!r} has no result yet")
+    return await _mask(context, result, format, f"stream {stream_id!r} has no result yet", tolerance)
 
 
 @router.get("", response_model=StreamList, summary="The streams the caller may see, newest activity first")
 async def list_streams(context: Context, key: CurrentKey) -> dict[str, Any]:
-    ids = await context.queries.stream_ids()
+    ids = await search.visible_streams(context.redis, key)  # a reader's tenant index only
     infos = await context.queries.streams(ids)
     return {"items": [i.to_dict() for i in infos if key.can_see(i.tenant)]}
 
@@ -145,13 +172,27 @@ async def list_masks(
     context: Context,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="results per page")] = 50,
     cursor: Annotated[
-        int | None, Query(ge=0, description="next_cursor of the previous page: results older than it")
+        str | None, Query(description="next_cursor of the previous page: results older than it")
     ] = None,
     since: Since = None,
     until: Until = None,
+    class_name: Annotated[
+        str | None, Query(alias="class", description="only results with this class (see min_share)")
+    ] = None,
+    min_share: Annotated[
+        float, Query(ge=0.0, le=1.0, description="with class: the share it covers at least (0: present)")
+    ] = 0.0,
 ) -> dict[str, Any]:
+    try:
+        if class_name is not None:  # through the class-share index
+            return await search.ShareSearch(context.redis, context.store).page(
+                [stream_id], class_name, min_share, limit, _unix(since), _unix(until), cursor
+            )
+        before = _seq_cursor(cursor)
+    except search.QueryError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     items, next_seq = await context.queries.page(
-        stream_id, limit, before=cursor, since=_unix(since), until=_unix(until)
+        stream_id, limit, before=before, since=_unix(since), until=_unix(until)
     )
     return {
         "items": [r.metadata() for r in items],
@@ -184,16 +225,18 @@ async def frame_mask(
     frame: Annotated[int, Path(ge=0, description="the frame's seq")],
     context: Context,
     format: FormatQuery = "json",
+    tolerance: ToleranceQuery = 0.0,
 ) -> Response:
     result = await context.store.get(stream_id, frame)
-    return await _mask(context, result, format, f"stream {stream_id!r} has no result for frame {frame}")
+    missing = f"stream {stream_id!r} has no result for frame {frame}"
+    return await _mask(context, result, format, missing, tolerance)
 
 
 @router.get(
     "/{stream_id}/stats",
     response_model=StatsBody,
     responses=NOT_FOUND,
-    summary="Per-class pixel shares over time, sampled evenly over the window",
+    summary="Per-class pixel shares and per-stage times over time, sampled evenly over the window",
 )
 async def stream_stats(
     stream_id: VisibleStream,
@@ -225,9 +268,11 @@ async def stream_stats(
                 "capture_ts": r.capture_ts,
                 "latency": r.latency,
                 "shares": {str(k): v for k, v in r.shares.items()},
+                "stages": r.stages(),
             }
             for r in results
         ],
+        "stages": stage_summary(results),
     }
 
 
@@ -297,6 +342,7 @@ async def _live_events(
                                 "seq": result.seq,
                                 "capture_ts": result.capture_ts,
                                 "latency": result.latency,
+                                "stages": result.stages(),
                                 "fps": 1.0 / gap if gap else None,
                                 "overlay": blended,
                                 "width": result.width,

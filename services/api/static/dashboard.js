@@ -1,4 +1,5 @@
-// FlowCloud dashboard: streams, a live overlay, latency and fps, class shares over time.
+// FlowCloud dashboard: streams, a live overlay, latency and fps, class shares over time, and
+// where each frame's time goes (stacked stages, capture to persisted).
 // Plain browser JavaScript with no dependencies, so the page works offline. The API key comes
 // from the URL fragment (#key=..., never sent to the server), this tab's storage, or the form.
 "use strict";
@@ -6,6 +7,11 @@
 const REFRESH_MS = 3000;
 const STATS_POINTS = 120;
 const KEY_STORAGE = "flowcloud.apikey";
+// One colour per stage (flowcloud.stages), pipeline order: edge, network, gateway, then worker.
+const STAGE_COLORS = {
+  edge: "#b48ead", network: "#ebcb8b", decode: "#d08770", publish: "#bf616a",
+  queue: "#8fbcbb", batch: "#88c0d0", inference: "#5e9cff", persist: "#a3be8c",
+};
 
 const state = { key: null, selected: null, live: null, timer: null, liveFps: null, summaryFps: null };
 const $ = (id) => document.getElementById(id);
@@ -140,6 +146,7 @@ function showMask(m) {
   img.onload = () => { img.dataset.seq = String(m.seq); };
   img.src = `data:image/jpeg;base64,${m.jpeg}`;
   $("fig-latency").textContent = fmtSeconds(m.latency);
+  $("fig-stages").textContent = biggestStages(m.stages || {}, 3);
   if (m.fps) state.liveFps = m.fps;
   showFps();
   $("fig-seq").textContent = String(m.seq);
@@ -247,26 +254,65 @@ function drawShares(stats) {
   }
 }
 
-function drawLatency(stats) {
-  const canvas = $("latency-chart");
+// "network 352 ms, inference 40 ms, ...": a frame's largest stages first.
+function biggestStages(stages, count) {
+  const known = Object.entries(stages).filter(([, s]) => s !== null && s !== undefined);
+  if (known.length === 0) return "-";
+  known.sort((a, b) => b[1] - a[1]);
+  return known.slice(0, count).map(([name, s]) => `${name} ${fmtSeconds(Math.max(s, 0))}`).join(", ");
+}
+
+// Stacked areas of each stage's seconds per frame, pipeline order from the bottom: the top edge
+// is the capture-to-persisted latency. Beside it, each stage's p50, p95 and share of the mean.
+function drawStages(stats) {
+  const canvas = $("stages-chart");
   const ctx = prepare(canvas);
   const series = stats.series;
+  const names = stats.stages.map((s) => s.name);
+  canvas.dataset.points = String(series.length);
   const box = { x: 40, y: 8, w: canvas.width - 48, h: canvas.height - 30 };
   const top = Math.max(0.001, ...series.map((p) => p.latency)) * 1.1;
   axes(ctx, box, [[0, "0"], [0.5, (top / 2).toFixed(2)], [1, top.toFixed(2)]],
     series.length ? [series[0].capture_ts, series[series.length - 1].capture_ts] : null);
-  if (series.length === 0) return;
-  const t0 = series[0].capture_ts;
-  const span = Math.max(series[series.length - 1].capture_ts - t0, 1e-6);
-  ctx.strokeStyle = "#5e9cff";
-  ctx.lineWidth = 1.5;
-  ctx.beginPath();
-  series.forEach((p, i) => {
-    const x = box.x + (series.length === 1 ? box.w / 2 : ((p.capture_ts - t0) / span) * box.w);
-    const y = box.y + box.h - (p.latency / top) * box.h;
-    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
-  });
-  ctx.stroke();
+  if (series.length > 0) {
+    const t0 = series[0].capture_ts;
+    const span = Math.max(series[series.length - 1].capture_ts - t0, 1e-6);
+    const xOf = (p) => box.x + (series.length === 1 ? box.w / 2 : ((p.capture_ts - t0) / span) * box.w);
+    const yOf = (v) => box.y + box.h - Math.min(v / top, 1) * box.h;
+    const below = new Array(series.length).fill(0);
+    for (const name of names) {
+      const above = series.map((p, i) => below[i] + Math.max((p.stages || {})[name] || 0, 0));
+      ctx.beginPath();
+      series.forEach((p, i) => (i === 0 ? ctx.moveTo(xOf(p), yOf(above[i])) : ctx.lineTo(xOf(p), yOf(above[i]))));
+      for (let i = series.length - 1; i >= 0; i--) ctx.lineTo(xOf(series[i]), yOf(below[i]));
+      ctx.closePath();
+      ctx.fillStyle = STAGE_COLORS[name] || "#888";
+      ctx.fill();
+      above.forEach((v, i) => { below[i] = v; });
+    }
+  }
+  const measured = stats.stages.filter((s) => s.share !== null);
+  const largest = measured.reduce((a, b) => (b.share > (a ? a.share : -1) ? b : a), null);
+  const body = $("stages-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const s of stats.stages) {
+    const tr = document.createElement("tr");
+    tr.dataset.stage = s.name;
+    tr.title = s.what;
+    tr.classList.toggle("top", largest !== null && s.name === largest.name);
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = STAGE_COLORS[s.name] || "#888";
+    const first = document.createElement("td");
+    first.append(swatch);
+    tr.append(first, cell(s.name), cell(fmtSeconds(s.p50)), cell(fmtSeconds(s.p95)),
+      cell(s.share === null ? "-" : `${(100 * s.share).toFixed(0)}%`));
+    body.append(tr);
+  }
+  $("stages-verdict").textContent = largest === null
+    ? "no stage times yet"
+    : `Most of the time goes to ${largest.name} (${(100 * largest.share).toFixed(0)}% of the mean, `
+      + `p50 ${fmtSeconds(largest.p50)}): ${largest.what}.`;
 }
 
 // --- polling ---------------------------------------------------------------------------
@@ -278,7 +324,7 @@ async function refresh() {
       const id = encodeURIComponent(state.selected);
       const stats = await (await api(`/streams/${id}/stats?points=${STATS_POINTS}`)).json();
       drawShares(stats);
-      drawLatency(stats);
+      drawStages(stats);
     }
     setStatus(`updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {
