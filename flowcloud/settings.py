@@ -150,7 +150,11 @@ class WorkerSettings(ServiceSettings):
     device: str = Field("cpu", description="cpu or cuda")
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16")
     batch_size: int = Field(8, ge=1, le=256, description="frames per batch at most")
-    batch_timeout_ms: int = Field(50, ge=1, description="how long to wait to fill a batch")
+    batch_timeout_ms: int = Field(
+        5,
+        ge=1,
+        description="how long the oldest queued frame waits for a fuller batch while the model is free",
+    )
     mode: FrameMode = Field("realtime", description="realtime (drop stale frames) or complete (process all)")
     max_frame_age: float = Field(
         2.0,

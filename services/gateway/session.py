@@ -275,6 +275,8 @@ class Session:
         self._pipeline, self._decoder = self._packet_path(device)
         try:
             await self._decoder.start()
+            if self._closing and self.end_reason in (END_REVOKED, END_ROTATED):
+                return  # revoked while setting up (before there was a task to cancel): read nothing
             self._stream_task = asyncio.create_task(self._read_packets(), name=f"packets:{self.session_id}")
             await self._stream_task
             self.end_reason = self.end_reason or END_EOF
