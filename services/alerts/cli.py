@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Any
 
-from pydantic import ValidationError
-
-from flowcloud.cli.errors import CommandError, settings_error
+from flowcloud.cli.errors import CommandError
+from flowcloud.cli.options import field_option, settings_from_options
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.settings import AlertsSettings
 
@@ -22,13 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    fields = AlertsSettings.model_fields
-
-    def option(flag: str, **kwargs: Any) -> None:
-        name = flag.removeprefix("--").replace("-", "_")
-        kwargs.setdefault("help", fields[name].description)
-        parser.add_argument(flag, dest=name, default=None, **kwargs)
-
+    option = field_option(parser, AlertsSettings)
     option("--redis-url", metavar="URL", help="Redis URL (env FLOWCLOUD_REDIS_URL)")
     option("--name")
     option("--batch-size", type=int)
@@ -45,11 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> AlertsSettings:
-    given = {k: v for k, v in vars(args).items() if v is not None and k in AlertsSettings.model_fields}
-    try:
-        return AlertsSettings(**given)
-    except ValidationError as exc:
-        raise settings_error(exc) from None
+    """Environment settings overridden by the options given on the command line."""
+    return settings_from_options(AlertsSettings, args)
 
 
 def run(args: argparse.Namespace) -> int:

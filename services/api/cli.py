@@ -7,9 +7,7 @@ import logging
 import signal
 from types import FrameType
 
-from pydantic import ValidationError
-
-from flowcloud.cli.errors import settings_error
+from flowcloud.cli.options import build_settings
 from flowcloud.settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -26,15 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> ApiSettings:
-    overrides = {
-        name: value
-        for name, value in (("host", args.host), ("port", args.port), ("redis_url", args.redis_url))
-        if value is not None
-    }
-    try:
-        return ApiSettings(**overrides)
-    except ValidationError as exc:
-        raise settings_error(exc) from None
+    return build_settings(ApiSettings, {"host": args.host, "port": args.port, "redis_url": args.redis_url})
 
 
 def run(args: argparse.Namespace) -> int:

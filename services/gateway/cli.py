@@ -10,11 +10,9 @@ import argparse
 import asyncio
 import logging
 import signal
-from typing import Any
 
-from pydantic import ValidationError
-
-from flowcloud.cli.errors import CommandError, settings_error
+from flowcloud.cli.errors import CommandError
+from flowcloud.cli.options import build_settings
 from flowcloud.frames import ENCODINGS
 from flowcloud.observability import serve_health_and_metrics
 from flowcloud.settings import GatewaySettings
@@ -80,15 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
-    overrides: dict[str, Any] = {
-        field: getattr(args, option)
-        for option, field in OPTIONS.items()
-        if getattr(args, option, None) is not None
-    }
-    try:
-        return GatewaySettings(**overrides)
-    except ValidationError as exc:
-        raise settings_error(exc) from None
+    return build_settings(
+        GatewaySettings, {field: getattr(args, option, None) for option, field in OPTIONS.items()}
+    )
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Any
 
-from pydantic import ValidationError
-
-from flowcloud.cli.errors import CommandError, settings_error
+from flowcloud.cli.errors import CommandError
+from flowcloud.cli.options import field_option, settings_from_options
 from flowcloud.inference import COMPILE_MODES, PRECISIONS
 from flowcloud.labels import LABEL_SETS
 from flowcloud.observability import serve_health_and_metrics
@@ -28,11 +26,7 @@ log = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     fields = WorkerSettings.model_fields
 
-    def option(flag: str, **kwargs: Any) -> None:
-        name = flag.removeprefix("--").replace("-", "_")
-        kwargs.setdefault("help", fields[name].description)
-        parser.add_argument(flag, dest=name, default=None, **kwargs)
-
+    option = field_option(parser, WorkerSettings)
     option("--redis-url", metavar="URL", help="Redis URL (env FLOWCLOUD_REDIS_URL)")
     option("--name", help="consumer name in the group (default: hostname-pid)")
     model = parser.add_argument_group("model")
@@ -80,11 +74,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> WorkerSettings:
     """Environment settings overridden by the options given on the command line."""
-    given = {k: v for k, v in vars(args).items() if v is not None and k in WorkerSettings.model_fields}
-    try:
-        return WorkerSettings(**given)
-    except ValidationError as exc:
-        raise settings_error(exc) from None
+    return settings_from_options(WorkerSettings, args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -47,13 +47,8 @@ class Dashboard:
     browser: Browser
 
 
-@pytest.fixture
-def dashboard(redis_url: str) -> Iterator[Dashboard]:
-    now = time.time()
-    seed_stream(
-        redis_url, "cam-street", "acme", count=80, start_ts=now - 8.0, period=0.1, size=SIZE, link_delay=LINK
-    )
-    seed_stream(redis_url, "cam-hidden", "other", count=3, start_ts=now - 1.0, period=0.1)
+def open_dashboard(redis_url: str) -> Iterator[Dashboard]:
+    """A real API on ``redis_url`` and a headless Chromium, with a reader key of tenant acme."""
     token = make_key(redis_url, "reader", "acme")
     with running_api(ApiSettings(redis_url=redis_url)) as base, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -61,6 +56,16 @@ def dashboard(redis_url: str) -> Iterator[Dashboard]:
             yield Dashboard(base, token, browser)
         finally:
             browser.close()
+
+
+@pytest.fixture
+def dashboard(redis_url: str) -> Iterator[Dashboard]:
+    now = time.time()
+    seed_stream(
+        redis_url, "cam-street", "acme", count=80, start_ts=now - 8.0, period=0.1, size=SIZE, link_delay=LINK
+    )
+    seed_stream(redis_url, "cam-hidden", "other", count=3, start_ts=now - 1.0, period=0.1)
+    yield from open_dashboard(redis_url)
 
 
 def open_page(dash: Dashboard, url: str, offsite: list[str], errors: list[str] | None = None) -> Page:
@@ -185,13 +190,7 @@ def alerting(redis_url: str) -> Iterator[Dashboard]:
     now = time.time()
     seed_stream(redis_url, "cam-street", "acme", count=80, start_ts=now - 8.0, period=0.1, size=SIZE)
     asyncio.run(evaluate(before_results=False))
-    token = make_key(redis_url, "reader", "acme")
-    with running_api(ApiSettings(redis_url=redis_url)) as base, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield Dashboard(base, token, browser)
-        finally:
-            browser.close()
+    yield from open_dashboard(redis_url)
 
 
 def test_chart_points_open_their_frames_and_alert_firings_show(alerting: Dashboard) -> None:
