@@ -40,6 +40,7 @@ EXPECTED = PUBLIC | {
     ("GET", "/streams/{stream_id}/stats"),
     ("GET", "/streams/{stream_id}/live"),
     ("GET", "/streams/{stream_id}/aggregates"),
+    ("GET", "/streams/{stream_id}/edge-masks"),
     ("GET", "/search"),
     ("POST", "/alerts/rules"),
     ("GET", "/alerts/rules"),
@@ -202,7 +203,7 @@ def test_the_openapi_document_needs_a_key_and_no_docs_page_is_served(api: Setup)
 
 def test_another_tenants_stream_answers_404_on_every_stream_route(api: Setup) -> None:
     stream_routes = sorted(r for r in documented_routes() if "{stream_id}" in r[1])
-    assert len(stream_routes) == 7
+    assert len(stream_routes) == 8
     for method, path in stream_routes:
         other = call(api.client, method, path, api.reader_alpha, stream="cam-beta")
         unknown = call(api.client, method, path, api.reader_alpha, stream="cam-nowhere")

@@ -200,16 +200,18 @@ def test_chart_points_open_their_frames_and_alert_firings_show(alerting: Dashboa
     page.wait_for_function("() => Number(document.getElementById('shares-chart').dataset.firings) > 0")
     firing = page.locator("#firings li").first
     assert "car above 2%" in firing.inner_text()
-    # A red marker at the firing's time on the chart.
-    marker = page.evaluate(
+    # A red marker at the firing's time on the chart (waited for: each poll redraws the chart, and
+    # the markers follow once the firings have been fetched).
+    page.wait_for_function(
         """() => { const c = document.getElementById('shares-chart'); const s = state.stats.series;
         const f = document.querySelector('#firings li').textContent.match(/frame (\\d+)/)[1];
         const p = s.reduce((b, q) => Math.abs(q.seq - f) < Math.abs(b.seq - f) ? q : b, s[0]);
         const t0 = s[0].capture_ts, span = s[s.length - 1].capture_ts - t0;
         const x = Math.round(40 + (p.capture_ts - t0) / span * (c.width - 48));
-        return Array.from(c.getContext('2d').getImageData(x, 12, 1, 1).data); }"""
+        const px = c.getContext('2d').getImageData(x, 12, 1, 1).data;
+        return [255, 59, 59].every((v, i) => Math.abs(px[i] - v) <= 8); }""",  # antialiased
+        timeout=15_000,
     )
-    assert all(abs(a - b) <= 8 for a, b in zip(marker[:3], (255, 59, 59), strict=True))  # antialiased
     # Click the chart at a point: its frame opens.
     point = page.evaluate(
         """() => { const c = document.getElementById('shares-chart'); const s = state.stats.series;

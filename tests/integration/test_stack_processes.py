@@ -147,7 +147,7 @@ def test_ctrl_c_stops_the_stack_in_order_with_redis_last(tmp_path: Path) -> None
             edge.stop(10)
     assert up.returncode == 0, output
     stopped = next(line for line in output.splitlines() if line.startswith("stopped:"))
-    assert stopped == "stopped: gateway=0, worker-0=0, api=0", output
+    assert stopped == "stopped: gateway=0, worker-0=0, alerts=0, api=0", output
     assert took < 15, f"the stack took {took:.1f} s to stop (the worker's drain deadline is 20 s)"
     assert _gone(redis_pid)
     # What Redis wrote to its append-only file at the end: nothing read and left unacknowledged.
@@ -163,7 +163,7 @@ def test_a_killed_supervisor_leaves_no_process_behind(tmp_path: Path) -> None:
     with flowcloud_up(tmp_path / "stack") as up:
         children = up.children()
         assert {_name(pid) for pid in children} >= {"redis-server"}
-        assert len(children) == 4  # redis-server, gateway, worker-0, api
+        assert len(children) == 5  # redis-server, gateway, worker-0, alerts, api
         up.kill()
         up.wait(10)
         for pid in children:
