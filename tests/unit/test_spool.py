@@ -83,13 +83,19 @@ def test_spool_starts_at_an_idr(tmp_path: Path) -> None:
     assert micros(sent(spool)) == micros(frames[GOP:])
 
 
-def test_a_torn_last_record_is_cut_and_everything_before_it_recovers(tmp_path: Path) -> None:
-    frames = encoded(12)
-    spool = Spool(tmp_path, SHAPE)
+def spooled_segment(folder: Path, frames: list[EncodedFrame]) -> Path:
+    """Spool ``frames`` into ``folder`` and close it: the one segment file they went to."""
+    spool = Spool(folder, SHAPE)
     for item in frames:
         spool.append(item)
     spool.close()
-    (segment,) = tmp_path.glob(f"*{RECORDING_SUFFIX}")
+    (segment,) = folder.glob(f"*{RECORDING_SUFFIX}")
+    return segment
+
+
+def test_a_torn_last_record_is_cut_and_everything_before_it_recovers(tmp_path: Path) -> None:
+    frames = encoded(12)
+    segment = spooled_segment(tmp_path, frames)
     whole = segment.read_bytes()
     segment.write_bytes(whole[:-7])  # the last record lost its end (kill -9, power cut)
     reopened = Spool(tmp_path, SHAPE)
@@ -102,11 +108,7 @@ def test_a_torn_last_record_is_cut_and_everything_before_it_recovers(tmp_path: P
 
 def test_a_damaged_record_is_never_read_as_video(tmp_path: Path) -> None:
     frames = encoded(10)
-    spool = Spool(tmp_path, SHAPE)
-    for item in frames:
-        spool.append(item)
-    spool.close()
-    (segment,) = tmp_path.glob(f"*{RECORDING_SUFFIX}")
+    segment = spooled_segment(tmp_path, frames)
     data = bytearray(segment.read_bytes())
     target = frames[2].nals[-1]
     at = bytes(data).index(target[10:40])  # inside frame 2's slice data
@@ -145,11 +147,7 @@ def test_old_gops_age_out(tmp_path: Path) -> None:
 
 def test_a_spool_segment_replays_with_the_recording_source(tmp_path: Path) -> None:
     frames = encoded(10)
-    spool = Spool(tmp_path, SHAPE)
-    for item in frames:
-        spool.append(item)
-    spool.close()
-    (segment,) = tmp_path.glob(f"*{RECORDING_SUFFIX}")
+    segment = spooled_segment(tmp_path, frames)
     source = RecordingSource(segment, loop=False, fps=5.0)
     assert source.open() == SHAPE  # size from the SPS, frame rate from the .json beside it
     replayed = list(source.access_units())
@@ -161,11 +159,7 @@ def test_a_spool_segment_replays_with_the_recording_source(tmp_path: Path) -> No
 @pytest.mark.parametrize("cut", [1, 2, 3, 20])
 def test_any_torn_tail_leaves_only_whole_records(tmp_path: Path, cut: int) -> None:
     frames = encoded(6)
-    spool = Spool(tmp_path, SHAPE)
-    for item in frames:
-        spool.append(item)
-    spool.close()
-    (segment,) = tmp_path.glob(f"*{RECORDING_SUFFIX}")
+    segment = spooled_segment(tmp_path, frames)
     segment.write_bytes(segment.read_bytes()[:-cut])
     out = sent(Spool(tmp_path, SHAPE))
     assert [f.nals for f in out] == [f.nals for f in frames[: len(out)]]
