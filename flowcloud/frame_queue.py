@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from flowcloud import keys
+from flowcloud import groups, keys
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +119,8 @@ def _text(value: bytes | int) -> str:
 
 async def ensure_group(redis: Redis) -> None:
     """Create the workers' consumer group (and the stream) unless it exists."""
-    try:
-        await redis.xgroup_create(keys.FRAMES_STREAM, keys.WORKER_GROUP, id="0", mkstream=True)
+    if await groups.ensure_group(redis, keys.FRAMES_STREAM, keys.WORKER_GROUP, "0"):
         log.info("created consumer group %s on %s", keys.WORKER_GROUP, keys.FRAMES_STREAM)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 class FrameQueue:

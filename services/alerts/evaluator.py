@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule, RuleStore
+from flowcloud.groups import ensure_group
 from flowcloud.replies import text
 
 from . import metrics
@@ -78,14 +78,6 @@ class ResultEvent:
             capture_ts=float(fields[keys.R_CAPTURE_TS.encode()]),
             shares={str(k): float(v) for k, v in json.loads(fields[keys.R_SHARES.encode()]).items()},
         )
-
-
-async def ensure_group(redis: Redis, stream: str, group: str, start: str) -> None:
-    try:
-        await redis.xgroup_create(stream, group, id=start, mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 class Evaluator:

@@ -12,10 +12,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowcloud import keys
+from flowcloud.groups import ensure_group
 from flowcloud.settings import AlertsSettings
 
 from . import metrics
-from .evaluator import Evaluator, ensure_group
+from .evaluator import Evaluator
 from .webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
