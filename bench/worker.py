@@ -40,6 +40,7 @@ from redis.asyncio import Redis as AsyncRedis
 from torch import nn
 
 from flowcloud import keys
+from flowcloud.frame_queue import ensure_group
 from flowcloud.frames import Frame, encode_image
 from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from flowcloud.labels import LABEL_IDS, class_shares
@@ -49,7 +50,6 @@ from flowcloud.settings import WorkerSettings
 from flowcloud.sizes import parse_size
 from flowcloud.zoo import LoadedModel, ModelInfo, build_model, calibrate_batch_norm, load_model
 from services.worker.consumer import Worker, segmenter_options
-from services.worker.recovery import ensure_group
 
 MOBILE = "lraspp_mobilenet_v3_large"
 MODELS = ("deeplabv3_resnet50", MOBILE)

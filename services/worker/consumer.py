@@ -50,6 +50,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import keys, stages
 from flowcloud.clock import RedisClock
+from flowcloud.frame_queue import ensure_group
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
 from flowcloud.percentile import percentile
@@ -71,7 +72,7 @@ from .policy import (
     STALE_ON_READ,
     FramePolicy,
 )
-from .recovery import Entry, Recovery, ensure_group, parse_entries
+from .recovery import Entry, Recovery, parse_entries
 from .scheduler import FrameQueue, Queued
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from typing import Any
 from redis.asyncio import Redis
 
 from flowcloud import keys
-from flowcloud.frame_queue import ensure_group as ensure_group  # the group's one owner; used by the consumer
 from flowcloud.frames import Frame
 from flowcloud.replies import text
 

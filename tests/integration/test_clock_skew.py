@@ -20,6 +20,7 @@ from support.worker import frame, pending_total, result_count
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.frame_queue import ensure_group
 from flowcloud.frames import Frame
 from flowcloud.results import MaskResult, MaskStore
 from flowcloud.settings import WorkerSettings
@@ -28,7 +29,6 @@ from services.api.queries import StreamQueries
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.gateway.server import Gateway
 from services.worker.consumer import Worker
-from services.worker.recovery import ensure_group
 
 
 def stage_count(service: str, stage: str) -> float:
