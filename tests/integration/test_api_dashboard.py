@@ -201,13 +201,15 @@ def test_chart_points_open_their_frames_and_alert_firings_show(alerting: Dashboa
     firing = page.locator("#firings li").first
     assert "car above 2%" in firing.inner_text()
     # A red marker at the firing's time on the chart (waited for: each poll redraws the chart, and
-    # the markers follow once the firings have been fetched).
+    # the markers follow once the firings have been fetched). The 2 px line is centred on a
+    # fractional x, so the pixel that it covers whole is floor(x); round(x) is half-covered
+    # (antialiased pink) whenever x's fraction is above 0.5, which depends on the chart's window.
     page.wait_for_function(
         """() => { const c = document.getElementById('shares-chart'); const s = state.stats.series;
         const f = document.querySelector('#firings li').textContent.match(/frame (\\d+)/)[1];
         const p = s.reduce((b, q) => Math.abs(q.seq - f) < Math.abs(b.seq - f) ? q : b, s[0]);
         const t0 = s[0].capture_ts, span = s[s.length - 1].capture_ts - t0;
-        const x = Math.round(40 + (p.capture_ts - t0) / span * (c.width - 48));
+        const x = Math.floor(40 + (p.capture_ts - t0) / span * (c.width - 48));
         const px = c.getContext('2d').getImageData(x, 12, 1, 1).data;
         return [255, 59, 59].every((v, i) => Math.abs(px[i] - v) <= 8); }""",  # antialiased
         timeout=15_000,
