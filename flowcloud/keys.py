@@ -2,11 +2,18 @@
 
 All keys share one prefix so that a Redis instance can be shared (and inspected) safely.
 Stream ids are device ids: one device sends one live stream.
+
+Redis Cluster: every key of one stream (its frames, metadata, results and their indexes, alert
+state) carries the stream id as its hash tag, ``{<stream id>}``, so that it lives in one slot and
+one Lua script or MULTI may touch several of them. The frame queues are sharded: ``frame_shard(i)``
+for ``i < shards``, with the shard of a stream given by `shard_of` (a stable hash of its id). Keys
+of different streams, tenants or shards are never touched by one command, script or transaction.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 
 PREFIX = "fc"
 
@@ -17,6 +24,31 @@ IDENTIFIER_RULE = "1 to 64 characters from A-Z a-z 0-9 . _ - starting with a let
 
 def is_identifier(name: object) -> bool:
     return isinstance(name, str) and IDENTIFIER.fullmatch(name) is not None
+
+
+def tag(name: str) -> str:
+    """``name`` as a Redis Cluster hash tag: keys holding the same tag share one slot."""
+    return f"{{{name}}}"
+
+
+# --- frame queue shards ---------------------------------------------------------------------
+MAX_SHARDS = 64
+
+
+def shard_of(stream_id: str, shards: int) -> int:
+    """The frame-queue shard of a stream: a stable hash of its id (CRC-32, the same in every
+    process and release), modulo the number of shards."""
+    return zlib.crc32(stream_id.encode()) % shards
+
+
+def frame_shard(shard: int) -> str:
+    """Stream: the live frame queue of shard ``shard`` (workers share group WORKER_GROUP on each)."""
+    return f"{PREFIX}:frames:{tag(f'shard-{shard}')}"
+
+
+def backfill_shard(shard: int) -> str:
+    """Stream: the backfill lane of shard ``shard`` (same slot as its live queue)."""
+    return f"{PREFIX}:frames:backfill:{tag(f'shard-{shard}')}"
 
 
 # --- frames: gateway -> workers ------------------------------------------------------------
@@ -53,12 +85,12 @@ STREAMS_INDEX = f"{PREFIX}:streams"  # sorted set: stream id -> last seen (unix 
 
 def stream_meta(stream_id: str) -> str:
     """Hash: device, tenant, width, height, fps, last_seen, started, status, last_seq, trimmed_unread."""
-    return f"{PREFIX}:stream:{stream_id}"
+    return f"{PREFIX}:stream:{tag(stream_id)}"
 
 
 def recent_frames(stream_id: str) -> str:
     """Stream (small MAXLEN): the latest frames of one stream, to draw overlays with."""
-    return f"{PREFIX}:stream:{stream_id}:recent"
+    return f"{PREFIX}:stream:{tag(stream_id)}:recent"
 
 
 # Fields of a stream_meta hash (written by the gateway).
@@ -83,27 +115,27 @@ STATUS_IDLE = "idle"
 # --- results (masks) ------------------------------------------------------------------------
 def mask_index(stream_id: str) -> str:
     """Sorted set: frame seq -> frame seq (scored by seq for ordering and paging)."""
-    return f"{PREFIX}:stream:{stream_id}:masks"
+    return f"{PREFIX}:stream:{tag(stream_id)}:masks"
 
 
 def mask(stream_id: str, seq: int) -> str:
     """Hash: one mask result (see flowcloud.results.MaskResult)."""
-    return f"{PREFIX}:mask:{stream_id}:{seq}"
+    return f"{PREFIX}:mask:{tag(stream_id)}:{seq}"
 
 
 def edge_mask_index(stream_id: str) -> str:
     """Sorted set: masks the edge made offline (fallback model), capture µs -> capture time."""
-    return f"{PREFIX}:stream:{stream_id}:edge-masks"
+    return f"{PREFIX}:stream:{tag(stream_id)}:edge-masks"
 
 
 def edge_mask(stream_id: str, capture_us: int) -> str:
     """Hash: one edge-made mask (a MaskResult with producer "edge"), beside any cloud result."""
-    return f"{PREFIX}:edge-mask:{stream_id}:{capture_us}"
+    return f"{PREFIX}:edge-mask:{tag(stream_id)}:{capture_us}"
 
 
 def attempts(stream_id: str, seq: int) -> str:
     """Counter: how many times a worker failed on a frame (for dead-lettering)."""
-    return f"{PREFIX}:attempts:{stream_id}:{seq}"
+    return f"{PREFIX}:attempts:{tag(stream_id)}:{seq}"
 
 
 # --- devices and API keys -------------------------------------------------------------------
@@ -167,17 +199,17 @@ def tenant_streams(tenant: str) -> str:
 def class_index(stream_id: str, class_name: str, level: int) -> str:
     """Sorted set: results whose share of the class is at least share_index.LEVELS[level]:
     member "<seq>:<share>", score capture_ts."""
-    return f"{PREFIX}:stream:{stream_id}:class:{class_name}:{level}"
+    return f"{PREFIX}:stream:{tag(stream_id)}:class:{class_name}:{level}"
 
 
 def class_indexes(stream_id: str) -> str:
     """Set: the class_index keys a stream has (what retention trims)."""
-    return f"{PREFIX}:stream:{stream_id}:classes"
+    return f"{PREFIX}:stream:{tag(stream_id)}:classes"
 
 
 def share_buckets(stream_id: str, minute: int) -> str:
     """Sorted set: per-class share aggregates of one minute of results (share_index.Bucket)."""
-    return f"{PREFIX}:stream:{stream_id}:agg:{minute}"
+    return f"{PREFIX}:stream:{tag(stream_id)}:agg:{minute}"
 
 
 RESULTS_STREAM = f"{PREFIX}:results"  # one entry per new result: what alert evaluators read
@@ -210,7 +242,7 @@ ALERT_TENANTS = f"{PREFIX}:alert-tenants"  # set of tenants that have rules
 
 def alert_state(rule_id: str, stream_id: str) -> str:
     """Hash: one rule's evaluation state on one stream (last seq, run start, last firing)."""
-    return f"{PREFIX}:alert:{rule_id}:state:{stream_id}"
+    return f"{PREFIX}:alert:{rule_id}:state:{tag(stream_id)}"
 
 
 def alert_firing(firing_id: str) -> str:

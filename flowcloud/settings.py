@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flowcloud.keys import MAX_SHARDS
 from flowcloud.sizes import SizeText
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -53,6 +54,18 @@ class ServiceSettings(BaseSettings):
         description="Redis URL of the control plane (devices, API keys): a store with its own durability, "
         "apart from the frames; default: redis_url (one machine, one persistent Redis)",
         repr=False,
+    )
+    redis_cluster: bool = Field(
+        False,
+        validation_alias=AliasChoices("FLOWCLOUD_REDIS_CLUSTER", "redis_cluster"),
+        description="redis_url names a node of a Redis Cluster (the client discovers the rest)",
+    )
+    frame_shards: int = Field(
+        1,
+        ge=1,
+        le=MAX_SHARDS,
+        validation_alias=AliasChoices("FLOWCLOUD_FRAME_SHARDS", "frame_shards"),
+        description="frame queues the streams are spread over (the same in every gateway and worker)",
     )
     log_level: str = Field(
         "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"

@@ -43,7 +43,7 @@ def test_kill_9_mid_batch_another_worker_finishes_without_loss_or_duplicates(
 
     # None lost, none duplicated: one result per frame, and nothing dead-lettered.
     assert result_seqs(client, "cam-k") == list(range(24))
-    assert len(list(client.scan_iter(match="fc:mask:cam-k:*"))) == 24
+    assert len(list(client.scan_iter(match="fc:mask:{cam-k}:*"))) == 24
     assert client.xlen(keys.DEAD_LETTER_STREAM) == 0
     for f in frames:
         labels = decode_label_map(client.hget(keys.mask("cam-k", f.seq), "labels_png"))  # type: ignore[arg-type]
