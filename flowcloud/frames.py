@@ -35,6 +35,10 @@ class Frame:
     sent_ts: float | None = None
     decoded_ts: float | None = None
     published_ts: float | None = None
+    # The lease generation of the gateway session that received it (services.gateway.lease): the
+    # publisher writes it only while the stream's metadata still names that generation (fencing).
+    # 0: not fenced (tools and benches that publish without a session).
+    generation: int = 0
 
     def to_fields(self) -> dict[str, str | int | float | bytes]:
         fields: dict[str, str | int | float | bytes] = {

@@ -108,6 +108,11 @@ M_TRIMMED_UNREAD = "trimmed_unread"  # its frames trimmed from FRAMES_STREAM bef
 # backfilled results sort in capture order: the last one handed out, and the last reserved.
 M_BACKFILL_LAST_SEQ = "backfill_last_seq"
 M_BACKFILL_END_SEQ = "backfill_end_seq"
+# The live session's lease (services.gateway.lease): its generation, raised by each new session
+# (fencing: a frame carrying an older generation is not published), who holds it, and until when.
+M_GENERATION = "generation"
+M_OWNER = "owner"  # "<gateway replica> <session id>"
+M_LEASE_UNTIL = "lease_until"  # unix seconds on Redis's clock; renewed while the session lives
 STATUS_LIVE = "live"
 STATUS_IDLE = "idle"
 
