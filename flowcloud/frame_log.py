@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
+import redis
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
@@ -56,7 +57,7 @@ def log_key(stream: str, backfill: bool) -> str:
 
 
 def append_in(
-    pipe: Pipeline,
+    pipe: Pipeline | redis.client.Pipeline,
     stream: str,
     frames: Sequence[Frame],
     maxlen: int,
@@ -117,3 +118,31 @@ async def fetch(redis: Redis, locations: Sequence[tuple[str, str]]) -> list[dict
     for found in await pipe.execute():
         out.append(found[0][1] if found else None)
     return out
+
+
+def publish_blocking(
+    client: redis.Redis, frames: Sequence[Frame], shards: int = 1, maxlen: int = 10_000, atomic: bool = False
+) -> list[str]:
+    """Write ``frames`` as a gateway does (each to its stream's frame log, unfenced, and a reference
+    to its shard's queue) with a blocking client, for tools, benches and tests that publish without
+    a gateway; the references' ids. Seqs are the frames' own. ``atomic``: the references in one
+    MULTI, so that one read sees them all (one Redis, or all of them in one shard)."""
+    lanes: dict[tuple[str, bool], list[Frame]] = {}
+    for frame in frames:
+        lanes.setdefault((frame.stream, frame.backfill), []).append(frame)
+    pipe = client.pipeline(transaction=False)
+    for (stream, _backfill), lane in lanes.items():
+        append_in(pipe, stream, lane, maxlen)
+    refs = client.pipeline(transaction=atomic)
+    for (stream, backfill), reply in zip(lanes, pipe.execute(), strict=True):
+        shard = keys.shard_of(stream, shards)
+        queue = keys.backfill_shard(shard) if backfill else keys.frame_shard(shard)
+        for frame, frame_id in zip(lanes[stream, backfill], parse_append(reply) or [], strict=True):
+            refs.xadd(queue, ref_fields(frame, frame_id))  # type: ignore[arg-type]
+    return [text(ref_id) for ref_id in refs.execute()]
+
+
+def logged_frames(client: redis.Redis, stream: str, backfill: bool = False) -> list[Frame]:
+    """The frames ``stream``'s frame log (or backfill log) holds, oldest first."""
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(log_key(stream, backfill)))
+    return [Frame.from_fields(fields) for _, fields in entries]
