@@ -158,7 +158,7 @@ def test_a_worker_reads_every_shard_and_a_busy_shard_does_not_starve_another(
 ) -> None:
     (busy,), (quiet_1,), (quiet_2,) = streams_on_shards(SHARDS)
     client = redis.Redis.from_url(redis_url)
-    backlog = 160
+    backlog = 60
     publish(client, [frame(busy, seq, 48, 64) for seq in range(1, backlog + 1)], SHARDS)
     args = (
         "--mode",
