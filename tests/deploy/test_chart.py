@@ -337,7 +337,7 @@ def test_keda_scales_workers_on_the_frames_group_lag(ci_objs: list[Obj]) -> None
     (trigger,) = spec["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "redis-streams"
-    assert meta["stream"] == keys.FRAMES_STREAM and meta["consumerGroup"] == keys.WORKER_GROUP
+    assert meta["stream"] == keys.frame_shard(0) and meta["consumerGroup"] == keys.WORKER_GROUP
     assert meta["lagCount"] == "30" and meta["activationLagCount"] == "0"
     assert "pendingEntriesCount" not in meta and "streamLength" not in meta
     assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"

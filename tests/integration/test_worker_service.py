@@ -151,6 +151,6 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(
         # It left the worker index and the consumer group on its way out.
         assert not client.exists(keys.worker("w1"))
         assert client.zscore(keys.WORKERS_INDEX, "w1") is None
-        consumers = client.xinfo_consumers(keys.FRAMES_STREAM, keys.WORKER_GROUP)
+        consumers = client.xinfo_consumers(keys.frame_shard(0), keys.WORKER_GROUP)
         assert all(c["name"] not in ("w1", b"w1") for c in consumers)
     assert "drained" in proc.log()
