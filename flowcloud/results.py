@@ -246,7 +246,7 @@ class MaskStore:
                 fields,
                 self.ttl_seconds,
             )
-            await pipe.call(self._index, script_keys, args)
+            pipe.call(self._index, script_keys, args)
         replies = [int(r) for r in await pipe.execute()]
         unfinished = [
             (r, size)
@@ -283,7 +283,7 @@ class MaskStore:
             if tenant is not None:
                 member = memory_member(result.stream, result.seq, size)
                 account = [keys.tenant_memory(tenant), keys.tenant_usage(tenant)]
-                await pipe.call(self._account, account, [member, repr(result.capture_ts), size])
+                pipe.call(self._account, account, [member, repr(result.capture_ts), size])
         await pipe.execute()
 
     async def _tenants_of(self, streams: set[str]) -> dict[str, str | None]:

@@ -171,7 +171,7 @@ class Evaluator:
                 metrics.RESULTS.labels("no_rules").inc()
             for rule in rules:
                 script_keys, args = self._call(rule, event)
-                await pipe.call(self._script, script_keys, args)
+                pipe.call(self._script, script_keys, args)
                 calls.append((event, rule))
         replies = [int(r) for r in await pipe.execute()] if calls else []
         await self._queue(
