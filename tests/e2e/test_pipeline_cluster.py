@@ -15,10 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from support.waiting import wait_for
 
 from flowcloud import keys, tokens
-from flowcloud.redis_client import connect, connect_async
+from flowcloud.redis_client import connect
 from flowcloud.redis_cluster import EmbeddedRedisCluster
 from flowcloud.redis_server import free_port
 from flowcloud.registry import DeviceRegistry
@@ -34,9 +35,17 @@ DEVICES = ("cam-north", "cam-south")
 
 
 @pytest.fixture
-def stack(tmp_path: Path, redis_cluster: EmbeddedRedisCluster, redis_cluster_url: str) -> Iterator[Stack]:
+def stack(
+    tmp_path: Path, redis_cluster: EmbeddedRedisCluster, redis_cluster_url: str, redis_url: str
+) -> Iterator[Stack]:
+    """The stack's services on the cluster (data plane) and a plain Redis (control plane: devices,
+    API keys, alert rules)."""
     assert DEMO_WEIGHTS.is_file(), "the bundled demo model is missing"
-    cluster_env = {"FLOWCLOUD_REDIS_CLUSTER": "1", "FLOWCLOUD_FRAME_SHARDS": str(SHARDS)}
+    cluster_env = {
+        "FLOWCLOUD_REDIS_CLUSTER": "1",
+        "FLOWCLOUD_FRAME_SHARDS": str(SHARDS),
+        "FLOWCLOUD_CONTROL_REDIS_URL": redis_url,
+    }
     config = StackConfig.on_free_ports(
         tmp_path / "stack",
         redis_url=redis_cluster_url,
@@ -71,8 +80,8 @@ def second_gateway(stack: Stack) -> Service:
     return gateway
 
 
-async def register(url: str) -> dict[str, str]:
-    client = connect_async(url, cluster=True)
+async def register(control_url: str) -> dict[str, str]:
+    client = Redis.from_url(control_url)
     try:
         registry = DeviceRegistry(client)
         return {device: (await registry.add(device, TENANT))[1] for device in DEVICES}
@@ -83,7 +92,7 @@ async def register(url: str) -> dict[str, str]:
 def test_two_gateways_two_workers_on_a_cluster(stack: Stack, redis_cluster: EmbeddedRedisCluster) -> None:
     assert len({keys.shard_of(device, SHARDS) for device in DEVICES}) == 2
     gateway_2 = second_gateway(stack)
-    device_tokens = asyncio.run(register(stack.redis_url))
+    device_tokens = asyncio.run(register(stack.config.env["FLOWCLOUD_CONTROL_REDIS_URL"]))
     gateway_2_address = f"127.0.0.1:{gateway_2.env['FLOWCLOUD_GATEWAY_PORT']}"
     gateways = {DEVICES[0]: stack.gateway_address, DEVICES[1]: gateway_2_address}
     edges = []
