@@ -318,7 +318,7 @@ def main() -> None:
     for m in measures[2:]:
         ratio = m.redis_us_per_frame / baseline.redis_us_per_frame
         print(f"| {m.shards} shards vs 1, Redis CPU per frame (goal ≤ 1.10) | {ratio:.2f} |")
-    print(f"\nRedis's time by command, µs per frame ({baseline.name}; the rest is I/O and event loop):\n")
+    print("\nRedis's time by command, µs per frame (a script's time includes the commands it calls):\n")
     print("| command | " + " | ".join(m.name for m in measures) + " |")
     print("|---|" + "---|" * len(measures))
     top = sorted(baseline.command_usec, key=lambda c: -baseline.command_usec[c])[:8]
