@@ -1,7 +1,7 @@
 """Frames per second that Redis carries for the whole frame and result path, on 1, 2 and 3 cluster
 shards, and Redis CPU time per frame (``INFO cpu`` of every node).
 
-    python -m bench.redis_capacity                    # 3000 frames per configuration
+    python -m bench.redis_capacity                    # 3000 frames per configuration, 3 times
     python -m bench.redis_capacity --frames 6000 --json out.json
 
 Each configuration is a fresh set of real redis-server processes on loopback: a plain redis-server
@@ -280,17 +280,31 @@ def table(measures: list[Measure]) -> str:
     return "\n".join(rows)
 
 
-async def run(args: argparse.Namespace) -> list[Measure]:
+async def run(args: argparse.Namespace) -> list[list[Measure]]:
+    """Every configuration once per repeat, interleaved (so drifting load hits them alike)."""
     configs = [("plain", 1)] + [("cluster", s) for s in range(1, args.max_shards + 1)]
-    total = args.frames * len(configs)
-    measures = []
+    total = args.frames * len(configs) * args.repeats
+    repeats = []
     with tempfile.TemporaryDirectory(prefix="redis-capacity-") as tmp, tqdm(total=total, unit="frame") as bar:
-        for kind, shards in configs:
-            bar.set_description(f"{kind} {shards}")
-            measures.append(
-                await measure(kind, shards, args.frames, args, Path(tmp) / f"{kind}-{shards}", bar)
-            )
-    return measures
+        for repeat in range(args.repeats):
+            measures = []
+            for kind, shards in configs:
+                bar.set_description(f"run {repeat + 1}: {kind} {shards}")
+                data_dir = Path(tmp) / f"{repeat}-{kind}-{shards}"
+                measures.append(await measure(kind, shards, args.frames, args, data_dir, bar))
+            repeats.append(measures)
+    return repeats
+
+
+def median_run(runs: list[Measure]) -> Measure:
+    """The run with the median Redis CPU per frame."""
+    return sorted(runs, key=lambda m: m.redis_us_per_frame)[len(runs) // 2]
+
+
+def ratio_line(what: str, ratios: list[float]) -> str:
+    """A table row: the median of the per-repeat ratios, and their range."""
+    ordered = sorted(ratios)
+    return f"| {what} | {ordered[len(ordered) // 2]:.2f} ({ordered[0]:.2f}-{ordered[-1]:.2f}) |"
 
 
 def main() -> None:
@@ -302,25 +316,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="frames per shard and round")
     parser.add_argument("--streams-per-shard", type=int, default=4)
     parser.add_argument("--max-shards", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every configuration, interleaved")
     parser.add_argument("--json", type=Path, help="also write the measures here")
     args = parser.parse_args()
-    measures = asyncio.run(run(args))
+    repeats = asyncio.run(run(args))
     load = os.getloadavg()[0]
-    print(f"\n{WIDTH}x{HEIGHT} JPEG frames, batch {args.batch} per shard, load average {load:.1f}\n")
+    print(f"\n{WIDTH}x{HEIGHT} JPEG frames, batch {args.batch} per shard, load average {load:.1f}")
+    print(f"each configuration {args.repeats} times; the run with the median Redis CPU per frame:\n")
+    measures = [median_run([runs[i] for runs in repeats]) for i in range(len(repeats[0]))]
     print(table(measures))
-    baseline = next(m for m in measures if m.name.startswith("cluster, 1"))
-    plain = measures[0]
-    print()
+    print("\nRedis CPU per frame, ratios of runs in the same repeat: median (range)\n")
     print("| ratio | value |")
     print("|---|---|")
-    overhead = baseline.redis_us_per_frame / plain.redis_us_per_frame
-    print(f"| cluster mode vs plain redis-server, Redis CPU per frame | {overhead:.2f} |")
-    for m in measures[2:]:
-        ratio = m.redis_us_per_frame / baseline.redis_us_per_frame
-        print(f"| {m.shards} shards vs 1, Redis CPU per frame (goal ≤ 1.10) | {ratio:.2f} |")
+    us = [[m.redis_us_per_frame for m in runs] for runs in repeats]  # per repeat: plain, 1, 2, 3...
+    print(ratio_line("cluster mode (1 shard) vs plain redis-server", [r[1] / r[0] for r in us]))
+    for i in range(2, len(us[0])):
+        print(ratio_line(f"{i} shards vs 1 (goal ≤ 1.10)", [r[i] / r[1] for r in us]))
     print("\nRedis's time by command, µs per frame (a script's time includes the commands it calls):\n")
     print("| command | " + " | ".join(m.name for m in measures) + " |")
     print("|---|" + "---|" * len(measures))
+    baseline = measures[1]
     top = sorted(baseline.command_usec, key=lambda c: -baseline.command_usec[c])[:8]
     for command in top:
         cells = " | ".join(f"{m.command_usec.get(command, 0.0) / m.frames:.1f}" for m in measures)
@@ -329,7 +344,7 @@ def main() -> None:
     cameras = per_core / 30
     print(f"\nOne Redis core carries {per_core:.0f} frames/s of this path ({cameras:.0f} cameras at 30 fps).")
     if args.json:
-        args.json.write_text(json.dumps([asdict(m) for m in measures], indent=2))
+        args.json.write_text(json.dumps([[asdict(m) for m in runs] for runs in repeats], indent=2))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_frames_flow_on_through_a_master_failover(cluster: EmbeddedRedisCluster)
     assert r["published_after"] >= AFTER_FAILOVER * FPS * len(STREAMS) * 0.5
     assert r["received_after"] >= r["published_after"] * 0.9 and r["settled"]
     assert 0 <= lost <= r["at_risk"]
-    # No busy loop while no node served the slot: the process (publisher, consumer, this test)
+    # No busy loop while no node served the slot: the event loop (publisher, reader, submitter)
     # used well under a core, and the reader backed off.
     assert r["outage_cpu"] / r["outage"] < 0.5
     assert r["outage_reads"] < r["outage"] / 0.1 * 2 + 20
