@@ -231,7 +231,7 @@ def test_pipeline_rides_out_a_master_failover(stack: Stack, cluster: EmbeddedRed
     finished(streaming)
     stack.check(restart=False)  # every service still runs
 
-    client = connect(stack.redis_url, cluster=True)
+    client = connect(successor.url, cluster=True)  # (a live node: see above)
 
     def results() -> int:
         return int(client.zcard(keys.mask_index(device)))
