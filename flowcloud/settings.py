@@ -142,6 +142,11 @@ class GatewaySettings(ServiceSettings):
         "frames' bytes, what workers fetch and overlays draw on; a frame evicted before a worker "
         "fetched it is counted",
     )
+    stream_frames_ttl: int = Field(
+        3600,
+        ge=0,
+        description="seconds a stream's frame log (and backfill log) outlives its last frame (0 = forever)",
+    )
     drain_timeout: float = Field(
         5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM"
     )

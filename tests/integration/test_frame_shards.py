@@ -89,6 +89,7 @@ def test_each_frames_bytes_are_written_once_and_its_shard_queue_holds_a_referenc
         refs = [fields for _, fields in entries(client, queue) if fields[b"stream"] == name.encode()]
         assert [ref[keys.F_FRAME_ID.encode()] for ref in refs] == [entry_id for entry_id, _ in logged]
         assert [int(ref[b"seq"]) for ref in refs] == [1, 2, 3, 4, 5]
+        assert 0 < client.ttl(keys.stream_frames(name)) <= 3600  # a quiet stream's log goes in time
     # Each shard queue holds the references of its own streams only.
     for shard in range(SHARDS):
         queued = entries(client, keys.frame_shard(shard))
