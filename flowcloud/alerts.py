@@ -48,6 +48,7 @@ F_ATTEMPTS = "attempts"
 F_LAST_ERROR = "last_error"
 F_DELIVERED = "delivered_ts"
 F_SECRET = "webhook_secret"
+F_UNQUEUED = "unqueued"  # "1" from recording a firing until it is indexed and queued for delivery
 STATUS_PENDING, STATUS_DELIVERED, STATUS_DEAD, STATUS_RECORDED = "pending", "delivered", "dead", "recorded"
 
 
@@ -151,9 +152,16 @@ def firing_id(rule_id: str, stream: str, seq: int) -> str:
     return f"{rule_id}.{stream}.{seq}"
 
 
+def firing_stream(firing_id: str) -> str:
+    """The stream of a firing, from its id (rule ids have no dot; seqs are digits); "" for a
+    malformed id, whose firing hash then reads as absent."""
+    return firing_id.partition(".")[2].rpartition(".")[0]
+
+
 def parse_firing(fields: dict[bytes, bytes]) -> dict[str, Any]:
     """A firing hash as JSON-ready values (the webhook secret left out)."""
-    out: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items() if k.decode() != F_SECRET}
+    hidden = (F_SECRET, F_UNQUEUED)
+    out: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items() if k.decode() not in hidden}
     for name in ("seq", "run_frames", F_ATTEMPTS):
         if name in out:
             out[name] = int(out[name])
@@ -174,7 +182,7 @@ async def firings(
     for start in range(0, len(ids), 256):  # a page of hashes per round trip
         pipe = redis.pipeline(transaction=False)
         for fid in ids[start : start + 256]:
-            pipe.hgetall(keys.alert_firing(fid.decode()))
+            pipe.hgetall(keys.alert_firing(firing_stream(fid.decode()), fid.decode()))
         for fields in await pipe.execute():
             if fields:
                 firing = parse_firing(fields)

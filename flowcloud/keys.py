@@ -227,9 +227,14 @@ def share_buckets(stream_id: str, minute: int) -> str:
     return f"{PREFIX}:stream:{tag(stream_id)}:agg:{minute}"
 
 
-RESULTS_STREAM = f"{PREFIX}:results"  # one entry per new result: what alert evaluators read
-ALERTS_GROUP = "alerts"  # the consumer group of alert evaluators on RESULTS_STREAM
-# Fields of an entry on RESULTS_STREAM.
+def results_shard(shard: int) -> str:
+    """Stream: one entry per new result of the streams of shard ``shard`` (`shard_of`, as their
+    frames): what alert evaluators read, in group ALERTS_GROUP on every shard."""
+    return f"{PREFIX}:results:{tag(f'shard-{shard}')}"
+
+
+ALERTS_GROUP = "alerts"  # the consumer group of alert evaluators on each results_shard
+# Fields of an entry on a results_shard.
 R_STREAM = "stream"
 R_SEQ = "seq"
 R_CAPTURE_TS = "capture_ts"
@@ -237,13 +242,14 @@ R_SHARES = "shares"  # JSON: class name -> share
 
 
 def tenant_memory(tenant: str) -> str:
-    """Sorted set: the tenant's results "<stream>:<seq>" -> capture_ts (memory retention order)."""
-    return f"{PREFIX}:tenant:{tenant}:results"
+    """Sorted set: the tenant's results "<stream>:<seq>:<size>" -> capture_ts (memory retention
+    order). Tagged by the tenant: one script updates it with tenant_usage."""
+    return f"{PREFIX}:tenant:{tag(tenant)}:results"
 
 
 def tenant_usage(tenant: str) -> str:
-    """Counter: bytes of the tenant's stored results."""
-    return f"{PREFIX}:tenant:{tenant}:result-bytes"
+    """Counter: bytes of the tenant's stored results (same slot as tenant_memory)."""
+    return f"{PREFIX}:tenant:{tag(tenant)}:result-bytes"
 
 
 # --- alerts (services/alerts, services/api/routes/alerts.py) ---------------------------------
@@ -260,9 +266,10 @@ def alert_state(rule_id: str, stream_id: str) -> str:
     return f"{PREFIX}:alert:{rule_id}:state:{tag(stream_id)}"
 
 
-def alert_firing(firing_id: str) -> str:
-    """Hash: one firing and its webhook delivery status."""
-    return f"{PREFIX}:firing:{firing_id}"
+def alert_firing(stream_id: str, firing_id: str) -> str:
+    """Hash: one firing (of a result of ``stream_id``) and its webhook delivery status; in the
+    stream's slot, so that the evaluator's script records it with the rule's state there."""
+    return f"{PREFIX}:firing:{tag(stream_id)}:{firing_id}"
 
 
 def tenant_firings(tenant: str) -> str:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -41,10 +42,17 @@ def find_redis_server() -> str:
 class EmbeddedRedis:
     """Start with ``start()`` (or ``with``), stop with ``stop()``; ``url`` is the client URL."""
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        options: Sequence[str] = (),
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()  # redis-server changes into --dir before opening its log
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.options = list(options)  # more redis-server options ("--cluster-enabled", "yes", ...)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,6 +70,7 @@ class EmbeddedRedis:
             "--appendonly", "yes" if self.appendonly else "no",
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
+            *self.options,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
@@ -94,6 +103,15 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a lost machine would end it (no shutdown, nothing saved)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def __enter__(self) -> EmbeddedRedis:

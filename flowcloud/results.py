@@ -1,7 +1,8 @@
 """Mask results: their fields, their lossless label-map encoding, and their store in Redis.
 
 Writes are idempotent: a result lives at a key named by (stream, seq), so the same frame
-processed twice (at-least-once delivery) leaves one result. Retention is bounded by count
+processed twice (at-least-once delivery) leaves one result. No command or script touches keys of
+two streams or of a stream and its tenant (Redis Cluster: flowcloud.keys). Retention is bounded by count
 (per stream) and by age (a TTL on each result).
 """
 
@@ -21,6 +22,7 @@ from prometheus_client import Counter
 from flowcloud import keys, share_index
 from flowcloud.labels import LabelSet
 from flowcloud.replies import text
+from flowcloud.scripts import ScriptPipeline
 from flowcloud.stages import durations, stamps_of
 
 if TYPE_CHECKING:  # the edge's fallback model writes results without the redis package installed
@@ -30,18 +32,23 @@ PRODUCER_CLOUD = "cloud"
 PRODUCER_EDGE = "edge"  # the edge's fallback model, while the cloud was unreachable
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
+PENDING_FIELD = "pending"  # on a result hash until its results-shard event and accounting are written
 
-# One result, its indexes, its minute aggregate and its results-stream event, all or nothing, and
-# only when the frame has no result yet (flowcloud.share_index describes the layout).
-# KEYS: result hash, mask index, minute aggregate, class-index registry, results stream, tenant's
-# results by age, tenant's bytes, then one class-index key per (class, level reached), in ARGV's
-# class order.
-# ARGV: meta, label PNG, ttl, seq, capture_ts, results-stream maxlen, shares by name (JSON),
-# stream, size in bytes, account (1: the tenant has a memory budget), then (name, share, levels
-# reached) per class.
+# One result, its indexes and its minute aggregate, all or nothing, and only when the frame has no
+# result yet (flowcloud.share_index describes the layout): every key is of the result's stream (one
+# hash tag). What lives elsewhere (its results-shard event, its tenant's memory account) follows in
+# the next round trip, while the hash carries PENDING_FIELD; the field goes once that is done, so a
+# result written again (at-least-once delivery) after a crash in between finishes it.
+# KEYS: result hash, mask index, minute aggregate, class-index registry, then one class-index key
+# per (class, level reached), in ARGV's class order.
+# ARGV: meta, label PNG, ttl, seq, capture_ts, then (name, share, levels reached) per class.
+# Returns 1 (new), 2 (written before, its follow-ups unconfirmed) or 0 (written and followed up).
 INDEX_SCRIPT = f"""
-if redis.call('HSETNX', KEYS[1], '{META_FIELD}', ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], '{LABELS_FIELD}', ARGV[2])
+if redis.call('HSETNX', KEYS[1], '{META_FIELD}', ARGV[1]) == 0 then
+  if redis.call('HEXISTS', KEYS[1], '{PENDING_FIELD}') == 1 then return 2 end
+  return 0
+end
+redis.call('HSET', KEYS[1], '{LABELS_FIELD}', ARGV[2], '{PENDING_FIELD}', '1')
 local ttl = tonumber(ARGV[3])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[4])
@@ -51,12 +58,8 @@ redis.call('ZINCRBY', agg, 1, '{share_index.AGG_COUNT}')
 redis.call('ZADD', agg, 'LT', ts, '{share_index.AGG_FIRST}')
 redis.call('ZADD', agg, 'GT', ts, '{share_index.AGG_LAST}')
 redis.call('EXPIRE', agg, ttl)
-if ARGV[10] == '1' then
-  redis.call('ZADD', KEYS[6], ts, ARGV[8] .. ':' .. ARGV[4] .. ':' .. ARGV[9])
-  redis.call('INCRBY', KEYS[7], ARGV[9])
-end
-local k = 8
-local a = 11
+local k = 5
+local a = 6
 while a <= #ARGV do
   local name, share, reached = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   redis.call('ZINCRBY', agg, share, '{share_index.AGG_SUM}' .. name)
@@ -71,24 +74,28 @@ while a <= #ARGV do
   a = a + 3
 end
 redis.call('EXPIRE', KEYS[4], ttl)
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', '{keys.R_STREAM}', ARGV[8], '{keys.R_SEQ}', ARGV[4],
-  '{keys.R_CAPTURE_TS}', ts, '{keys.R_SHARES}', ARGV[7])
+return 1
+"""
+NEW, UNFINISHED = 1, 2  # replies of INDEX_SCRIPT that call for the follow-ups
+
+# A result joins its tenant's memory account once (the member names it): KEYS: tenant's results by
+# age, tenant's bytes (one tenant tag). ARGV: member, capture_ts, size.
+ACCOUNT_SCRIPT = """
+if redis.call('ZADD', KEYS[1], 'NX', ARGV[2], ARGV[1]) == 1 then redis.call('INCRBY', KEYS[2], ARGV[3]) end
 return 1
 """
 
-# Removes results from a tenant's memory accounting and from Redis, once each (concurrent evictors
-# free each result's bytes once). KEYS: tenant's results by age, tenant's bytes, then per result
-# its hash and its stream's mask index. ARGV per result: member, seq, size. Returns [results, bytes].
+# Removes results from a tenant's memory accounting once each (concurrent evictors free each
+# result's bytes once). KEYS: tenant's results by age, tenant's bytes. ARGV per result: member,
+# size. Returns [results, bytes]. The results themselves are deleted before (idempotent: a crash in
+# between leaves them accounted, and the next eviction picks them again).
 EVICT_SCRIPT = """
 local n, freed = 0, 0
-for i = 1, #ARGV, 3 do
-  local k = 3 + (i - 1) / 3 * 2
+for i = 1, #ARGV, 2 do
   if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
-    redis.call('DEL', KEYS[k])
-    redis.call('ZREM', KEYS[k + 1], ARGV[i + 1])
-    redis.call('DECRBY', KEYS[2], ARGV[i + 2])
+    redis.call('DECRBY', KEYS[2], ARGV[i + 1])
     n = n + 1
-    freed = freed + tonumber(ARGV[i + 2])
+    freed = freed + tonumber(ARGV[i + 1])
   end
 end
 return {n, freed}
@@ -196,7 +203,8 @@ class MaskResult:
 
 class MaskStore:
     """Results in Redis: a hash per frame, a per-stream index sorted by sequence number, and the
-    class-share indexes of ``flowcloud.share_index``."""
+    class-share indexes of ``flowcloud.share_index``; an event per new result on the results shard
+    of its stream (``results_shards``: the gateways' and workers' ``frame_shards``)."""
 
     def __init__(
         self,
@@ -204,26 +212,31 @@ class MaskStore:
         max_per_stream: int = 10_000,
         ttl_seconds: int = 24 * 3600,
         tenant_max_bytes: int = 0,
+        results_shards: int = 1,
     ) -> None:
         self.redis = redis
         self.max_per_stream = max_per_stream
         self.ttl_seconds = ttl_seconds
         self.tenant_max_bytes = tenant_max_bytes  # 0: no memory budget
+        self.results_shards = results_shards
         self._index = redis.register_script(INDEX_SCRIPT)
+        self._account = redis.register_script(ACCOUNT_SCRIPT)
         self._evict = redis.register_script(EVICT_SCRIPT)
         self._tenants: dict[str, tuple[float, str | None]] = {}
 
     async def put_many(self, results: list[MaskResult]) -> int:
-        """Persist and index results in one round trip, then trim each touched stream to its
-        bound. A frame that already has a result keeps it (at-least-once delivery writes the same
+        """Persist and index results, then write their events and memory accounts, then trim each
+        touched stream to its bound: three round trips (one per node on a cluster) whatever their
+        number. A frame that already has a result keeps it (at-least-once delivery writes the same
         frame again). Returns how many results were new."""
         if not results:
             return 0
         tenants = await self._tenants_of({r.stream for r in results}) if self.tenant_max_bytes else {}
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = ScriptPipeline(self.redis)
+        sizes = []
         for result in results:
             fields = result.to_fields()
-            tenant = tenants.get(result.stream)
+            sizes.append(sum(len(v) for v in fields.values()))
             script_keys, args = share_index.index_call(
                 result.stream,
                 result.seq,
@@ -232,20 +245,46 @@ class MaskStore:
                 result.shares,
                 fields,
                 self.ttl_seconds,
-                tenant,
-                sum(len(v) for v in fields.values()),
             )
-            await self._index(keys=script_keys, args=args, client=pipe)  # queued on the pipeline
+            pipe.call(self._index, script_keys, args)
+        replies = [int(r) for r in await pipe.execute()]
+        unfinished = [
+            (r, size)
+            for r, size, reply in zip(results, sizes, replies, strict=True)
+            if reply in (NEW, UNFINISHED)
+        ]
+        if unfinished:
+            await self._follow_up(unfinished, tenants)
         streams = sorted({r.stream for r in results})
+        last = self.redis.pipeline(transaction=False)
+        for result, _size in unfinished:  # done: a redelivery of the frame changes nothing now
+            last.hdel(keys.mask(result.stream, result.seq), PENDING_FIELD)
         for stream in streams:  # the index sizes in the same round trip: trimming is rarely needed
-            pipe.zcard(keys.mask_index(stream))
-        replies = await pipe.execute()
-        for stream, size in zip(streams, replies[len(results) :], strict=True):
-            if int(size) > self.max_per_stream:
-                await self._trim(stream, int(size) - self.max_per_stream, tenants.get(stream))
+            last.zcard(keys.mask_index(stream))
+        counts = (await last.execute())[len(unfinished) :]
+        for stream, count in zip(streams, counts, strict=True):
+            if int(count) > self.max_per_stream:
+                await self._trim(stream, int(count) - self.max_per_stream, tenants.get(stream))
         for tenant in sorted({t for t in tenants.values() if t is not None}):
             await self.enforce_budget(tenant)
-        return sum(int(r) for r in replies[: len(results)])
+        return sum(1 for reply in replies if reply == NEW)
+
+    async def _follow_up(self, written: list[tuple[MaskResult, int]], tenants: dict[str, str | None]) -> None:
+        """What a result writes outside its stream's slot: its event on the results shard and, with
+        a memory budget, its tenant's account (once, whatever the retries)."""
+        pipe = ScriptPipeline(self.redis)
+        for result, size in written:
+            shard = keys.results_shard(keys.shard_of(result.stream, self.results_shards))
+            event = share_index.result_event(
+                result.stream, result.seq, result.capture_ts, result.label_set, result.shares
+            )
+            pipe.pipe.xadd(shard, event, maxlen=share_index.RESULTS_STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            tenant = tenants.get(result.stream)
+            if tenant is not None:
+                member = memory_member(result.stream, result.seq, size)
+                account = [keys.tenant_memory(tenant), keys.tenant_usage(tenant)]
+                pipe.call(self._account, account, [member, repr(result.capture_ts), size])
+        await pipe.execute()
 
     async def _tenants_of(self, streams: set[str]) -> dict[str, str | None]:
         """Each stream's tenant (as the gateway describes it), cached for TENANT_CACHE_SECONDS."""
@@ -287,13 +326,19 @@ class MaskStore:
         return evicted
 
     async def _evict_members(self, tenant: str, members: list[bytes], reason: str) -> tuple[int, int]:
-        script_keys = [keys.tenant_memory(tenant), keys.tenant_usage(tenant)]
+        """Delete the results (each command on one stream's keys), then free their bytes from the
+        tenant's account once; (results, bytes) freed by this call."""
+        pipe = self.redis.pipeline(transaction=False)
         args: list[bytes | str | int] = []
         for member in members:
             stream, seq, size = parse_memory_member(member)
-            script_keys += [keys.mask(stream, seq), keys.mask_index(stream)]
-            args += [member, seq, size]
-        count, freed = await self._evict(keys=script_keys, args=args)
+            pipe.delete(keys.mask(stream, seq))
+            pipe.zrem(keys.mask_index(stream), seq)
+            args += [member, size]
+        await pipe.execute()
+        count, freed = await self._evict(
+            keys=[keys.tenant_memory(tenant), keys.tenant_usage(tenant)], args=args
+        )
         EVICTED.labels(reason).inc(int(count))
         EVICTED_BYTES.labels(reason).inc(int(freed))
         return int(count), int(freed)
@@ -324,17 +369,17 @@ class MaskStore:
             pipe.hstrlen(keys.mask(stream, int(seq)), META_FIELD)
             pipe.hstrlen(keys.mask(stream, int(seq)), LABELS_FIELD)
         newest_meta, *sizes = await pipe.execute()
-        if tenant is not None:
+        if tenant is not None:  # deletes them and counts what it frees
             members = [
                 memory_member(stream, int(seq), int(meta) + int(png))
                 for seq, meta, png in zip(old, sizes[0::2], sizes[1::2], strict=True)
             ]
             await self._evict_members(tenant, [m.encode() for m in members], "count")
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))
-        pipe.zrem(index, *old)
-        await pipe.execute()
-        if tenant is None:  # else counted by _evict_members
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(*(keys.mask(stream, int(seq)) for seq in old))  # one stream: one slot
+            pipe.zrem(index, *old)
+            await pipe.execute()
             EVICTED.labels("count").inc(len(old))
             EVICTED_BYTES.labels("count").inc(sum(int(n) for n in sizes))
         if newest_meta is not None:  # else expired already: its index entries go with their keys' TTL

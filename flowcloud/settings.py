@@ -71,9 +71,21 @@ class ServiceSettings(BaseSettings):
         "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"
     )
 
+    @model_validator(mode="after")
+    def _control_plane_apart(self) -> Self:
+        # The control plane (devices, API keys, alert rules, device events) is one plain Redis:
+        # its writes are transactions over a record and its index, and gateways subscribe there.
+        if self.redis_cluster and not self.control_redis_url:
+            raise ValueError(
+                "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, "
+                "API keys, alert rules) lives on one plain Redis, not on the cluster"
+            )
+        return self
+
     @property
     def control_url(self) -> str:
-        """Where devices and API keys live: control_redis_url, else the data-plane redis_url."""
+        """Where devices and API keys live: control_redis_url, else the data-plane redis_url (a
+        plain Redis: with a Redis Cluster, control_redis_url is required)."""
         return self.control_redis_url or self.redis_url
 
     def describe(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The class-share indexes of mask results: what MaskStore writes beside each result, and the
 layout the query API and alert evaluators read.
 
-A result is indexed once, when it is first written (one Lua script per result, so the result, its
-index entries, its minute aggregate and its results-stream event appear together or not at all;
+A result is indexed once, when it is first written (one Lua script per result on its stream's
+keys, so the result, its index entries and its minute aggregate appear together or not at all;
 writing the same frame again changes nothing):
 
 - **Share ladder.** For every class present, the result joins one sorted set per level of
@@ -13,8 +13,9 @@ writing the same frame again changes nothing):
 - **Minute aggregates** (``keys.share_buckets``): result count, first and last capture time,
   per-class share sum and max, and per-class counts of results at or above each level. Hours are
   sums of minutes, so an aggregate over an hour costs 60 reads, whatever the frame rate.
-- **Results stream** (``keys.RESULTS_STREAM``): stream, seq, capture time and shares by class
-  name, for alert evaluators.
+- **Results shards** (``keys.results_shard(keys.shard_of(stream, shards))``): stream, seq, capture
+  time and shares by class name, for alert evaluators. Written after the script, at least once
+  (``flowcloud.results.PENDING_FIELD``): another slot than the stream's.
 
 Classes are indexed by name, so ``class=person`` finds people in streams of either label set.
 """
@@ -32,7 +33,7 @@ from flowcloud.labels import LABEL_SETS
 
 LEVELS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # level 0: the class is present
 BUCKET_SECONDS = 60
-RESULTS_STREAM_MAXLEN = 100_000  # results waiting for the alert evaluators at most (approximate)
+RESULTS_STREAM_MAXLEN = 100_000  # results waiting for the alert evaluators per shard at most (approximate)
 
 # Members of a minute-aggregate sorted set.
 AGG_COUNT = "n"
@@ -81,15 +82,11 @@ def index_call(
     shares: Mapping[int, float],
     fields: Mapping[str, str | bytes],
     ttl: int,
-    tenant: str | None = None,
-    size: int = 0,
 ) -> tuple[list[str], list[str | bytes]]:
-    """The KEYS and ARGV of ``results.INDEX_SCRIPT`` for one result; with a tenant, its ``size``
-    is accounted to the tenant's memory budget."""
-    named = class_names(label_set, shares)
+    """The KEYS and ARGV of ``results.INDEX_SCRIPT`` for one result (all keys of its stream)."""
     index_keys: list[str] = []
     per_class: list[str | bytes] = []
-    for name, share in sorted(named.items()):
+    for name, share in sorted(class_names(label_set, shares).items()):
         reached = levels_reached(share)
         index_keys += [keys.class_index(stream, name, level) for level in range(reached)]
         per_class += [name, repr(share), str(reached)]
@@ -98,9 +95,6 @@ def index_call(
         keys.mask_index(stream),
         keys.share_buckets(stream, bucket_of(capture_ts)),
         keys.class_indexes(stream),
-        keys.RESULTS_STREAM,
-        keys.tenant_memory(tenant or "-"),
-        keys.tenant_usage(tenant or "-"),
         *index_keys,
     ]
     args: list[str | bytes] = [
@@ -109,14 +103,21 @@ def index_call(
         str(ttl),
         str(seq),
         repr(capture_ts),
-        str(RESULTS_STREAM_MAXLEN),
-        json.dumps(named),
-        stream,
-        str(size),
-        "1" if tenant else "0",
         *per_class,
     ]
     return script_keys, args
+
+
+def result_event(
+    stream: str, seq: int, capture_ts: float, label_set: str, shares: Mapping[int, float]
+) -> dict[str, str]:
+    """The fields of a result's entry on its results shard."""
+    return {
+        keys.R_STREAM: stream,
+        keys.R_SEQ: str(seq),
+        keys.R_CAPTURE_TS: repr(capture_ts),
+        keys.R_SHARES: json.dumps(class_names(label_set, shares)),
+    }
 
 
 @dataclass

@@ -1,10 +1,15 @@
-"""Evaluates alert rules on results as they are written: a consumer of ``keys.RESULTS_STREAM`` in
-group ``keys.ALERTS_GROUP``, so evaluators scale out and a dead one's results are taken over.
+"""Evaluates alert rules on results as they are written: a consumer of every results shard
+(``keys.results_shard``) in group ``keys.ALERTS_GROUP``, so evaluators scale out and a dead one's
+results are taken over. Each step reads every shard (up to ``batch_size`` entries from each: a
+busy shard does not starve the others), one round trip per Redis node.
 
 Each (result, rule) is one Lua script on the rule's state for that stream: it skips a result at or
 below the last seq evaluated (a redelivery after a crash, or a late result), advances the run, and
-records a firing (hash, tenant index, delivery queue) in the same atomic step. A result evaluated
-twice therefore never fires twice, and a firing is never lost between deciding and recording it.
+records the firing hash (in the stream's slot) in the same atomic step. A result evaluated twice
+therefore never fires twice. The firing's tenant index and delivery queue live in other slots: they
+are written next, and the firing hash carries ``alerts.F_UNQUEUED`` until they are, so that a
+redelivery after a crash in between finishes the job: a firing is never lost between deciding and
+queueing it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule, RuleStore
 from flowcloud.groups import ensure_group
 from flowcloud.replies import text
+from flowcloud.scripts import ScriptPipeline
 
 from . import metrics
 
@@ -28,15 +34,21 @@ log = logging.getLogger(__name__)
 
 STATE_TTL = 7 * 24 * 3600  # a rule's state on a stream silent this long is forgotten
 
-# KEYS: rule state, firing hash, tenant firings, firings stream.
+IDLE_POLL_MS = 50  # with several shards and nothing to read, each is waited on this long in turn
+
+# KEYS: rule state, firing hash (one stream's slot).
 # ARGV: seq, capture_ts, holds (0/1), hold_frames, hold_seconds, cooldown, firing id, status,
 # then the firing's (field, value) pairs.
+# Returns -1 (late), 0 (no firing), FIRED, or UNQUEUED (late, but its firing is not queued yet).
 EVALUATE_SCRIPT = f"""
 local st = KEYS[1]
 local seq = tonumber(ARGV[1])
 local ts = tonumber(ARGV[2])
 local last = redis.call('HGET', st, 'last_seq')
-if last and seq <= tonumber(last) then return -1 end
+if last and seq <= tonumber(last) then
+  if redis.call('HEXISTS', KEYS[2], '{alerts.F_UNQUEUED}') == 1 then return 2 end
+  return -1
+end
 redis.call('HSET', st, 'last_seq', seq)
 redis.call('EXPIRE', st, {STATE_TTL})
 if ARGV[3] == '0' then
@@ -54,13 +66,14 @@ local fired = redis.call('HGET', st, 'last_fired')
 if fired and ts - tonumber(fired) < tonumber(ARGV[6]) then return 0 end
 redis.call('HSET', st, 'fired', 1, 'last_fired', ts)
 redis.call('HSET', KEYS[2], 'run_start', start, 'run_frames', frames, '{alerts.F_STATUS}', ARGV[8],
-  '{alerts.F_ATTEMPTS}', 0, unpack(ARGV, 9))
+  '{alerts.F_ATTEMPTS}', 0, '{alerts.F_UNQUEUED}', 1, unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[2], {alerts.FIRING_TTL})
-redis.call('ZADD', KEYS[3], ts, ARGV[7])
-redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -{alerts.FIRINGS_KEPT + 1})
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', {alerts.FIRINGS_STREAM_MAXLEN}, '*', '{keys.FI_ID}', ARGV[7])
 return 1
 """
+FIRED, UNQUEUED = 1, 2
+
+
+ShardEntry = tuple[str, bytes, dict[bytes, bytes]]  # (results shard, entry id, fields)
 
 
 @dataclass
@@ -81,7 +94,7 @@ class ResultEvent:
 
 
 class Evaluator:
-    """Reads results in batches, evaluates the rules that apply, acknowledges."""
+    """Reads results in batches from every shard, evaluates the rules that apply, acknowledges."""
 
     def __init__(
         self,
@@ -91,32 +104,48 @@ class Evaluator:
         claim_idle_ms: int,
         cache_seconds: float,
         control: Redis | None = None,
+        shards: int = 1,
     ) -> None:
         self.redis = redis
         self.consumer = consumer
         self.batch_size = batch_size
         self.claim_idle_ms = claim_idle_ms
         self.cache_seconds = cache_seconds
+        self.shards = [keys.results_shard(i) for i in range(shards)]  # the workers' frame_shards
         self.rules = RuleStore(control or redis)  # rules live in the control plane
         self._script = redis.register_script(EVALUATE_SCRIPT)
         self._tenants: dict[str, tuple[float, str | None]] = {}
         self._rules: dict[str, tuple[float, list[AlertRule]]] = {}
+        self._turn = 0  # the shard waited on next when every shard is empty
         self.evaluated = 0  # results read and acknowledged
 
     async def start(self) -> None:
         # New results only: an evaluator deployed on a store full of results does not fire on the past.
-        await ensure_group(self.redis, keys.RESULTS_STREAM, keys.ALERTS_GROUP, "$")
+        for shard in self.shards:
+            await ensure_group(self.redis, shard, keys.ALERTS_GROUP, "$")
 
     async def step(self, block_ms: int) -> int:
-        """Evaluate one batch: results another evaluator left pending first, then new ones."""
-        stream, group, me = keys.RESULTS_STREAM, keys.ALERTS_GROUP, self.consumer
-        claimed: Any = await self.redis.xautoclaim(
-            stream, group, me, self.claim_idle_ms, "0-0", self.batch_size
-        )
-        entries = [e for e in claimed[1] if e[1]] if claimed else []
+        """Evaluate one batch: from every shard, results another evaluator left pending, then new
+        ones; when there is none, wait for some (on one shard at a time: a blocking read of several
+        shards would be one command over several slots)."""
+        group, me = keys.ALERTS_GROUP, self.consumer
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in self.shards:
+            pipe.xautoclaim(shard, group, me, self.claim_idle_ms, "0-0", self.batch_size)
+            pipe.xreadgroup(group, me, {shard: ">"}, self.batch_size)
+        replies: list[Any] = await pipe.execute()
+        entries: list[ShardEntry] = []
+        for shard, claimed, read in zip(self.shards, replies[0::2], replies[1::2], strict=True):
+            entries += [
+                (shard, entry_id, fields) for entry_id, fields in (claimed[1] if claimed else []) if fields
+            ]
+            entries += [(shard, entry_id, fields) for _name, got in read or [] for entry_id, fields in got]
         if not entries:
-            read: Any = await self.redis.xreadgroup(group, me, {stream: ">"}, self.batch_size, block_ms)
-            entries = read[0][1] if read else []
+            shard = self.shards[self._turn % len(self.shards)]
+            self._turn += 1
+            wait = block_ms if len(self.shards) == 1 else min(block_ms, IDLE_POLL_MS)
+            waited: Any = await self.redis.xreadgroup(group, me, {shard: ">"}, self.batch_size, wait)
+            entries = [(shard, entry_id, fields) for _name, got in waited or [] for entry_id, fields in got]
         if not entries:
             return 0
         started = time.perf_counter()
@@ -124,17 +153,17 @@ class Evaluator:
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return len(entries)
 
-    async def evaluate(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    async def evaluate(self, entries: list[ShardEntry]) -> None:
         events: list[ResultEvent] = []
-        for _entry_id, fields in entries:
+        for shard, entry_id, fields in entries:
             try:
                 events.append(ResultEvent.parse(fields))
             except (KeyError, ValueError) as exc:
                 metrics.RESULTS.labels("malformed").inc()
-                log.warning("results entry %s is malformed: %s", _entry_id, exc)
+                log.warning("results entry %s of %s is malformed: %s", entry_id, shard, exc)
         events.sort(key=lambda e: (e.stream, e.seq))  # a batch evaluates each stream in seq order
-        pipe = self.redis.pipeline(transaction=False)
-        calls = []
+        pipe = ScriptPipeline(self.redis)
+        calls: list[tuple[ResultEvent, AlertRule]] = []
         for event in events:
             tenant = await self._tenant(event.stream)
             rules = [r for r in await self._rules_of(tenant) if r.applies_to(event.stream)] if tenant else []
@@ -142,20 +171,48 @@ class Evaluator:
                 metrics.RESULTS.labels("no_rules").inc()
             for rule in rules:
                 script_keys, args = self._call(rule, event)
-                await self._script(keys=script_keys, args=args, client=pipe)
-                calls.append(event)
-        replies = await pipe.execute() if calls else []
-        late = {(e.stream, e.seq) for e, reply in zip(calls, replies, strict=True) if int(reply) < 0}
-        evaluated = {(e.stream, e.seq) for e in calls} - late
-        fired = sum(1 for reply in replies if int(reply) == 1)
+                pipe.call(self._script, script_keys, args)
+                calls.append((event, rule))
+        replies = [int(r) for r in await pipe.execute()] if calls else []
+        await self._queue(
+            [call for call, reply in zip(calls, replies, strict=True) if reply in (FIRED, UNQUEUED)]
+        )
+        late = {(e.stream, e.seq) for (e, _), reply in zip(calls, replies, strict=True) if reply < 0}
+        evaluated = {(e.stream, e.seq) for e, _ in calls} - late
+        fired = sum(1 for reply in replies if reply == FIRED)
         metrics.RESULTS.labels("late").inc(len(late - evaluated))
         metrics.RESULTS.labels("evaluated").inc(len(evaluated))
         metrics.EVALUATIONS.inc(len(calls))
         metrics.FIRINGS.inc(fired)
         if fired:
             log.info("%d alert firing(s) recorded", fired)
-        await self.redis.xack(keys.RESULTS_STREAM, keys.ALERTS_GROUP, *(entry_id for entry_id, _ in entries))
+        acks = self.redis.pipeline(transaction=False)
+        for shard in sorted({shard for shard, _, _ in entries}):
+            acks.xack(shard, keys.ALERTS_GROUP, *(entry_id for s, entry_id, _ in entries if s == shard))
+        await acks.execute()
         self.evaluated += len(entries)
+
+    async def _queue(self, firings: list[tuple[ResultEvent, AlertRule]]) -> None:
+        """Index recorded firings for their tenant and queue them for delivery, then mark them
+        queued (each command on one key: they live in other slots than the firing)."""
+        if not firings:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for event, rule in firings:
+            fid = alerts.firing_id(rule.id, event.stream, event.seq)
+            pipe.zadd(keys.tenant_firings(rule.tenant), {fid: event.capture_ts})
+            pipe.zremrangebyrank(keys.tenant_firings(rule.tenant), 0, -(alerts.FIRINGS_KEPT + 1))
+            pipe.xadd(
+                keys.FIRINGS_STREAM, {keys.FI_ID: fid}, maxlen=alerts.FIRINGS_STREAM_MAXLEN, approximate=True
+            )
+        await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for event, rule in firings:
+            pipe.hdel(
+                keys.alert_firing(event.stream, alerts.firing_id(rule.id, event.stream, event.seq)),
+                alerts.F_UNQUEUED,
+            )
+        await pipe.execute()
 
     def _call(self, rule: AlertRule, event: ResultEvent) -> tuple[list[str], list[Any]]:
         share = event.shares.get(rule.class_name, 0.0)
@@ -189,9 +246,7 @@ class Evaluator:
             args += [name, value]
         script_keys = [
             keys.alert_state(rule.id, event.stream),
-            keys.alert_firing(fid),
-            keys.tenant_firings(rule.tenant),
-            keys.FIRINGS_STREAM,
+            keys.alert_firing(event.stream, fid),
         ]
         return script_keys, args
 
@@ -215,8 +270,11 @@ class Evaluator:
         return rules
 
     async def lag(self) -> int:
-        groups = cast(list[dict[str, Any]], await self.redis.xinfo_groups(keys.RESULTS_STREAM))
-        for group in groups:
-            if group["name"] in (keys.ALERTS_GROUP, keys.ALERTS_GROUP.encode()):
-                return int(group.get("lag") or 0) + int(group.get("pending") or 0)
-        return 0
+        """Results not yet evaluated, over every shard: unread and pending."""
+        total = 0
+        for shard in self.shards:
+            groups = cast(list[dict[str, Any]], await self.redis.xinfo_groups(shard))
+            for group in groups:
+                if group["name"] in (keys.ALERTS_GROUP, keys.ALERTS_GROUP.encode()):
+                    total += int(group.get("lag") or 0) + int(group.get("pending") or 0)
+        return total

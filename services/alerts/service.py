@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from flowcloud import keys
 from flowcloud.groups import ensure_group
+from flowcloud.redis_client import connect_async
 from flowcloud.settings import AlertsSettings
 
 from . import metrics
@@ -39,8 +40,9 @@ class AlertService:
     def __init__(self, settings: AlertsSettings) -> None:
         self.settings = settings
         self.name = settings.name or default_name()
-        self.redis = Redis.from_url(settings.redis_url)
-        # Rules are control plane (devices, keys, rules: small, durable); results and firings are data.
+        self.redis = connect_async(settings.redis_url, settings.redis_cluster)
+        # Rules are control plane (devices, keys, rules: small, durable): always one plain Redis;
+        # results and firings are data.
         self.control = (
             Redis.from_url(settings.control_url) if settings.control_url != settings.redis_url else self.redis
         )
@@ -51,6 +53,7 @@ class AlertService:
             settings.claim_idle_ms,
             settings.rules_cache_seconds,
             control=self.control,
+            shards=settings.frame_shards,
         )
         self.deliverer = WebhookDeliverer(
             self.redis,
@@ -78,7 +81,10 @@ class AlertService:
             await self._until_stopped(self._start)
             self.ready = True
             log.info(
-                "alerts %s: evaluating %s, delivering %s", self.name, keys.RESULTS_STREAM, keys.FIRINGS_STREAM
+                "alerts %s: evaluating %d results shard(s), delivering %s",
+                self.name,
+                len(self.evaluator.shards),
+                keys.FIRINGS_STREAM,
             )
             try:
                 async with asyncio.TaskGroup() as tg:

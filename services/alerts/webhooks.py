@@ -102,7 +102,7 @@ class WebhookDeliverer:
                 self._tasks.pop(entry_id, None)
 
     async def _attempts(self, firing_id: str) -> None:
-        key = keys.alert_firing(firing_id)
+        key = keys.alert_firing(alerts.firing_stream(firing_id), firing_id)
         while True:
             fields = cast(dict[bytes, bytes], await self.redis.hgetall(key))
             status = fields.get(alerts.F_STATUS.encode(), b"").decode()
@@ -120,15 +120,17 @@ class WebhookDeliverer:
                 log.info("firing %s delivered to %s (try %d)", firing_id, firing["webhook_url"], tries)
                 return
             if tries >= self.attempts:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hset(key, mapping={alerts.F_STATUS: alerts.STATUS_DEAD, alerts.F_LAST_ERROR: error})
-                pipe.xadd(
+                # Dead-lettered first, then marked dead (other slots: no transaction spans both);
+                # a crash in between tries again and dead-letters it again, never loses it.
+                await self.redis.xadd(
                     keys.WEBHOOK_DEAD_LETTER,
                     {keys.FI_ID: firing_id, alerts.F_LAST_ERROR: error},
                     maxlen=self.dead_letter_maxlen,
                     approximate=True,
                 )
-                await pipe.execute()
+                await self.redis.hset(
+                    key, mapping={alerts.F_STATUS: alerts.STATUS_DEAD, alerts.F_LAST_ERROR: error}
+                )
                 metrics.DELIVERIES.labels("dead").inc()
                 log.warning("firing %s dead-lettered after %d tries: %s", firing_id, tries, error)
                 return

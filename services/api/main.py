@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcloud import __version__
 from flowcloud.alerts import RuleStore
+from flowcloud.redis_client import connect_async
 from flowcloud.registry import DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
@@ -43,8 +44,17 @@ MAX_REDIS_CONNECTIONS = 64
 GRACEFUL_SHUTDOWN_SECONDS = 5  # open /live responses are cut after this on shutdown
 
 
-def redis_client(settings: ApiSettings, url: str) -> Redis:
-    """A bounded pool: a burst of requests waits up to ``redis_timeout`` for a connection."""
+def redis_client(settings: ApiSettings, url: str, cluster: bool = False) -> Redis:
+    """A bounded pool: a burst of requests waits up to ``redis_timeout`` for a connection. On a
+    Redis Cluster the bound is per node, and a burst beyond it is answered 503 at once."""
+    if cluster:
+        return connect_async(
+            url,
+            cluster=True,
+            max_connections=MAX_REDIS_CONNECTIONS,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+        )
     pool: BlockingConnectionPool = BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_REDIS_CONNECTIONS,
@@ -84,14 +94,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = redis_client(settings, settings.redis_url)
-        # Keys and devices live in the control-plane Redis (the same client on one machine).
+        redis = redis_client(settings, settings.redis_url, settings.redis_cluster)
+        # Keys, devices and rules live in the control-plane Redis (the same client on one machine):
+        # one plain Redis, never a cluster (flowcloud.settings).
         control = (
             redis_client(settings, settings.control_url)
             if settings.control_url != settings.redis_url
             else redis
         )
-        store = MaskStore(redis)
+        store = MaskStore(redis, results_shards=settings.frame_shards)
         apikeys = ApiKeyStore(control)
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         app.state.context = ApiContext(
@@ -121,7 +132,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                 app.state.context.cluster.close()
             for client in {id(c): c for c in (redis, control)}.values():
                 await client.aclose()  # type: ignore[attr-defined,unused-ignore]  # types-redis predates aclose
-                await client.connection_pool.disconnect()
+                if isinstance(client, Redis):  # a cluster client closed every node's connections
+                    await client.connection_pool.disconnect()
 
     app = FastAPI(
         title="FlowCloud query API",

@@ -123,7 +123,7 @@ def delivered_all(redis_url: str) -> bool:
     client = redis.Redis.from_url(redis_url)
     try:
         pending = int(client.xpending(keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP)["pending"])
-        groups = {g["name"]: g for g in client.xinfo_groups(keys.RESULTS_STREAM)}
+        groups = {g["name"]: g for g in client.xinfo_groups(keys.results_shard(0))}
         group = groups[keys.ALERTS_GROUP.encode()]
         return pending == 0 and int(group["pending"]) == 0 and int(group["lag"] or 0) == 0
     finally:
