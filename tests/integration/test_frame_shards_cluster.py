@@ -44,12 +44,13 @@ async def results(redis: Redis, stream: str) -> int:
 
 
 def test_frames_of_every_shard_reach_a_worker_through_a_cluster(
-    redis_cluster_url: str, weights: Path
+    redis_cluster_url: str, redis_url: str, weights: Path
 ) -> None:
     names = streams_on_every_shard()
     settings = WorkerSettings(
         redis_url=redis_cluster_url,
         redis_cluster=True,
+        control_redis_url=redis_url,  # the control plane stays on a plain Redis (unused by a worker)
         frame_shards=SHARDS,
         weights=str(weights),
         metrics_port=0,
