@@ -65,7 +65,7 @@ def secret_env_names() -> set[str]:
     """Settings that hold secrets (SecretStr fields), plus the Redis URLs (they carry the passwords)."""
     names = {"FLOWCLOUD_REDIS_URL", "FLOWCLOUD_CONTROL_REDIS_URL"}
     shared = ServiceSettings.model_fields
-    for name, field in shared.items():  # read under their own FLOWCLOUD_* alias, whatever the service
+    for field in shared.values():  # read under their own FLOWCLOUD_* alias, whatever the service
         if "SecretStr" in repr(field.annotation):
             names.update(str(c) for c in getattr(field.validation_alias, "choices", []) if str(c).isupper())
     for cls in SETTINGS_CLASSES:

@@ -134,7 +134,8 @@ def assert_total_lag_query(query: str, objs: list[Obj]) -> None:
     assert expr.modifier is None, "the outer sum adds everything up"
     inner = expr.expr
     assert isinstance(inner, promql_parser.AggregateExpr) and str(inner.op) == "max"
-    assert str(inner.modifier) == "by (shard)" and list(inner.modifier.labels) == ["shard"]
+    assert inner.modifier is not None and str(inner.modifier) == "by (shard)"
+    assert list(inner.modifier.labels) == ["shard"]
     (selector,) = selectors(expr)
     series = exported()
     assert selector.name == "flowcloud_worker_consumer_lag" and selector.name in series
@@ -172,7 +173,7 @@ def test_every_service_gets_the_cluster_and_shard_settings(
         assert env["FLOWCLOUD_REDIS_CLUSTER"]["value"] == cluster, component
         assert env["FLOWCLOUD_FRAME_SHARDS"]["value"] == shards, component
     # The values are what the settings accept.
-    parsed = ServiceSettings(redis_cluster=cluster, frame_shards=shards)  # type: ignore[arg-type]
+    parsed = ServiceSettings(redis_cluster=cluster, frame_shards=shards)
     assert parsed.redis_cluster is (cluster == "true") and parsed.frame_shards == int(shards)
     assert "schema" in refused("--set", f"frameShards={keys.MAX_SHARDS + 1}")
 
