@@ -12,7 +12,9 @@ sent more than its log keeps before any worker got to it) is acknowledged and co
 The append is one Lua script per stream and batch (`append_in`), on the stream's slot: it checks the
 session's lease (fencing: a frame of generation > 0 is written only while the stream's metadata
 names that generation; otherwise nothing is written and the script says so), appends the frames
-and stamps the stream's ``last_seen``. It touches the stream's metadata and log only: one hash tag.
+and stamps the stream's ``last_seen``. The log expires a while (``stream_frames_ttl``) after its
+last append, so a stream that went quiet does not hold its frames' memory for good. The script
+touches the stream's metadata and log only: one hash tag.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from flowcloud.streams import StreamMeta
 
 # KEYS[1]: the stream's metadata hash, KEYS[2]: its frame log.
 # ARGV: generation (0: unfenced), maxlen, last_seen ('': leave it), the metadata's generation and
-# last-seen field names, then per frame: the number n of its field/value items, then those n items.
-# Returns {1, id_1, id_2, ...}, or {0} when fenced.
+# last-seen field names, the log's TTL in seconds (0: none), then per frame: the number n of its
+# field/value items, then those n items. Returns {1, id_1, id_2, ...}, or {0} when fenced.
 _APPEND = """
 local meta, log = KEYS[1], KEYS[2]
 local generation, maxlen, last_seen = tonumber(ARGV[1]), ARGV[2], ARGV[3]
@@ -40,13 +42,14 @@ if generation > 0 and tonumber(redis.call('HGET', meta, ARGV[4]) or '0') ~= gene
   return {0}
 end
 local out = {1}
-local i = 6
+local i = 7
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   table.insert(out, redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, i + 1, i + n)))
   i = i + n + 1
 end
 if last_seen ~= '' then redis.call('HSET', meta, ARGV[5], last_seen) end
+if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', log, ARGV[6]) end
 return out
 """
 
@@ -63,12 +66,14 @@ def append_in(
     maxlen: int,
     generation: int = 0,
     last_seen: float | None = None,
+    ttl: int = 0,
 ) -> None:
     """Queue, in ``pipe``, the append of ``frames`` (all of ``stream``, one lane, one generation) to
-    their frame log; the reply goes through `parse_append`. EVAL, not EVALSHA: a node that has never
+    their frame log (which expires ``ttl`` seconds after its last append, 0: never); the reply goes
+    through `parse_append`. EVAL, not EVALSHA: a node that has never
     seen the script (a new cluster master) runs it all the same, inside a pipeline too."""
     stamp = "" if last_seen is None else StreamMeta(last_seen=last_seen).to_fields()[keys.M_LAST_SEEN]
-    args: list[Any] = [generation, maxlen, stamp, keys.M_GENERATION, keys.M_LAST_SEEN]
+    args: list[Any] = [generation, maxlen, stamp, keys.M_GENERATION, keys.M_LAST_SEEN, ttl]
     for frame in frames:
         fields = frame.to_fields()
         args.append(2 * len(fields))

@@ -11,7 +11,7 @@ for logs with secrets and URL passwords masked.
 from __future__ import annotations
 
 from typing import Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +35,23 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def with_redis_auth(url: str, password: str | None, ca_file: str | None) -> str:
+    """``url`` with ``password`` (percent-encoded) when it carries none, and ``ca_file`` as its
+    ``ssl_ca_certs`` (which redis-py's from_url hands to the TLS context) when it names no CA."""
+    parts = urlsplit(url)
+    if password and parts.password is None:
+        user = quote(parts.username, safe="") if parts.username else ""
+        netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        parts = parts._replace(netloc=netloc)
+    if ca_file:
+        if parts.scheme != "rediss":
+            raise ValueError(f"a Redis CA file ({ca_file}) needs a rediss:// URL, not {parts.scheme}://")
+        if "ssl_ca_certs" not in parse_qs(parts.query):
+            query = f"{parts.query}&" if parts.query else ""
+            parts = parts._replace(query=query + urlencode({"ssl_ca_certs": ca_file}))
+    return urlunsplit(parts)
 
 
 class ServiceSettings(BaseSettings):
@@ -67,6 +84,18 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("FLOWCLOUD_FRAME_SHARDS", "frame_shards"),
         description="frame queues the streams are spread over (the same in every gateway and worker)",
     )
+    redis_password: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOWCLOUD_REDIS_PASSWORD", "redis_password"),
+        description="password of the data-plane Redis when redis_url carries none (e.g. a managed "
+        "Redis's token from its own Secret, with no URL escaping)",
+    )
+    redis_ca_file: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOWCLOUD_REDIS_CA_FILE", "redis_ca_file"),
+        description="PEM CA bundle that signs the data-plane Redis's certificates (rediss:// only; "
+        "default: the system's trust store)",
+    )
     log_level: str = Field(
         "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"
     )
@@ -80,6 +109,13 @@ class ServiceSettings(BaseSettings):
                 "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, "
                 "API keys, alert rules) lives on one plain Redis, not on the cluster"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _redis_auth_into_url(self) -> Self:
+        # Folded into the URL once, so that every client made from redis_url (one node or a cluster) has them.
+        password = self.redis_password.get_secret_value() if self.redis_password else None
+        self.redis_url = with_redis_auth(self.redis_url, password, self.redis_ca_file)
         return self
 
     @property
@@ -153,6 +189,11 @@ class GatewaySettings(ServiceSettings):
         description="approximate MAXLEN of each stream's frame log (10 s at 30 fps): the one copy of its "
         "frames' bytes, what workers fetch and overlays draw on; a frame evicted before a worker "
         "fetched it is counted",
+    )
+    stream_frames_ttl: int = Field(
+        3600,
+        ge=0,
+        description="seconds a stream's frame log (and backfill log) outlives its last frame (0 = forever)",
     )
     drain_timeout: float = Field(
         5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM"

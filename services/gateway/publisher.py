@@ -72,6 +72,7 @@ class FramePublisher:
         frames_maxlen: int,
         queue_max: int = 512,
         stream_frames_maxlen: int = STREAM_FRAMES_MAXLEN,
+        stream_frames_ttl: int = 3600,
         clock: RedisClock | None = None,
         backfill_maxlen: int = 10_000,
         shards: int = 1,
@@ -81,6 +82,7 @@ class FramePublisher:
         self.frames_maxlen = frames_maxlen
         self.backfill_maxlen = backfill_maxlen
         self.stream_frames_maxlen = stream_frames_maxlen
+        self.stream_frames_ttl = stream_frames_ttl
         self.shards = shards
         self._queue: deque[Frame] = deque()
         self._queue_max = queue_max
@@ -205,7 +207,7 @@ class FramePublisher:
         for (stream, backfill, generation), frames in appends.items():
             maxlen = self.backfill_maxlen if backfill else self.stream_frames_maxlen
             last_seen = None if backfill else now
-            frame_log.append_in(pipe, stream, frames, maxlen, generation, last_seen)
+            frame_log.append_in(pipe, stream, frames, maxlen, generation, last_seen, self.stream_frames_ttl)
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
         for stream in {*meta, *seqs}:

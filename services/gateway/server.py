@@ -113,6 +113,7 @@ class Gateway:
             settings.frames_maxlen,
             settings.publish_queue,
             stream_frames_maxlen=settings.stream_frames_maxlen,
+            stream_frames_ttl=settings.stream_frames_ttl,
             backfill_maxlen=settings.backfill_maxlen,
             shards=settings.frame_shards,
         )

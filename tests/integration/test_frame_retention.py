@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from support.frames import frames_on_redis
+from support.frames import entries, frames_on_redis
 from support.gateway import dropped
 from support.waiting import wait_for
 from support.worker import WorkerProcess, frame, pending_total, result_count, result_seqs, running_worker
@@ -101,7 +101,7 @@ def test_backfill_frames_beyond_their_bound_are_counted_when_trimmed(redis_url: 
     publish(redis_url, 80, backfill=True)  # an edge's spool drained before any worker reads the lane
     assert trimmed(client) == 30 and dropped("trimmed_unread") - before == 30
     assert client.xlen(keys.backfill_shard(0)) == MAXLEN and not client.exists(keys.frame_shard(0))
-    refs = [int(fields[b"seq"]) for _, fields in client.xrange(keys.backfill_shard(0))]
+    refs = [int(fields[b"seq"]) for _, fields in entries(client, keys.backfill_shard(0))]
     assert refs == list(range(31, 81))
     # The stream's backfill log keeps at least as many (MAXLEN ~), its live log none.
     kept = frames_on_redis(redis_url, STREAM, backfill=True)

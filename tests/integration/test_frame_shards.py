@@ -14,7 +14,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis as AsyncRedis
-from support.frames import publish
+from support.frames import Entries, entries, publish
 from support.gateway import dropped
 from support.waiting import wait_for
 from support.worker import all_judged, frame, result_count, result_seqs, running_worker
@@ -24,7 +24,7 @@ from flowcloud.frame_log import logged_frames, publish_blocking
 from flowcloud.frame_queue import ensure_group
 from flowcloud.frames import Frame
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
-from services.worker.recovery import load_entries
+from services.worker.recovery import Entry, load_entries
 
 SHARDS = 3
 
@@ -63,7 +63,7 @@ def every_value(client: redis.Redis) -> list[bytes]:
     for key in client.scan_iter(count=1000):
         kind = client.type(key)
         if kind == b"stream":
-            for _, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(key)):
+            for _, fields in cast(Entries, client.xrange(key)):
                 values += fields.values()
         elif kind == b"hash":
             values += cast(dict[bytes, bytes], client.hgetall(key)).values()
@@ -81,18 +81,19 @@ def test_each_frames_bytes_are_written_once_and_its_shard_queue_holds_a_referenc
     for f in frames:
         assert values.count(f.data) == 1, "a frame's bytes are on Redis exactly once"
     for name in names:
-        logged = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.stream_frames(name)))
+        logged = entries(client, keys.stream_frames(name))
         assert [Frame.from_fields(fields).data for _, fields in logged] == [
             f.data for f in frames if f.stream == name
         ]
         queue = keys.frame_shard(keys.shard_of(name, SHARDS))
-        refs = [fields for _, fields in client.xrange(queue) if fields[b"stream"] == name.encode()]
+        refs = [fields for _, fields in entries(client, queue) if fields[b"stream"] == name.encode()]
         assert [ref[keys.F_FRAME_ID.encode()] for ref in refs] == [entry_id for entry_id, _ in logged]
         assert [int(ref[b"seq"]) for ref in refs] == [1, 2, 3, 4, 5]
+        assert 0 < client.ttl(keys.stream_frames(name)) <= 3600  # a quiet stream's log goes in time
     # Each shard queue holds the references of its own streams only.
     for shard in range(SHARDS):
-        refs = client.xrange(keys.frame_shard(shard))
-        assert {keys.shard_of(fields[b"stream"].decode(), SHARDS) for _, fields in refs} == {shard}
+        queued = entries(client, keys.frame_shard(shard))
+        assert {keys.shard_of(fields[b"stream"].decode(), SHARDS) for _, fields in queued} == {shard}
     client.close()
 
 
@@ -108,7 +109,7 @@ def test_the_lease_fences_off_frames_of_a_stale_generation(redis_url: str) -> No
     kept = logged_frames(client, "cam-1")
     assert [f.data for f in kept] == [f.data for f in current]
     assert [f.data for f in logged_frames(client, "cam-2")] == [unfenced[0].data]
-    refs = [fields[b"stream"] for _, fields in client.xrange(keys.frame_shard(0))]
+    refs = [fields[b"stream"] for _, fields in entries(client, keys.frame_shard(0))]
     assert sorted(refs) == [b"cam-1", b"cam-1", b"cam-2"]
     client.close()
 
@@ -129,20 +130,20 @@ def test_a_reference_whose_frame_left_its_log_is_acknowledged_and_counted(redis_
             REGISTRY.get_sample_value("flowcloud_worker_frames_dropped_total", {"reason": "evicted"}) or 0.0
         )
 
-    async def main() -> list[Any]:
+    async def main() -> list[Entry]:
         aclient = AsyncRedis.from_url(redis_url)
         await ensure_group(aclient, queue)
         reply = await aclient.xreadgroup(keys.WORKER_GROUP, "w", {queue: ">"}, count=1000)
-        entries = await load_entries(aclient, queue, reply[0][1])
+        loaded = await load_entries(aclient, queue, cast(list[Any], reply)[0][1])
         await aclient.aclose()
-        return entries
+        return loaded
 
     before = evicted_total()
-    entries = asyncio.run(main())
-    good = [e for e in entries if e.frame is not None]
+    loaded = asyncio.run(main())
+    good = [e for e in loaded if e.frame is not None]
     assert [e.frame.seq for e in good if e.frame] == list(range(251 - kept, 251))
     assert all(e.frame.data == frames[e.frame.seq - 1].data for e in good if e.frame)
-    assert [e.error for e in entries if e.frame is None] == [
+    assert [e.error for e in loaded if e.frame is None] == [
         "frame reference lacks a valid stream or frame id",
         "frame entry lacks field 'seq'",
     ]

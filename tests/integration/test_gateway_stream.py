@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from support.frames import frames_on_redis
+from support.frames import entries, frames_on_redis
 from support.gateway import (
     FPS,
     GST_BFRAMES,
@@ -52,9 +52,9 @@ def check_frames(
     # The workers' queue holds a reference to each frame (no second copy of its bytes).
     client = redis.Redis.from_url(redis_url)
     refs = [
-        fields for _, fields in client.xrange(keys.frame_shard(0)) if fields[b"stream"] == stream.encode()
+        fields for _, fields in entries(client, keys.frame_shard(0)) if fields[b"stream"] == stream.encode()
     ]
-    logged = [entry_id for entry_id, _ in client.xrange(keys.stream_frames(stream))]
+    logged = [entry_id for entry_id, _ in entries(client, keys.stream_frames(stream))]
     client.close()
     assert [int(ref[b"seq"]) for ref in refs] == [f.seq for f in frames]
     assert [ref[keys.F_FRAME_ID.encode()] for ref in refs] == logged

@@ -4,6 +4,7 @@ does (flowcloud.frame_log)."""
 from __future__ import annotations
 
 import time
+from typing import cast
 
 import redis
 
@@ -18,6 +19,14 @@ def frames_on_redis(redis_url: str, stream: str, backfill: bool = False) -> list
         return logged_frames(client, stream, backfill)
     finally:
         client.close()
+
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def entries(client: redis.Redis, key: str) -> Entries:
+    """The entries of the Redis stream ``key`` (a frame log or a shard queue), oldest first."""
+    return cast(Entries, client.xrange(key))
 
 
 def publish(client: redis.Redis, frames: list[Frame], shards: int = 1) -> list[str]:
