@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from flowcloud.cli.errors import CommandError
+from flowcloud.cli.options import build_settings
 from flowcloud.registry import DEFAULT_TENANT, Device, DeviceRegistry, RegistryError
 from flowcloud.settings import DEFAULT_REDIS_URL, ServiceSettings, redact_url
 
@@ -107,7 +108,7 @@ async def _with_registry(url: str, action: Callable[[DeviceRegistry], Awaitable[
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.redis_url or ServiceSettings().control_url
+    url = args.redis_url or build_settings(ServiceSettings, {}).control_url
     try:
         return asyncio.run(_with_registry(url, lambda registry: _act(args, registry)))
     except RegistryError as exc:
