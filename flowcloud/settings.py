@@ -10,8 +10,8 @@ for logs with secrets and URL passwords masked.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, ClassVar, Literal, Self
+from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,8 +37,27 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def with_redis_auth(url: str, password: str | None, ca_file: str | None) -> str:
+    """``url`` with ``password`` (percent-encoded) when it carries none, and ``ca_file`` as its
+    ``ssl_ca_certs`` (which redis-py's from_url hands to the TLS context) when it names no CA."""
+    parts = urlsplit(url)
+    if password and parts.password is None:
+        user = quote(parts.username, safe="") if parts.username else ""
+        netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        parts = parts._replace(netloc=netloc)
+    if ca_file:
+        if parts.scheme != "rediss":
+            raise ValueError(f"a Redis CA file ({ca_file}) needs a rediss:// URL, not {parts.scheme}://")
+        if "ssl_ca_certs" not in parse_qs(parts.query):
+            query = f"{parts.query}&" if parts.query else ""
+            parts = parts._replace(query=query + urlencode({"ssl_ca_certs": ca_file}))
+    return urlunsplit(parts)
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has."""
+
+    reads_control_plane: ClassVar[bool] = True  # devices, API keys or alert rules (not the workers)
 
     model_config = SettingsConfigDict(extra="forbid", populate_by_name=True)
 
@@ -67,15 +86,34 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("FLOWCLOUD_FRAME_SHARDS", "frame_shards"),
         description="frame queues the streams are spread over (the same in every gateway and worker)",
     )
+    redis_password: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOWCLOUD_REDIS_PASSWORD", "redis_password"),
+        description="password of the data-plane Redis when redis_url carries none (e.g. a managed "
+        "Redis's token from its own Secret, with no URL escaping)",
+    )
+    redis_ca_file: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FLOWCLOUD_REDIS_CA_FILE", "redis_ca_file"),
+        description="PEM CA bundle that signs the data-plane Redis's certificates (rediss:// only; "
+        "default: the system's trust store)",
+    )
     log_level: str = Field(
         "INFO", validation_alias=AliasChoices("FLOWCLOUD_LOG_LEVEL", "log_level"), description="logging level"
     )
 
     @model_validator(mode="after")
+    def _redis_auth_into_url(self) -> Self:
+        # Folded into the URL once, so that every client made from redis_url (one node or a cluster) has them.
+        password = self.redis_password.get_secret_value() if self.redis_password else None
+        self.redis_url = with_redis_auth(self.redis_url, password, self.redis_ca_file)
+        return self
+
+    @model_validator(mode="after")
     def _control_plane_apart(self) -> Self:
         # The control plane (devices, API keys, alert rules, device events) is one plain Redis:
         # its writes are transactions over a record and its index, and gateways subscribe there.
-        if self.redis_cluster and not self.control_redis_url:
+        if self.redis_cluster and self.reads_control_plane and not self.control_redis_url:
             raise ValueError(
                 "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, "
                 "API keys, alert rules) lives on one plain Redis, not on the cluster"
@@ -168,6 +206,7 @@ class GatewaySettings(ServiceSettings):
 
 class WorkerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_WORKER_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = False
 
     name: str | None = Field(None, description="consumer name (default: hostname-pid)")
     model: str | None = Field(None, description="zoo model name (default: what the weights say)")

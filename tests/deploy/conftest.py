@@ -64,10 +64,14 @@ def settings_env_names() -> set[str]:
 def secret_env_names() -> set[str]:
     """Settings that hold secrets (SecretStr fields), plus the Redis URLs (they carry the passwords)."""
     names = {"FLOWCLOUD_REDIS_URL", "FLOWCLOUD_CONTROL_REDIS_URL"}
+    shared = ServiceSettings.model_fields
+    for field in shared.values():  # read under their own FLOWCLOUD_* alias, whatever the service
+        if "SecretStr" in repr(field.annotation):
+            names.update(str(c) for c in getattr(field.validation_alias, "choices", []) if str(c).isupper())
     for cls in SETTINGS_CLASSES:
         prefix = str(cls.model_config.get("env_prefix", ""))
         for name, field in cls.model_fields.items():
-            if "SecretStr" in repr(field.annotation):
+            if "SecretStr" in repr(field.annotation) and name not in shared:
                 names.add(f"{prefix}{name}".upper())
     return names
 

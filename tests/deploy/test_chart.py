@@ -19,6 +19,7 @@ from flowcloud import keys
 from .conftest import CHART, cli_commands, find_tool, secret_env_names, settings_env_names
 
 CI_VALUES = CHART / "ci" / "gpu-keda-external-redis-values.yaml"
+CLUSTER_VALUES = CHART / "ci" / "redis-cluster-values.yaml"
 KEDA_API = "keda.sh/v1alpha1/ScaledObject"
 # Kubernetes versions the chart supports and is validated against (strict: unknown fields are errors).
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
@@ -70,6 +71,7 @@ RENDERINGS = {
     "gpu-keda-external-redis": ("-f", str(CI_VALUES), "--api-versions", KEDA_API),
     "cpu-hpa": ("--set", "worker.mode=cpu", "--set", "worker.autoscaling.engine=hpa"),
     "keda-internal-redis": ("--api-versions", KEDA_API),
+    "redis-cluster": ("-f", str(CLUSTER_VALUES), "--api-versions", KEDA_API),
 }
 
 
@@ -88,7 +90,11 @@ def ci_objs() -> list[Obj]:
     return render(*RENDERINGS["gpu-keda-external-redis"])
 
 
-@pytest.mark.parametrize("values", [(), ("-f", str(CI_VALUES))], ids=["default", "gpu-keda-external-redis"])
+@pytest.mark.parametrize(
+    "values",
+    [(), ("-f", str(CI_VALUES)), ("-f", str(CLUSTER_VALUES))],
+    ids=["default", "gpu-keda-external-redis", "redis-cluster"],
+)
 def test_helm_lint_passes(values: tuple[str, ...]) -> None:
     result = helm("lint", "--strict", str(CHART), *values)
     assert "0 chart(s) failed" in result.stdout
@@ -337,7 +343,7 @@ def test_keda_scales_workers_on_the_frames_group_lag(ci_objs: list[Obj]) -> None
     (trigger,) = spec["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "redis-streams"
-    assert meta["stream"] == keys.FRAMES_STREAM and meta["consumerGroup"] == keys.WORKER_GROUP
+    assert meta["stream"] == keys.frame_shard(0) and meta["consumerGroup"] == keys.WORKER_GROUP
     assert meta["lagCount"] == "30" and meta["activationLagCount"] == "0"
     assert "pendingEntriesCount" not in meta and "streamLength" not in meta
     assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"

@@ -129,15 +129,73 @@ that read it (gateway, API; the workers never do). */}}
 {{- end }}
 {{- end }}
 
-{{/* Environment every service shares: the Redis URL from a Secret and the log level. */}}
+{{/* Environment every service shares: the data-plane Redis (URL from a Secret, cluster or not, frame
+shards, and for an external Redis its password and CA), and the log level. */}}
 {{- define "flowcloud.commonEnv" -}}
 - name: FLOWCLOUD_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "flowcloud.redisUrlSecretName" . }}
       key: {{ include "flowcloud.redisUrlSecretKey" . }}
+- name: FLOWCLOUD_REDIS_CLUSTER
+  value: {{ include "flowcloud.redisCluster" . | quote }}
+- name: FLOWCLOUD_FRAME_SHARDS
+  value: {{ .Values.frameShards | quote }}
+{{- if not .Values.redis.enabled }}
+{{- with .Values.externalRedis.password.secretName }}
+- name: FLOWCLOUD_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.externalRedis.password.secretKey }}
+{{- end }}
+{{- if .Values.externalRedis.ca.secretName }}
+- name: FLOWCLOUD_REDIS_CA_FILE
+  value: /etc/flowcloud/redis-ca/ca.crt
+{{- end }}
+{{- end }}
 - name: FLOWCLOUD_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/* "true" when the data plane is a Redis Cluster; refuses a cluster the chart cannot run itself. */}}
+{{- define "flowcloud.redisCluster" -}}
+{{- if .Values.redis.cluster.enabled }}
+{{- if .Values.redis.enabled }}
+{{- fail "redis.cluster.enabled needs an external Redis Cluster: the chart runs a single Redis only. Set redis.enabled=false and externalRedis.url (any node of the cluster), externalRedis.addresses (for KEDA)" }}
+{{- end }}
+{{- end }}
+{{- ternary "true" "false" .Values.redis.cluster.enabled }}
+{{- end }}
+
+{{/* The external Redis's CA bundle (externalRedis.ca), mounted where FLOWCLOUD_REDIS_CA_FILE points:
+the volume and the mount of every service that talks to the data-plane Redis. */}}
+{{- define "flowcloud.redisCaVolume" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.ca.secretName }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.externalRedis.ca.secretName }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.externalRedis.ca.secretKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "flowcloud.redisCaMount" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.ca.secretName }}
+- name: redis-ca
+  mountPath: /etc/flowcloud/redis-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* PromQL: frames waiting for a worker over all shards. Every worker reports each shard's group lag
+(the same number), so take one value per shard (max) and add the shards up; the namespace and the
+workers' metrics Service keep other releases out. */}}
+{{- define "flowcloud.totalLagQuery" -}}
+{{- $service := include "flowcloud.componentName" (dict "root" . "component" "worker-metrics") -}}
+sum(max by (shard) (flowcloud_worker_consumer_lag{namespace="{{ .Release.Namespace }}",service="{{ $service }}"}))
 {{- end }}
 
 {{/* Pod-level security context (Pod Security Standards "restricted"). */}}
