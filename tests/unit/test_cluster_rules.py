@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("flowcloud", "services", "edge", "bench")
 # Modules whose transactions are on the control plane (devices, API keys, alert rules: a plain Redis).
@@ -95,3 +97,17 @@ def test_the_check_sees_what_it_forbids() -> None:
         sorted(v.split(": ", 1)[1] for v in found)
         == ["KEYS", "SCAN"] + ["a MULTI transaction outside the control plane"] * 2
     )
+
+
+def test_a_cluster_needs_the_control_plane_apart_where_it_is_read() -> None:
+    from pydantic import ValidationError
+
+    from flowcloud.settings import AlertsSettings, ApiSettings, GatewaySettings, WorkerSettings
+
+    for model in (ApiSettings, AlertsSettings, GatewaySettings):
+        with pytest.raises(
+            ValidationError, match="FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL"
+        ):
+            model(redis_cluster=True)
+        assert model(redis_cluster=True, control_redis_url="redis://control:6379/0").redis_cluster
+    assert WorkerSettings(redis_cluster=True).redis_cluster  # workers never read the control plane
