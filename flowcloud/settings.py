@@ -54,10 +54,17 @@ def with_redis_auth(url: str, password: str | None, ca_file: str | None) -> str:
     return urlunsplit(parts)
 
 
+CONTROL_PLANE_APART = (
+    "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, API keys, "
+    "alert rules) lives on one plain Redis, not on the cluster"
+)
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has."""
 
-    reads_control_plane: ClassVar[bool] = True  # devices, API keys or alert rules (not the workers)
+    # The service reads devices, API keys or alert rules, and needs the control plane at start.
+    reads_control_plane: ClassVar[bool] = False
 
     model_config = SettingsConfigDict(extra="forbid", populate_by_name=True)
 
@@ -113,17 +120,16 @@ class ServiceSettings(BaseSettings):
     def _control_plane_apart(self) -> Self:
         # The control plane (devices, API keys, alert rules, device events) is one plain Redis:
         # its writes are transactions over a record and its index, and gateways subscribe there.
-        if self.redis_cluster and self.reads_control_plane and not self.control_redis_url:
-            raise ValueError(
-                "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, "
-                "API keys, alert rules) lives on one plain Redis, not on the cluster"
-            )
+        if self.reads_control_plane:
+            self.control_url  # noqa: B018  # raises without one
         return self
 
     @property
     def control_url(self) -> str:
         """Where devices and API keys live: control_redis_url, else the data-plane redis_url (a
-        plain Redis: with a Redis Cluster, control_redis_url is required)."""
+        plain Redis: with a Redis Cluster, control_redis_url is required; ValueError without)."""
+        if self.redis_cluster and not self.control_redis_url:
+            raise ValueError(CONTROL_PLANE_APART)
         return self.control_redis_url or self.redis_url
 
     def describe(self) -> dict[str, Any]:
@@ -141,6 +147,7 @@ class ServiceSettings(BaseSettings):
 
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_GATEWAY_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = True
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(7000, ge=0, le=65535, description="TCP port for edge devices (0 = any free port)")
@@ -206,8 +213,6 @@ class GatewaySettings(ServiceSettings):
 
 class WorkerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_WORKER_")  # the rest from ServiceSettings
-    reads_control_plane: ClassVar[bool] = False
-
     name: str | None = Field(None, description="consumer name (default: hostname-pid)")
     model: str | None = Field(None, description="zoo model name (default: what the weights say)")
     weights: str | None = Field(None, description="weights file (default: the bundled demo model)")
@@ -273,6 +278,7 @@ class WorkerSettings(ServiceSettings):
 
 class ApiSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_API_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = True
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
@@ -319,6 +325,7 @@ class ApiSettings(ServiceSettings):
 
 class AlertsSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_ALERTS_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = True
 
     name: str | None = Field(None, description="consumer name (default: hostname-pid)")
     batch_size: int = Field(256, ge=1, le=10_000, description="results evaluated per read at most")

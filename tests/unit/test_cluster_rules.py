@@ -102,7 +102,13 @@ def test_the_check_sees_what_it_forbids() -> None:
 def test_a_cluster_needs_the_control_plane_apart_where_it_is_read() -> None:
     from pydantic import ValidationError
 
-    from flowcloud.settings import AlertsSettings, ApiSettings, GatewaySettings, WorkerSettings
+    from flowcloud.settings import (
+        AlertsSettings,
+        ApiSettings,
+        GatewaySettings,
+        ServiceSettings,
+        WorkerSettings,
+    )
 
     for model in (ApiSettings, AlertsSettings, GatewaySettings):
         with pytest.raises(
@@ -111,3 +117,5 @@ def test_a_cluster_needs_the_control_plane_apart_where_it_is_read() -> None:
             model(redis_cluster=True)
         assert model(redis_cluster=True, control_redis_url="redis://control:6379/0").redis_cluster
     assert WorkerSettings(redis_cluster=True).redis_cluster  # workers never read the control plane
+    with pytest.raises(ValueError, match="needs FLOWCLOUD_CONTROL_REDIS_URL"):  # the CLIs ask for it
+        ServiceSettings(redis_cluster=True).control_url  # noqa: B018
