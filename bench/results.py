@@ -129,7 +129,7 @@ async def evaluation_cost(redis: Redis, rules: int, count: int) -> float:
         await redis.delete(keys.alert_state(rule.id, STREAM))
     for i in range(rules):
         await store.add("bench", "person", "above", 0.05 + 0.02 * i, hold_frames=5, cooldown=60.0)
-    await redis.xgroup_setid(keys.RESULTS_STREAM, keys.ALERTS_GROUP, "0")
+    await redis.xgroup_setid(keys.results_shard(0), keys.ALERTS_GROUP, "0")
     evaluator = Evaluator(redis, "bench", 256, 60_000, 60.0)
     started = time.perf_counter()
     while evaluator.evaluated < count and await evaluator.step(block_ms=10):

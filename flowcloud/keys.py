@@ -138,6 +138,12 @@ def mask(stream_id: str, seq: int) -> str:
     return f"{PREFIX}:mask:{tag(stream_id)}:{seq}"
 
 
+def unfinished_results(stream_id: str) -> str:
+    """Set: seqs of results written whose results-shard event (and tenant account) may be missing
+    yet (flowcloud.results: finished in the next round trip, or by a redelivery after a crash)."""
+    return f"{PREFIX}:stream:{tag(stream_id)}:unfinished"
+
+
 def edge_mask_index(stream_id: str) -> str:
     """Sorted set: masks the edge made offline (fallback model), capture µs -> capture time."""
     return f"{PREFIX}:stream:{tag(stream_id)}:edge-masks"

@@ -32,25 +32,25 @@ PRODUCER_CLOUD = "cloud"
 PRODUCER_EDGE = "edge"  # the edge's fallback model, while the cloud was unreachable
 META_FIELD = "meta"  # JSON metadata of a result hash
 LABELS_FIELD = "labels_png"  # the label map of a result hash
-PENDING_FIELD = "pending"  # on a result hash until its results-shard event and accounting are written
 
 # One result, its indexes and its minute aggregate, all or nothing, and only when the frame has no
 # result yet (flowcloud.share_index describes the layout): every key is of the result's stream (one
 # hash tag). What lives elsewhere (its results-shard event, its tenant's memory account) follows in
-# the next round trip, while the hash carries PENDING_FIELD; the field goes once that is done, so a
-# result written again (at-least-once delivery) after a crash in between finishes it.
-# KEYS: result hash, mask index, minute aggregate, class-index registry, then one class-index key
-# per (class, level reached), in ARGV's class order.
+# the next round trip, while its seq is in the stream's unfinished set; it leaves the set once that
+# is done, so a result written again (at-least-once delivery) after a crash in between finishes it.
+# KEYS: result hash, mask index, minute aggregate, class-index registry, unfinished set, then one
+# class-index key per (class, level reached), in ARGV's class order.
 # ARGV: meta, label PNG, ttl, seq, capture_ts, then (name, share, levels reached) per class.
 # Returns 1 (new), 2 (written before, its follow-ups unconfirmed) or 0 (written and followed up).
 INDEX_SCRIPT = f"""
 if redis.call('HSETNX', KEYS[1], '{META_FIELD}', ARGV[1]) == 0 then
-  if redis.call('HEXISTS', KEYS[1], '{PENDING_FIELD}') == 1 then return 2 end
-  return 0
+  return redis.call('SISMEMBER', KEYS[5], ARGV[4]) * 2
 end
-redis.call('HSET', KEYS[1], '{LABELS_FIELD}', ARGV[2], '{PENDING_FIELD}', '1')
+redis.call('HSET', KEYS[1], '{LABELS_FIELD}', ARGV[2])
 local ttl = tonumber(ARGV[3])
 redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('EXPIRE', KEYS[5], ttl)
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[4])
 local ts = ARGV[5]
 local agg = KEYS[3]
@@ -58,7 +58,7 @@ redis.call('ZINCRBY', agg, 1, '{share_index.AGG_COUNT}')
 redis.call('ZADD', agg, 'LT', ts, '{share_index.AGG_FIRST}')
 redis.call('ZADD', agg, 'GT', ts, '{share_index.AGG_LAST}')
 redis.call('EXPIRE', agg, ttl)
-local k = 5
+local k = 6
 local a = 6
 while a <= #ARGV do
   local name, share, reached = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -225,10 +225,10 @@ class MaskStore:
         self._tenants: dict[str, tuple[float, str | None]] = {}
 
     async def put_many(self, results: list[MaskResult]) -> int:
-        """Persist and index results, then write their events and memory accounts, then trim each
-        touched stream to its bound: three round trips (one per node on a cluster) whatever their
-        number. A frame that already has a result keeps it (at-least-once delivery writes the same
-        frame again). Returns how many results were new."""
+        """Persist and index results, then write their events and memory accounts, then mark them
+        finished: three round trips (one per node on a cluster) whatever their number; then trim
+        each touched stream to its bound. A frame that already has a result keeps it (at-least-once
+        delivery writes the same frame again). Returns how many results were new."""
         if not results:
             return 0
         tenants = await self._tenants_of({r.stream for r in results}) if self.tenant_max_bytes else {}
@@ -247,7 +247,11 @@ class MaskStore:
                 self.ttl_seconds,
             )
             pipe.call(self._index, script_keys, args)
-        replies = [int(r) for r in await pipe.execute()]
+        streams = sorted({r.stream for r in results})
+        for stream in streams:  # the index sizes in the same round trip: trimming is rarely needed
+            pipe.pipe.zcard(keys.mask_index(stream))
+        answers = await pipe.execute()
+        replies, counts = [int(r) for r in answers[: len(results)]], answers[len(results) :]
         unfinished = [
             (r, size)
             for r, size, reply in zip(results, sizes, replies, strict=True)
@@ -255,13 +259,12 @@ class MaskStore:
         ]
         if unfinished:
             await self._follow_up(unfinished, tenants)
-        streams = sorted({r.stream for r in results})
-        last = self.redis.pipeline(transaction=False)
-        for result, _size in unfinished:  # done: a redelivery of the frame changes nothing now
-            last.hdel(keys.mask(result.stream, result.seq), PENDING_FIELD)
-        for stream in streams:  # the index sizes in the same round trip: trimming is rarely needed
-            last.zcard(keys.mask_index(stream))
-        counts = (await last.execute())[len(unfinished) :]
+            done = self.redis.pipeline(transaction=False)
+            for stream in sorted({r.stream for r, _size in unfinished}):  # a redelivery changes nothing now
+                done.srem(
+                    keys.unfinished_results(stream), *(r.seq for r, _size in unfinished if r.stream == stream)
+                )
+            await done.execute()
         for stream, count in zip(streams, counts, strict=True):
             if int(count) > self.max_per_stream:
                 await self._trim(stream, int(count) - self.max_per_stream, tenants.get(stream))

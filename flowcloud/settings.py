@@ -10,7 +10,7 @@ for logs with secrets and URL passwords masked.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -54,8 +54,17 @@ def with_redis_auth(url: str, password: str | None, ca_file: str | None) -> str:
     return urlunsplit(parts)
 
 
+CONTROL_PLANE_APART = (
+    "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, API keys, "
+    "alert rules) lives on one plain Redis, not on the cluster"
+)
+
+
 class ServiceSettings(BaseSettings):
     """Fields every service has."""
+
+    # The service reads devices, API keys or alert rules, and needs the control plane at start.
+    reads_control_plane: ClassVar[bool] = False
 
     model_config = SettingsConfigDict(extra="forbid", populate_by_name=True)
 
@@ -101,27 +110,26 @@ class ServiceSettings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _control_plane_apart(self) -> Self:
-        # The control plane (devices, API keys, alert rules, device events) is one plain Redis:
-        # its writes are transactions over a record and its index, and gateways subscribe there.
-        if self.redis_cluster and not self.control_redis_url:
-            raise ValueError(
-                "FLOWCLOUD_REDIS_CLUSTER needs FLOWCLOUD_CONTROL_REDIS_URL: the control plane (devices, "
-                "API keys, alert rules) lives on one plain Redis, not on the cluster"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _redis_auth_into_url(self) -> Self:
         # Folded into the URL once, so that every client made from redis_url (one node or a cluster) has them.
         password = self.redis_password.get_secret_value() if self.redis_password else None
         self.redis_url = with_redis_auth(self.redis_url, password, self.redis_ca_file)
         return self
 
+    @model_validator(mode="after")
+    def _control_plane_apart(self) -> Self:
+        # The control plane (devices, API keys, alert rules, device events) is one plain Redis:
+        # its writes are transactions over a record and its index, and gateways subscribe there.
+        if self.reads_control_plane:
+            self.control_url  # noqa: B018  # raises without one
+        return self
+
     @property
     def control_url(self) -> str:
         """Where devices and API keys live: control_redis_url, else the data-plane redis_url (a
-        plain Redis: with a Redis Cluster, control_redis_url is required)."""
+        plain Redis: with a Redis Cluster, control_redis_url is required; ValueError without)."""
+        if self.redis_cluster and not self.control_redis_url:
+            raise ValueError(CONTROL_PLANE_APART)
         return self.control_redis_url or self.redis_url
 
     def describe(self) -> dict[str, Any]:
@@ -139,6 +147,7 @@ class ServiceSettings(BaseSettings):
 
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_GATEWAY_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = True
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(7000, ge=0, le=65535, description="TCP port for edge devices (0 = any free port)")
@@ -216,7 +225,6 @@ class GatewaySettings(ServiceSettings):
 
 class WorkerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_WORKER_")  # the rest from ServiceSettings
-
     name: str | None = Field(None, description="consumer name (default: hostname-pid)")
     model: str | None = Field(None, description="zoo model name (default: what the weights say)")
     weights: str | None = Field(None, description="weights file (default: the bundled demo model)")
@@ -282,6 +290,7 @@ class WorkerSettings(ServiceSettings):
 
 class ApiSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_API_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = True
 
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
@@ -328,6 +337,7 @@ class ApiSettings(ServiceSettings):
 
 class AlertsSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FLOWCLOUD_ALERTS_")  # the rest from ServiceSettings
+    reads_control_plane: ClassVar[bool] = True
 
     name: str | None = Field(None, description="consumer name (default: hostname-pid)")
     batch_size: int = Field(256, ge=1, le=10_000, description="results evaluated per read at most")

@@ -15,7 +15,7 @@ writing the same frame again changes nothing):
   sums of minutes, so an aggregate over an hour costs 60 reads, whatever the frame rate.
 - **Results shards** (``keys.results_shard(keys.shard_of(stream, shards))``): stream, seq, capture
   time and shares by class name, for alert evaluators. Written after the script, at least once
-  (``flowcloud.results.PENDING_FIELD``): another slot than the stream's.
+  (``keys.unfinished_results``): another slot than the stream's.
 
 Classes are indexed by name, so ``class=person`` finds people in streams of either label set.
 """
@@ -95,6 +95,7 @@ def index_call(
         keys.mask_index(stream),
         keys.share_buckets(stream, bucket_of(capture_ts)),
         keys.class_indexes(stream),
+        keys.unfinished_results(stream),
         *index_keys,
     ]
     args: list[str | bytes] = [

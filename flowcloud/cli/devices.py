@@ -18,8 +18,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from flowcloud.cli.errors import CommandError
+from flowcloud.cli.options import control_url
 from flowcloud.registry import DEFAULT_TENANT, Device, DeviceRegistry, RegistryError
-from flowcloud.settings import DEFAULT_REDIS_URL, ServiceSettings, redact_url
+from flowcloud.settings import DEFAULT_REDIS_URL, redact_url
 
 REDIS_URL_HELP = (
     "the control-plane Redis, where devices live (default: $FLOWCLOUD_CONTROL_REDIS_URL, "
@@ -107,7 +108,7 @@ async def _with_registry(url: str, action: Callable[[DeviceRegistry], Awaitable[
 
 
 def run(args: argparse.Namespace) -> int:
-    url = args.redis_url or ServiceSettings().control_url
+    url = control_url(args.redis_url)
     try:
         return asyncio.run(_with_registry(url, lambda registry: _act(args, registry)))
     except RegistryError as exc:

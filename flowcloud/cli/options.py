@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from flowcloud.cli.errors import settings_error
+from flowcloud.cli.errors import CommandError, settings_error
+from flowcloud.settings import ServiceSettings
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -37,3 +38,13 @@ def build_settings(model: type[SettingsT], overrides: Mapping[str, Any]) -> Sett
 def settings_from_options(model: type[SettingsT], args: argparse.Namespace) -> SettingsT:
     """Environment settings overridden by the options given on the command line (named as the fields)."""
     return build_settings(model, {k: v for k, v in vars(args).items() if k in model.model_fields})
+
+
+def control_url(given: str | None) -> str:
+    """The control-plane Redis URL: ``given``, else the environment's; a bad setting as one line."""
+    if given:
+        return given
+    try:
+        return build_settings(ServiceSettings, {}).control_url
+    except ValueError as exc:  # a Redis Cluster without a control-plane URL
+        raise CommandError(str(exc)) from None

@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowcloud.cli.errors import CommandError
-from flowcloud.settings import ServiceSettings, redact_url
+from flowcloud.cli.options import control_url
+from flowcloud.settings import redact_url
 from services.api.apikeys import ROLES, ApiKey, ApiKeyError, ApiKeyStore
 
 T = TypeVar("T")
@@ -57,7 +58,7 @@ def _table(items: list[ApiKey]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    redis_url = args.redis_url or ServiceSettings().control_url
+    redis_url = control_url(args.redis_url)
     try:
         if args.action == "add":
             key, token = asyncio.run(_with_store(redis_url, lambda s: s.add(args.role, args.tenant)))

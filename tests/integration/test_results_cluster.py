@@ -17,7 +17,7 @@ from support.api import describe_stream, make_key, running_api, share_result
 from flowcloud import alerts, keys
 from flowcloud.redis_client import connect_async
 from flowcloud.redis_cluster import EmbeddedRedisCluster
-from flowcloud.results import PENDING_FIELD, MaskResult, MaskStore
+from flowcloud.results import MaskResult, MaskStore
 from flowcloud.settings import ApiSettings
 from flowcloud.share_index import index_call
 from services.alerts.evaluator import Evaluator, ResultEvent
@@ -112,7 +112,7 @@ def test_a_result_whose_follow_ups_were_cut_short_gets_them_when_written_again(
             )  # fmt: skip
             assert await store._index(keys=script_keys, args=args) == 1  # the crash: nothing after it
             shard = keys.results_shard(keys.shard_of("cam-cut", SHARDS))
-            assert await redis.hexists(keys.mask("cam-cut", 0), PENDING_FIELD)
+            assert await redis.smembers(keys.unfinished_results("cam-cut")) == {b"0"}
             assert await redis.xlen(shard) == 0 and await store.tenant_usage("acme") == 0
             assert await store.put_many([result]) == 0  # not new, but finished now
             assert await store.put_many([result]) == 0  # and only once
@@ -120,7 +120,7 @@ def test_a_result_whose_follow_ups_were_cut_short_gets_them_when_written_again(
             assert await store.tenant_usage("acme") == len(result.to_fields()["meta"]) + len(
                 result.labels_png
             )
-            assert not await redis.hexists(keys.mask("cam-cut", 0), PENDING_FIELD)
+            assert not await redis.exists(keys.unfinished_results("cam-cut"))
         finally:
             await redis.aclose()
 
