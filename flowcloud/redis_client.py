@@ -9,9 +9,10 @@ tag) at most.
 
 One repair to redis-py's asyncio cluster client (8.1): a command whose keys it finds by asking a node
 (COMMAND GETKEYS: XREADGROUP, XREAD) asks the node it first connected to, and when that node dies
-the client neither retries elsewhere nor rediscovers the cluster, so a worker's reads failed for
-good after a failover that its other commands rode out. `FailoverSafeCluster` marks the client for
-rediscovery after any connection error, so the next command finds the new topology.
+the client neither retries elsewhere nor rediscovers the cluster: XREADGROUP then fails for good
+after a failover, until some other command of the same client fails over a connection and makes it
+rediscover. `FailoverSafeCluster` marks the client for rediscovery after any connection error and
+rediscovers before the next command, so a reader recovers by itself.
 """
 
 from __future__ import annotations
