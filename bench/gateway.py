@@ -574,9 +574,10 @@ def per_core_table(sources: list[Source], seconds: float, streams: int) -> list[
     print(
         "| source | KB/frame | bare decode ms/frame (fps per core) | decoder child ms/frame (ratio) "
         "| gateway process ms/frame | whole gateway ms/frame (fps per core) | **ratio per core** "
-        "| cameras at 30 fps per core | published (frames per publish) | redis-server ms/frame |"
+        "| cameras at 30 fps per core | published (frames per publish) | KB per frame on Redis "
+        "| redis-server ms/frame |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         pipeline_bare, pipeline_ms = r.pipeline
         print(
@@ -585,7 +586,7 @@ def per_core_table(sources: list[Source], seconds: float, streams: int) -> list[
             f"| {pipeline_ms:.2f} ({pipeline_bare / pipeline_ms:.2f}; scale + JPEG {r.encode_ms:.2f}) "
             f"| {r.main_ms:.2f} | {r.whole_ms:.2f} ({1000 / r.whole_ms:.0f}) | **{r.ratio:.2f}** "
             f"| {1000 / r.whole_ms / FPS:.1f} | {r.run.frames_published}/{r.run.frames_sent} "
-            f"({r.run.frames_per_publish:.1f}) "
+            f"({r.run.frames_per_publish:.1f}) | {r.run.bytes_per_frame / 1024:.1f} "
             f"| {r.redis_ms:.2f} |"
         )
     return results
