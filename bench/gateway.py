@@ -1,11 +1,13 @@
-"""Ingest gateway throughput: N concurrent 640x480 30 fps H.264 streams through a real gateway
-(real sockets, real redis-server, decoder processes), against bare PyAV decoding of the same bytes
-in one process.
+"""Ingest gateway throughput: concurrent 30 fps H.264 streams through a real gateway (real
+sockets, real redis-server, decoder processes), against bare PyAV decoding of the same bytes in
+one process.
 
-    python -m bench.gateway                       # 8 real-time streams + a saturation run
+    python -m bench.gateway                       # the 640x480 detail, then the per-core table
     python -m bench.gateway --streams 12 --seconds 6
+    python -m bench.gateway --per-core-only       # only the table at 640x480, 720p30, 1080p30
+    python -m bench.gateway --per-core-only --sizes 1080p
 
-Reports, in one table:
+The 640x480 detail, in one table:
   * bare decode: frames/s of one PyAV decoder (one thread) on the same access units;
   * saturation: N streams sent as fast as the gateway takes them; frames/s published, the ratio
     per core to bare decode (wall clock), and the CPU seconds per frame of the whole gateway
@@ -13,6 +15,11 @@ Reports, in one table:
     efficiency, which does not depend on what else the machine runs;
   * real time: N streams paced at 30 fps; frames sent vs. published (held without loss?);
   * bytes per frame on Redis (JPEG at the model size, and at 640x480 for reference).
+
+The per-core table (`per_core_table`, Markdown, the one in docs/BENCHMARKS.md): for each camera
+source (`SOURCES`: size, bitrate, 2 s GOP, BT.709 for HD), ``--saturate`` streams through the whole
+gateway; its CPU per frame against bare decoding's (CPU time, before and after), the ratio per core
+and the cameras at 30 fps one core carries. A progress bar shows the stages.
 """
 
 from __future__ import annotations
