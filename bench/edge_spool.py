@@ -84,7 +84,14 @@ class LoopedStreet(_Stoppable):
 async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: float) -> dict[str, float]:
     client = Redis.from_url(url)
     _, token = await DeviceRegistry(client).add("bench-cam")
-    settings = GatewaySettings(redis_url=url, host="127.0.0.1", port=0, metrics_port=0, model_size="256x512")
+    settings = GatewaySettings(
+        redis_url=url,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        model_size="256x512",
+        stream_frames_maxlen=100_000,
+    )
     with tempfile.TemporaryDirectory() as spool_dir:
         async with Gateway(settings).listen(port=0) as gw:
             port = gw.port
@@ -108,9 +115,9 @@ async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: fl
             await asyncio.sleep(1.0)
             daemon.source.stop()
             await asyncio.wait_for(edge, 30)
-    raw = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.FRAMES_STREAM))
+    raw = cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.stream_frames("bench-cam")))
     raw_backfill = cast(
-        list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.BACKFILL_FRAMES_STREAM)
+        list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.backfill_frames("bench-cam"))
     )
     await client.aclose()
     live = [Frame.from_fields(f) for _, f in raw]

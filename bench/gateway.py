@@ -378,6 +378,7 @@ async def run_gateway(
         metrics_port=0,
         model_size=model_size,
         frames_maxlen=100_000,
+        stream_frames_maxlen=100_000,  # every frame stays in its log, to be counted
         decoder_backlog=100_000 if not paced else 60,
         max_frames_per_second=1000,
         max_bytes_per_second=10**9,
@@ -444,7 +445,13 @@ async def run_gateway(
         wall = time.monotonic() - started
         sending = await asyncio.to_thread(send_time.get, True, 60)
         edges.join(10)
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.FRAMES_STREAM))
+    entries = [
+        entry
+        for i in range(n)
+        for entry in cast(
+            list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.stream_frames(f"bench-{i}"))
+        )
+    ]
     frames = [Frame.from_fields(f) for _, f in entries]
     sizes = [sum(len(k) + len(v) for k, v in fields.items()) for _, fields in entries]
     per_stream = [sum(1 for f in frames if f.stream == f"bench-{i}") for i in range(n)]

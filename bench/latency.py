@@ -119,7 +119,7 @@ def _results(client: redis.Redis, stream: str) -> list[MaskResult]:
 
 
 def _drained(client: redis.Redis) -> bool:
-    groups = cast(list[dict[str, Any]], client.xinfo_groups(keys.FRAMES_STREAM))
+    groups = cast(list[dict[str, Any]], client.xinfo_groups(keys.frame_shard(0)))  # one shard here
     group = next(g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode()))
     return int(group["pending"]) == 0 and (group.get("lag") in (0, None))
 

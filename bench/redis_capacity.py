@@ -10,14 +10,14 @@ masters (`flowcloud.redis_cluster`, no replicas) with frame shard ``i`` pinned o
 streams (``--streams`` cameras) spread over the shards by `flowcloud.keys.shard_of`. One client
 process (`flowcloud.redis_client.connect_async`) plays gateways and workers in rounds; per frame:
 
-- publish: HINCRBY of the stream's seq counter (per stream and round), XADD of a 640x480 JPEG
-  frame (`flowcloud.frames.Frame.to_fields`, about 60 KB) to its shard's queue with an
-  approximate MAXLEN, HSET of the stream's last-seen time;
-- consume: XREADGROUP of the shard's new frames (group ``keys.WORKER_GROUP``), XACK;
-- result write: one pipeline per round of, per frame, HSETNX of the result's metadata, HSET of its
-  label map (a 256x512 palette PNG), EXPIRE, and ZADD to the stream's mask index: the commands of
-  `flowcloud.results.MaskStore`'s index script on the stream's own keys (the script's results
-  stream and tenant keys are global keys, another slot, and are left out).
+- publish (the gateway's `services.gateway.publisher.FramePublisher`): HINCRBY of the stream's seq
+  counter, the frame log append script (the 640x480 JPEG frame, about 60 KB, once into Redis, and
+  the stream's last-seen time), ZADD to the streams index, XADD of a reference to the shard's queue,
+  and the queue's trim script;
+- consume (what a worker does, with the product's functions): XREADGROUP of the shard's new
+  references (group ``keys.WORKER_GROUP``), `flowcloud.frame_log.fetch` of the frames' bytes,
+  `flowcloud.results.MaskStore.put_many` of one result each (a 256x512 palette label map and its
+  class-share indexes, results-stream event, per-stream bound), XACK.
 
 Every round moves ``--batch`` frames through every shard, so each shard sees the same load per
 round whatever the shard count. Measured per configuration: frames per second through the whole
@@ -44,18 +44,20 @@ import numpy as np
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from flowcloud import keys
+from flowcloud import frame_log, keys
 from flowcloud.frames import Frame, encode_image
 from flowcloud.labels import TRAIN_IDS
 from flowcloud.redis_client import connect_async
 from flowcloud.redis_cluster import ClusterNode, EmbeddedRedisCluster, frame_shard_pins
 from flowcloud.redis_server import EmbeddedRedis
-from flowcloud.results import LABELS_FIELD, META_FIELD, encode_label_map
+from flowcloud.results import MaskResult, MaskStore, encode_label_map
+from services.gateway.publisher import FramePublisher
 
 WIDTH, HEIGHT = 640, 480
 LABEL_H, LABEL_W = 256, 512  # the model's output size (the default model input)
 QUEUE_MAXLEN = 2000
 RESULT_TTL = 3600
+SHARES = {0: 0.4, 2: 0.15, 10: 0.33, 13: 0.12}  # road, building, sky, car: the label map's
 IDLE_SECONDS = 1.0
 
 
@@ -68,6 +70,7 @@ class Measure:
     redis_cpu: float  # seconds, all nodes, net of idle
     redis_cpu_by_node: list[float]
     client_cpu: float
+    command_usec: dict[str, float]  # Redis's own time per command (INFO commandstats), all nodes
 
     @property
     def fps(self) -> float:
@@ -124,7 +127,8 @@ def streams_for(shards: int, per_shard: int) -> dict[int, list[str]]:
 
 
 class FramePath:
-    """Gateways' and workers' Redis commands for frames and results, in rounds."""
+    """The gateways' and workers' Redis work for frames and results, in rounds, through the
+    product's code: `FramePublisher` (gateway), `frame_log.fetch` and `MaskStore.put_many` (worker)."""
 
     def __init__(self, redis: Redis, shards: int, streams_per_shard: int, batch: int) -> None:
         self.redis = redis
@@ -133,55 +137,64 @@ class FramePath:
         self.streams = streams_for(shards, streams_per_shard)
         self.pictures = pictures()
         self.png = label_png()
-        self.seq = 0
+        self.n = 0
+        self.publisher = FramePublisher(
+            redis,
+            frames_maxlen=QUEUE_MAXLEN,
+            queue_max=10 * shards * batch,
+            stream_frames_maxlen=QUEUE_MAXLEN,
+            shards=shards,
+        )
+        self.store = MaskStore(redis, ttl_seconds=RESULT_TTL, results_shards=shards)
 
     async def setup(self) -> None:
         for shard in range(self.shards):
             await self.redis.xgroup_create(keys.frame_shard(shard), keys.WORKER_GROUP, id="0", mkstream=True)
+        self.publisher.start()
+
+    async def close(self) -> None:
+        await self.publisher.close()
 
     async def round(self) -> int:
-        """``batch`` frames through every shard: publish, consume, ack, write results."""
+        """``batch`` frames through every shard: publish, read, fetch, write results, acknowledge."""
         now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for shard, streams in self.streams.items():
-            per_stream = -(-self.batch // len(streams))
-            for stream in streams:
-                pipe.hincrby(keys.stream_meta(stream), keys.M_LAST_SEQ, per_stream)
+        target = self.publisher.published + self.shards * self.batch
+        for streams in self.streams.values():
             for i in range(self.batch):
-                stream = streams[i % len(streams)]
-                self.seq += 1
-                frame = Frame(stream, self.seq, now, now, WIDTH, HEIGHT, "jpeg", self.pictures[self.seq % 8])
-                pipe.xadd(
-                    keys.frame_shard(shard),
-                    frame.to_fields(),  # type: ignore[arg-type]
-                    maxlen=QUEUE_MAXLEN,
-                    approximate=True,
-                )
-            for stream in streams:
-                pipe.hset(keys.stream_meta(stream), keys.M_LAST_SEEN, repr(now))
-        await pipe.execute()
+                self.n += 1
+                picture = self.pictures[self.n % len(self.pictures)]
+                frame = Frame(streams[i % len(streams)], 0, now, now, WIDTH, HEIGHT, "jpeg", picture)
+                self.publisher.submit(frame)
+        while self.publisher.published < target:
+            await asyncio.sleep(0.0005)
         pipe = self.redis.pipeline(transaction=False)
         for shard in range(self.shards):
             pipe.xreadgroup(keys.WORKER_GROUP, "bench", {keys.frame_shard(shard): ">"}, count=self.batch)
-        replies = await pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
-        done = 0
-        for shard, reply in enumerate(replies):
-            entries = reply[0][1] if reply else []
-            if not entries:
+        reads = [(shard, reply[0][1]) for shard, reply in enumerate(await pipe.execute()) if reply]
+        refs = [(shard, entry_id, fields) for shard, entries in reads for entry_id, fields in entries]
+        locations = [frame_log.ref_location(fields) for _, _, fields in refs]
+        found = await frame_log.fetch(self.redis, [loc for loc in locations if loc is not None])
+        results = []
+        for fields in found:
+            if fields is None:
                 continue
-            pipe.xack(keys.frame_shard(shard), keys.WORKER_GROUP, *[entry_id for entry_id, _ in entries])
-            for _, fields in entries:
-                frame = Frame.from_fields(fields)
-                meta = json.dumps({"stream": frame.stream, "seq": frame.seq, "capture_ts": frame.capture_ts})
-                result = keys.mask(frame.stream, frame.seq)
-                pipe.hsetnx(result, META_FIELD, meta)
-                pipe.hset(result, LABELS_FIELD, self.png)
-                pipe.expire(result, RESULT_TTL)
-                pipe.zadd(keys.mask_index(frame.stream), {str(frame.seq): frame.seq})
-                done += 1
+            frame = Frame.from_fields(fields)
+            results.append(
+                MaskResult(
+                    stream=frame.stream, seq=frame.seq, capture_ts=frame.capture_ts, recv_ts=frame.recv_ts,
+                    infer_start=now, infer_end=now, persisted_ts=time.time(), model="bench",
+                    model_version="1", label_set=TRAIN_IDS.name, width=LABEL_W, height=LABEL_H,
+                    shares=SHARES, labels_png=self.png,
+                )
+            )  # fmt: skip
+        await self.store.put_many(results)
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in range(self.shards):
+            ids = [entry_id for s, entry_id, _ in refs if s == shard]
+            if ids:
+                pipe.xack(keys.frame_shard(shard), keys.WORKER_GROUP, *ids)
         await pipe.execute()
-        return done
+        return len(results)
 
 
 @contextmanager
@@ -203,6 +216,17 @@ def cpu_of(nodes: list[ClusterNode]) -> list[float]:
     return [node.cpu_seconds() for node in nodes]
 
 
+def command_usec(nodes: list[ClusterNode]) -> dict[str, float]:
+    """Microseconds Redis spent in each command so far (INFO commandstats), summed over the nodes.
+    (A script's time includes the commands it calls, which are also counted on their own.)"""
+    out: dict[str, float] = {}
+    for node in nodes:
+        for name, stats in node.info("commandstats").items():
+            command = name.removeprefix("cmdstat_")
+            out[command] = out.get(command, 0.0) + float(stats["usec"])  # type: ignore[index]
+    return out
+
+
 def process_cpu() -> float:
     times = os.times()
     return times.user + times.system
@@ -222,6 +246,7 @@ async def measure(
             idle_before = cpu_of(nodes)
             await asyncio.sleep(IDLE_SECONDS)
             idle = [b - a for a, b in zip(idle_before, cpu_of(nodes), strict=True)]
+            commands_before = command_usec(nodes)
             before, client_before, started = cpu_of(nodes), process_cpu(), time.perf_counter()
             done = 0
             while done < frames:
@@ -234,9 +259,11 @@ async def measure(
                 max(0.0, b - a - i * seconds / IDLE_SECONDS)
                 for a, b, i in zip(before, cpu_of(nodes), idle, strict=True)
             ]
+            commands = {c: t - commands_before.get(c, 0.0) for c, t in command_usec(nodes).items()}
+            await path.close()
         finally:
             await redis.aclose()
-    return Measure(name, shards, done, seconds, sum(used), used, client)
+    return Measure(name, shards, done, seconds, sum(used), used, client, commands)
 
 
 def table(measures: list[Measure]) -> str:
@@ -291,6 +318,13 @@ def main() -> None:
     for m in measures[2:]:
         ratio = m.redis_us_per_frame / baseline.redis_us_per_frame
         print(f"| {m.shards} shards vs 1, Redis CPU per frame (goal ≤ 1.10) | {ratio:.2f} |")
+    print("\nRedis's time by command, µs per frame (a script's time includes the commands it calls):\n")
+    print("| command | " + " | ".join(m.name for m in measures) + " |")
+    print("|---|" + "---|" * len(measures))
+    top = sorted(baseline.command_usec, key=lambda c: -baseline.command_usec[c])[:8]
+    for command in top:
+        cells = " | ".join(f"{m.command_usec.get(command, 0.0) / m.frames:.1f}" for m in measures)
+        print(f"| {command} | {cells} |")
     per_core = 1e6 / baseline.redis_us_per_frame
     cameras = per_core / 30
     print(f"\nOne Redis core carries {per_core:.0f} frames/s of this path ({cameras:.0f} cameras at 30 fps).")

@@ -40,7 +40,8 @@ from redis.asyncio import Redis as AsyncRedis
 from torch import nn
 
 from flowcloud import keys
-from flowcloud.frame_queue import ensure_group
+from flowcloud.frame_log import publish_blocking
+from flowcloud.frame_queue import ensure_groups, live_queues
 from flowcloud.frames import Frame, encode_image
 from flowcloud.inference import IMAGENET_MEAN, IMAGENET_STD, Segmenter
 from flowcloud.labels import LABEL_IDS, class_shares
@@ -142,13 +143,10 @@ async def worker_pipeline(
     sync = redis.Redis.from_url(settings.redis_url)
     sync.flushdb()
     client = AsyncRedis.from_url(settings.redis_url)
-    await ensure_group(client)
+    await ensure_groups(client, settings.frame_shards)
     worker = Worker(settings, client, segmenter)
     await worker.start()  # warm-up (and compilation) at the frames' size, not timed
-    pipe = sync.pipeline(transaction=False)
-    for frame in frames:
-        pipe.xadd(keys.FRAMES_STREAM, frame.to_fields())  # type: ignore[arg-type]
-    pipe.execute()
+    publish_blocking(sync, frames, settings.frame_shards, maxlen=len(frames))
     started = time.perf_counter()
     serving = asyncio.create_task(worker.serve())
     while worker.processed < len(frames):  # counted after each batch's XACK; no Redis polling
@@ -157,7 +155,9 @@ async def worker_pipeline(
             raise RuntimeError("the worker stopped before finishing the frames")
         await asyncio.sleep(0.001)
     seconds = time.perf_counter() - started
-    assert int(sync.xpending(keys.FRAMES_STREAM, keys.WORKER_GROUP)["pending"]) == 0
+    assert all(
+        int(sync.xpending(q, keys.WORKER_GROUP)["pending"]) == 0 for q in live_queues(settings.frame_shards)
+    )
     worker.request_stop()
     await serving
     await worker.close()

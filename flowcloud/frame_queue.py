@@ -1,7 +1,8 @@
-"""The frames stream as a queue: its consumer group, its bound, and how much is left to read.
+"""A shard queue of frame references: its consumer group, its bound, and how much is left to read.
 
-Gateways append frames to ``keys.FRAMES_STREAM``; workers read them through the consumer group
-``keys.WORKER_GROUP``. The stream is bounded, so trimming can remove frames no worker has read.
+Gateways append a reference to each frame (flowcloud.frame_log) to the queue of its stream's
+shard, ``keys.frame_shard(i)``; workers read every shard through the consumer group
+``keys.WORKER_GROUP``. Each queue is bounded, so trimming can remove references no worker has read.
 Redis's own MAXLEN trimming does that silently, and on Redis 7.0 it also corrupts the group's
 lag: the group's read counter never learns of the skipped entries, so XINFO GROUPS reports them
 as unread for good (the worker's lag gauge and KEDA's scaler then see a backlog that is not there).
@@ -17,9 +18,9 @@ to every worker's XREADGROUP:
   it removed so that the caller counts and logs them, and moves the group past them with their
   read count (``XGROUP SETID ... ENTRIESREAD``), so the lag stays true.
 
-`FrameQueue.unread` runs the same script without trimming: the one definition of a worker's lag.
-The backfill lane, ``keys.BACKFILL_FRAMES_STREAM`` (same group name), is bounded the same way
-(``FrameQueue(redis, keys.BACKFILL_FRAMES_STREAM)``).
+`FrameQueue.unread` runs the same script without trimming: the one definition of a worker's lag
+(summed over the shards). The script touches one queue and its group: one slot of a cluster. The
+backfill lanes, ``keys.backfill_shard(i)`` (same group name), are bounded the same way.
 """
 
 from __future__ import annotations
@@ -117,16 +118,32 @@ def _text(value: bytes | int) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-async def ensure_group(redis: Redis) -> None:
-    """Create the workers' consumer group (and the stream) unless it exists."""
-    if await groups.ensure_group(redis, keys.FRAMES_STREAM, keys.WORKER_GROUP, "0"):
-        log.info("created consumer group %s on %s", keys.WORKER_GROUP, keys.FRAMES_STREAM)
+def live_queues(shards: int) -> list[str]:
+    """The live shard queues of ``shards`` shards."""
+    return [keys.frame_shard(shard) for shard in range(shards)]
+
+
+def backfill_queues(shards: int) -> list[str]:
+    """The backfill lanes of ``shards`` shards."""
+    return [keys.backfill_shard(shard) for shard in range(shards)]
+
+
+async def ensure_group(redis: Redis, queue: str) -> None:
+    """Create the workers' consumer group (and the queue) unless it exists."""
+    if await groups.ensure_group(redis, queue, keys.WORKER_GROUP, "0"):
+        log.info("created consumer group %s on %s", keys.WORKER_GROUP, queue)
+
+
+async def ensure_groups(redis: Redis, shards: int) -> None:
+    """The workers' group on every live shard queue (one command each: each its own slot)."""
+    for queue in live_queues(shards):
+        await ensure_group(redis, queue)
 
 
 class FrameQueue:
-    """The frames stream and its workers' group (see the module's docstring)."""
+    """A shard queue and its workers' group (see the module's docstring)."""
 
-    def __init__(self, redis: Redis, stream: str = keys.FRAMES_STREAM) -> None:
+    def __init__(self, redis: Redis, stream: str) -> None:
         self.redis = redis
         self.stream = stream
         self._script = redis.register_script(_TRIM)
@@ -134,9 +151,10 @@ class FrameQueue:
     def _args(self, maxlen: int) -> list[str | int]:
         return [keys.WORKER_GROUP, maxlen, keys.F_STREAM, keys.F_SEQ]
 
-    async def trim_in(self, pipe: Pipeline, maxlen: int) -> None:
-        """Queue a trim to ``maxlen`` in ``pipe``; its reply goes through `parse_trim`."""
-        await self._script(keys=[self.stream], args=self._args(maxlen), client=pipe)
+    def trim_in(self, pipe: Pipeline, maxlen: int) -> None:
+        """Queue a trim to ``maxlen`` in ``pipe``; its reply goes through `parse_trim`. EVAL, not
+        EVALSHA: a cluster pipeline cannot load a script a node has not seen."""
+        pipe.eval(_TRIM, 1, self.stream, *self._args(maxlen))
 
     async def trim(self, maxlen: int) -> Trim:
         """Trim the stream to ``maxlen`` entries, removing unread ones only when they do not fit."""

@@ -1,4 +1,4 @@
-"""A decoded frame as it travels on the Redis frames stream (gateway -> workers)."""
+"""A decoded frame as it travels through Redis (gateway -> its stream's frame log -> workers)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Frame:
     height: int
     encoding: str
     data: bytes
-    backfill: bool = False  # from an edge's spool, after an outage (keys.BACKFILL_FRAMES_STREAM)
+    backfill: bool = False  # from an edge's spool, after an outage (keys.backfill_frames)
     # Later stage stamps (flowcloud.stages), on the same clock as capture_ts; None: not stamped.
     sent_ts: float | None = None
     decoded_ts: float | None = None

@@ -52,14 +52,13 @@ def backfill_shard(shard: int) -> str:
 
 
 # --- frames: gateway -> workers ------------------------------------------------------------
-FRAMES_STREAM = f"{PREFIX}:frames"  # one stream for all devices; workers share one group
-WORKER_GROUP = "workers"  # the consumer group KEDA measures lag on
-DEAD_LETTER_STREAM = f"{PREFIX}:frames:dead"  # frames that failed too often, with their error
-# Spooled frames an edge sends after an outage (the backfill lane): same fields, F_BACKFILL set,
-# same group name; workers read it only when FRAMES_STREAM has nothing, in complete mode.
-BACKFILL_FRAMES_STREAM = f"{PREFIX}:frames:backfill"
+# A frame's bytes are written once, to its stream's frame log (`stream_frames`, or `backfill_frames`
+# for spooled video); the shard queues carry references to them (the fields below without F_DATA,
+# plus F_FRAME_ID), which workers read through the consumer group WORKER_GROUP (flowcloud.frame_log).
+WORKER_GROUP = "workers"  # the consumer group KEDA measures lag on (one per shard queue)
+DEAD_LETTER_STREAM = f"{PREFIX}:frames:dead"  # frame references that failed too often, with their error
 
-# Fields of an entry on FRAMES_STREAM (see flowcloud.frames.Frame).
+# Fields of a frame-log entry (see flowcloud.frames.Frame); a shard-queue entry has them all but F_DATA.
 F_STREAM = "stream"
 F_SEQ = "seq"
 F_CAPTURE_TS = "capture_ts"  # edge capture time, mapped to Redis's clock (unix seconds)
@@ -73,10 +72,12 @@ F_HEIGHT = "height"
 F_ENCODING = "encoding"
 F_DATA = "data"
 F_BACKFILL = "backfill"  # "1" on a frame of the backfill lane (absent on live frames)
+F_FRAME_ID = "frame_id"  # on a shard-queue entry: the id of the frame's entry in its stream's frame log
 # Extra fields of a dead-letter entry.
 F_ERROR = "error"
 F_ATTEMPTS = "attempts"
-F_SOURCE_ID = "source_id"  # the entry's id on FRAMES_STREAM
+F_SOURCE_ID = "source_id"  # the reference's id on its shard queue
+F_SOURCE_QUEUE = "source_queue"  # the shard queue it was read from
 F_CONSUMER = "consumer"  # the worker that gave up on it
 
 # --- streams (per device) -----------------------------------------------------------------
@@ -88,9 +89,17 @@ def stream_meta(stream_id: str) -> str:
     return f"{PREFIX}:stream:{tag(stream_id)}"
 
 
-def recent_frames(stream_id: str) -> str:
-    """Stream (small MAXLEN): the latest frames of one stream, to draw overlays with."""
-    return f"{PREFIX}:stream:{tag(stream_id)}:recent"
+def stream_frames(stream_id: str) -> str:
+    """Stream (MAXLEN ~ stream_frames_maxlen): the stream's live frames, bytes included, the one copy
+    of them in Redis; workers fetch them by the id a shard-queue reference names, the API draws
+    overlays on them."""
+    return f"{PREFIX}:stream:{tag(stream_id)}:frames"
+
+
+def backfill_frames(stream_id: str) -> str:
+    """Stream (MAXLEN ~ backfill_maxlen): the stream's spooled frames (the backfill lane), apart from
+    its live ones so that a backfill burst never evicts live frames."""
+    return f"{PREFIX}:stream:{tag(stream_id)}:backfill"
 
 
 # Fields of a stream_meta hash (written by the gateway).
@@ -103,7 +112,8 @@ M_LAST_SEEN = "last_seen"  # unix seconds of the last frame published
 M_STARTED = "started"  # unix seconds the current (or last) session began
 M_STATUS = "status"  # STATUS_LIVE while a session is open, else STATUS_IDLE
 M_LAST_SEQ = "last_seq"  # the last frame seq handed out (gateways HINCRBY it): unique across replicas
-M_TRIMMED_UNREAD = "trimmed_unread"  # its frames trimmed from FRAMES_STREAM before a worker read them
+M_TRIMMED_UNREAD = "trimmed_unread"  # its frames trimmed from a shard queue before a worker read them
+M_EVICTED = "evicted"  # its frames whose bytes left the frame log before a worker fetched them
 # The seqs a live session reserved for the device's spooled frames (HELLO ``spooled``), so that
 # backfilled results sort in capture order: the last one handed out, and the last reserved.
 M_BACKFILL_LAST_SEQ = "backfill_last_seq"

@@ -349,7 +349,7 @@ class EmbeddedRedisCluster:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"redis cluster: timed out after {timeout:.0f} s waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def __enter__(self) -> EmbeddedRedisCluster:
         return self.start()

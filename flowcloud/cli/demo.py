@@ -143,8 +143,8 @@ def thumbnail(frame: Frame) -> np.ndarray:
 
 
 def recent_frames(client: redis.Redis, stream: str, after_seq: int) -> dict[int, Frame]:
-    """The frames still in the stream's recent window, by seq, newer than ``after_seq``."""
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.recent_frames(stream)))
+    """The frames still in the stream's frame log, by seq, newer than ``after_seq``."""
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.stream_frames(stream)))
     frames = (Frame.from_fields(fields) for _, fields in entries)
     return {frame.seq: frame for frame in frames if frame.seq > after_seq}
 
@@ -211,7 +211,7 @@ class StreamScorer:
     def note_frames(self) -> None:
         start = self._last_id if self._last_id == "-" else f"({self._last_id}"
         entries = cast(
-            list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(keys.recent_frames(self.stream), start)
+            list[tuple[bytes, dict[bytes, bytes]]], self.client.xrange(keys.stream_frames(self.stream), start)
         )
         for entry_id, fields in entries:
             self._last_id = entry_id.decode()

@@ -34,6 +34,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "alerts": ("services.alerts.cli", "evaluate alert rules on new results and deliver webhooks"),
     "up": ("flowcloud.cli.up", "run gateway, worker and API together on this machine"),
     "demo": ("flowcloud.cli.demo", "run the whole pipeline on the synthetic street video"),
+    "redis-cluster": (
+        "flowcloud.cli.redis_cluster",
+        "run a local Redis Cluster (masters, replicas) to try cluster mode",
+    ),
     "link": ("flowcloud.cli.link", "emulate a network link (delay, bandwidth, jitter, outages) to a port"),
 }
 

@@ -8,6 +8,7 @@ binary search (a dozen lookups for the 10,000 results a stream keeps).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from services.api.replies import as_fields
 
 LATENCY_SAMPLES = 32  # newest results summarised per stream in listings
 MAX_STREAMS = 1000  # streams listed at most (newest activity first)
-RECENT_SCAN = 256  # entries of a recent-frames stream searched for a seq at most
+RECENT_PAGE = 16  # entries of a stream's frame log read per step when searching it for a seq
 NEWEST_CAPACITY = 4096  # streams whose newest result is kept, so an unchanged one is not read again
 
 
@@ -312,19 +313,34 @@ class StreamQueries:
 
     # --- recent frames ----------------------------------------------------------------------
     async def recent_frame(self, stream_id: str, seq: int) -> tuple[Frame | None, tuple[int, int] | None]:
-        """The frame ``seq`` from the stream's recent-frames window, and the (oldest, newest)
-        seqs that window holds (None when it is empty or unreadable)."""
-        entries = await self.redis.xrevrange(keys.recent_frames(stream_id), "+", "-", count=RECENT_SCAN)
+        """The frame ``seq`` from the stream's frame log (its recent-frames window), and the
+        (oldest, newest) seqs that window holds (None when it is empty or unreadable).
+
+        The log is searched from its newest entry back, a page at a time, and no further than the
+        first live frame older than ``seq`` (live frames are logged in seq order): an overlay of a
+        recent result reads a page or two, not the whole log."""
+        log = keys.stream_frames(stream_id)
         found: Frame | None = None
         seen: list[int] = []
-        for _entry_id, fields in entries or []:
-            try:
-                frame = Frame.from_fields(as_fields(fields))
-            except FrameFormatError:
-                continue  # one bad entry spoils only itself
-            seen.append(frame.seq)
-            if frame.seq == seq and found is None:
-                found = frame
+        end = "+"
+        while found is None:
+            entries = await self.redis.xrevrange(log, end, "-", count=RECENT_PAGE)
+            for entry_id, fields in entries or []:
+                end = f"({text(entry_id)}"
+                try:
+                    frame = Frame.from_fields(as_fields(fields))
+                except FrameFormatError:
+                    continue  # one bad entry spoils only itself
+                seen.append(frame.seq)
+                if frame.seq == seq:
+                    found = frame
+                    break
+            if len(entries or []) < RECENT_PAGE or (seen and min(seen) < seq):
+                break
+        if found is None:  # what the window holds, for the caller's message
+            for _entry_id, fields in await self.redis.xrange(log, "-", "+", count=1) or []:
+                with contextlib.suppress(FrameFormatError):
+                    seen.append(Frame.from_fields(as_fields(fields)).seq)
         return found, (min(seen), max(seen)) if seen else None
 
     async def _now(self) -> float:

@@ -5,8 +5,9 @@ opens a second connection whose HELLO says ``backfill``. The live session reserv
 before publishing any live frame (`reserve_backfill_seqs`), and the backfill session's frames take
 them in capture order (`take_backfill_seqs`), so the stream's results, ordered by seq, are in
 capture order too. Frames beyond the reservation take ordinary seqs (counted). Backfill frames go
-to their own stream, `keys.BACKFILL_FRAMES_STREAM`, which workers read only when the live lane is
-empty; the lane has its own rate limits, so it cannot starve the live session of its budget.
+to their stream's backfill log and the shard's backfill lane (`keys.backfill_shard`), which workers
+read only with spare batch room; the lane has its own rate limits, so it cannot starve the live
+session of its budget.
 """
 
 from __future__ import annotations

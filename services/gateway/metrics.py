@@ -19,7 +19,8 @@ DROP_DECODER_CRASH = "decoder_crash"  # in flight when the decoder process died
 DROP_SESSION_CLOSED = "session_closed"  # still decoding when the session ended
 DROP_PUBLISH_BACKLOG = "publish_backlog"  # the publish queue is full (Redis slow or down)
 DROP_REDIS_UNAVAILABLE = "redis_unavailable"  # a publish to Redis failed
-DROP_TRIMMED_UNREAD = "trimmed_unread"  # trimmed by the stream's bound before a worker read it
+DROP_TRIMMED_UNREAD = "trimmed_unread"  # trimmed by its shard queue's bound before a worker read it
+DROP_FENCED = "fenced"  # sent by a session that lost the stream's lease (an older generation)
 
 SESSIONS = Gauge("flowcloud_gateway_sessions", "live (authenticated) sessions")
 CONNECTIONS = Counter(
@@ -34,7 +35,9 @@ PACKETS_REJECTED = Counter(
     ["reason"],
 )
 FRAMES_DECODED = Counter("flowcloud_gateway_frames_decoded_total", "frames decoded")
-FRAMES_PUBLISHED = Counter("flowcloud_gateway_frames_published_total", "frames written to the frames stream")
+FRAMES_PUBLISHED = Counter(
+    "flowcloud_gateway_frames_published_total", "frames written to their frame logs (and queued for workers)"
+)
 FRAMES_DROPPED = Counter("flowcloud_gateway_frames_dropped_total", "frames dropped, by reason", ["reason"])
 THROTTLED_SECONDS = Counter(
     "flowcloud_gateway_throttled_seconds_total", "seconds sessions were paused by the bytes/s limit"

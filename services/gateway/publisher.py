@@ -1,4 +1,4 @@
-"""Publishing decoded frames to Redis: the frames stream, each stream's recent frames, its metadata.
+"""Publishing decoded frames to Redis: each stream's frame log, the shard queues, its metadata.
 
 One `FramePublisher` per gateway. Sessions hand it decoded frames without waiting
 (`submit`); a single task writes them in pipelined batches, so per-stream order is the order of
@@ -6,19 +6,28 @@ submission. The queue is bounded: when Redis is slow or down the oldest frames a
 counted, sessions stay alive, memory stays bounded, and publishing resumes when Redis answers
 again. The publisher assigns each frame its ``seq`` from a counter in Redis, the stream's
 metadata hash field ``keys.M_LAST_SEQ``: one HINCRBY per stream and batch reserves the batch's
-seqs before its XADDs. Seqs therefore stay unique and increasing across reconnects, gateway
-restarts and gateway replicas (two replicas may briefly both publish a device's frames while one
-closes a replaced session), and results, keyed by seq, never collide. A reserved seq whose frame
-is not written (Redis failed mid-batch) is a gap, never reused.
+seqs before its writes. Seqs therefore stay unique and increasing across reconnects, gateway
+restarts and gateway replicas, and results, keyed by seq, never collide. A reserved seq whose frame
+is not written (Redis failed mid-batch, or the frame was fenced off) is a gap, never reused.
 
-The frames stream is bounded by ``frames_maxlen``, trimmed after each batch by
-`flowcloud.frame_queue.FrameQueue.trim`: delivered frames go first; a frame no worker has read is
+Each frame's bytes are written once (flowcloud.frame_log): per batch and stream, one Lua script on
+the stream's slot checks the session's lease generation (a frame of an older generation than the
+stream's metadata names is not written, and counted,
+``flowcloud_gateway_frames_dropped_total{reason="fenced"}``), appends the frames to the stream's
+frame log (``MAXLEN ~ stream_frames_maxlen``) and stamps its last-seen time. Then a reference to
+each frame (its fields without the bytes, and its log entry id) goes to the queue of the stream's
+shard, ``keys.frame_shard(keys.shard_of(stream, frame_shards))``. No command touches two streams'
+or two shards' keys; the pipelines are not transactions, so a cluster client splits them by node.
+
+Each shard queue is bounded by ``frames_maxlen``, trimmed after each batch by
+`flowcloud.frame_queue.FrameQueue.trim`: delivered references go first; one no worker has read is
 trimmed only when more than ``frames_maxlen`` of them wait, and each such frame is counted
 (``flowcloud_gateway_frames_dropped_total{reason="trimmed_unread"}``, and per stream in the
 stream's metadata hash, ``keys.M_TRIMMED_UNREAD``) and logged with its seqs. A backfill frame
 (an edge's spooled video, `Frame.backfill`) takes a seq its live session reserved
-(services.gateway.backfill) and goes to ``keys.BACKFILL_FRAMES_STREAM`` instead, bounded by
-``backfill_maxlen`` and trimmed the same way (its unread frames lost to the bound counted alike).
+(services.gateway.backfill) and goes to the stream's backfill log (``backfill_maxlen``, apart from
+its live frames, so a backfill burst never evicts them) and the shard's backfill lane,
+``keys.backfill_shard(i)``, bounded by ``backfill_maxlen`` and trimmed the same way.
 
 Times leave the gateway on Redis's clock (`flowcloud.clock.RedisClock`, measured with TIME every
 30 s): a frame's capture and receipt times, and the stream's last-seen time, are shifted by the
@@ -38,17 +47,16 @@ from dataclasses import replace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flowcloud import keys, stages
+from flowcloud import frame_log, keys, stages
 from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue, parse_trim
 from flowcloud.frames import Frame
-from flowcloud.streams import StreamMeta
 from services.gateway import metrics
 from services.gateway.backfill import take_backfill_seqs
 
 log = logging.getLogger(__name__)
 
-RECENT_MAXLEN = 64
+STREAM_FRAMES_MAXLEN = 300
 BATCH_MAX = 64
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
@@ -63,22 +71,25 @@ class FramePublisher:
         redis: Redis,
         frames_maxlen: int,
         queue_max: int = 512,
-        recent_maxlen: int = RECENT_MAXLEN,
+        stream_frames_maxlen: int = STREAM_FRAMES_MAXLEN,
+        stream_frames_ttl: int = 3600,
         clock: RedisClock | None = None,
         backfill_maxlen: int = 10_000,
+        shards: int = 1,
     ):
         self.redis = redis
         self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
         self.frames_maxlen = frames_maxlen
         self.backfill_maxlen = backfill_maxlen
-        self.recent_maxlen = recent_maxlen
+        self.stream_frames_maxlen = stream_frames_maxlen
+        self.stream_frames_ttl = stream_frames_ttl
+        self.shards = shards
         self._queue: deque[Frame] = deque()
         self._queue_max = queue_max
         self._wakeup = asyncio.Event()
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
         self._trimmed: Counter[str] = Counter()  # stream -> unread frames trimmed, still to add to its hash
-        self.queue = FrameQueue(redis)
-        self.backfill_queue = FrameQueue(redis, keys.BACKFILL_FRAMES_STREAM)
+        self._queues: dict[str, FrameQueue] = {}  # shard queue key -> its trimmer
         self._tenants: dict[str, str] = {}  # stream -> tenant, for the per-tenant stream index
         self._last_seq: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -172,71 +183,98 @@ class FramePublisher:
         spooled = Counter(f.stream for f in batch if f.backfill)
         backfill_seqs = await take_backfill_seqs(self.redis, spooled) if spooled else {}
         meta, self._meta = self._meta, {}
-        pipe = self.redis.pipeline(transaction=False)
         published_ts = self.clock.now()
-        frames = []
+        # One append per stream, lane and lease generation (a takeover may mix two in one batch).
+        appends: dict[tuple[str, bool, int], list[Frame]] = {}
         for pending in batch:
+            if pending.backfill:
+                seq = backfill_seqs[pending.stream].pop(0)
+            else:
+                seq = seqs[pending.stream]
+                seqs[pending.stream] += 1
             frame = replace(
                 pending,
-                seq=backfill_seqs[pending.stream].pop(0) if pending.backfill else seqs[pending.stream],
+                seq=seq,
                 capture_ts=pending.capture_ts + offset,  # this machine's clock -> Redis's
                 recv_ts=pending.recv_ts + offset,
                 sent_ts=pending.sent_ts + offset if pending.sent_ts is not None else None,
                 decoded_ts=pending.decoded_ts + offset if pending.decoded_ts is not None else None,
                 published_ts=published_ts,
             )
-            entry = frame.to_fields()
-            if pending.backfill:  # its own lane; not in the recent window (that is for live overlays)
-                pipe.xadd(keys.BACKFILL_FRAMES_STREAM, entry)  # type: ignore[arg-type]
-                continue
-            frames.append(frame)  # (stage times are live frames': a spooled one waited out an outage)
-            seqs[pending.stream] += 1
-            pipe.xadd(keys.FRAMES_STREAM, entry)  # type: ignore[arg-type]
-            pipe.xadd(
-                keys.recent_frames(pending.stream),
-                entry,  # type: ignore[arg-type]
-                maxlen=self.recent_maxlen,
-                approximate=True,
-            )
+            appends.setdefault((frame.stream, frame.backfill, frame.generation), []).append(frame)
         now = self.clock.now()
-        for stream in seqs:
-            meta.setdefault(stream, {}).update(StreamMeta(last_seen=now).to_fields())
+        pipe = self.redis.pipeline(transaction=False)
+        for (stream, backfill, generation), frames in appends.items():
+            maxlen = self.backfill_maxlen if backfill else self.stream_frames_maxlen
+            last_seen = None if backfill else now
+            frame_log.append_in(pipe, stream, frames, maxlen, generation, last_seen, self.stream_frames_ttl)
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
-            seen = float(fields.get(keys.M_LAST_SEEN, now))
+        for stream in {*meta, *seqs}:
+            seen = float(meta.get(stream, {}).get(keys.M_LAST_SEEN, now))
             pipe.zadd(keys.STREAMS_INDEX, {stream: seen})
             if stream in self._tenants:  # a reader's /streams reads only its tenant's index
                 pipe.zadd(keys.tenant_streams(self._tenants[stream]), {stream: seen})
         trimmed, self._trimmed = self._trimmed, Counter()
         for stream, count in trimmed.items():
             pipe.hincrby(keys.stream_meta(stream), keys.M_TRIMMED_UNREAD, count)
-        live = len(batch) > sum(spooled.values())  # (the trim needs the stream: a live frame made it)
-        if live:
-            await self.queue.trim_in(pipe, self.frames_maxlen)
-        if spooled:
-            await self.backfill_queue.trim_in(pipe, self.backfill_maxlen)
         try:
             replies = await pipe.execute()
         except BaseException:
             # Put the metadata back (newer updates win); frames of a failed batch are not retried.
             for stream, fields in meta.items():
-                fields.pop(keys.M_LAST_SEEN, None)
                 if fields:
                     self._meta[stream] = {**fields, **self._meta.get(stream, {})}
             self._trimmed.update(trimmed)
             raise
-        if spooled:
-            self._count_trimmed(
-                parse_trim(replies.pop()).lost, self.backfill_queue.stream, self.backfill_maxlen
-            )
-        if live:
-            self._count_trimmed(parse_trim(replies[-1]).lost, self.queue.stream, self.frames_maxlen)
+        written = await self._enqueue_refs(appends, replies[: len(appends)])
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
-        self.published += len(batch)
-        metrics.FRAMES_PUBLISHED.inc(len(batch))
-        for frame in frames:
-            stages.observe(metrics.STAGE_SECONDS, stages.stamps_of(frame), stages.GATEWAY_STAGES)
+        self.published += len(written)
+        metrics.FRAMES_PUBLISHED.inc(len(written))
+        for frame in written:
+            if not frame.backfill:  # (stage times are live frames': a spooled one waited out an outage)
+                stages.observe(metrics.STAGE_SECONDS, stages.stamps_of(frame), stages.GATEWAY_STAGES)
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _enqueue_refs(
+        self, appends: dict[tuple[str, bool, int], list[Frame]], replies: list[object]
+    ) -> list[Frame]:
+        """Put a reference to each appended frame on its shard's queue, trim the queues touched, and
+        count the frames the lease fenced off; the frames written."""
+        pipe = self.redis.pipeline(transaction=False)
+        bounds: dict[str, int] = {}  # queue -> its bound
+        written: list[Frame] = []
+        for (stream, backfill, generation), reply in zip(appends, replies, strict=True):
+            frames = appends[stream, backfill, generation]
+            ids = frame_log.parse_append(reply)
+            if ids is None:
+                metrics.drop(metrics.DROP_FENCED, len(frames))
+                log.info(
+                    "fenced off %d frames of %s: their session (generation %d) lost the stream's lease",
+                    len(frames),
+                    stream,
+                    generation,
+                )
+                continue
+            shard = keys.shard_of(stream, self.shards)
+            queue = keys.backfill_shard(shard) if backfill else keys.frame_shard(shard)
+            bounds[queue] = self.backfill_maxlen if backfill else self.frames_maxlen
+            for frame, frame_id in zip(frames, ids, strict=True):
+                pipe.xadd(queue, frame_log.ref_fields(frame, frame_id))  # type: ignore[arg-type]
+            written += frames
+        for queue, bound in bounds.items():
+            self._trimmer(queue).trim_in(pipe, bound)
+        if not bounds:
+            return written
+        replies = await pipe.execute()
+        for (queue, bound), reply in zip(bounds.items(), replies[-len(bounds) :], strict=True):
+            self._count_trimmed(parse_trim(reply).lost, queue, bound)
+        return written
+
+    def _trimmer(self, queue: str) -> FrameQueue:
+        if queue not in self._queues:
+            self._queues[queue] = FrameQueue(self.redis, queue)
+        return self._queues[queue]
 
     def _count_trimmed(self, lost: list[tuple[str, int]], queue: str, bound: int) -> None:
         """Count and log frames the stream's bound removed before any worker read them."""

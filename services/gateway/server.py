@@ -40,6 +40,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from flowcloud import keys
+from flowcloud import redis_client as redis_client_factory
 from flowcloud.protocol.framing import write_frame
 from flowcloud.protocol.handshake import REJECT_LIMIT, Reject
 from flowcloud.registry import EVENT_CONNECTED, EVENT_REVOKED, DeviceRegistry, parse_event
@@ -85,10 +86,11 @@ def tls_reloader(settings: GatewaySettings) -> TlsReloader | None:
     )
 
 
-def redis_client(url: str) -> aioredis.Redis:
+def redis_client(url: str, cluster: bool = False) -> aioredis.Redis:
     """A client that fails fast (no long retries) so that the gateway notices an outage at once."""
-    return aioredis.Redis.from_url(
+    return redis_client_factory.connect_async(
         url,
+        cluster,
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
         retry=Retry(NoBackoff(), 1),
@@ -101,7 +103,7 @@ class Gateway:
         self.settings = settings
         height, width = parse_size(settings.model_size)
         self.certificates = tls_reloader(settings)
-        self.redis = redis_client(settings.redis_url)
+        self.redis = redis_client(settings.redis_url, settings.redis_cluster)
         # Devices and their events live in the control-plane Redis (the same client on one machine).
         self.control = (
             redis_client(settings.control_url) if settings.control_url != settings.redis_url else self.redis
@@ -110,8 +112,10 @@ class Gateway:
             self.redis,
             settings.frames_maxlen,
             settings.publish_queue,
-            recent_maxlen=settings.recent_maxlen,
+            stream_frames_maxlen=settings.stream_frames_maxlen,
+            stream_frames_ttl=settings.stream_frames_ttl,
             backfill_maxlen=settings.backfill_maxlen,
+            shards=settings.frame_shards,
         )
         config = DecoderConfig(
             out_width=width,

@@ -1,10 +1,12 @@
 """The backfill lane: frames an edge spooled during an outage, read only with spare capacity.
 
-Edges send spooled video after a reconnect; the gateway publishes it to
-`keys.BACKFILL_FRAMES_STREAM` (same consumer group name). A worker tops up a live batch that has
-room with backfill frames, up to half a batch, so real-time work never waits on them; they are
-processed in ``complete`` mode (never dropped for age) and their results are marked ``backfill``.
-Entries a dead worker left pending are taken over after `CLAIM_IDLE_MS`.
+Edges send spooled video after a reconnect; the gateway writes it to the stream's backfill log and
+a reference to the shard's backfill lane, `keys.backfill_shard(i)` (same consumer group name). A
+worker tops up a live batch that has room with backfill frames, up to half a batch, so real-time
+work never waits on them; they are processed in ``complete`` mode (never dropped for age) and their
+results are marked ``backfill``. The lanes are read without blocking, starting at a shard that
+rotates from one read to the next, so that no lane starves another. Entries a dead worker left
+pending are taken over after `CLAIM_IDLE_MS`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from flowcloud import keys
+from flowcloud.frame_queue import backfill_queues, ensure_group
 
-from .recovery import Entry, parse_entries
+from .recovery import Entry, load_entries
 
 log = logging.getLogger(__name__)
 
@@ -24,42 +27,40 @@ CLAIM_IDLE_MS = 30_000
 
 
 class BackfillLane:
-    def __init__(self, redis: Redis, consumer: str) -> None:
+    def __init__(self, redis: Redis, consumer: str, shards: int = 1) -> None:
         self.redis = redis
         self.consumer = consumer
-        self._grouped = False
+        self.queues = backfill_queues(shards)
+        self._grouped: set[str] = set()
+        self._next = 0  # the lane the next read starts at
 
     async def read(self, count: int) -> list[Entry]:
         """Up to ``count`` backfill frames, without waiting: idle pending ones first, then new ones."""
-        if count < 1:
-            return []
-        try:
-            return await self._read(count)
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            self._grouped = False
-            return []
-
-    async def _read(self, count: int) -> list[Entry]:
-        stream = keys.BACKFILL_FRAMES_STREAM
-        if not self._grouped:
+        entries: list[Entry] = []
+        start, self._next = self._next, (self._next + 1) % len(self.queues)
+        for i in range(len(self.queues)):
+            if len(entries) >= count:
+                break
+            queue = self.queues[(start + i) % len(self.queues)]
             try:
-                await self.redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+                entries += await self._read(queue, count - len(entries))
             except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
+                if "NOGROUP" not in str(exc):
                     raise
-            self._grouped = True
+                self._grouped.discard(queue)
+        return entries
+
+    async def _read(self, queue: str, count: int) -> list[Entry]:
+        if queue not in self._grouped:
+            await ensure_group(self.redis, queue)
+            self._grouped.add(queue)
         claimed = await self.redis.xautoclaim(
-            stream, keys.WORKER_GROUP, self.consumer, CLAIM_IDLE_MS, count=count
+            queue, keys.WORKER_GROUP, self.consumer, CLAIM_IDLE_MS, count=count
         )
         raw = claimed[1]
         if not raw:
-            reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.consumer, {stream: ">"}, count=count)
+            reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.consumer, {queue: ">"}, count=count)
             if not reply:
                 return []
             raw = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
-        entries = parse_entries(raw)
-        for entry in entries:
-            entry.stream = stream
-        return entries
+        return await load_entries(self.redis, queue, raw)

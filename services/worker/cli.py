@@ -69,6 +69,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     option("--dead-letter-maxlen", type=int)
     option("--heartbeat-interval", type=float, metavar="SECONDS")
     option("--poll-ms", type=int)
+    option("--frame-shards", type=int)
     option("--metrics-port", type=int)
 
 

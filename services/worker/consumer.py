@@ -1,11 +1,15 @@
-"""The segmentation worker: read frames from the consumer group, schedule them into batches, infer,
-persist, acknowledge.
+"""The segmentation worker: read frames from the consumer group of every shard queue, schedule them
+into batches, infer, persist, acknowledge.
 
-Two tasks run concurrently:
+These tasks run concurrently:
 
-    reader   XREADGROUP (or XAUTOCLAIM) whatever has arrived, judge each frame, queue it per
-             stream (services.worker.scheduler); realtime mode reads eagerly so that it sees each
-             stream's newest frame, complete mode only while the queue has room
+    readers  one per shard queue (``keys.frame_shard(i)``, i < ``frame_shards``): XREADGROUP (or
+             XAUTOCLAIM) whatever has arrived on its queue, blocking up to ``poll_ms`` on that
+             queue alone, fetch the frames' bytes from their streams' frame logs
+             (services.worker.recovery.load_entries), judge each frame, queue it per stream
+             (services.worker.scheduler); a busy shard cannot starve another, as each has its own
+             reader and the scheduler is fair across streams. Realtime mode reads eagerly so that
+             it sees each stream's newest frame, complete mode only while the queue has room
     runner   when the model is free: form a batch from the queue (fair across streams, newest
              first and deadline-checked in realtime mode, sized to the model's measured time),
              decode it in a thread pool, judge it again, run the model on its dedicated thread,
@@ -48,9 +52,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flowcloud import keys, stages
+from flowcloud import keys, redis_client, stages
 from flowcloud.clock import RedisClock
-from flowcloud.frame_queue import ensure_group
+from flowcloud.frame_queue import ensure_group, ensure_groups, live_queues
 from flowcloud.inference import Segmenter, SegmenterOptions
 from flowcloud.labels import LabelSet, class_shares
 from flowcloud.percentile import percentile
@@ -72,7 +76,7 @@ from .policy import (
     STALE_ON_READ,
     FramePolicy,
 )
-from .recovery import Entry, Recovery, parse_entries
+from .recovery import Entry, Recovery, load_entries
 from .scheduler import FrameQueue, Queued
 
 log = logging.getLogger(__name__)
@@ -131,9 +135,10 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.name = settings.name or default_name()
-        self.redis = redis or Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_keepalive=True
+        self.redis = redis or redis_client.connect_async(
+            settings.redis_url, settings.redis_cluster, socket_connect_timeout=5, socket_keepalive=True
         )
+        self.queues = live_queues(settings.frame_shards)
         self.policy = FramePolicy(settings.mode, settings.max_frame_age)
         # Frame ages and result times on Redis's clock, as the gateway's are (flowcloud.clock).
         self.clock = clock or RedisClock(gauge=metrics.CLOCK_OFFSET)
@@ -145,7 +150,7 @@ class Worker:
             results_shards=settings.frame_shards,
         )
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
-        self.backfill = BackfillLane(self.redis, self.name)
+        self.backfill = BackfillLane(self.redis, self.name, settings.frame_shards)
         self.stop = asyncio.Event()
         self.ready = False
         self.segmenter = segmenter  # built from the settings by start() unless given
@@ -162,13 +167,14 @@ class Worker:
                 "mode": settings.mode,
             },
             clock=self.clock,
+            shards=settings.frame_shards,
         )
         self.batch_times: deque[float] = deque(maxlen=BATCH_TIMES_KEPT)
         self.queue = FrameQueue(self.policy, settings.max_queued_frames)
         self.prepare_time = BatchTime()  # forming a batch to the model's start: decode, judge, stack
         self.run_time = BatchTime()  # the model's start to the results persisted
         self.processed = 0
-        self._next_claim = 0.0
+        self._next_claim = dict.fromkeys(self.queues, 0.0)  # queue -> when its next claim is due
         self._warmup_pixels = float(math.prod(parse_size(settings.warmup_size)))
         self._reading = False
         self._arrived = asyncio.Event()  # the reader queued frames, or stopped
@@ -185,7 +191,10 @@ class Worker:
         beating = asyncio.create_task(self._beat_forever())
         try:
             await self._unless_stopped(
-                self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
+                self._retry_redis(
+                    lambda: ensure_groups(self.redis, self.settings.frame_shards),
+                    "create the consumer groups",
+                )
             )
             if not self.stop.is_set():
                 await self.start()
@@ -338,63 +347,72 @@ class Worker:
 
     async def _read_frames(self) -> None:
         try:
-            while not self.stop.is_set():
-                if not self.policy.realtime and len(self.queue) >= self._intake_limit():
-                    self._room.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.settings.poll_ms / 1000):
-                            await self._room.wait()
-                    continue
-                try:
-                    entries = await self._next_entries()
-                except REDIS_DOWN as exc:
-                    await self._redis_down(exc)
-                    continue
-                except ResponseError as exc:
-                    # NOGROUP, or UNBLOCKED: the stream went away while a read waited on it.
-                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
-                        raise
-                    log.warning("consumer group missing (Redis lost its data?): creating it again")
-                    await self._retry_redis(lambda: ensure_group(self.redis), "create the consumer group")
-                    continue
-                if entries:
-                    await self._admit(entries)
+            async with asyncio.TaskGroup() as readers:
+                for queue in self.queues:
+                    readers.create_task(self._read_queue(queue))
         finally:
             self._reading = False
             self._arrived.set()
+
+    async def _read_queue(self, queue: str) -> None:
+        """Read one shard queue until stopped."""
+        while not self.stop.is_set():
+            count = self._read_count()
+            if count < 1:
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.poll_ms / 1000):
+                        await self._room.wait()
+                continue
+            try:
+                entries = await self._next_entries(queue, count)
+            except REDIS_DOWN as exc:
+                await self._redis_down(exc)
+                continue
+            except ResponseError as exc:
+                # NOGROUP, or UNBLOCKED: the queue went away while a read waited on it.
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                log.warning("consumer group missing on %s (Redis lost its data?): creating it again", queue)
+                await self._retry_redis(
+                    functools.partial(ensure_group, self.redis, queue), "create the group"
+                )
+                continue
+            if entries:
+                await self._admit(entries)
 
     def _intake_limit(self) -> int:
         """Complete mode reads ahead two batches at most: the rest stays in Redis for other workers."""
         return 2 * self.settings.batch_size
 
-    async def _next_entries(self) -> list[Entry]:
-        """Reclaimed idle frames when a claim is due and finds some, else the frames that arrived."""
-        s = self.settings
+    def _read_count(self) -> int:
+        """Entries one read of a queue takes at most. Complete mode: a fair share of the room left
+        (the shards' reads in flight may overfill the read-ahead by less than one more of it)."""
+        if self.policy.realtime:
+            return max(READ_COUNT, self.settings.batch_size)
+        share = max(1, -(-self._intake_limit() // len(self.queues)))
+        return min(share, self._intake_limit() - len(self.queue))
+
+    async def _next_entries(self, queue: str, count: int) -> list[Entry]:
+        """Reclaimed idle frames of ``queue`` when a claim is due and finds some, else the frames
+        that arrived on it."""
         now = time.monotonic()
-        if now >= self._next_claim or not self.recovery.scan_complete:
-            claimed = await self.recovery.claim(self.claim_idle_ms(), s.batch_size)
-            if self.recovery.scan_complete:
-                self._next_claim = now + min(max(self.claim_idle_ms() / 2000, 0.1), 5.0)
+        if now >= self._next_claim[queue] or not self.recovery.scan_complete(queue):
+            claimed = await self.recovery.claim(queue, self.claim_idle_ms(), self.settings.batch_size)
+            if self.recovery.scan_complete(queue):
+                self._next_claim[queue] = now + min(max(self.claim_idle_ms() / 2000, 0.1), 5.0)
             if claimed:
                 return claimed
-        if self.policy.realtime:
-            count = max(READ_COUNT, s.batch_size)
-        else:
-            count = self._intake_limit() - len(self.queue)
-        return await self._read(s.poll_ms, count)
+        return await self._read(queue, self.settings.poll_ms, count)
 
-    async def _read(self, block_ms: int, count: int) -> list[Entry]:
+    async def _read(self, queue: str, block_ms: int, count: int) -> list[Entry]:
         reply = await self.redis.xreadgroup(
-            keys.WORKER_GROUP,
-            self.name,
-            {keys.FRAMES_STREAM: ">"},
-            count=count,
-            block=block_ms,
+            keys.WORKER_GROUP, self.name, {queue: ">"}, count=count, block=block_ms
         )
         if not reply:
             return []
         raw = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
-        return parse_entries(raw)
+        return await load_entries(self.redis, queue, raw)
 
     async def _sync_clock(self) -> None:
         try:
@@ -661,9 +679,9 @@ class Worker:
         self._count_drops(entries, reason)
 
     async def _ack(self, entries: list[Entry]) -> None:
-        """XACK each entry on the stream it was read from (the frames stream or the backfill lane)."""
-        for stream in {e.stream for e in entries}:
-            await self.redis.xack(stream, keys.WORKER_GROUP, *(e.id for e in entries if e.stream == stream))
+        """XACK each entry on the queue it was read from (a shard queue or a backfill lane)."""
+        for queue in {e.queue for e in entries}:
+            await self.redis.xack(queue, keys.WORKER_GROUP, *(e.id for e in entries if e.queue == queue))
 
     def _count_drops(self, entries: list[Entry], reason: str) -> None:
         if not entries:

@@ -1,4 +1,5 @@
-"""A worker's visible state: the heartbeat hash the API reads, and the consumer-group gauges."""
+"""A worker's visible state: the heartbeat hash the API reads, and the consumer-group gauges (the lag
+and pending counts of every shard queue, and their sums)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from redis.exceptions import RedisError
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
-from flowcloud.frame_queue import FrameQueue
+from flowcloud.frame_queue import FrameQueue, live_queues
 from flowcloud.replies import text, text_keys
 from flowcloud.workers import WorkerHeartbeat
 
@@ -45,6 +46,7 @@ class Heartbeat:
     state: str = LOADING
     stats: dict[str, str | int | float] = field(default_factory=dict)
     clock: RedisClock = field(default_factory=RedisClock)
+    shards: int = 1  # the live shard queues it reads (keys.frame_shard(i) for i < shards)
 
     @property
     def ttl(self) -> int:
@@ -69,28 +71,38 @@ class Heartbeat:
             log.debug("heartbeat failed: %s", exc)
 
     async def _group_gauges(self) -> None:
-        # The lag from FrameQueue, not XINFO GROUPS: Redis 7.0 counts trimmed entries as unread forever.
-        metrics.CONSUMER_LAG.set(await FrameQueue(self.redis).unread())
-        try:
-            groups = await self.redis.xinfo_groups(keys.FRAMES_STREAM)
-        except RedisError:
-            return  # no stream yet
-        for group in groups:
-            info = text_keys(group)
-            if text(info.get("name")) == keys.WORKER_GROUP:
-                metrics.PENDING.set(int(info.get("pending") or 0))
+        lag_total = pending_total = 0
+        for shard, queue in enumerate(live_queues(self.shards)):
+            # The lag from FrameQueue, not XINFO GROUPS: Redis 7.0 counts trimmed entries as unread forever.
+            lag = await FrameQueue(self.redis, queue).unread()
+            metrics.SHARD_LAG.labels(str(shard)).set(lag)
+            lag_total += lag
+            try:
+                groups = await self.redis.xinfo_groups(queue)
+            except RedisError:
+                continue  # no queue yet
+            for group in groups:
+                info = text_keys(group)
+                if text(info.get("name")) == keys.WORKER_GROUP:
+                    pending_total += int(info.get("pending") or 0)
+        metrics.CONSUMER_LAG.set(lag_total)
+        metrics.PENDING.set(pending_total)
 
     async def leave(self) -> None:
-        """Remove this worker from the index, and from the group when it holds no pending frames."""
+        """Remove this worker from the index, and from each queue's group where it holds no pending
+        frames."""
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.delete(keys.worker(self.name))
             pipe.zrem(keys.WORKERS_INDEX, self.name)
             await pipe.execute()
-            mine = await self.redis.xpending_range(
-                keys.FRAMES_STREAM, keys.WORKER_GROUP, min="-", max="+", count=1, consumername=self.name
-            )
-            if not mine:
-                await self.redis.xgroup_delconsumer(keys.FRAMES_STREAM, keys.WORKER_GROUP, self.name)
+            for queue in live_queues(self.shards):
+                if not await self.redis.exists(queue):
+                    continue
+                mine = await self.redis.xpending_range(
+                    queue, keys.WORKER_GROUP, min="-", max="+", count=1, consumername=self.name
+                )
+                if not mine:
+                    await self.redis.xgroup_delconsumer(queue, keys.WORKER_GROUP, self.name)
         except RedisError as exc:
             log.warning("could not deregister worker %s: %s", self.name, exc)

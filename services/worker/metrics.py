@@ -27,14 +27,20 @@ END_TO_END_SECONDS = Histogram(
     buckets=(0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
 )
 CONSUMER_LAG = Gauge(
-    "flowcloud_worker_consumer_lag", "Entries of the frames stream not yet read by the group"
+    "flowcloud_worker_consumer_lag", "Frame references not yet read by the group, summed over the shards"
 )
-PENDING = Gauge("flowcloud_worker_pending", "Entries the group has read but not acknowledged")
+SHARD_LAG = Gauge(
+    "flowcloud_worker_shard_lag", "Frame references of one shard queue not yet read by the group", ["shard"]
+)
+PENDING = Gauge(
+    "flowcloud_worker_pending", "References the group has read but not acknowledged, summed over the shards"
+)
 FRAMES_PROCESSED = Counter("flowcloud_worker_frames_processed_total", "Frames segmented and persisted")
 FRAMES_DROPPED = Counter(
     "flowcloud_worker_frames_dropped_total",
     "Frames acknowledged without a result (realtime mode), by reason: stale (when read), stale_in_queue, "
-    "stale_before_inference, late_after_inference (the model overran its forecast), queue_full",
+    "stale_before_inference, late_after_inference (the model overran its forecast), queue_full, "
+    "trimmed_pending, evicted (the frame left its stream's frame log before a worker fetched it)",
     ["reason"],
 )
 QUEUED = Gauge("flowcloud_worker_queued_frames", "Frames read and waiting for a batch")

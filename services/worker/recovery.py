@@ -1,12 +1,19 @@
-"""At-least-once delivery: the consumer group, reclaiming stuck work, counting failures, dead letters.
+"""At-least-once delivery: frame references read from the shard queues, their frames fetched,
+reclaiming stuck work, counting failures, dead letters.
 
-A frame read by a worker stays pending in the group until it is acknowledged. If that worker
+A worker reads references (flowcloud.frame_log) from each shard queue through the consumer group
+and fetches each frame's bytes from its stream's frame log (`load_entries`); a reference whose
+frame has left the log (evicted by the log's bound before any worker got to it) is acknowledged and
+counted (``flowcloud_worker_frames_dropped_total{reason="evicted"}``, and per stream in its
+metadata hash, ``keys.M_EVICTED``). A reference read by a worker stays pending in its queue's group
+until it is acknowledged. If that worker
 dies, its pending frames go idle; any worker takes them over with XAUTOCLAIM once they have been
 idle longer than the claim idle time (which must exceed the p99 batch time, or live workers lose
 frames they are still processing: harmless but wasteful, since results are idempotent).
 A frame that fails is left pending and retried after the idle time; after ``max_attempts``
 failures (or as many deliveries without an acknowledgement: a frame that kills its worker) it
-moves to the dead-letter stream with its error, and is acknowledged.
+moves to the dead-letter stream (the reference, its error and its queue), and is acknowledged.
+Reclaiming runs per shard queue: each has its own XAUTOCLAIM cursor.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from flowcloud import keys
+from flowcloud import frame_log, keys
 from flowcloud.frames import Frame
-from flowcloud.replies import text
+from flowcloud.replies import text, text_keys
 
 from . import metrics
 
@@ -28,18 +35,20 @@ log = logging.getLogger(__name__)
 ATTEMPTS_TTL = 24 * 3600  # failure counters outlive any sane retry schedule, but not forever
 START_ID = "0-0"
 DROP_TRIMMED_PENDING = "trimmed_pending"  # read by a worker that died, trimmed before another reclaimed it
+DROP_EVICTED = "evicted"  # its bytes left the stream's frame log before a worker fetched them
 
 
 @dataclass
 class Entry:
-    """One entry read from the frames stream; ``frame`` is None when the entry is malformed."""
+    """One reference read from a shard queue, with its frame; ``frame`` is None when the reference
+    or the frame is malformed (``error`` says how)."""
 
-    id: str
-    fields: dict[bytes, bytes]
+    id: str  # its id on its queue
+    fields: dict[bytes, bytes]  # the reference's fields (no frame bytes)
     frame: Frame | None = None
     error: str | None = None
     deliveries: int = 1
-    stream: str = keys.FRAMES_STREAM  # the stream it was read from (acknowledged there)
+    queue: str = ""  # the shard queue it was read from (acknowledged there)
     read_ts: float | None = None  # when this worker read it, on Redis's clock (flowcloud.stages)
 
     @property
@@ -47,20 +56,51 @@ class Entry:
         return self.deliveries > 1
 
 
-def parse_entries(raw: Any) -> list[Entry]:
-    """Entries as redis-py returns them; a malformed one carries its parse error instead of a frame."""
-    out = []
-    for entry_id, fields in raw:
-        eid = text(entry_id)
-        if fields is None:  # deleted by retention while pending
+async def load_entries(redis: Redis, queue: str, raw: Any) -> list[Entry]:
+    """The references ``raw`` (as redis-py returns them) read from ``queue``, each with its frame
+    fetched from its frame log (one pipelined round trip). A malformed one carries its error; one
+    whose frame has left its log is acknowledged, counted and left out."""
+    entries = [Entry(text(entry_id), fields, queue=queue) for entry_id, fields in raw if fields is not None]
+    located = []  # (entry, (log, id))
+    for entry in entries:
+        location = frame_log.ref_location(entry.fields)
+        if location is None:
+            entry.error = "frame reference lacks a valid stream or frame id"
+        else:
+            located.append((entry, location))
+    found = await frame_log.fetch(redis, [location for _, location in located])
+    evicted = []
+    for (entry, _), log_fields in zip(located, found, strict=True):
+        if log_fields is None:
+            evicted.append(entry)
             continue
-        entry = Entry(eid, fields)
         try:
-            entry.frame = Frame.from_fields(fields)
+            entry.frame = Frame.from_fields(log_fields)
         except ValueError as exc:
             entry.error = str(exc)
-        out.append(entry)
-    return out
+    if evicted:
+        await _count_evicted(redis, queue, evicted)
+    gone = {id(entry) for entry in evicted}
+    return [entry for entry in entries if id(entry) not in gone]
+
+
+async def _count_evicted(redis: Redis, queue: str, evicted: list[Entry]) -> None:
+    """Acknowledge references whose frames left their logs, and count them (per stream too)."""
+    streams: dict[str, int] = {}
+    for entry in evicted:
+        stream = text(text_keys(entry.fields)[keys.F_STREAM])
+        streams[stream] = streams.get(stream, 0) + 1
+    pipe = redis.pipeline(transaction=False)
+    pipe.xack(queue, keys.WORKER_GROUP, *(entry.id for entry in evicted))
+    for stream, count in streams.items():
+        pipe.hincrby(keys.stream_meta(stream), keys.M_EVICTED, count)
+    await pipe.execute()
+    metrics.FRAMES_DROPPED.labels(DROP_EVICTED).inc(len(evicted))
+    log.warning(
+        "%d frames had left their frame logs before a worker fetched them (%s): acknowledged",
+        len(evicted),
+        ", ".join(f"{stream}: {count}" for stream, count in sorted(streams.items())),
+    )
 
 
 @dataclass
@@ -69,31 +109,35 @@ class Recovery:
     consumer: str
     max_attempts: int = 3
     dead_letter_maxlen: int = 10_000
-    _cursor: str = field(default=START_ID, init=False)
+    _cursors: dict[str, str] = field(default_factory=dict, init=False)  # queue -> XAUTOCLAIM cursor
 
-    @property
-    def scan_complete(self) -> bool:
-        """True when the last claim reached the end of the pending list."""
-        return self._cursor == START_ID
+    def scan_complete(self, queue: str) -> bool:
+        """True when the last claim on ``queue`` reached the end of its pending list."""
+        return self._cursors.get(queue, START_ID) == START_ID
 
-    async def claim(self, min_idle_ms: int, count: int) -> list[Entry]:
-        """Take over up to ``count`` entries idle longer than ``min_idle_ms``; frames that were
-        delivered too often without an acknowledgement are dead-lettered instead of returned."""
+    async def claim(self, queue: str, min_idle_ms: int, count: int) -> list[Entry]:
+        """Take over up to ``count`` entries of ``queue`` idle longer than ``min_idle_ms``; frames that
+        were delivered too often without an acknowledgement are dead-lettered instead of returned."""
         reply = await self.redis.xautoclaim(
-            keys.FRAMES_STREAM, keys.WORKER_GROUP, self.consumer, min_idle_ms, self._cursor, count=count
+            queue,
+            keys.WORKER_GROUP,
+            self.consumer,
+            min_idle_ms,
+            self._cursors.get(queue, START_ID),
+            count=count,
         )
         cursor, raw = reply[0], reply[1]
-        self._cursor = text(cursor)
+        self._cursors[queue] = text(cursor)
         if len(reply) > 2 and reply[2]:  # pending, but trimmed away (Redis removed them from the group)
             metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
             log.warning("%d pending frames were trimmed from the stream before a worker acknowledged them",
                         len(reply[2]))  # fmt: skip
-        entries = parse_entries(raw)
+        entries = await load_entries(self.redis, queue, raw)
         if not entries:
             return []
         metrics.FRAMES_RECLAIMED.inc(len(entries))
         pending = await self.redis.xpending_range(
-            keys.FRAMES_STREAM,
+            queue,
             keys.WORKER_GROUP,
             min=entries[0].id,
             max=entries[-1].id,
@@ -143,12 +187,15 @@ class Recovery:
                 keys.F_ERROR: error[:2000],
                 keys.F_ATTEMPTS: attempts,
                 keys.F_SOURCE_ID: entry.id,
+                keys.F_SOURCE_QUEUE: entry.queue,
                 keys.F_CONSUMER: self.consumer,
             }
         )
-        pipe = self.redis.pipeline(transaction=True)
+        # Three keys, three slots: not a transaction. The dead letter goes first; a crash before the
+        # acknowledgement leaves the reference pending, to be dead-lettered again (rare; harmless).
+        pipe = self.redis.pipeline(transaction=False)
         pipe.xadd(keys.DEAD_LETTER_STREAM, fields, maxlen=self.dead_letter_maxlen, approximate=True)
-        pipe.xack(entry.stream, keys.WORKER_GROUP, entry.id)
+        pipe.xack(entry.queue, keys.WORKER_GROUP, entry.id)
         if entry.frame is not None:
             pipe.delete(keys.attempts(entry.frame.stream, entry.frame.seq))
         await pipe.execute()
@@ -158,5 +205,8 @@ class Recovery:
     async def forget_failures(self, entries: list[Entry]) -> None:
         """Drop the failure counters of reclaimed frames that have now succeeded."""
         names = [keys.attempts(e.frame.stream, e.frame.seq) for e in entries if e.reclaimed and e.frame]
-        if names:
-            await self.redis.delete(*names)
+        if names:  # one DELETE per key: they may sit in different slots
+            pipe = self.redis.pipeline(transaction=False)
+            for name in names:
+                pipe.delete(name)
+            await pipe.execute()

@@ -20,7 +20,7 @@ from support.worker import frame, pending_total, result_count
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
-from flowcloud.frame_queue import ensure_group
+from flowcloud.frame_queue import ensure_groups
 from flowcloud.frames import Frame
 from flowcloud.results import MaskResult, MaskStore
 from flowcloud.settings import WorkerSettings
@@ -69,7 +69,7 @@ def test_gateway_publishes_times_on_redis_clock(redis_url: str) -> None:
     publisher = asyncio.run(main())
     assert publisher.published == 1 and publisher.clock.offset == pytest.approx(-skew, abs=0.05)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    [(_, fields)] = cast(list[tuple[str, dict[str, str]]], client.xrange(keys.FRAMES_STREAM))
+    [(_, fields)] = cast(list[tuple[str, dict[str, str]]], client.xrange(keys.stream_frames("cam-skew")))
     last_seen = float(client.hget(keys.stream_meta("cam-skew"), keys.M_LAST_SEEN) or 0)
     client.close()
     now = time.time()  # redis-server runs here: its clock is this one
@@ -113,7 +113,7 @@ def test_frame_ages_do_not_depend_on_the_worker_clock(redis_url: str, skew: floa
 
     async def main() -> Worker:
         aclient = AsyncRedis.from_url(redis_url)
-        await ensure_group(aclient)
+        await ensure_groups(aclient, 1)
         clock = RedisClock(local=lambda: time.time() + skew)  # this machine's clock is off
         worker = Worker(settings, aclient, clock=clock)
         await worker.start()  # the frames after it: loading the model may take longer than their bound

@@ -44,11 +44,11 @@ def test_masks_are_scored_after_their_frames_left_the_recent_window(redis_url: s
     for n, index in enumerate(shown):
         picture = encode_image(scenes.frame(index)[0])
         frame = Frame(STREAM, base_seq + 1 + n, float(n), float(n), WIDTH, HEIGHT, "jpeg", picture)
-        client.xadd(keys.recent_frames(STREAM), frame.to_fields(), maxlen=WINDOW)  # type: ignore[arg-type]
+        client.xadd(keys.stream_frames(STREAM), frame.to_fields(), maxlen=WINDOW)  # type: ignore[arg-type]
         if n % WINDOW == WINDOW - 1:
             scorer.note_frames()  # as the demo does every second
     scorer.note_frames()
-    assert client.xlen(keys.recent_frames(STREAM)) == WINDOW
+    assert client.xlen(keys.stream_frames(STREAM)) == WINDOW
 
     # Every mask arrives only now, when 11 of the 15 frames have left the window; each is the exact
     # labels of its scene, so a frame matched to the wrong scene lowers the score. Seq 200 was

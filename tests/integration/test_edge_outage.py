@@ -24,7 +24,6 @@ from support.waiting import eventually, wait_for
 from edge.daemon import EdgeDaemon
 from edge.sources import SyntheticSource
 from edge.spool import Spool
-from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
@@ -35,7 +34,7 @@ REAL_TIME_BOUND = 2.0  # the worker's default max_frame_age: live frames must st
 
 
 def all_frames(url: str, stream: str) -> tuple[list[Frame], list[Frame]]:
-    return frames_on_redis(url, stream), frames_on_redis(url, stream, keys.BACKFILL_FRAMES_STREAM)
+    return frames_on_redis(url, stream), frames_on_redis(url, stream, backfill=True)
 
 
 def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, redis_url: str) -> None:
@@ -66,10 +65,7 @@ def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, re
             captured_at_restart = daemon.captured
 
             def drained() -> bool:
-                return (
-                    spool.frames == 0
-                    and len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM)) > 0
-                )
+                return spool.frames == 0 and len(frames_on_redis(redis_url, "cam-1", backfill=True)) > 0
 
             assert await eventually(drained, 30)
             assert await eventually(
@@ -134,12 +130,12 @@ def test_an_edge_killed_during_an_outage_keeps_its_spool_and_drains_it(
         async with Gateway(gateway_settings(redis_url)).listen(port=port):
             second = subprocess.Popen(flowcloud(*args), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
             try:
-                got = lambda: len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM))  # noqa: E731
+                got = lambda: len(frames_on_redis(redis_url, "cam-1", backfill=True))  # noqa: E731
                 assert await eventually(lambda: got() >= held, 60)
             finally:
                 second.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(second.wait, 15)
-        backfill = frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM)
+        backfill = frames_on_redis(redis_url, "cam-1", backfill=True)
         captures = [f.capture_ts for f in backfill]
         assert captures[:held] == sorted(captures[:held]) and len(set(captures)) == len(captures)
 

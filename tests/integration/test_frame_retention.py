@@ -1,4 +1,4 @@
-"""The frames stream's bound never loses a frame silently, and the lag stays true (issue 16, item 1).
+"""The shard queue's bound never loses a frame silently, and the lag stays true (issue 16, item 1).
 
 The gateway's real `FramePublisher` writes to a real redis-server with ``frames_maxlen`` 50; a real
 complete-mode `flowcloud worker` process reads. Every published frame ends as a result or as a
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from support.frames import frames_on_redis
+from support.frames import entries, frames_on_redis
 from support.gateway import dropped
 from support.waiting import wait_for
 from support.worker import WorkerProcess, frame, pending_total, result_count, result_seqs, running_worker
@@ -60,7 +60,7 @@ def worker_lag(port: int) -> float:
 
 
 def redis_lag(client: redis.Redis) -> int:
-    (group,) = client.xinfo_groups(keys.FRAMES_STREAM)
+    (group,) = client.xinfo_groups(keys.frame_shard(0))
     return int(group["lag"])
 
 
@@ -84,7 +84,7 @@ def test_frames_published_before_any_worker_are_counted_when_trimmed(
     publish(redis_url, 300)
     # The group exists from the first frame, so the 250 frames the bound removed are known lost.
     assert trimmed(client) == 250 and dropped("trimmed_unread") - before == 250
-    assert client.xlen(keys.FRAMES_STREAM) == MAXLEN and redis_lag(client) == MAXLEN
+    assert client.xlen(keys.frame_shard(0)) == MAXLEN and redis_lag(client) == MAXLEN
     port = free_port()
     with complete_worker(redis_url, weights, tmp_path, port) as proc:
         wait_for("the 50 kept frames segmented", lambda: result_count(client, STREAM) == MAXLEN, 120, proc)
@@ -100,9 +100,13 @@ def test_backfill_frames_beyond_their_bound_are_counted_when_trimmed(redis_url: 
     before = dropped("trimmed_unread")
     publish(redis_url, 80, backfill=True)  # an edge's spool drained before any worker reads the lane
     assert trimmed(client) == 30 and dropped("trimmed_unread") - before == 30
-    assert client.xlen(keys.BACKFILL_FRAMES_STREAM) == MAXLEN and not client.exists(keys.FRAMES_STREAM)
-    kept = frames_on_redis(redis_url, STREAM, keys.BACKFILL_FRAMES_STREAM)
-    assert [f.seq for f in kept] == list(range(31, 81)) and all(f.backfill for f in kept)
+    assert client.xlen(keys.backfill_shard(0)) == MAXLEN and not client.exists(keys.frame_shard(0))
+    refs = [int(fields[b"seq"]) for _, fields in entries(client, keys.backfill_shard(0))]
+    assert refs == list(range(31, 81))
+    # The stream's backfill log keeps at least as many (MAXLEN ~), its live log none.
+    kept = frames_on_redis(redis_url, STREAM, backfill=True)
+    assert {f.seq for f in kept} >= set(refs) and all(f.backfill for f in kept)
+    assert not client.exists(keys.stream_frames(STREAM))
 
 
 def test_worker_paused_mid_stream_loses_only_counted_frames_and_its_lag_returns_to_zero(

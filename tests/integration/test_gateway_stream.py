@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from support.frames import frames_on_redis
+from support.frames import entries, frames_on_redis
 from support.gateway import (
     FPS,
     GST_BFRAMES,
@@ -49,8 +49,16 @@ def check_frames(
         assert f.capture_ts == pytest.approx(t0 + i / FPS + offset, abs=2e-6)
         assert f.recv_ts >= f.capture_ts - offset - 1.0
     assert frames[-1].image().shape == (MODEL_H, MODEL_W, 3)
-    recent = frames_on_redis(redis_url, stream, keys.recent_frames(stream))
-    assert [f.seq for f in recent] == [f.seq for f in frames][-len(recent) :]
+    # The workers' queue holds a reference to each frame (no second copy of its bytes).
+    client = redis.Redis.from_url(redis_url)
+    refs = [
+        fields for _, fields in entries(client, keys.frame_shard(0)) if fields[b"stream"] == stream.encode()
+    ]
+    logged = [entry_id for entry_id, _ in entries(client, keys.stream_frames(stream))]
+    client.close()
+    assert [int(ref[b"seq"]) for ref in refs] == [f.seq for f in frames]
+    assert [ref[keys.F_FRAME_ID.encode()] for ref in refs] == logged
+    assert all(keys.F_DATA.encode() not in ref for ref in refs)
 
 
 def test_libx264_stream_end_to_end(redis_url: str, tmp_path: Path) -> None:

@@ -48,7 +48,15 @@ def per_stream_keys(stream_id: str) -> dict[str, str]:
 def test_every_key_of_a_stream_hashes_to_one_slot() -> None:
     found = per_stream_keys("cam-01")
     # (the list grows with keys.py; these must be among them)
-    assert {"stream_meta", "recent_frames", "mask_index", "mask", "attempts", "alert_state"} <= set(found)
+    assert {
+        "stream_meta",
+        "stream_frames",
+        "backfill_frames",
+        "mask_index",
+        "mask",
+        "attempts",
+        "alert_state",
+    } <= set(found)
     slots = {name: key_slot(key.encode()) for name, key in found.items()}
     assert set(slots.values()) == {key_slot(b"{cam-01}")}, slots
     assert key_slot(keys.stream_meta("cam-02").encode()) != key_slot(keys.stream_meta("cam-01").encode())

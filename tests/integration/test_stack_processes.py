@@ -134,7 +134,8 @@ def test_ctrl_c_stops_the_stack_in_order_with_redis_last(tmp_path: Path) -> None
         try:
 
             def frames_in_flight() -> bool:
-                groups = client.xinfo_groups(keys.FRAMES_STREAM) if client.exists(keys.FRAMES_STREAM) else []
+                queue = keys.frame_shard(0)
+                groups = client.xinfo_groups(queue) if client.exists(queue) else []
                 return any(int(g.get("entries-read") or 0) >= 10 for g in groups)
 
             wait_for("the worker to read frames", frames_in_flight, STARTUP_TIMEOUT, edge.process)
@@ -153,7 +154,7 @@ def test_ctrl_c_stops_the_stack_in_order_with_redis_last(tmp_path: Path) -> None
     # What Redis wrote to its append-only file at the end: nothing read and left unacknowledged.
     with EmbeddedRedis(data_dir / "redis", appendonly=True) as server:
         after = redis.Redis.from_url(server.url)
-        assert after.xlen(keys.FRAMES_STREAM) > 0
+        assert after.xlen(keys.frame_shard(0)) > 0
         assert pending_total(after) == 0
         after.close()
 

@@ -122,7 +122,15 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(
         assert dead[keys.F_ERROR.encode()].startswith(b"frame data is not a decodable JPEG: ")
         assert dead[keys.F_ATTEMPTS.encode()] == b"3"
         assert dead[keys.F_STREAM.encode()] == b"cam-p"
-        assert dead[keys.F_DATA.encode()] == poison.data
+        # Its reference, not a copy of its bytes: they stay in the stream's frame log while it keeps them.
+        assert (
+            keys.F_DATA.encode() not in dead
+            and dead[keys.F_SOURCE_QUEUE.encode()] == keys.frame_shard(0).encode()
+        )
+        [(logged_id, logged)] = cast(
+            list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.stream_frames("cam-p"))
+        )
+        assert dead[keys.F_FRAME_ID.encode()] == logged_id and logged[keys.F_DATA.encode()] == poison.data
         assert not client.exists(keys.attempts("cam-p", 0))
         assert result_count(client, "cam-p") == 0
 
@@ -151,6 +159,6 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(
         # It left the worker index and the consumer group on its way out.
         assert not client.exists(keys.worker("w1"))
         assert client.zscore(keys.WORKERS_INDEX, "w1") is None
-        consumers = client.xinfo_consumers(keys.FRAMES_STREAM, keys.WORKER_GROUP)
+        consumers = client.xinfo_consumers(keys.frame_shard(0), keys.WORKER_GROUP)
         assert all(c["name"] not in ("w1", b"w1") for c in consumers)
     assert "drained" in proc.log()

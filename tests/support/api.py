@@ -121,7 +121,7 @@ async def _seed(
                 data=encode_image(frame_image(seq, width, height), "jpeg", quality=95),
             )
             fields: dict[Any, Any] = frame.to_fields()
-            await redis.xadd(keys.recent_frames(stream_id), fields, maxlen=RECENT_MAXLEN)
+            await redis.xadd(keys.stream_frames(stream_id), fields, maxlen=RECENT_MAXLEN)
         last = start_ts + (count - 1) * period if count else start_ts
         seen = time.time() if live else last
         meta = StreamMeta(

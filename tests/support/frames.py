@@ -1,4 +1,5 @@
-"""The frames stream on the real Redis: the frames of one stream on it, and publishing frames to it."""
+"""Frames on the real Redis: the frames of one stream's frame log, and publishing frames as a gateway
+does (flowcloud.frame_log)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,31 @@ from typing import cast
 
 import redis
 
-from flowcloud import keys
+from flowcloud.frame_log import logged_frames, publish_blocking
 from flowcloud.frames import Frame
 
 
-def frames_on_redis(redis_url: str, stream: str, key: str = keys.FRAMES_STREAM) -> list[Frame]:
-    """The frames of ``stream`` on the Redis stream ``key``, oldest first."""
+def frames_on_redis(redis_url: str, stream: str, backfill: bool = False) -> list[Frame]:
+    """The frames of ``stream``'s frame log (``backfill``: its backfill log), oldest first."""
     client = redis.Redis.from_url(redis_url)
     try:
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(key))
+        return logged_frames(client, stream, backfill)
     finally:
         client.close()
-    frames = [Frame.from_fields(fields) for _, fields in entries]
-    return [f for f in frames if f.stream == stream]
 
 
-def publish(client: redis.Redis, frames: list[Frame]) -> list[str]:
-    """XADD frames atomically (one MULTI), so that one XREADGROUP sees all of them."""
-    pipe = client.pipeline(transaction=True)
-    for f in frames:
-        pipe.xadd(keys.FRAMES_STREAM, f.to_fields())  # type: ignore[arg-type]
-    return [i.decode() for i in pipe.execute()]
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def entries(client: redis.Redis, key: str) -> Entries:
+    """The entries of the Redis stream ``key`` (a frame log or a shard queue), oldest first."""
+    return cast(Entries, client.xrange(key))
+
+
+def publish(client: redis.Redis, frames: list[Frame], shards: int = 1) -> list[str]:
+    """Publish frames (their references in one MULTI, so that one XREADGROUP sees all of them); the
+    references' ids."""
+    return publish_blocking(client, frames, shards, atomic=True)
 
 
 def publish_at_rates(
@@ -52,6 +57,6 @@ def publish_at_rates(
         now = time.time()
         data = pictures[stream][sent[stream] % len(pictures[stream])]
         frame = Frame(stream, sent[stream] + 1, now, now, width, height, "jpeg", data)
-        client.xadd(keys.FRAMES_STREAM, frame.to_fields())  # type: ignore[arg-type]
+        publish_blocking(client, [frame])
         sent[stream] += 1
         due[stream] = max(due[stream] + 1 / rates[stream], time.monotonic() - 1 / rates[stream])

@@ -132,13 +132,17 @@ def running_worker(
                 proc.wait(10)
 
 
-def pending_of(client: redis.Redis, consumer: str) -> list[str]:
-    rows = client.xpending_range(keys.FRAMES_STREAM, keys.WORKER_GROUP, "-", "+", 1000, consumername=consumer)
+def pending_of(client: redis.Redis, consumer: str, shard: int = 0) -> list[str]:
+    """The ids of the references ``consumer`` holds pending on the queue of ``shard``."""
+    queue = keys.frame_shard(shard)
+    rows = client.xpending_range(queue, keys.WORKER_GROUP, "-", "+", 1000, consumername=consumer)
     return [cast(bytes, r["message_id"]).decode() for r in rows]
 
 
-def pending_total(client: redis.Redis) -> int:
-    return int(client.xpending(keys.FRAMES_STREAM, keys.WORKER_GROUP)["pending"])
+def pending_total(client: redis.Redis, shards: int = 1) -> int:
+    """References read and not acknowledged, over the live queues of ``shards`` shards."""
+    queues = [keys.frame_shard(shard) for shard in range(shards)]
+    return sum(int(client.xpending(q, keys.WORKER_GROUP)["pending"]) for q in queues if client.exists(q))
 
 
 def result_count(client: redis.Redis, stream: str) -> int:
@@ -165,11 +169,17 @@ def metric_samples(port: int, line_prefix: str) -> dict[str, float]:
     }
 
 
-def all_judged(client: redis.Redis) -> bool:
-    """Every frame on the stream was read by the group and acknowledged (with a result or dropped)."""
-    groups = cast(list[dict[str, object]], client.xinfo_groups(keys.FRAMES_STREAM))
-    ours = [g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode())]
-    return bool(ours) and ours[0]["lag"] == 0 and pending_total(client) == 0
+def all_judged(client: redis.Redis, shards: int = 1) -> bool:
+    """Every frame queued was read by the group and acknowledged (with a result or dropped)."""
+    for shard in range(shards):
+        queue = keys.frame_shard(shard)
+        if not client.exists(queue):
+            continue
+        groups = cast(list[dict[str, object]], client.xinfo_groups(queue))
+        ours = [g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode())]
+        if not ours or ours[0]["lag"] != 0:
+            return False
+    return pending_total(client, shards) == 0
 
 
 def results_of(client: redis.Redis, stream: str) -> list[MaskResult]:

@@ -6,10 +6,8 @@ import dataclasses
 
 import pytest
 
-from flowcloud import keys
 from flowcloud.frames import Frame
 from services.worker.policy import FramePolicy
-from services.worker.recovery import parse_entries
 
 
 def _frame(capture_ts: float) -> Frame:
@@ -40,17 +38,3 @@ def test_a_backfill_frame_is_never_too_old_even_in_realtime_mode() -> None:
 def test_bad_policy_is_refused(mode: str, age: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FramePolicy(mode, age)
-
-
-def test_parse_entries_keeps_malformed_entries_with_their_error_and_skips_deleted_ones() -> None:
-    good = {
-        k.encode(): str(v).encode() if not isinstance(v, bytes) else v
-        for k, v in _frame(5.0).to_fields().items()
-    }
-    bad = dict(good)
-    del bad[keys.F_SEQ.encode()]
-    entries = parse_entries([(b"1-0", good), (b"2-0", bad), (b"3-0", None)])
-    assert [e.id for e in entries] == ["1-0", "2-0"]
-    assert entries[0].frame == _frame(5.0) and entries[0].error is None
-    assert entries[1].frame is None and entries[1].error == "frame entry lacks field 'seq'"
-    assert not entries[0].reclaimed
