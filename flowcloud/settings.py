@@ -158,12 +158,15 @@ class GatewaySettings(ServiceSettings):
     )
     jpeg_quality: int = Field(90, ge=10, le=100, description="JPEG quality of frames on the stream")
     frames_maxlen: int = Field(
-        2000, ge=10, description="frames the stream keeps; unread ones beyond it are trimmed and counted"
+        2000,
+        ge=10,
+        description="frame references each shard queue keeps; unread ones beyond are trimmed and counted",
     )
     backfill_maxlen: int = Field(
         10_000,
         ge=10,
-        description="frames the backfill stream keeps; unread ones beyond are trimmed, counted",
+        description="spooled frames each stream's backfill log, and references each shard's backfill "
+        "lane, keep; unread ones beyond are trimmed, counted",
     )
     handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
     max_sessions: int = Field(256, ge=1, description="live sessions at most")
@@ -189,8 +192,17 @@ class GatewaySettings(ServiceSettings):
         1024, ge=0, description="address-space cap of each decoder process (0 = none)"
     )
     publish_queue: int = Field(1024, ge=16, description="decoded frames buffered for Redis at most")
-    recent_maxlen: int = Field(
-        64, ge=1, description="approximate MAXLEN of each stream's recent-frames stream"
+    stream_frames_maxlen: int = Field(
+        300,
+        ge=10,
+        description="approximate MAXLEN of each stream's frame log (10 s at 30 fps): the one copy of its "
+        "frames' bytes, what workers fetch and overlays draw on; a frame evicted before a worker "
+        "fetched it is counted",
+    )
+    stream_frames_ttl: int = Field(
+        3600,
+        ge=0,
+        description="seconds a stream's frame log (and backfill log) outlives its last frame (0 = forever)",
     )
     drain_timeout: float = Field(
         5.0, gt=0, description="seconds to finish decoding and publishing on SIGTERM"
