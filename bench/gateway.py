@@ -1,11 +1,13 @@
-"""Ingest gateway throughput: N concurrent 640x480 30 fps H.264 streams through a real gateway
-(real sockets, real redis-server, decoder processes), against bare PyAV decoding of the same bytes
-in one process.
+"""Ingest gateway throughput: concurrent 30 fps H.264 streams through a real gateway (real
+sockets, real redis-server, decoder processes), against bare PyAV decoding of the same bytes in
+one process.
 
-    python -m bench.gateway                       # 8 real-time streams + a saturation run
+    python -m bench.gateway                       # the 640x480 detail, then the per-core table
     python -m bench.gateway --streams 12 --seconds 6
+    python -m bench.gateway --per-core-only       # only the table at 640x480, 720p30, 1080p30
+    python -m bench.gateway --per-core-only --sizes 1080p
 
-Reports, in one table:
+The 640x480 detail, in one table:
   * bare decode: frames/s of one PyAV decoder (one thread) on the same access units;
   * saturation: N streams sent as fast as the gateway takes them; frames/s published, the ratio
     per core to bare decode (wall clock), and the CPU seconds per frame of the whole gateway
@@ -13,6 +15,11 @@ Reports, in one table:
     efficiency, which does not depend on what else the machine runs;
   * real time: N streams paced at 30 fps; frames sent vs. published (held without loss?);
   * bytes per frame on Redis (JPEG at the model size, and at 640x480 for reference).
+
+The per-core table (`per_core_table`, Markdown, the one in docs/BENCHMARKS.md): for each camera
+source (`SOURCES`: size, bitrate, 2 s GOP, BT.709 for HD), ``--saturate`` streams through the whole
+gateway; its CPU per frame against bare decoding's (CPU time, before and after), the ratio per core
+and the cameras at 30 fps one core carries. A progress bar shows the stages.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import cast
+from typing import Never, cast
 
 import av
 import numpy as np
 import redis
 import redis.asyncio as aioredis
+from tqdm import tqdm
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -54,18 +62,68 @@ from flowcloud.x264 import encode_access_units, libx264_encoder
 WIDTH, HEIGHT, FPS = 640, 480, 30
 
 
-def encode(frames: int, bitrate: int = 2_000_000, gop: int = 30) -> list[list[bytes]]:
-    """NAL units per access unit of a moving 640x480 scene, libx264 zerolatency (like the edge)."""
-    codec = libx264_encoder(WIDTH, HEIGHT, FPS, preset="veryfast", keyframe_interval=gop, bitrate=bitrate)
-    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+@dataclass(frozen=True)
+class Source:
+    """A camera's stream for the per-core runs: size, bitrate and a keyframe every ``gop`` frames;
+    ``bt709`` labels the colour matrix BT.709 in the VUI, as HD cameras do (the edge's own
+    640x480 stream leaves it unspecified)."""
+
+    name: str
+    width: int
+    height: int
+    bitrate: int
+    gop: int = 2 * FPS
+    bt709: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.bitrate / 1e6:g} Mbit/s, {self.gop / FPS:g} s GOP)"
+
+
+# What cameras send: main/high profile at typical bitrates (2-4 Mbit/s at 720p, 4-8 at 1080p).
+SOURCES = {
+    "640x480": Source("640x480", 640, 480, 2_000_000),
+    "720p": Source("720p30", 1280, 720, 3_000_000, bt709=True),
+    "1080p": Source("1080p30", 1920, 1080, 6_000_000, bt709=True),
+}
+
+
+def encode(
+    frames: int,
+    bitrate: int = 2_000_000,
+    gop: int = 30,
+    width: int = WIDTH,
+    height: int = HEIGHT,
+    bt709: bool = False,
+    progress: Callable[[], object] | None = None,
+) -> list[list[bytes]]:
+    """NAL units per access unit of a moving scene, libx264 veryfast (high profile, CABAC)
+    zerolatency (no B-frames, like the edge and most cameras), one slice per picture. The scene is
+    the same at every size (its geometry scales with the picture); ``progress`` is called per frame."""
+    params = {"colorprim": "bt709", "transfer": "bt709", "colormatrix": "bt709"} if bt709 else None
+    codec = libx264_encoder(
+        width,
+        height,
+        FPS,
+        preset="veryfast",
+        keyframe_interval=gop,
+        bitrate=bitrate,
+        threads=1,
+        x264_params=params,
+    )
+    yy, xx = np.mgrid[0:height, 0:width]
     rng = np.random.default_rng(1)
-    noise = rng.integers(0, 24, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    noise = rng.integers(0, 24, (height, width, 3), dtype=np.uint8)
+    half_h, half_w = height * 5 // 48, width * 7 // 64  # a 100x140 box at 640x480
 
     def scene(i: int) -> np.ndarray:
         img = np.stack([(xx + 3 * i) % 256, (yy + 2 * i) % 256, ((xx // 4 + yy // 4) + 5 * i) % 256], axis=-1)
         img = img.astype(np.uint8) + noise
-        cx, cy = int(320 + 220 * np.sin(i / 15)), int(240 + 150 * np.cos(i / 20))
-        img[max(0, cy - 50) : cy + 50, max(0, cx - 70) : cx + 70] = (230, 40, 40)
+        cx = int(width / 2 + width * 11 / 32 * np.sin(i / 15))
+        cy = int(height / 2 + height * 5 / 16 * np.cos(i / 20))
+        img[max(0, cy - half_h) : cy + half_h, max(0, cx - half_w) : cx + half_w] = (230, 40, 40)
+        if progress is not None:
+            progress()
         return img
 
     return encode_access_units(codec, (scene(i) for i in range(frames)))
@@ -84,6 +142,20 @@ def bare_decode_fps(units: list[list[bytes]], repeats: int = 3) -> float:
             count += len(codec.decode(av.Packet(d)))
         count += len(codec.decode(None))
         best = max(best, count / (time.perf_counter() - started))
+    return best
+
+
+def bare_decode_cpu_ms(units: list[list[bytes]], repeats: int = 3) -> float:
+    """CPU ms per frame of one single-threaded PyAV decoder on these access units (best of
+    ``repeats``): the baseline the gateway's CPU per frame is compared with, in the same unit."""
+    data = [to_annexb(u) for u in units]
+    best = float("inf")
+    for _ in range(repeats):
+        codec = av.CodecContext.create("h264", "r")
+        codec.thread_count = 1
+        started = time.process_time()
+        count = sum(len(codec.decode(av.Packet(d))) for d in data) + len(codec.decode(None))
+        best = min(best, 1000 * (time.process_time() - started) / count)
     return best
 
 
@@ -107,7 +179,7 @@ def pipeline_efficiency(
         decoder._write(messages, decoder.KIND_ACCESS_UNIT, tag, to_annexb(nals))
     bare_ms, pipeline_ms = [], []
     for _ in range(rounds):
-        bare_ms.append(1000 / bare_decode_fps(units, repeats=1))
+        bare_ms.append(bare_decode_cpu_ms(units, repeats=1))
         messages.seek(0)
         started = time.process_time()
         decoder.serve(messages, io.BytesIO())
@@ -186,13 +258,19 @@ def _is_marker(framed: bytes) -> bool:
 
 
 async def _stream(
-    port: int, device: str, token: str, packets: list[bytes], paced: bool, ca: str | None
+    port: int,
+    device: str,
+    token: str,
+    packets: list[bytes],
+    paced: bool,
+    ca: str | None,
+    size: tuple[int, int],
 ) -> float:
     """Send one stream; the seconds its sending took (at 30 fps: the video's length, if kept up).
     With ``ca`` (the gateway's self-signed certificate) the connection is TLS, verified against it."""
     tls = client_context(ca) if ca else None
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
-    await client_handshake(reader, writer, Hello(device, token, StreamInfo(WIDTH, HEIGHT, FPS)), timeout=10)
+    await client_handshake(reader, writer, Hello(device, token, StreamInfo(*size, FPS)), timeout=10)
     started = time.monotonic()
     units = 0
     for p in packets:
@@ -210,14 +288,20 @@ async def _stream(
 
 
 def _send_all(
-    port: int, tokens: list[str], packets: list[bytes], paced: bool, ca: str | None, out: Queue[float]
+    port: int,
+    tokens: list[str],
+    packets: list[bytes],
+    paced: bool,
+    ca: str | None,
+    size: tuple[int, int],
+    out: Queue[float],
 ) -> None:
     """The edges, in their own process so that the gateway is measured alone."""
 
     async def main() -> list[float]:
         return list(
             await asyncio.gather(
-                *(_stream(port, f"bench-{i}", t, packets, paced, ca) for i, t in enumerate(tokens))
+                *(_stream(port, f"bench-{i}", t, packets, paced, ca, size) for i, t in enumerate(tokens))
             )
         )
 
@@ -233,11 +317,17 @@ class RunResult:
     window_s: float  # the steady-state window CPU was measured over
     window_frames: int
     cpu_s: float
-    main_cpu_s: float  # of cpu_s, the gateway's own process (sessions, publisher; the bench's senders too)
+    main_cpu_s: float  # of cpu_s, the gateway's own process (sessions, publisher)
+    redis_cpu_s: float  # redis-server over the same window (not part of cpu_s)
     dropped: dict[str, float]
     bytes_per_frame: float
     per_stream_min: int
     sending_s: float  # how long the slowest edge took to send its stream
+    publishes: int  # pipelined publishes (batches) the run took
+
+    @property
+    def frames_per_publish(self) -> float:
+        return self.frames_published / max(1, self.publishes)
 
 
 def _proc_cpu(pid: int) -> float:
@@ -269,6 +359,8 @@ async def run_gateway(
     paced: bool,
     model_size: str = "256x512",
     tls: tuple[str, str] | None = None,
+    size: tuple[int, int] = (WIDTH, HEIGHT),
+    redis_pid: int | None = None,
 ) -> RunResult:
     from prometheus_client import REGISTRY
 
@@ -307,7 +399,17 @@ async def run_gateway(
                         out[sample.labels["reason"]] = sample.value
         return out
 
+    def publishes() -> float:
+        return sum(
+            sample.value
+            for metric in REGISTRY.collect()
+            if metric.name == "flowcloud_gateway_publish_seconds"
+            for sample in metric.samples
+            if sample.name.endswith("_count")
+        )
+
     before = drops()
+    publishes_before = publishes()
     expected = n * len(units)
     async with Gateway(settings).listen(port=0) as gw:
         await asyncio.sleep(1.0)  # spare decoders started
@@ -315,7 +417,9 @@ async def run_gateway(
         context = multiprocessing.get_context("spawn")
         send_time: Queue[float] = context.Queue()
         ca = tls[0] if tls else None  # self-signed: the certificate is its own CA
-        edges = context.Process(target=_send_all, args=(gw.port, tokens, all_packets, paced, ca, send_time))
+        edges = context.Process(
+            target=_send_all, args=(gw.port, tokens, all_packets, paced, ca, size, send_time)
+        )
         edges.start()
         # Measure the steady state: from every stream publishing to 90% of the frames published
         # (decoder start-up, an interpreter per session, is not decoding work).
@@ -325,6 +429,7 @@ async def run_gateway(
         pids = [os.getpid()] + [s.decoder_pid for s in gw.sessions.values() if s.decoder_pid]
         window_start, cpu_start = time.monotonic(), sum(_proc_cpu(p) for p in pids)
         main_start = _proc_cpu(os.getpid())
+        redis_start = _proc_cpu(redis_pid) if redis_pid else 0.0
         published_start = gw.publisher.published
         while gw.publisher.published < 0.9 * expected and time.monotonic() - started < 120:
             if not paced and gw.services.ended.total() >= n:
@@ -333,6 +438,7 @@ async def run_gateway(
         window = time.monotonic() - window_start
         cpu = sum(_proc_cpu(p) for p in pids) - cpu_start
         main_cpu = _proc_cpu(os.getpid()) - main_start
+        redis_cpu = _proc_cpu(redis_pid) - redis_start if redis_pid else 0.0
         window_frames = gw.publisher.published - published_start
         while time.monotonic() - started < 120 and gw.services.ended.total() < n:
             await asyncio.sleep(0.02)
@@ -360,11 +466,144 @@ async def run_gateway(
         window_frames=window_frames,
         cpu_s=cpu,
         main_cpu_s=main_cpu,
+        redis_cpu_s=redis_cpu,
         dropped={k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0},
         bytes_per_frame=statistics.fmean(sizes) if sizes else 0.0,
         per_stream_min=min(per_stream),
         sending_s=sending,
+        publishes=int(publishes() - publishes_before),
     )
+
+
+@dataclass
+class PerCore:
+    """One source through the whole gateway, saturated, against bare decoding of the same bytes."""
+
+    source: Source
+    kb_per_frame: float
+    bare_ms: tuple[float, float]  # bare decode CPU ms per frame, before and after the gateway run
+    run: RunResult
+    pipeline: tuple[float, float]  # (bare, decoder child loop) CPU ms per frame, interleaved
+    encode_ms: float  # the child's scale + JPEG alone, on the route this source's pictures take
+
+    @property
+    def bare(self) -> float:
+        return statistics.fmean(self.bare_ms)
+
+    @property
+    def whole_ms(self) -> float:
+        """CPU ms per frame of the gateway process and its decoders (redis-server not included)."""
+        return 1000 * self.run.cpu_s / max(1, self.run.window_frames)
+
+    @property
+    def main_ms(self) -> float:
+        return 1000 * self.run.main_cpu_s / max(1, self.run.window_frames)
+
+    @property
+    def redis_ms(self) -> float:
+        return 1000 * self.run.redis_cpu_s / max(1, self.run.window_frames)
+
+    @property
+    def ratio(self) -> float:
+        return self.bare / self.whole_ms
+
+
+PER_CORE_STAGES = 4  # bare decode, the gateway run, bare decode again, the decoder's steps
+
+
+def picture_encode_ms(units: list[list[bytes]], pictures: int = 60) -> float:
+    """CPU ms per picture of the decoder child's scale + JPEG (`PictureEncoder`) at the default
+    model size, on the first ``pictures`` decoded pictures: the route (planes or RGB) is the one the
+    gateway takes for them."""
+    from services.gateway.decoder import DecoderConfig, PictureEncoder
+
+    codec = av.CodecContext.create("h264", "r")
+    codec.thread_count = 1
+    decoded: list[av.VideoFrame] = []
+    for u in units:
+        decoded += codec.decode(av.Packet(to_annexb(u)))
+        if len(decoded) >= pictures:
+            break
+    encoder = PictureEncoder(DecoderConfig(out_width=512, out_height=256))
+    times = []
+    for _ in range(3):
+        started = time.process_time()
+        for picture in decoded:
+            encoder.encode(picture)
+        times.append(1000 * (time.process_time() - started) / len(decoded))
+    return min(times)
+
+
+def per_core(
+    source: Source, frames: int, streams: int, redis_url: str, redis_pid: int, bar: tqdm[Never]
+) -> PerCore:
+    """Encode ``frames`` of ``source``, then: bare decode, ``streams`` copies through the whole
+    gateway as fast as it takes them, bare decode again (the machine may be shared), the decoder
+    child's loop interleaved with bare decoding, and its scale + JPEG alone."""
+    bar.set_description(f"{source.name}: encoding")
+    units = encode(
+        frames,
+        source.bitrate,
+        source.gop,
+        source.width,
+        source.height,
+        source.bt709,
+        progress=lambda: bar.update(),
+    )
+    kb = sum(len(n) for u in units for n in u) / len(units) / 1024
+    bar.set_description(f"{source.name}: bare decode")
+    before = bare_decode_cpu_ms(units)
+    bar.update()
+    bar.set_description(f"{source.name}: {streams} streams through the gateway")
+    size = (source.width, source.height)
+    run = asyncio.run(run_gateway(redis_url, streams, units, paced=False, size=size, redis_pid=redis_pid))
+    bar.update()
+    bar.set_description(f"{source.name}: bare decode again")
+    after = bare_decode_cpu_ms(units)
+    bar.update()
+    bar.set_description(f"{source.name}: decoder steps")
+    head = units[: 2 * source.gop]  # two GOPs keep the interleaved rounds short at 1080p
+    pipeline_bare, pipeline_ms, _ = pipeline_efficiency(head)
+    encode_ms = picture_encode_ms(head)
+    bar.update()
+    return PerCore(source, kb, (before, after), run, (pipeline_bare, pipeline_ms), encode_ms)
+
+
+def per_core_table(sources: list[Source], seconds: float, streams: int) -> list[PerCore]:
+    """The whole gateway's CPU per frame at each source size against bare PyAV decoding, printed as
+    a Markdown table (the one in docs/BENCHMARKS.md)."""
+    frames = int(seconds * FPS)
+    results = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server,
+        tqdm(total=len(sources) * (frames + PER_CORE_STAGES), unit="step") as bar,
+    ):
+        assert server.process is not None
+        for source in sources:
+            results.append(per_core(source, frames, streams, server.url, server.process.pid, bar))
+    load = os.getloadavg()
+    print(f"\nper core, {streams} streams of {seconds:g} s each as fast as the gateway takes them; ", end="")
+    print(f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end")
+    print(
+        "| source | KB/frame | bare decode ms/frame (fps per core) | decoder child ms/frame (ratio) "
+        "| gateway process ms/frame | whole gateway ms/frame (fps per core) | **ratio per core** "
+        "| cameras at 30 fps per core | published (frames per publish) | KB per frame on Redis "
+        "| redis-server ms/frame |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        pipeline_bare, pipeline_ms = r.pipeline
+        print(
+            f"| {r.source.label} | {r.kb_per_frame:.1f} "
+            f"| {r.bare:.2f} ({1000 / r.bare:.0f}; before {r.bare_ms[0]:.2f}, after {r.bare_ms[1]:.2f}) "
+            f"| {pipeline_ms:.2f} ({pipeline_bare / pipeline_ms:.2f}; scale + JPEG {r.encode_ms:.2f}) "
+            f"| {r.main_ms:.2f} | {r.whole_ms:.2f} ({1000 / r.whole_ms:.0f}) | **{r.ratio:.2f}** "
+            f"| {1000 / r.whole_ms / FPS:.1f} | {r.run.frames_published}/{r.run.frames_sent} "
+            f"({r.run.frames_per_publish:.1f}) | {r.run.bytes_per_frame / 1024:.1f} "
+            f"| {r.redis_ms:.2f} |"
+        )
+    return results
 
 
 def main() -> None:
@@ -377,7 +616,24 @@ def main() -> None:
     parser.add_argument(
         "--tls", action="store_true", help="also run the saturation and real-time runs over TLS, and compare"
     )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(SOURCES),
+        help=f"sources of the per-core table, of {', '.join(SOURCES)} (default all; 'none' skips the table)",
+    )
+    parser.add_argument(
+        "--per-core-only", action="store_true", help="only the per-core table (skip the 640x480 detail)"
+    )
     args = parser.parse_args()
+    sources = [] if args.sizes == "none" else [SOURCES[name] for name in args.sizes.split(",")]
+    if not args.per_core_only:
+        detail(args)
+    if sources:
+        per_core_table(sources, args.seconds, args.saturate)
+
+
+def detail(args: argparse.Namespace) -> None:
+    """The 640x480 tables: saturation, real time, TLS, the decoder's steps and the frame options."""
     cores = len(os.sched_getaffinity(0))
     frames = int(args.seconds * FPS)
     print(f"encoding {frames} frames of 640x480 H.264 (libx264 veryfast zerolatency, 2 Mb/s) ...", flush=True)

@@ -84,22 +84,24 @@ def test_strided_planes_are_read_row_by_row() -> None:
     assert _psnr(decode_image(strided, "jpeg", 64, 32), rgb) > 28
 
 
-def test_bt709_pictures_go_through_rgb_to_keep_their_colours() -> None:
-    """JFIF is BT.601: planes from a BT.709 camera, stored as they are, would shift red towards orange."""
+def test_bt709_pictures_are_converted_to_bt601_to_keep_their_colours() -> None:
+    """JFIF is BT.601: planes from a BT.709 camera, stored as they are, would shift red towards orange.
+    The decoder converts the scaled planes' matrix and gives the picture the RGB route gives."""
     picture = _h264_picture(_scene(), bt709=True)
     assert picture.colorspace not in PictureEncoder.JFIF_MATRICES
-    decoded = decode_image(PictureEncoder(DecoderConfig(256, 128)).encode(picture), "jpeg", 256, 128)
+    encoder = PictureEncoder(DecoderConfig(256, 128))
+    decoded = decode_image(encoder.encode(picture), "jpeg", 256, 128)
     red = decoded[40:60, 100:150].reshape(-1, 3).mean(axis=0)
     assert np.abs(red - RED).max() < 12, red
+    via_rgb = decode_image(encode_image(encoder.scale(picture, "rgb24").to_ndarray()), "jpeg", 256, 128)
+    assert _psnr(decoded, via_rgb) > 36
+    assert np.abs(decoded.reshape(-1, 3).mean(axis=0) - via_rgb.reshape(-1, 3).mean(axis=0)).max() < 1.5
     # What storing the planes as they are would have given: the same block in other colours.
     yuv = picture.reformat(256, 128, "yuvj420p").to_ndarray()
     y, u, v = yuv[:128], yuv[128:160].reshape(64, 128), yuv[160:192].reshape(64, 128)
-    wrong = (
-        decode_image(encode_yuv420_jpeg(y, u, v), "jpeg", 256, 128)[40:60, 100:150]
-        .reshape(-1, 3)
-        .mean(axis=0)
-    )
-    assert np.abs(wrong - RED).max() > 15, wrong
+    wrong = decode_image(encode_yuv420_jpeg(y, u, v), "jpeg", 256, 128)
+    assert np.abs(wrong[40:60, 100:150].reshape(-1, 3).mean(axis=0) - RED).max() > 15
+    assert _psnr(wrong, via_rgb) < 30
 
 
 @pytest.mark.parametrize(
