@@ -161,7 +161,8 @@ def attempts(stream_id: str, seq: int) -> str:
 
 # --- devices and API keys -------------------------------------------------------------------
 DEVICES_INDEX = f"{PREFIX}:devices"  # set of device ids
-# pub/sub channel: "revoked <id>", "rotated <id>", "connected <id> <session>" (flowcloud.registry)
+# pub/sub channel: "revoked <id>", "rotated <id>", "connected <id> <session> <generation>"
+# (flowcloud.registry)
 DEVICE_EVENTS = f"{PREFIX}:device-events"
 
 

@@ -5,9 +5,11 @@ is shown once, when it is made (`add`, `rotate`); Redis keeps only a salted hash
 `verify` compares in constant time (flowcloud.tokens). `revoke` and `rotate` publish an event on
 ``keys.DEVICE_EVENTS`` ("revoked <id>" / "rotated <id>") so that a gateway closes the device's
 live session at once. A gateway that opens a session announces it there too (`announce_session`,
-"connected <id> <session>"), so that a gateway replica still holding an older session of the
-device (a half-open connection the edge has given up on) closes it: one live session per device
-across all replicas. A revoked device stays listed (with its revocation time) and cannot stream
+"connected <id> <session> <generation>"), so that a gateway replica still holding a session of
+the device with an older lease generation (a half-open connection the edge has given up on)
+closes it: one live session per device across all replicas. The generation (the session's lease,
+services.gateway.lease) makes a late announcement harmless: it closes only older sessions, never
+the newer one that overtook it. A revoked device stays listed (with its revocation time) and cannot stream
 again: register it under a new id.
 
 Used by the CLI (`flowcloud devices`), the gateway (`verify`) and the API (`/devices`).
@@ -96,6 +98,7 @@ class DeviceEvent:
     kind: str  # EVENT_REVOKED, EVENT_ROTATED or EVENT_CONNECTED
     device_id: str
     session_id: str | None = None  # EVENT_CONNECTED: the new session
+    generation: int = 0  # EVENT_CONNECTED: its lease generation (0: an older gateway's, without one)
 
 
 def parse_event(message: bytes | str) -> DeviceEvent | None:
@@ -103,8 +106,11 @@ def parse_event(message: bytes | str) -> DeviceEvent | None:
     kind, *words = text(message).split(" ")
     if kind in (EVENT_REVOKED, EVENT_ROTATED) and len(words) == 1 and words[0]:
         return DeviceEvent(kind, words[0])
-    if kind == EVENT_CONNECTED and len(words) == 2 and all(words):
-        return DeviceEvent(kind, words[0], words[1])
+    if kind == EVENT_CONNECTED and len(words) in (2, 3) and all(words):
+        generation = words[2] if len(words) == 3 else "0"
+        if not generation.isascii() or not generation.isdigit() or len(generation) > 20:
+            return None
+        return DeviceEvent(kind, words[0], words[1], int(generation))
     return None
 
 
@@ -169,9 +175,10 @@ class DeviceRegistry:
         out = [_device(i, f) for i, f in zip(ids, await pipe.execute(), strict=True) if f]
         return [d for d in out if tenant is None or d.tenant == tenant]
 
-    async def announce_session(self, device_id: str, session_id: str) -> None:
-        """Tell every gateway that ``session_id`` is now the device's live session."""
-        await self.redis.publish(keys.DEVICE_EVENTS, f"{EVENT_CONNECTED} {device_id} {session_id}")
+    async def announce_session(self, device_id: str, session_id: str, generation: int) -> None:
+        """Tell every gateway that ``session_id``, of lease ``generation``, is the device's live session."""
+        message = f"{EVENT_CONNECTED} {device_id} {session_id} {generation}"
+        await self.redis.publish(keys.DEVICE_EVENTS, message)
 
     async def revoke(self, device_id: str) -> Device:
         """Revoke a device for good; its live session is closed (event on DEVICE_EVENTS)."""

@@ -221,6 +221,25 @@ class GatewaySettings(ServiceSettings):
         ge=0,
         description="seconds between checks of the TLS files for a renewed certificate (0 = never)",
     )
+    lease_ttl: float = Field(
+        3.0, gt=0, le=60, description="seconds a live session's lease lasts unrenewed (gateway/lease.py)"
+    )
+    lease_renew_interval: float = Field(
+        0.5,
+        gt=0,
+        le=30,
+        description="seconds between lease renewals; also how late a session may learn of a takeover "
+        "whose device event it missed",
+    )
+
+    @model_validator(mode="after")
+    def _renew_within_ttl(self) -> Self:
+        if self.lease_renew_interval >= self.lease_ttl:
+            raise ValueError(
+                f"lease_renew_interval ({self.lease_renew_interval:g} s) must be shorter than "
+                f"lease_ttl ({self.lease_ttl:g} s)"
+            )
+        return self
 
 
 class WorkerSettings(ServiceSettings):

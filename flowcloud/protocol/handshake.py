@@ -12,7 +12,9 @@ The whole TCP connection is RFC 4571 framed. The first frames are JSON objects (
 
 After the handshake the gateway may send `KeyframeRequest` on the same connection (in the spirit
 of RTCP PLI, RFC 4585 6.3.1): it lost decodable state and asks for an IDR instead of waiting for
-the next natural one. A stream description with ``backfill`` opens the device's backfill lane
+the next natural one. On shutdown it sends `GoAway`: reconnect now (through the same address: a
+load balancer picks another replica), after ending this connection at a keyframe boundary so that
+nothing is lost. A stream description with ``backfill`` opens the device's backfill lane
 (spooled video, sent beside the live session); ``spooled`` on a live HELLO is how many spooled
 frames will follow on that lane, so the gateway can reserve their seqs before the live ones.
 """
@@ -324,13 +326,30 @@ class KeyframeRequest:
         return cls(_field(obj, "reason", str, "keyframe")[:MAX_REASON_LENGTH])
 
 
-ControlMessage = Hello | Accept | Reject | ClockSync | KeyframeRequest
+@dataclass(frozen=True)
+class GoAway:
+    """Gateway -> edge: this gateway is stopping; end the stream at an access unit boundary (best
+    before an IDR), half-close, and once the gateway has closed, reconnect at once (``reason``)."""
+
+    reason: str
+
+    def to_bytes(self) -> bytes:
+        return _encode({"type": "goaway", "reason": self.reason[:MAX_REASON_LENGTH]})
+
+    @classmethod
+    def parse(cls, body: bytes) -> GoAway:
+        obj = _decode(body, "goaway")
+        return cls(_field(obj, "reason", str, "goaway")[:MAX_REASON_LENGTH])
+
+
+ControlMessage = Hello | Accept | Reject | ClockSync | KeyframeRequest | GoAway
 _BY_TYPE: dict[str, Any] = {
     "hello": Hello,
     "accept": Accept,
     "reject": Reject,
     "clock": ClockSync,
     "keyframe": KeyframeRequest,
+    "goaway": GoAway,
 }
 
 

@@ -107,3 +107,17 @@ EDGE_MASKS = Counter(
     "masks made by edges' fallback models and synced, by outcome (stored, malformed, redis_unavailable)",
     ["outcome"],
 )
+LEASE_TAKEOVERS = Counter(
+    "flowcloud_gateway_lease_takeovers_total",
+    "live-session leases acquired while another session of the device still held one (gateway/lease.py)",
+)
+LEASE_LOST = Counter(
+    "flowcloud_gateway_lease_lost_total",
+    "sessions closed because a newer session of their device took the lease over, by how this gateway "
+    "learned of it (event: the device event; renewal: the lease renewal found a newer generation)",
+    ["noticed"],
+)
+GOAWAYS = Counter(
+    "flowcloud_gateway_goaways_total",
+    "GOAWAY messages sent to edges (the gateway is stopping: reconnect elsewhere)",
+)

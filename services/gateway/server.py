@@ -7,12 +7,19 @@ A connection is first counted against its address (``max_connections_per_ip``; a
 gateway answers REJECT ``limit`` before reading a byte), then handed to a `Session`. The
 gateway reads devices from the control-plane Redis (``control_url``) and subscribes there to
 ``keys.DEVICE_EVENTS``: "revoked <id>" / "rotated <id>" closes that
-device's live session at once, and "connected <id> <session>" closes a live session of the device
-other than the one named (the edge reconnected, perhaps through another gateway replica: the
-newest session wins across replicas as it does within one gateway); after a lost subscription
-(Redis restarted) every live session is re-verified, so a revocation missed meanwhile still
-takes effect. `close()` (SIGTERM) stops accepting, ends every session letting frames in flight be
-decoded and published within ``drain_timeout``, and stops the publisher and the spare decoders.
+device's live session at once, and "connected <id> <session> <generation>" closes a live session
+of the device whose lease generation is older (the edge reconnected, perhaps through another
+gateway replica: the newest session wins across replicas as it does within one gateway; a late
+announcement of an older generation closes nothing; services.gateway.lease); after a lost
+subscription (Redis restarted) every live session is re-verified, so a revocation missed
+meanwhile still takes effect.
+
+`close()` (SIGTERM) stops accepting and sends every live session's edge a GOAWAY. The edges end
+their streams at an access unit boundary and half-close; their sessions decode and flush what
+arrived (within ``drain_timeout``; a session whose edge does not leave by then is ended), the
+publisher writes every frame (within ``drain_timeout``), and only then are the connections
+closed, so an edge reconnects (through the load balancer, to another replica) once nothing of
+its old session can be fenced. Then the spare decoders stop.
 
 With ``tls_cert_file`` the device port speaks TLS only (`flowcloud.protocol.tls`). The TLS handshake
 starts after the per-address admission (an address over its limit is closed before any TLS work)
@@ -56,6 +63,7 @@ from services.gateway.session import (
     END_REVOKED,
     END_ROTATED,
     END_SHUTDOWN,
+    NOTICED_EVENT,
     Refused,
     Session,
     SessionServices,
@@ -193,17 +201,25 @@ class Gateway:
         await self._closed.wait()
 
     async def close(self) -> None:
-        """Stop accepting, end sessions (frames in flight are still published), stop everything."""
+        """Stop accepting, send edges away, end sessions (frames in flight are still published),
+        stop everything."""
         if self._closed.is_set():
             return
         self.serving = False
         if self._server is not None:
             self._server.close()
+        leaving = await self._send_edges_away()
         try:
             async with asyncio.timeout(self.settings.drain_timeout):
-                await asyncio.gather(*(s.close(END_SHUTDOWN) for s in list(self.sessions.values())))
+                staying = [*self.sessions.values(), *self.services.backfill.values()]
+                await asyncio.gather(*(s.close(END_SHUTDOWN) for s in staying))
         except TimeoutError:
             log.warning("sessions did not end within %g s", self.settings.drain_timeout)
+        await self.publisher.close(self.settings.drain_timeout)  # before the edges that left reconnect
+        for session in leaving:
+            session.release()
+        if leaving:
+            await asyncio.sleep(0)  # their handlers close the connections
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
@@ -212,7 +228,6 @@ class Gateway:
             await asyncio.gather(self._events_task, return_exceptions=True)
         if self.certificates is not None:
             await self.certificates.stop()
-        await self.publisher.close(self.settings.drain_timeout)
         await self.services.decoders.close()
         await self.redis.aclose()
         if self.control is not self.redis:
@@ -222,6 +237,21 @@ class Gateway:
                 await self._server.wait_closed()
         self._closed.set()
         log.info("gateway stopped")
+
+    async def _send_edges_away(self) -> list[Session]:
+        """GOAWAY to every live session's edge; wait (up to ``drain_timeout``) until they have left."""
+        self.services.going_away = True  # a session whose handshake ends now goes away at once
+        leaving = [s for s in list(self.sessions.values()) if s.go_away()]
+        if not leaving:
+            return []
+        log.info("asked %d edge(s) to reconnect elsewhere; waiting for them to leave", len(leaving))
+        try:
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await asyncio.gather(*(s.wait_ended() for s in leaving))
+        except TimeoutError:
+            log.warning("edges did not all leave within %g s", self.settings.drain_timeout)
+        # Sessions that began while we waited went away too (Session.stream): their frames as well.
+        return [*leaving, *(s for s in self.sessions.values() if s.going_away and s not in leaving)]
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -333,7 +363,10 @@ class Gateway:
         if session is None:
             return
         if event.kind == EVENT_CONNECTED:
-            if event.session_id != session.session_id:  # our own announcement names our session
+            if event.generation:  # only a newer lease replaces ours, however late its announcement
+                if session.superseded(event.generation, NOTICED_EVENT):
+                    self._close_soon(session, END_REPLACED)
+            elif event.session_id != session.session_id:  # a gateway without leases (rolling upgrade)
                 log.info(
                     "device %s connected again (session %s, maybe elsewhere): closing session %s",
                     event.device_id,

@@ -6,13 +6,17 @@ handshake has a deadline (``handshake_timeout``) and each control message a size
 version, sends a malformed HELLO, declares a frame size above the cap, or would exceed the
 session limit gets a REJECT with a code and a reason, then the connection is closed.
 
-**One live session per device: the newest wins.** When a device that already has a live
-session completes a new handshake, the old session is closed (reason ``replaced``) and the new
-one takes over its stream: at once on the same gateway, and through the "connected" device event
-(`DeviceRegistry.announce_session`) on any other gateway replica, since a reconnecting edge may
-land on another one behind the load balancer. An edge whose link dropped without a FIN (a
-half-open TCP connection behind NAT is the common case) can therefore reconnect at once instead
-of being refused ``busy`` until the old connection times out; only a holder of the device's
+**One live session per device: the newest wins.** A live session owns its stream through a lease
+(services.gateway.lease), taken with a new, higher generation during the handshake, before the
+ACCEPT. The old session is closed (reason ``replaced``) and the new one takes over its stream:
+at once on the same gateway, and on any other gateway replica through the "connected" device
+event (`DeviceRegistry.announce_session`, carrying the generation; an announcement of an older
+generation arriving late closes nothing), or at the latest at its next lease renewal, since a
+reconnecting edge may land on another replica behind the load balancer. Every frame carries the
+session's generation, so nothing the old session still decodes is published (fencing). An edge
+whose link dropped without a FIN (a half-open TCP connection behind NAT is the common case) can
+therefore reconnect at once instead of being refused ``busy`` until the old connection times
+out; only a holder of the device's
 current token can take the stream over, and frame seqs stay unique and increasing across the
 switch, whichever replicas publish (see publisher.py).
 
@@ -30,6 +34,12 @@ What stays here: reading the socket (the bytes/s bucket pauses the reader, so TC
 nothing is lost), recording, replacing an older session of the device, the stream's metadata
 hash, and ending the session in order. A per-session step added later (a lease, a message back
 to the edge) goes into `Session.stream` around the read loop, or into one of the three pieces.
+
+**Going away.** When the gateway stops (`go_away`), a live session sends the edge a GOAWAY and
+reads on until the edge, having ended its stream at an access unit boundary (before an IDR),
+half-closes; it then decodes and flushes as usual, and keeps the connection open until the
+gateway has published its frames (`release`), so that the edge reconnects (to another replica)
+only once nothing of this session can be fenced any more.
 
 Two lanes per device (services.gateway.backfill): a live HELLO that announces ``spooled`` frames
 reserves their seqs before its ACCEPT; a second connection whose HELLO says ``backfill`` carries
@@ -54,9 +64,16 @@ from redis.exceptions import RedisError
 from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import read_frame
+from flowcloud.protocol.framing import frame, read_frame
 from flowcloud.protocol.h264 import DROP_AWAIT_IDR
-from flowcloud.protocol.handshake import MAX_CONTROL_SIZE, REJECT_BUSY, REJECT_MALFORMED, ClockSync, Hello
+from flowcloud.protocol.handshake import (
+    MAX_CONTROL_SIZE,
+    REJECT_BUSY,
+    REJECT_MALFORMED,
+    ClockSync,
+    GoAway,
+    Hello,
+)
 from flowcloud.registry import Device, DeviceAuthError, DeviceRegistry
 from flowcloud.results import MaskStore
 from flowcloud.settings import GatewaySettings
@@ -73,6 +90,7 @@ from services.gateway.keyframes import (
     REASON_SESSION_START,
     KeyframeRequester,
 )
+from services.gateway.lease import StreamLease
 from services.gateway.limits import TokenBucket
 from services.gateway.pipeline import WANTED_STREAM_START, PacketPipeline, PipelineLimits, UnitTimes
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
@@ -87,6 +105,14 @@ END_REVOKED = "revoked"
 END_ROTATED = "rotated"
 END_SHUTDOWN = "shutdown"
 END_MALFORMED = "malformed"
+END_GOAWAY = "goaway"  # the gateway is stopping: the edge left at our GOAWAY to reconnect elsewhere
+
+# How a session learned that a newer session of its device took the lease over (label values of
+# flowcloud_gateway_lease_lost_total).
+NOTICED_EVENT = "event"
+NOTICED_RENEWAL = "renewal"
+
+_background: set[asyncio.Task[None]] = set()  # lease releases in flight (a task needs a reference)
 
 READ_CHUNK = 1 << 16
 DRAIN_READ_TIMEOUT = 0.1
@@ -113,6 +139,7 @@ class SessionServices:
     backfill: dict[str, Session] = field(default_factory=dict)  # device id -> its backfill session
     limits: dict[str, DeviceLimits] = field(default_factory=dict)
     ended: Counter[str] = field(default_factory=Counter)  # device id -> sessions that have ended
+    going_away: bool = False  # the gateway is stopping: a session that starts streaming now goes away
 
     def device_limits(self, device_id: str) -> DeviceLimits:
         if device_id not in self.limits:
@@ -151,6 +178,10 @@ class Session:
         self._ended = asyncio.Event()
         self._keyframes: KeyframeRequester | None = None  # a live session's, once it streams
         self._keyframe_reason = REASON_DROP  # why the pending keyframe request was made
+        self.lease: StreamLease | None = None  # a live session's, from the handshake on
+        self._lease_task: asyncio.Task[None] | None = None
+        self.going_away = False  # sent GOAWAY: the edge ends the stream and reconnects elsewhere
+        self._released = asyncio.Event()  # going away: the gateway has published our frames
 
     @property
     def is_backfill(self) -> bool:
@@ -206,6 +237,8 @@ class Session:
             log.warning("device registry unavailable: %s", exc)
             raise Refused(REJECT_BUSY, "the device registry is unavailable; retry later") from None
         accept = self.admission.admit(device, self.services.live.keys())
+        if not hello.stream.backfill and not hello.stream.masks:
+            await self._acquire_lease(device.device_id)
         if hello.stream.spooled and not hello.stream.backfill:
             try:  # before any live frame of this session gets a seq: backfill sorts in capture order
                 await reserve_backfill_seqs(
@@ -218,6 +251,28 @@ class Session:
         await self.writer.drain()
         self.clock = self.admission.receive_clock(await self._read_control("clock"))
         self.hello, self.device, self._token = hello, device, hello.token
+
+    async def _acquire_lease(self, device_id: str) -> None:
+        """Own the device's live stream with a new generation (every other session of it is fenced)."""
+        publisher = self.services.publisher
+        lease = StreamLease(
+            publisher.redis, publisher.clock, device_id, self.session_id, self.settings.lease_ttl
+        )
+        try:
+            acquired = await lease.acquire()
+        except (RedisError, OSError) as exc:
+            log.warning("cannot take the lease of %s: %s", device_id, exc)
+            raise Refused(REJECT_BUSY, "the frame store is unavailable; retry later") from None
+        if acquired.took_over(publisher.clock.now()):
+            metrics.LEASE_TAKEOVERS.inc()
+            log.info(
+                "session %s: device %s taken over from %s (lease generation %d)",
+                self.session_id,
+                device_id,
+                acquired.previous_owner,
+                acquired.generation,
+            )
+        self.lease = lease
 
     # --- streaming --------------------------------------------------------------------------
 
@@ -236,11 +291,15 @@ class Session:
                 previous.session_id,
             )
             await previous.close(END_REPLACED)
-        try:  # other gateway replicas close any session of this device they still hold
-            if not self.is_backfill:  # (a backfill lane is never replaced from afar: no announcement)
-                await self.services.registry.announce_session(device.device_id, self.session_id)
+        try:  # other gateway replicas close any older session of this device they still hold
+            if self.lease is not None:  # (a backfill lane is never replaced from afar: no announcement)
+                await self.services.registry.announce_session(
+                    device.device_id, self.session_id, self.lease.generation
+                )
         except (RedisError, OSError) as exc:
             log.warning("session %s: could not announce it to other gateways: %s", self.session_id, exc)
+        if self.lease is not None:  # renewed while we live; the fallback that notices a takeover
+            self._lease_task = asyncio.create_task(self._hold_lease(), name=f"lease:{self.session_id}")
         metrics.SESSIONS.inc()
         started = self.services.publisher.clock.now()  # on Redis's clock, like every time it publishes
         if not self.is_backfill:  # the stream's status and size are the live session's
@@ -272,6 +331,8 @@ class Session:
         self._main_task = asyncio.current_task()
         if not self.is_backfill:  # a spooled GOP starts at an IDR: nothing to ask for
             self._keyframes = KeyframeRequester(self.writer, self.session_id)
+        if self.services.going_away:  # the gateway began to stop during our handshake
+            self.go_away()
         self._pipeline, self._decoder = self._packet_path(device)
         try:
             await self._decoder.start()
@@ -279,7 +340,7 @@ class Session:
                 return  # revoked while setting up (before there was a task to cancel): read nothing
             self._stream_task = asyncio.create_task(self._read_packets(), name=f"packets:{self.session_id}")
             await self._stream_task
-            self.end_reason = self.end_reason or END_EOF
+            self.end_reason = self.end_reason or (END_GOAWAY if self.going_away else END_EOF)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
@@ -295,6 +356,71 @@ class Session:
                 await self._finish()
             finally:
                 self._ended.set()
+                if self._lease_task is not None:
+                    self._lease_task.cancel()
+        if self.going_away:  # the edge reconnects once we close: only after our frames are published
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.drain_timeout + FLUSH_TIMEOUT):
+                    await self._released.wait()
+            self._close_writer()
+
+    async def _hold_lease(self) -> None:
+        """Renew the lease every ``lease_renew_interval``; close the session once a newer one has it."""
+        lease = self.lease
+        assert lease is not None
+        failing = False
+        while True:
+            await asyncio.sleep(self.settings.lease_renew_interval)
+            try:
+                held = await lease.renew()
+            except (RedisError, OSError) as exc:  # the publisher cannot write either: keep the session
+                if not failing:
+                    log.warning("session %s: cannot renew its lease: %s", self.session_id, exc)
+                failing = True
+                continue
+            if failing:
+                log.info("session %s: lease renewed again", self.session_id)
+            failing = False
+            if not held:
+                if self.superseded(lease.newer, NOTICED_RENEWAL):
+                    await self.close(END_REPLACED)
+                return
+
+    def superseded(self, generation: int, noticed: str) -> bool:
+        """Whether a session of lease ``generation`` replaces this one (counted once, by how it was
+        ``noticed``); the caller closes this session then."""
+        if self.lease is None or not self.lease.superseded_by(generation):
+            return False
+        if not self._closing:
+            metrics.LEASE_LOST.labels(noticed).inc()
+            log.info(
+                "session %s: device %s taken over by lease generation %d (ours %d, noticed by %s)",
+                self.session_id,
+                self.device_id,
+                generation,
+                self.lease.generation,
+                noticed,
+            )
+        return True
+
+    def go_away(self) -> bool:
+        """The gateway is stopping: ask the edge to end this stream and reconnect elsewhere (GOAWAY);
+        the session reads on until the edge half-closes. False when it is no live stream (any more)."""
+        if self._keyframes is None or self._closing or self.going_away:
+            return False
+        try:
+            self.writer.write(frame(GoAway("the gateway is stopping").to_bytes()))  # small: no drain
+        except (OSError, RuntimeError) as exc:
+            log.debug("session %s: GOAWAY not sent: %s", self.session_id, exc)
+            return False
+        self.going_away = True
+        metrics.GOAWAYS.inc()
+        log.info("session %s: asked the edge to reconnect elsewhere (GOAWAY)", self.session_id)
+        return True
+
+    def release(self) -> None:
+        """Going away: the gateway has published this session's frames; close the connection."""
+        self._released.set()
 
     def _packet_path(self, device: Device) -> tuple[PacketPipeline, SessionDecoder]:
         assert self.clock is not None
@@ -349,6 +475,10 @@ class Session:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FLUSH_TIMEOUT + 1.0):
                 await self._ended.wait()
+
+    async def wait_ended(self) -> None:
+        """Until the session has ended (decoded and flushed; a going-away one may still linger)."""
+        await self._ended.wait()
 
     def _open_recorder(self, started: float) -> SessionRecorder | None:
         assert self.device is not None and self.hello is not None and self.clock is not None
@@ -456,13 +586,15 @@ class Session:
                 backfill=self.is_backfill,
                 sent_ts=times.sent_ts,
                 decoded_ts=time.time(),  # its picture has just come out of the decoder
+                generation=self.lease.generation if self.lease is not None else 0,  # fencing
             )
         )
 
     async def _finish(self) -> None:
         assert self.device is not None and self._decoder is not None
         device_id = self.device.device_id
-        self._close_writer()
+        if not self.going_away:  # (going away, the edge has half-closed and waits for our close)
+            self._close_writer()
         try:
             if self.end_reason not in (END_REVOKED, END_ROTATED):
                 # Let the frames in flight come out of the decoder (a revoked device's are discarded).
@@ -483,6 +615,7 @@ class Session:
                 if self.end_reason != END_REPLACED:  # else the replacing session (maybe elsewhere) owns it
                     idle = StreamMeta(status=keys.STATUS_IDLE)
                     self.services.publisher.set_meta(device_id, idle.to_fields())
+                    self._release_lease_soon()
             metrics.SESSIONS.dec()
             self.services.ended[device_id] += 1
             metrics.SESSION_ENDS.labels(self.end_reason or END_EOF).inc()
@@ -495,6 +628,22 @@ class Session:
                 self.decoded,
                 dict(self.dropped) or "none",
             )
+
+    def _release_lease_soon(self) -> None:
+        """Clear the lease's owner (kept when a newer session holds it); in the background, since
+        this runs in cleanup that shutdown may cancel. The generation stays: it only ever rises."""
+        lease = self.lease
+        if lease is None:
+            return
+
+        async def release() -> None:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await lease.release()
+
+        task = asyncio.create_task(release(), name=f"release:{self.session_id}")
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     def _close_writer(self) -> None:
         with contextlib.suppress(Exception):

@@ -143,8 +143,10 @@ def test_list_sorted_and_filtered(redis_url: str) -> None:
 
 def test_parse_event() -> None:
     assert parse_event(b"rotated cam-1") == DeviceEvent("rotated", "cam-1")
-    assert parse_event(b"connected cam-1 9f3a") == DeviceEvent("connected", "cam-1", "9f3a")
-    for bad in ("hello world", b"revoked", b"revoked a b", b"connected cam-1", b"connected cam-1 ", b""):
+    assert parse_event(b"connected cam-1 9f3a") == DeviceEvent("connected", "cam-1", "9f3a")  # older gateways
+    assert parse_event(b"connected cam-1 9f3a 17") == DeviceEvent("connected", "cam-1", "9f3a", 17)
+    bad_events = ("hello world", b"revoked", b"revoked a b", b"connected cam-1", b"connected cam-1 ", b"")
+    for bad in (*bad_events, b"connected cam-1 9f3a -1", b"connected cam-1 9f3a x", b"connected a b 1 2"):
         assert parse_event(bad) is None, bad
 
 
@@ -153,10 +155,10 @@ def test_announced_sessions_reach_subscribers(redis_url: str) -> None:
         pubsub = registry.redis.pubsub()
         await pubsub.subscribe(keys.DEVICE_EVENTS)
         await pubsub.get_message(timeout=1)  # the subscribe confirmation
-        await registry.announce_session("cam", "0123abcd")
+        await registry.announce_session("cam", "0123abcd", 42)
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
         assert message is not None
-        assert parse_event(message["data"]) == DeviceEvent("connected", "cam", "0123abcd")
+        assert parse_event(message["data"]) == DeviceEvent("connected", "cam", "0123abcd", 42)
         await pubsub.aclose()
 
     with_registry(redis_url, body)
