@@ -16,6 +16,10 @@ PACKETS_SENT = Counter("flowcloud_edge_rtp_packets_sent_total", "RTP packets wri
 BYTES_SENT = Counter("flowcloud_edge_bytes_sent_total", "bytes written to the gateway (framing included)")
 CONNECTS = Counter("flowcloud_edge_connects_total", "connection attempts, by result", ["result"])
 CONNECTED = Gauge("flowcloud_edge_connected", "1 while a gateway session is established")
+GOAWAYS = Counter(
+    "flowcloud_edge_goaways_total",
+    "sessions ended at a gateway's GOAWAY (it was stopping), then reconnected at once",
+)
 CLOCK_OFFSET = Gauge(
     "flowcloud_edge_clock_offset_seconds", "gateway clock minus edge clock, at the last handshake"
 )

@@ -3,9 +3,14 @@
 After every (re)connect the first access unit sent is an IDR: queued access units older than
 the queue's ``max_age`` are dropped as stale, and unless the queue then starts at a keyframe the
 encoder is asked for one (relayed streams wait for their next), so the gateway's decoder can
-start cleanly. Reconnects back off exponentially with jitter. A REJECT for a permanent reason
-(unknown device, bad token, revoked, version, malformed, certificate) ends the daemon; busy
-and limit are retried.
+start cleanly. Reconnects back off exponentially with jitter, except after a GOAWAY: the gateway is
+stopping, so the sender asks its encoder for an IDR, goes on sending until that IDR is next (for
+at most ``GOAWAY_CUT_TIMEOUT``), half-closes there, waits until the gateway has closed (it has
+then published everything this connection carried) and reconnects at once, through the same
+address (a load balancer spreads it to another replica), the IDR first: no frame is lost. What
+the new session cannot start with (no IDR came: a relayed stream) is spooled as after a loss.
+A REJECT for a permanent reason (unknown device, bad token, revoked, version, malformed,
+certificate) ends the daemon; busy and limit are retried.
 
 With a TLS context the connection is TLS, verified against ``server_name`` (default: the host).
 A certificate failure ends the daemon like a permanent REJECT: the gateway's certificate fails
@@ -26,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NoReturn
 
 from edge import metrics
 from edge.frames import EncodedFrame, StreamShape
@@ -39,6 +45,7 @@ from flowcloud.protocol.handshake import (
     REJECT_LIMIT,
     Accept,
     ClockSync,
+    GoAway,
     HandshakeClosed,
     HandshakeRejected,
     Hello,
@@ -59,6 +66,8 @@ MUTUAL_TLS_HINT = (
     " (with mutual TLS, this is also how a gateway refuses a client certificate from a CA it does not trust)"
 )
 END = None  # queue sentinel: the source has ended
+GOAWAY_CUT_TIMEOUT = 1.0  # seconds after a GOAWAY that the sender waits for an IDR to cut before
+GOAWAY_CLOSE_TIMEOUT = 10.0  # seconds it then waits for the gateway to close (it publishes meanwhile)
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, Accept, ClockSync]
 
 
@@ -77,6 +86,10 @@ class Backoff:
 
 class FatalRejection(Exception):
     """The gateway refused this device for a reason retrying cannot fix."""
+
+
+class GoneAway(Exception):
+    """The gateway asked us to reconnect elsewhere (GOAWAY), and this connection has ended."""
 
 
 class FrameQueue:
@@ -122,6 +135,11 @@ class FrameQueue:
     def take(self) -> EncodedFrame:
         """The oldest access unit, now (the queue must not be empty)."""
         return self._items.popleft()
+
+    def unget(self, item: EncodedFrame) -> None:
+        """Put an access unit taken with `get` back at the head (it goes out first, elsewhere)."""
+        self._items.appendleft(item)
+        self._ready.set()
 
     def head_is_keyframe(self) -> bool:
         return bool(self._items) and self._items[0].keyframe
@@ -193,8 +211,12 @@ class Sender:
         while True:
             if queue.ended and not len(queue):
                 return  # the source ended during the backoff with nothing left to send
+            gone_away = False
             try:
                 done = await self._session(queue, hello)
+            except GoneAway:
+                gone_away = True
+                metrics.GOAWAYS.inc()
             except HandshakeRejected as exc:
                 metrics.CONNECTS.labels(f"rejected_{exc.code}").inc()
                 if exc.code not in RETRYABLE_REJECTS:
@@ -217,12 +239,18 @@ class Sender:
                 attempt = 0
             finally:
                 metrics.CONNECTED.set(0)
-                if self.live:
-                    self.offline_since = time.monotonic()
-                self.live = False
-                if self.on_unsent is not None:
-                    while len(queue):
-                        self.on_unsent(queue.take())
+                # Going away at an IDR, the queue is the next session's start: it stays live and queued.
+                if not (gone_away and queue.head_is_keyframe()):
+                    if self.live:
+                        self.offline_since = time.monotonic()
+                    self.live = False
+                    if self.on_unsent is not None:
+                        while len(queue):
+                            self.on_unsent(queue.take())
+            if gone_away:
+                log.info("gateway %s:%d went away; reconnecting now", self.host, self.port)
+                attempt = 0
+                continue
             if queue.ended:
                 # Queued frames would be stale by the next session (it starts at a fresh IDR).
                 left = queue.discard_queued()
@@ -295,8 +323,10 @@ class Sender:
     async def _stream(
         self, queue: FrameQueue, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        watch = asyncio.create_task(self.watch_gateway(reader))
+        going_away = asyncio.Event()
+        watch = asyncio.create_task(self.watch_gateway(reader, go_away=going_away))
         need_keyframe = True
+        cut_by: float | None = None  # going away: cut before the next IDR, or at this time at the latest
         item: EncodedFrame | None = None
         try:
             while True:
@@ -307,14 +337,26 @@ class Sender:
                     get.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         item = await get  # it may have completed in the same turn
-                    if item is not None:
+                    if item is not None and going_away.is_set():
+                        queue.unget(item)
+                    elif item is not None:
                         metrics.FRAMES_DROPPED.labels("disconnected").inc()
                     watch.result()  # raises why the gateway went away
+                    if going_away.is_set():
+                        raise GoneAway()  # it stopped before we cut (an old edge's wait is over)
                     raise ConnectionError("gateway closed the connection")
                 item = get.result()
                 if item is None:
                     await writer.drain()
                     return True
+                if going_away.is_set():
+                    if cut_by is None:
+                        cut_by = time.monotonic() + GOAWAY_CUT_TIMEOUT
+                        self.request_keyframe()  # the next session starts at an IDR: make one now
+                    if need_keyframe or item.keyframe or time.monotonic() >= cut_by:
+                        queue.unget(item)
+                        item = None
+                        await self._leave(writer, watch)
                 if need_keyframe and not item.keyframe:
                     metrics.FRAMES_DROPPED.labels("await_keyframe").inc()
                     continue
@@ -341,8 +383,24 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
 
-    async def watch_gateway(self, reader: asyncio.StreamReader, live: bool = True) -> None:
-        """Returns when the gateway closes; raises HandshakeRejected on a REJECT (e.g. revoked)."""
+    async def _leave(self, writer: asyncio.StreamWriter, watch: asyncio.Task[None]) -> NoReturn:
+        """Going away: end the stream here and raise GoneAway once the gateway has closed (it has
+        published our frames by then, so none can be fenced by the session we open next)."""
+        await writer.drain()
+        if writer.can_write_eof():  # plain TCP: the gateway reads to the end at once (TLS: silence)
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GOAWAY_CLOSE_TIMEOUT):
+                await asyncio.wait({watch})
+        if not watch.done():
+            log.warning("gateway %s:%d did not close within %g s", self.host, self.port, GOAWAY_CLOSE_TIMEOUT)
+        raise GoneAway()
+
+    async def watch_gateway(
+        self, reader: asyncio.StreamReader, live: bool = True, go_away: asyncio.Event | None = None
+    ) -> None:
+        """Returns when the gateway closes; raises HandshakeRejected on a REJECT (e.g. revoked);
+        sets ``go_away`` on a GOAWAY."""
         while True:
             try:
                 body = await read_frame(reader, MAX_CONTROL_SIZE)
@@ -354,5 +412,9 @@ class Sender:
             if isinstance(message, KeyframeRequest) and live:
                 log.debug("the gateway asks for a keyframe (%s)", message.reason)
                 self.on_keyframe_request()
+                continue
+            if isinstance(message, GoAway) and go_away is not None:
+                log.info("gateway asks to reconnect elsewhere (%s)", message.reason)
+                go_away.set()
                 continue
             log.debug("ignoring a %s message from the gateway", type(message).__name__)

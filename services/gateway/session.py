@@ -116,6 +116,7 @@ _background: set[asyncio.Task[None]] = set()  # lease releases in flight (a task
 
 READ_CHUNK = 1 << 16
 DRAIN_READ_TIMEOUT = 0.1
+GOAWAY_SILENCE = 1.0  # going away over TLS: seconds without a byte after which the edge has left
 FLUSH_TIMEOUT = 5.0  # how long a session that ends waits for its frames in flight
 
 
@@ -509,6 +510,12 @@ class Session:
                 try:
                     async with asyncio.timeout(DRAIN_READ_TIMEOUT):  # only what has arrived already
                         chunk = await self.reader.read(READ_CHUNK)  # whole chunks: far fewer awaits
+                except TimeoutError:
+                    return
+            elif self.going_away and self.writer.get_extra_info("sslcontext") is not None:
+                try:  # TLS has no half-close: the edge's silence says it has cut its stream
+                    async with asyncio.timeout(GOAWAY_SILENCE):
+                        chunk = await self.reader.read(READ_CHUNK)
                 except TimeoutError:
                     return
             else:
