@@ -15,7 +15,8 @@ from support.waiting import eventually
 from edge import metrics as edge_metrics
 from services.gateway.server import Gateway
 
-FRAMES = 120  # 4 s at 30 fps; the first gateway stops after about 1.5 s
+FRAMES = 150  # 5 s at 30 fps; the first gateway stops after about 1.5 s
+DRAIN = 2.0  # seconds A waits for its edge to leave: an edge that ignored the GOAWAY would be cut
 
 
 def edge_drops() -> float:
@@ -29,10 +30,11 @@ def edge_drops() -> float:
 def test_goaway_moves_the_edge_to_another_replica_without_losing_a_frame(redis_url: str) -> None:
     async def main() -> None:
         token = await register(redis_url, "cam-1")
-        goaways, edge_goaways = metric("flowcloud_gateway_goaways_total"), metric("flowcloud_edge_goaways_total")
+        goaways = metric("flowcloud_gateway_goaways_total")
+        edge_goaways = metric("flowcloud_edge_goaways_total")
         gateway_drops, dropped_at_edge = all_drops(), edge_drops()
         async with (
-            Gateway(gateway_settings(redis_url)).listen(port=0) as a,
+            Gateway(gateway_settings(redis_url, drain_timeout=DRAIN)).listen(port=0) as a,
             Gateway(gateway_settings(redis_url)).listen(port=0) as b,
             TcpBalancer([a.port, b.port]) as balancer,
         ):
