@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import redis.asyncio as aioredis
@@ -215,14 +215,17 @@ class Gateway:
                 await asyncio.gather(*(s.close(END_SHUTDOWN) for s in staying))
         except TimeoutError:
             log.warning("sessions did not end within %g s", self.settings.drain_timeout)
-        await self.publisher.close(self.settings.drain_timeout)  # before the edges that left reconnect
+        # Every other connection ends now (handshakes in progress too); those that left wait for
+        # the publisher, so that their edges reconnect only once nothing of theirs can be fenced.
+        lingering = {s.task for s in leaving}
+        await self._cancel_handlers(lambda task: task not in lingering)
+        await self.publisher.close(self.settings.drain_timeout)
         for session in leaving:
             session.release()
-        if leaving:
-            await asyncio.sleep(0)  # their handlers close the connections
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._cancel_handlers(lambda task: True)
         if self._events_task is not None:
             self._events_task.cancel()
             await asyncio.gather(self._events_task, return_exceptions=True)
@@ -238,20 +241,27 @@ class Gateway:
         self._closed.set()
         log.info("gateway stopped")
 
+    async def _cancel_handlers(self, which: Callable[[asyncio.Task[None]], bool]) -> None:
+        tasks = [task for task in self._handlers if which(task)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _send_edges_away(self) -> list[Session]:
-        """GOAWAY to every live session's edge; wait (up to ``drain_timeout``) until they have left."""
+        """GOAWAY to every live session's edge; wait (up to ``drain_timeout``) until they have left.
+        Returns the sessions that went away (their connections stay open until `Session.release`)."""
         self.services.going_away = True  # a session whose handshake ends now goes away at once
         leaving = [s for s in list(self.sessions.values()) if s.go_away()]
-        if not leaving:
-            return []
-        log.info("asked %d edge(s) to reconnect elsewhere; waiting for them to leave", len(leaving))
-        try:
-            async with asyncio.timeout(self.settings.drain_timeout):
-                await asyncio.gather(*(s.wait_ended() for s in leaving))
-        except TimeoutError:
-            log.warning("edges did not all leave within %g s", self.settings.drain_timeout)
-        # Sessions that began while we waited went away too (Session.stream): their frames as well.
-        return [*leaving, *(s for s in self.sessions.values() if s.going_away and s not in leaving)]
+        if leaving:
+            log.info("asked %d edge(s) to reconnect elsewhere; waiting for them to leave", len(leaving))
+            try:
+                async with asyncio.timeout(self.settings.drain_timeout):
+                    await asyncio.gather(*(s.wait_ended() for s in leaving))
+            except TimeoutError:
+                log.warning("edges did not all leave within %g s", self.settings.drain_timeout)
+        # Sessions that began meanwhile went away too (Session.stream).
+        late = [s for s in self.sessions.values() if s.going_away and s not in leaving]
+        return [s for s in (*leaving, *late) if s.task is not None]
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

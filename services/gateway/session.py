@@ -477,6 +477,11 @@ class Session:
             async with asyncio.timeout(FLUSH_TIMEOUT + 1.0):
                 await self._ended.wait()
 
+    @property
+    def task(self) -> asyncio.Task[object] | None:
+        """The task serving this connection (None before it streams)."""
+        return self._main_task
+
     async def wait_ended(self) -> None:
         """Until the session has ended (decoded and flushed; a going-away one may still linger)."""
         await self._ended.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import cache
 from typing import cast
 
 import pytest
@@ -44,12 +45,18 @@ def replicas(redis_url: str, **a_settings: float) -> tuple[Gateway, Gateway]:
     return a, b
 
 
-def streaming(edge: Edge, frames: int, t0: float) -> asyncio.Task[None]:
-    """The edge sends ``frames`` frames at 30 fps in the background (until the gateway closes it)."""
+@cache
+def long_stream() -> list[list[bytes]]:
+    """8 s of small real H.264 (GOP 15): enough to keep a connection sending through a takeover."""
+    return libx264_access_units(240, width=160, height=120)
+
+
+def streaming(edge: Edge, t0: float) -> asyncio.Task[None]:
+    """The edge sends `long_stream` at 30 fps in the background (until the gateway closes it)."""
 
     async def send() -> None:
         with contextlib.suppress(ConnectionError, OSError):
-            await edge.send(rtp_packets(libx264_access_units(frames), t0), fps=30.0)
+            await edge.send(rtp_packets(long_stream(), t0), fps=30.0)
 
     return asyncio.create_task(send())
 
@@ -72,7 +79,9 @@ def entries(redis_url: str, stream: str) -> list[tuple[int, Frame]]:
 async def take_over(b: Gateway, device: str, token: str) -> tuple[Edge, float]:
     """A second connection of the device, through replica B; returns it and when it was dialled."""
     started = time.monotonic()
-    return await connect(b.port, device, token), started
+    edge = await connect(b.port, device, token)
+    assert await eventually(lambda: device in b.sessions, 10)  # (it reads our CLOCK message first)
+    return edge, started
 
 
 def test_takeover_closes_the_old_session_within_a_second_and_one_session_publishes(redis_url: str) -> None:
@@ -86,7 +95,7 @@ def test_takeover_closes_the_old_session_within_a_second_and_one_session_publish
         a, b = replicas(redis_url)
         async with a.listen(port=0), b.listen(port=0):
             first = await connect(a.port, "roamer", token)
-            sending = streaming(first, 300, T0)
+            sending = streaming(first, T0)
             assert await eventually(lambda: len(frames_on_redis(redis_url, "roamer")) >= 15, 20)
             old = a.sessions["roamer"]
 
@@ -159,7 +168,7 @@ def test_a_session_that_missed_the_event_notices_the_takeover_at_its_renewal(red
             assert a._events_task is not None
             a._events_task.cancel()  # fault: A hears no device events any more
             first = await connect(a.port, "roamer", token)
-            sending = streaming(first, 300, T0)
+            sending = streaming(first, T0)
             assert await eventually(lambda: len(frames_on_redis(redis_url, "roamer")) >= 5, 20)
 
             second, dialled = await take_over(b, "roamer", token)
@@ -191,7 +200,7 @@ def test_a_stale_session_s_frames_are_fenced(redis_url: str) -> None:
             assert a._events_task is not None
             a._events_task.cancel()  # fault: A hears no device events any more
             first = await connect(a.port, "roamer", token)
-            sending = streaming(first, 300, T0)
+            sending = streaming(first, T0)
             assert await eventually(lambda: len(frames_on_redis(redis_url, "roamer")) >= 10, 20)
             stale = a.sessions["roamer"]
 
