@@ -22,7 +22,8 @@ DRAIN = 2.0  # seconds A waits for its edge to leave: an edge that ignored the G
 def edge_drops() -> float:
     return sum(
         sample.value
-        for sample in edge_metrics.FRAMES_DROPPED.collect()[0].samples
+        for family in edge_metrics.FRAMES_DROPPED.collect()
+        for sample in family.samples
         if sample.name.endswith("_total")
     )
 

@@ -9,11 +9,11 @@ import asyncio
 import contextlib
 import time
 from functools import cache
-from typing import cast
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from support.frames import entries as frame_entries
 from support.frames import frames_on_redis
 from support.gateway import (
     Edge,
@@ -30,6 +30,7 @@ from support.waiting import eventually
 
 from flowcloud import keys
 from flowcloud.clock import RedisClock
+from flowcloud.frame_log import log_key
 from flowcloud.frames import Frame
 from services.gateway.lease import StreamLease
 from services.gateway.server import Gateway
@@ -69,11 +70,10 @@ def entries(redis_url: str, stream: str) -> list[tuple[int, Frame]]:
     """(the entry id's milliseconds on Redis's clock, the frame) of each frame of ``stream``."""
     client = redis.Redis.from_url(redis_url)
     try:
-        raw = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(keys.FRAMES_STREAM))
+        logged = frame_entries(client, log_key(stream, False))
     finally:
         client.close()
-    out = [(int(i.split(b"-")[0]), Frame.from_fields(fields)) for i, fields in raw]
-    return [(ms, f) for ms, f in out if f.stream == stream]
+    return [(int(i.split(b"-")[0]), Frame.from_fields(fields)) for i, fields in logged]
 
 
 async def take_over(b: Gateway, device: str, token: str) -> tuple[Edge, float]:
@@ -183,10 +183,6 @@ def test_a_session_that_missed_the_event_notices_the_takeover_at_its_renewal(red
     asyncio.run(main())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending the publisher's fencing check (engineer shards: services/gateway/publisher.py)",
-)
 def test_a_stale_session_s_frames_are_fenced(redis_url: str) -> None:
     """A's session learns of the takeover late (no events, a renewal every 5 s) and keeps decoding
     the old connection's frames: the publisher writes none of them once B holds the lease, and
