@@ -44,6 +44,8 @@ class LatencySummary:
 
     @classmethod
     def of(cls, results: list[MaskResult]) -> LatencySummary:
+        """Over live results: a backfilled frame's latency is the outage it waited out."""
+        results = [r for r in results if not r.backfill]
         if not results:
             return cls()
         latencies = [r.latency for r in results]

@@ -95,6 +95,7 @@ class SharePoint(BaseModel):
     latency: float
     shares: dict[str, float]
     stages: dict[str, float | None] = Field(description="seconds in each stage (as a mask's stages)")
+    backfill: bool = Field(False, description="the frame was spooled during an outage and backfilled")
 
 
 class StageBody(BaseModel):
@@ -113,7 +114,12 @@ class StatsBody(BaseModel):
     classes: list[ClassBody] = Field(description="classes present in the window")
     mean: dict[str, float] = Field(description="class id -> mean share over the points")
     series: list[SharePoint] = Field(description="oldest first")
-    stages: list[StageBody] = Field(description="where the frames' time goes, capture to persisted, in order")
+    stages: list[StageBody] = Field(
+        description="where live frames' time goes, capture to persisted, in order (backfill left out)"
+    )
+    backfill_stages: list[StageBody] = Field(
+        default_factory=list, description="the same for the window's backfilled frames (outage included)"
+    )
 
 
 class DeviceCreate(BaseModel):

@@ -257,6 +257,7 @@ async def stream_stats(
             if c < label_set.num_classes
         ]
     n = len(results) or 1
+    live = [r for r in results if not r.backfill]  # a backfilled frame waited out an outage: minutes
     return {
         "stream": stream_id,
         "label_set": label_set_name,
@@ -269,10 +270,12 @@ async def stream_stats(
                 "latency": r.latency,
                 "shares": {str(k): v for k, v in r.shares.items()},
                 "stages": r.stages(),
+                "backfill": r.backfill,
             }
             for r in results
         ],
-        "stages": stage_summary(results),
+        "stages": stage_summary(live),
+        "backfill_stages": stage_summary([r for r in results if r.backfill]),
     }
 
 

@@ -267,7 +267,7 @@ function biggestStages(stages, count) {
 function drawStages(stats) {
   const canvas = $("stages-chart");
   const ctx = prepare(canvas);
-  const series = stats.series;
+  const series = stats.series.filter((p) => !p.backfill); // live frames: a backfilled one waited out an outage
   const names = stats.stages.map((s) => s.name);
   canvas.dataset.points = String(series.length);
   const box = { x: 40, y: 8, w: canvas.width - 48, h: canvas.height - 30 };
