@@ -129,6 +129,14 @@ def parse_memory_member(raw: bytes | str) -> tuple[str, int, int]:
     return stream, int(seq), int(size)
 
 
+def memory_keys(stream: str, seq: int) -> tuple[str, str, int]:
+    """An accounted result's hash, its index and its member there. An edge-made mask is accounted
+    with ``seq`` = -(its capture µs): cloud seqs are never negative."""
+    if seq < 0:
+        return keys.edge_mask(stream, -seq), keys.edge_mask_index(stream), -seq
+    return keys.mask(stream, seq), keys.mask_index(stream), seq
+
+
 def encode_label_map(class_map: np.ndarray, label_set: LabelSet) -> bytes:
     """A class map as a palette PNG (lossless; viewers show the official colours)."""
     image = Image.fromarray(np.asarray(class_map, dtype=np.uint8), mode="P")
@@ -335,8 +343,9 @@ class MaskStore:
         args: list[bytes | str | int] = []
         for member in members:
             stream, seq, size = parse_memory_member(member)
-            pipe.delete(keys.mask(stream, seq))
-            pipe.zrem(keys.mask_index(stream), seq)
+            result_key, index, index_member = memory_keys(stream, seq)
+            pipe.delete(result_key)
+            pipe.zrem(index, index_member)
             args += [member, size]
         await pipe.execute()
         count, freed = await self._evict(
@@ -418,19 +427,40 @@ class MaskStore:
 
     async def put_edge(self, result: MaskResult) -> None:
         """Persist a mask the edge made, keyed by its capture time: it stays beside any cloud result
-        of the same frame (neither overwrites the other), bounded like the cloud's."""
+        of the same frame (neither overwrites the other), bounded like the cloud's: by count per
+        stream, and with a memory budget in its tenant's account, oldest results (either kind) first."""
         micros = round(result.capture_ts * 1_000_000)
         index = keys.edge_mask_index(result.stream)
+        fields = result.to_fields()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(keys.edge_mask(result.stream, micros), mapping=result.to_fields())  # type: ignore[arg-type]
+        pipe.hset(keys.edge_mask(result.stream, micros), mapping=fields)  # type: ignore[arg-type]
         pipe.expire(keys.edge_mask(result.stream, micros), self.ttl_seconds)
         pipe.zadd(index, {str(micros): result.capture_ts})
         pipe.zcard(index)
         size = int((await pipe.execute())[-1])
+        tenant = (await self._tenants_of({result.stream}))[result.stream] if self.tenant_max_bytes else None
+        if tenant is not None:  # once per mask: a resent one is the same member
+            size_bytes = sum(len(v) for v in fields.values())
+            member = memory_member(result.stream, -micros, size_bytes)
+            account = [keys.tenant_memory(tenant), keys.tenant_usage(tenant)]
+            await self._account(keys=account, args=[member, repr(result.capture_ts), size_bytes])
         if size > self.max_per_stream:
             old = cast(list[bytes], await self.redis.zrange(index, 0, size - self.max_per_stream - 1))
+            if tenant is not None:  # out of the account too
+                pipe = self.redis.pipeline(transaction=False)
+                for micros_old in old:
+                    for name in (META_FIELD, LABELS_FIELD):
+                        pipe.hstrlen(keys.edge_mask(result.stream, int(micros_old)), name)
+                sizes = await pipe.execute()
+                members = [
+                    memory_member(result.stream, -int(m), int(meta) + int(png))
+                    for m, meta, png in zip(old, sizes[0::2], sizes[1::2], strict=True)
+                ]
+                await self._evict_members(tenant, [m.encode() for m in members], "count")
             await self.redis.delete(*(keys.edge_mask(result.stream, int(m)) for m in old))
             await self.redis.zrem(index, *old)
+        if tenant is not None:
+            await self.enforce_budget(tenant)
 
     async def edge_masks(self, stream: str, limit: int = 50) -> list[MaskResult]:
         """The newest masks the edge made (metadata only), newest first."""

@@ -168,6 +168,12 @@ class GatewaySettings(ServiceSettings):
         description="spooled frames each stream's backfill log, and references each shard's backfill "
         "lane, keep; unread ones beyond are trimmed, counted",
     )
+    results_tenant_max_bytes: int = Field(
+        0,
+        ge=0,
+        description="bytes of results each tenant may keep, edge-made masks included: set it as the "
+        "workers' (0: no budget)",
+    )
     handshake_timeout: float = Field(5.0, gt=0, description="seconds a client has to complete the handshake")
     max_sessions: int = Field(256, ge=1, description="live sessions at most")
     max_connections_per_ip: int = Field(16, ge=1, description="concurrent connections per client address")

@@ -452,7 +452,7 @@ class Session:
         """A ``masks`` connection: store the masks the edge made offline (services.gateway.edge_masks)."""
         assert self.device is not None and self.clock is not None
         publisher = self.services.publisher
-        store = MaskStore(publisher.redis)
+        store = MaskStore(publisher.redis, tenant_max_bytes=self.settings.results_tenant_max_bytes)
         try:
             stored = await receive_edge_masks(
                 self.reader, self.device.device_id, self.clock.offset, store, publisher.clock.offset
