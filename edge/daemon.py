@@ -86,6 +86,10 @@ class EdgeDaemon:
         self._queue: FrameQueue | None = None
         self._sender: Sender | None = None
         self.fallback: FallbackRunner | None = None
+        # The capture time of the first frame the newest live session took (and that session's
+        # number): the spooled frames captured before it were announced in a live HELLO.
+        self._live_from: float | None = None
+        self._live_session = 0
 
     def _fallback_dir(self) -> Path:
         c = self.config
@@ -143,6 +147,13 @@ class EdgeDaemon:
             return 0
         return self.spool.frames + self.config.keyframe_interval
 
+    def _carried(self) -> int:
+        """Spooled frames to announce as carried over in a live HELLO: those an earlier live HELLO
+        announced (captured before the newest live session's first frame) and still unsent."""
+        if self.spool is None or self._live_from is None:
+            return 0
+        return self.spool.frames_before(self._live_from)
+
     def _route(self, item: EncodedFrame | None) -> None:
         """On the event loop: an access unit goes live while a live session streams, else to the spool."""
         queue, spool, sender = self._queue, self.spool, self._sender
@@ -155,6 +166,8 @@ class EdgeDaemon:
             return
         if spool.in_gop:
             spool.seal()  # live resumes at this IDR: the spooled GOP ends before it
+        if self._live_session != sender.sessions:
+            self._live_session, self._live_from = sender.sessions, item.capture_time
         queue.put(item)
 
     def _to_spool(self, item: EncodedFrame) -> None:
@@ -253,6 +266,7 @@ class EdgeDaemon:
             server_name=c.tls_server_name,
             on_keyframe_request=self._keyframe_requested,
             spooled=self._spooled,
+            carried=self._carried,
             on_unsent=self._to_spool if self.spool is not None else None,
         )
         self._queue, self._sender = queue, sender

@@ -175,13 +175,16 @@ class Sender:
         on_keyframe_request: Callable[[], None] = lambda: None,
         spooled: Callable[[], int] = lambda: 0,
         on_unsent: Callable[[EncodedFrame], None] | None = None,
+        carried: Callable[[], int] = lambda: 0,
     ) -> None:
         """``spooled`` says how many spooled frames will follow on the backfill lane (announced in
-        each live HELLO); ``on_unsent`` takes the access units a lost session leaves queued (the
-        spool), instead of dropping them; ``on_keyframe_request`` answers the gateway's requests."""
+        each live HELLO), ``carried`` how many of them an earlier HELLO announced; ``on_unsent``
+        takes the access units a lost session leaves queued (the spool), instead of dropping them;
+        ``on_keyframe_request`` answers the gateway's requests."""
         self.host, self.port = host, port
         self.on_keyframe_request = on_keyframe_request
         self.spooled = spooled
+        self.carried = carried
         self.on_unsent = on_unsent
         self.live = False  # a live session is streaming (else the daemon spools)
         self.offline_since = time.monotonic()  # when the last live session ended (or the start)
@@ -292,7 +295,8 @@ class Sender:
         """One connection; True when the source has ended and everything was sent."""
         spooled = self.spooled()
         if spooled:
-            hello = replace(hello, stream=replace(hello.stream, spooled=spooled))
+            carried = min(self.carried(), spooled)
+            hello = replace(hello, stream=replace(hello.stream, spooled=spooled, carried=carried))
         reader, writer, accept, clock = await self.connect(hello)
         try:
             metrics.CONNECTS.labels("accepted").inc()

@@ -202,6 +202,11 @@ class Spool:
         """Access units the backfill may read now (in sealed segments) and not yet sent."""
         return sum(s.frames - s.sent_frames for s in self._sealed)
 
+    def frames_before(self, capture_time: float) -> int:
+        """Access units held and not yet sent in the segments begun before ``capture_time`` (a
+        live session's first frame: the spool seals its GOP there, so no segment straddles it)."""
+        return sum(s.frames - s.sent_frames for s in self.segments if s.first_capture < capture_time)
+
     @property
     def gops(self) -> int:
         return sum(s.gops - s.sent_gops for s in self.segments)

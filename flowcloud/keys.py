@@ -118,6 +118,8 @@ M_EVICTED = "evicted"  # its frames whose bytes left the frame log before a work
 # backfilled results sort in capture order: the last one handed out, and the last reserved.
 M_BACKFILL_LAST_SEQ = "backfill_last_seq"
 M_BACKFILL_END_SEQ = "backfill_end_seq"
+M_BACKFILL_RANGES = "backfill_ranges"  # the reserved seqs not handed out yet: "first-last first-last"
+M_BACKFILL_LAST_CAPTURE = "backfill_last_capture"  # edge capture µs of the newest backfill frame published
 # The live session's lease (services.gateway.lease): its generation, raised by each new session
 # (fencing: a frame carrying an older generation is not published), who holds it, and until when.
 M_GENERATION = "generation"

@@ -16,7 +16,9 @@ the next natural one. On shutdown it sends `GoAway`: reconnect now (through the 
 load balancer picks another replica), after ending this connection at a keyframe boundary so that
 nothing is lost. A stream description with ``backfill`` opens the device's backfill lane
 (spooled video, sent beside the live session); ``spooled`` on a live HELLO is how many spooled
-frames will follow on that lane, so the gateway can reserve their seqs before the live ones.
+frames will follow on that lane, so the gateway can reserve their seqs before the live ones, and
+``carried`` how many of them (the oldest) an earlier live HELLO announced and are still unsent (a
+reconnect in the middle of a backfill): their seqs, reserved then, carry over.
 """
 
 from __future__ import annotations
@@ -163,6 +165,9 @@ class StreamInfo:
     backfill: bool = False  # this connection carries spooled video (the backfill lane), not live
     spooled: int = 0  # live: spooled frames the backfill lane will send (at most)
     masks: bool = False  # this connection carries masks the edge made offline (edge_mask.EdgeMask)
+    # live: of the ``spooled`` frames, how many (the oldest) an earlier live HELLO announced and are
+    # still unsent: the gateway carries their reserved seqs over instead of reserving new ones.
+    carried: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -178,6 +183,8 @@ class StreamInfo:
             out["spooled"] = self.spooled
         if self.masks:
             out["masks"] = True
+        if self.carried:
+            out["carried"] = self.carried
         return out
 
     @classmethod
@@ -204,7 +211,10 @@ class StreamInfo:
         spooled = _field(obj, "spooled", int, where) if "spooled" in obj else 0
         if not 0 <= spooled < MAX_SPOOLED:
             raise ProtocolError(f"stream spooled {spooled} is out of range [0, {MAX_SPOOLED})")
-        return cls(width, height, fps, codec, clock_rate, backfill, spooled, masks)
+        carried = _field(obj, "carried", int, where) if "carried" in obj else 0
+        if not 0 <= carried <= spooled:
+            raise ProtocolError(f"stream carried {carried} is out of range [0, spooled {spooled}]")
+        return cls(width, height, fps, codec, clock_rate, backfill, spooled, masks, carried)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ DROP_PUBLISH_BACKLOG = "publish_backlog"  # the publish queue is full (Redis slo
 DROP_REDIS_UNAVAILABLE = "redis_unavailable"  # a publish to Redis failed
 DROP_TRIMMED_UNREAD = "trimmed_unread"  # trimmed by its shard queue's bound before a worker read it
 DROP_FENCED = "fenced"  # sent by a session that lost the stream's lease (an older generation)
+DROP_BACKFILL_DUPLICATE = "backfill_duplicate"  # a spooled frame an edge sent again (published already)
 
 SESSIONS = Gauge("flowcloud_gateway_sessions", "live (authenticated) sessions")
 CONNECTIONS = Counter(

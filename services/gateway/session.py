@@ -80,7 +80,7 @@ from flowcloud.settings import GatewaySettings
 from flowcloud.streams import StreamMeta
 from services.gateway import metrics
 from services.gateway.admission import Admission, AdmissionLimits, Refused, reject_frame
-from services.gateway.backfill import backfill_key, reserve_backfill_seqs
+from services.gateway.backfill import BackfillDedup, backfill_key, reserve_backfill_seqs
 from services.gateway.decoder import DecodedFrame, DecoderPool
 from services.gateway.decoding import SessionDecoder
 from services.gateway.edge_masks import receive_edge_masks
@@ -183,6 +183,7 @@ class Session:
         self._lease_task: asyncio.Task[None] | None = None
         self.going_away = False  # sent GOAWAY: the edge ends the stream and reconnects elsewhere
         self._released = asyncio.Event()  # going away: the gateway has published our frames
+        self._dedup: BackfillDedup | None = None  # a backfill session's: frames sent twice are dropped
 
     @property
     def is_backfill(self) -> bool:
@@ -243,7 +244,10 @@ class Session:
         if hello.stream.spooled and not hello.stream.backfill:
             try:  # before any live frame of this session gets a seq: backfill sorts in capture order
                 await reserve_backfill_seqs(
-                    self.services.publisher.redis, device.device_id, hello.stream.spooled
+                    self.services.publisher.redis,
+                    device.device_id,
+                    hello.stream.spooled,
+                    hello.stream.carried,
                 )
             except (RedisError, OSError) as exc:
                 log.warning("cannot reserve backfill seqs: %s", exc)
@@ -301,6 +305,12 @@ class Session:
             log.warning("session %s: could not announce it to other gateways: %s", self.session_id, exc)
         if self.lease is not None:  # renewed while we live; the fallback that notices a takeover
             self._lease_task = asyncio.create_task(self._hold_lease(), name=f"lease:{self.session_id}")
+        if self.is_backfill:  # (after the session it replaces has ended: it saw what that one published)
+            try:
+                self._dedup = await BackfillDedup.load(self.services.publisher.redis, device.device_id)
+            except (RedisError, OSError) as exc:
+                log.warning("session %s: cannot read the backfill's progress: %s", self.session_id, exc)
+                self._dedup = BackfillDedup(device.device_id)
         metrics.SESSIONS.inc()
         started = self.services.publisher.clock.now()  # on Redis's clock, like every time it publishes
         if not self.is_backfill:  # the stream's status and size are the live session's
@@ -582,7 +592,9 @@ class Session:
         log.debug("session %s: packet refused: %s", self.session_id, exc)
 
     def _publish(self, out: DecodedFrame, times: UnitTimes) -> None:
-        assert self.device is not None
+        assert self.device is not None and self.clock is not None
+        if self._dedup is not None and not self._dedup.admit(times.capture_ts - self.clock.offset):
+            return
         if self.is_backfill:
             metrics.BACKFILL_FRAMES.inc()
         self.services.publisher.submit(
@@ -601,6 +613,8 @@ class Session:
                 generation=self.lease.generation if self.lease is not None else 0,  # fencing
             )
         )
+        if self._dedup is not None:  # written with the frame
+            self.services.publisher.set_meta(self.device.device_id, self._dedup.fields())
 
     async def _finish(self) -> None:
         assert self.device is not None and self._decoder is not None

@@ -38,6 +38,11 @@ def test_stream_description_carries_the_backfill_lane() -> None:
         StreamInfo.from_dict({**base, "backfill": 1})
     with pytest.raises(ProtocolError, match="spooled -1 is out of range"):
         StreamInfo.from_dict({**base, "spooled": -1})
+    carried = StreamInfo(96, 64, 30.0, spooled=120, carried=50)
+    assert Hello.parse(Hello("cam-1", "tok", carried).to_bytes()).stream == carried
+    assert "carried" not in StreamInfo(96, 64, 30.0, spooled=120).to_dict()
+    with pytest.raises(ProtocolError, match=r"carried 121 is out of range \[0, spooled 120\]"):
+        StreamInfo.from_dict({**base, "spooled": 120, "carried": 121})
 
 
 def test_requests_are_rate_limited() -> None:
