@@ -5,7 +5,9 @@ connection whose HELLO says ``backfill`` (the gateway publishes its frames to a 
 with seqs the live session reserved, so results land in capture order). It sends whole GOPs,
 oldest first, with their capture times, paced by two token buckets: ``bitrate`` bits/s (its share
 of the link) and ``speed`` times the stream's frame rate. It also steps aside whenever the live
-queue holds more than a few frames (the link is busy with live). Each GOP written and drained is
+queue holds more than a few frames or live video waits in its socket (the link is busy with
+live), and writes a frame only once its own socket has sent the last one, so that what it hands
+the link cannot pile up in front of live frames. Each GOP written and drained is
 marked sent in the spool, so a restart neither repeats nor loses GOPs (a GOP cut by a lost
 connection is sent again whole: the gateway can only decode it from its IDR).
 """
@@ -16,10 +18,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from edge import metrics
 from edge.frames import StreamShape
-from edge.sender import Backoff, FrameQueue, Sender
+from edge.sender import Backoff, FrameQueue, Sender, unsent_bytes
 from edge.spool import Spool
 from flowcloud.protocol.capture_time import capture_time_extension
 from flowcloud.protocol.errors import ProtocolError
@@ -30,6 +33,7 @@ from flowcloud.protocol.handshake import HandshakeRejected, Hello, StreamInfo
 log = logging.getLogger(__name__)
 
 LIVE_BACKLOG = 2  # live access units queued above which the backfill waits
+LIVE_BACKLOG_SECONDS = 0.1  # nor while live video waits this long to leave (queue and socket)
 IDLE_POLL = 0.2  # seconds between looks at the spool and the live session
 
 
@@ -60,7 +64,9 @@ class Backfill:
         bitrate: int,
         speed: float,
         backoff: Backoff | None = None,
+        live_backlog: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        """``live_backlog``: seconds of live video waiting to leave this machine (the daemon's)."""
         self.spool = spool
         self.sender = sender
         self.live = live
@@ -68,6 +74,7 @@ class Backfill:
         self.bytes = TokenBucket(bitrate / 8, max(bitrate / 8, 65536))
         self.frames = TokenBucket(speed * shape.fps, max(1.0, speed * shape.fps / 2))
         self.backoff = backoff or Backoff()
+        self.live_backlog = live_backlog
         self.sent = 0
 
     async def run(self) -> None:
@@ -105,7 +112,12 @@ class Backfill:
         try:
             for segment, index, gop in self.spool.pending():
                 for item in gop.frames:
-                    while len(self.live) > LIVE_BACKLOG or not self.sender.live:
+                    while (
+                        len(self.live) > LIVE_BACKLOG
+                        or self.live_backlog() > LIVE_BACKLOG_SECONDS
+                        or unsent_bytes(writer) > 0  # (its own last frame still waits for the link)
+                        or not self.sender.live
+                    ):
                         if watch.done() or not self.sender.live:
                             raise ConnectionError("live session lost: backfill pauses")
                         await asyncio.sleep(0.01)  # live first

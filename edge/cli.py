@@ -59,6 +59,7 @@ _SETTINGS = (
     "spool_dir",
     "spool_max_bytes",
     "spool_max_age",
+    "spool_backlog",
     "backfill_bitrate",
     "fallback_model",
     "fallback_after",
@@ -127,7 +128,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "and are counted. After a reconnect live frames go first and the spool drains beside them on "
         "a second connection at --backfill-bitrate (default 2 Mbit/s) and at most twice the frame "
         "rate; the backfilled frames keep their capture times and are segmented by spare worker "
-        "capacity. Without --spool, frames captured offline are dropped (counted). With "
+        "capacity. A link slower than the encoder spools too: while connected, once a queued frame "
+        "has waited --spool-backlog seconds (default 0.5), whole GOPs go to the spool instead of being "
+        "dropped, and live resumes at an IDR when the queue has caught up. Without --spool, frames "
+        "captured offline are dropped (counted). With "
         "--fallback-model, after --fallback-after seconds (default 10) without the cloud the edge "
         "segments up to --fallback-fps pictures a second (default 1; fewer when its CPU allows "
         "fewer) with an ONNX model (onnxruntime, no torch), keeps the masks in SPOOL/masks and "
@@ -136,6 +140,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     outage.add_argument("--spool", dest="spool_dir", metavar="DIR", help="spool directory (one per device)")
     outage.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool cap in bytes")
     outage.add_argument("--spool-max-age", type=float, metavar="S", help="spool cap in seconds of age")
+    outage.add_argument(
+        "--spool-backlog", type=float, metavar="S", help="queue wait (s) above which GOPs go to the spool"
+    )
     outage.add_argument("--backfill-bitrate", type=int, metavar="BPS", help="backfill's share of the link")
     outage.add_argument(
         "--fallback-model",
@@ -230,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         spool_max_bytes=settings.spool_max_bytes,
         spool_max_age=settings.spool_max_age,
         spool_segment_seconds=settings.spool_segment_seconds,
+        spool_backlog=settings.spool_backlog,
         backfill_bitrate=settings.backfill_bitrate,
         backfill_speed=settings.backfill_speed,
         fallback_model=settings.fallback_model,

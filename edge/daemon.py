@@ -58,6 +58,7 @@ class DaemonConfig:
     spool_max_bytes: int = 1 << 30
     spool_max_age: float = 3600.0
     spool_segment_seconds: float = 10.0
+    spool_backlog: float = 0.5  # seconds a queued frame may wait while connected before GOPs spool
     backfill_bitrate: int = 2_000_000  # the backfill's share of the link, bits/s
     backfill_speed: float = 2.0  # at most this many times the capture frame rate
     fallback_model: str | None = None  # None: off; "": the bundled demo model; else an ONNX file
@@ -90,6 +91,7 @@ class EdgeDaemon:
         # number): the spooled frames captured before it were announced in a live HELLO.
         self._live_from: float | None = None
         self._live_session = 0
+        self._congested = False  # spooling GOPs while connected: the link cannot keep up
 
     def _fallback_dir(self) -> Path:
         c = self.config
@@ -154,28 +156,55 @@ class EdgeDaemon:
             return 0
         return self.spool.frames_before(self._live_from)
 
+    def _live_backlog(self) -> float:
+        """Seconds of live video waiting to leave: the oldest queued frame's wait, and what the
+        socket has not sent yet (at the configured bitrate)."""
+        queue, sender = self._queue, self._sender
+        assert queue is not None and sender is not None
+        return queue.waited(time.time()) + sender.unsent_bytes() * 8 / max(self.config.bitrate, 1)
+
     def _route(self, item: EncodedFrame | None) -> None:
-        """On the event loop: an access unit goes live while a live session streams, else to the spool."""
+        """On the event loop: an access unit goes live while a live session streams and the link
+        keeps up, else to the spool (whole GOPs)."""
         queue, spool, sender = self._queue, self.spool, self._sender
         assert queue is not None and sender is not None
         if item is None or spool is None:
             queue.put(item)
             return
+        self._congested = self._congested and sender.live  # (an outage is no congestion)
         if not sender.live or (spool.in_gop and not item.keyframe):
-            self._to_spool(item)
+            self._to_spool(item, self._congested)
             return
+        waited = self._live_backlog()
+        if waited > self.config.spool_backlog:
+            # The link is slower than the encoder: this GOP goes to the spool, with its frames still
+            # queued (from their IDR on; else it starts at this IDR, or at the next one).
+            moved = [] if item.keyframe else queue.take_last_gop()
+            if item.keyframe or moved:
+                if not self._congested:
+                    log.info("the link cannot keep up (a frame queued %.2f s): spooling GOPs", waited)
+                self._congested = True
+                for frame in [*moved, item]:
+                    self._to_spool(frame, congested=True)
+                return
         if spool.in_gop:
             spool.seal()  # live resumes at this IDR: the spooled GOP ends before it
+            if self._congested:
+                log.info("the link keeps up again: live resumes")
+            self._congested = False
         if self._live_session != sender.sessions:
             self._live_session, self._live_from = sender.sessions, item.capture_time
         queue.put(item)
 
-    def _to_spool(self, item: EncodedFrame) -> None:
+    def _to_spool(self, item: EncodedFrame, congested: bool = False) -> None:
+        """``congested``: spooled while connected (the link cannot keep up), counted as such."""
         spool = self.spool
         assert spool is not None
         try:
             if not spool.append(item):
                 self._keyframe_wanted.set()  # a spool starts at an IDR: ask for one
+            elif congested:
+                metrics.SPOOL_CONGESTION_FRAMES.inc()
         except OSError as exc:  # a full or failing disk costs the frame, never the daemon
             metrics.FRAMES_DROPPED.labels("spool_error").inc()
             log.warning("spool: cannot write: %s", exc)
@@ -273,8 +302,9 @@ class EdgeDaemon:
         backfill_task: asyncio.Task[None] | None = None
         if self.spool is not None:
             self.backfill = Backfill(
-                self.spool, sender, queue, shape, c.backfill_bitrate, c.backfill_speed, c.backoff
-            )
+                self.spool, sender, queue, shape, c.backfill_bitrate, c.backfill_speed, c.backoff,
+                live_backlog=self._live_backlog,
+            )  # fmt: skip
             backfill_task = asyncio.create_task(self.backfill.run(), name="backfill")
         sync_task = asyncio.create_task(self._sync_masks(shape)) if self.fallback is not None else None
         stop = asyncio.Event()

@@ -41,6 +41,10 @@ SPOOL_OLDEST = Gauge(
 SPOOL_FRAMES_WRITTEN = Counter(
     "flowcloud_edge_spool_frames_written_total", "access units written to the spool"
 )
+SPOOL_CONGESTION_FRAMES = Counter(
+    "flowcloud_edge_spool_congestion_frames_total",
+    "access units spooled while connected, whole GOPs, because the link could not keep up (backfilled later)",
+)
 SPOOL_EVICTED_GOPS = Counter(
     "flowcloud_edge_spool_evicted_gops_total",
     "GOPs evicted from the spool unsent, by cap (max_bytes, max_age)",

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import random
 import ssl
+import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +71,7 @@ MUTUAL_TLS_HINT = (
 END = None  # queue sentinel: the source has ended
 GOAWAY_CUT_TIMEOUT = 1.0  # seconds after a GOAWAY that the sender waits for an IDR to cut before
 GOAWAY_CLOSE_TIMEOUT = 10.0  # seconds it then waits for the gateway to close (it publishes meanwhile)
+SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not sent yet (unacked ones excluded)
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, Accept, ClockSync]
 
 
@@ -82,6 +86,17 @@ class Backoff:
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         base = min(self.maximum, self.initial * self.factor**attempt)
         return base / 2 + (rng or random).uniform(0, base / 2)
+
+
+def unsent_bytes(writer: asyncio.StreamWriter) -> int:
+    """Bytes written to a connection that have not left this machine: asyncio's buffer and the
+    kernel's unsent send queue (Linux; bytes in flight, not yet acknowledged, excluded)."""
+    size = writer.transport.get_write_buffer_size()
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sys.platform == "linux":
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0]
+    return size
 
 
 class FatalRejection(Exception):
@@ -144,6 +159,20 @@ class FrameQueue:
     def head_is_keyframe(self) -> bool:
         return bool(self._items) and self._items[0].keyframe
 
+    def waited(self, now: float) -> float:
+        """Seconds the oldest queued access unit has waited since its capture (0: none queued)."""
+        return now - self._items[0].capture_time if self._items else 0.0
+
+    def take_last_gop(self) -> list[EncodedFrame]:
+        """Remove and return the queued access units from the newest queued IDR on (none unsent: [])."""
+        for i in range(len(self._items) - 1, -1, -1):
+            if self._items[i].keyframe:
+                tail = list(self._items)[i:]
+                for _ in tail:
+                    self._items.pop()
+                return tail
+        return []
+
     def drop_stale(self, now: float) -> int:
         """Drop queued access units captured more than ``max_age`` seconds before ``now``."""
         dropped = 0
@@ -198,11 +227,16 @@ class Sender:
         self.connect_timeout = connect_timeout
         self.frames_sent = 0
         self.sessions = 0
+        self._live_writer: asyncio.StreamWriter | None = None
         self._clock_base = time.time()
 
     @property
     def token(self) -> str:
         return self._token
+
+    def unsent_bytes(self) -> int:
+        """Bytes written to the live connection that have not left this machine (`unsent_bytes`)."""
+        return unsent_bytes(self._live_writer) if self._live_writer is not None else 0
 
     def _rtp_timestamp(self, capture_time: float) -> int:
         return self.packetizer.timestamp_of(capture_time - self._clock_base)
@@ -317,9 +351,10 @@ class Sender:
                 metrics.FRAMES_DROPPED.labels("stale").inc(stale)
             if not queue.head_is_keyframe():
                 self.request_keyframe()  # sessions start at an IDR: ask for one instead of waiting
-            self.live = True
+            self.live, self._live_writer = True, writer
             return await self._stream(queue, reader, writer)
         finally:
+            self._live_writer = None
             writer.close()
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()

@@ -24,13 +24,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 SEGMENT = 16 * 1024  # bytes read and timed at once: 15 ms at 8.5 Mbit/s, 0.4 ms at 313 Mbit/s
 DEFAULT_QUEUE_BYTES = 256 * 1024  # the router queue above the bandwidth-delay product
+ETHERNET_MSS = 1460  # TCP payload per segment on an Ethernet link (with socket_buffer)
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,12 @@ class LinkEmulator:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         seed: int = 0,
         host: str = "127.0.0.1",
+        socket_buffer: int | None = None,
     ) -> None:
+        """``socket_buffer``: the receive buffer (bytes) of the link's listening end, with segments
+        of an Ethernet MSS, as on a real link (loopback's 64 KiB segments do not fit a small
+        window). By default the kernel grows it to megabytes: a queue in front of the link that the
+        sender cannot see."""
         if profile.delay < 0 or profile.rate < 0 or profile.jitter < 0:
             raise ValueError(f"link profile {profile.name!r} has a negative delay, rate or jitter")
         for outage in outages:
@@ -106,6 +113,7 @@ class LinkEmulator:
         self.profile = profile
         self.outages: list[Outage] = sorted(outages, key=lambda o: o.start)
         self.queue_bytes = queue_bytes
+        self.socket_buffer = socket_buffer
         self.host = host
         self.port = 0
         self.up = _Direction()  # client -> target
@@ -121,6 +129,10 @@ class LinkEmulator:
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, port: int = 0) -> LinkEmulator:
         self._server = await asyncio.start_server(self._accept, self.host, port)
+        if self.socket_buffer is not None:  # (accepted connections inherit both: the window starts small)
+            for sock in self._server.sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, ETHERNET_MSS)
         self.port = self._server.sockets[0].getsockname()[1]
         self._started = asyncio.get_running_loop().time()
         self._resets = asyncio.create_task(self._cut_at_resets())
@@ -169,6 +181,12 @@ class LinkEmulator:
         if reset:
             self._abort_all()
         return outage
+
+    def set_rate(self, rate: float) -> None:
+        """Change the bandwidth cap (bits/s; 0: none) from now on, for every connection."""
+        if rate < 0:
+            raise ValueError(f"link rate {rate} is negative")
+        self.profile = replace(self.profile, rate=rate)
 
     def outage_at(self, elapsed: float) -> Outage | None:
         """The outage in force ``elapsed`` seconds after the start, if any."""
@@ -222,12 +240,10 @@ class LinkEmulator:
     ) -> None:
         """One direction of one connection: a reader that times segments, a writer that delivers."""
         loop = asyncio.get_running_loop()
-        profile = self.profile
         in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         room = asyncio.Condition()
         held = 0  # bytes read but not yet delivered
         broken = False  # the far side went away: stop waiting for room
-        limit = int(profile.rate / 8 * profile.delay) + self.queue_bytes
 
         async def deliver() -> None:
             nonlocal held, broken
@@ -253,8 +269,8 @@ class LinkEmulator:
                     broken = True
                     room.notify_all()
 
-        def has_room() -> bool:
-            return held <= limit or broken
+        def has_room() -> bool:  # (the rate may change: `set_rate`)
+            return held <= int(self.profile.rate / 8 * self.profile.delay) + self.queue_bytes or broken
 
         delivering = asyncio.create_task(deliver())
         last = 0.0
@@ -262,6 +278,7 @@ class LinkEmulator:
             while True:
                 data = await reader.read(SEGMENT)
                 now = loop.time()
+                profile = self.profile
                 if data and profile.rate:
                     direction.free_at = max(now, direction.free_at) + len(data) * 8 / profile.rate
                     sent = direction.free_at

@@ -416,6 +416,12 @@ class EdgeSettings(ServiceSettings):
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="spool cap in bytes (oldest GOPs evicted)")
     spool_max_age: float = Field(3600.0, gt=0, description="spool cap in seconds of age (older GOPs evicted)")
     spool_segment_seconds: float = Field(10.0, ge=0, description="seconds of video per spool segment file")
+    spool_backlog: float = Field(
+        0.5,
+        gt=0,
+        description="seconds the oldest queued frame may wait while connected before whole GOPs go to the "
+        "spool instead (the link is slower than the encoder)",
+    )
     backfill_bitrate: int = Field(
         2_000_000, ge=10_000, description="the backfill's share of the link in bits/s (live always first)"
     )

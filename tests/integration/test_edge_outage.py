@@ -25,6 +25,7 @@ from edge.daemon import EdgeDaemon
 from edge.sources import SyntheticSource
 from edge.spool import Spool
 from flowcloud.frames import Frame
+from flowcloud.linkemu import LinkEmulator
 from flowcloud.results import MaskStore
 from flowcloud.settings import ApiSettings
 from services.gateway.server import Gateway
@@ -188,3 +189,51 @@ def test_the_fallback_model_segments_during_an_outage_and_syncs_after(tmp_path: 
     assert all(
         i["width"] == 512 and i["height"] == 256 and abs(sum(i["shares"].values()) - 1) < 1e-6 for i in items
     )
+
+
+def test_a_link_slower_than_the_encoder_spools_whole_gops_and_loses_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The link emulator caps the edge's link at half the stream's bitrate (as measured through it;
+    small socket buffers, so the backlog shows at the edge): once the edge's send backlog passes its
+    bound, whole GOPs go to the spool while connected, instead of waiting in (and being dropped
+    from) the send queue; once the cap is lifted they drain as backfill. Every frame captured
+    reaches Redis, live or backfilled, once."""
+
+    async def main() -> EdgeDaemon:
+        token = await register(redis_url, "cam-1")
+        async with (
+            Gateway(gateway_settings(redis_url)).listen(port=0) as gw,
+            LinkEmulator("127.0.0.1", gw.port, queue_bytes=8192, socket_buffer=8192) as link,
+        ):
+            config = daemon_config(link.port, token=token, spool_dir=str(tmp_path / "spool"), duration=60.0)
+            daemon = EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE))
+            edge = asyncio.create_task(daemon.run())
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, 20)
+            delivered, started = link.up.delivered, time.monotonic()
+            await asyncio.sleep(3)
+            bitrate = (link.up.delivered - delivered) * 8 / (time.monotonic() - started)
+            link.set_rate(bitrate / 2)
+            congested = lambda: metric("flowcloud_edge_spool_congestion_frames_total") >= 20  # noqa: E731
+            live_before = len(frames_on_redis(redis_url, "cam-1"))
+            assert await eventually(congested, 30)
+            assert len(frames_on_redis(redis_url, "cam-1")) > live_before  # live went on meanwhile
+            link.set_rate(0)  # the link keeps up again
+            spool = daemon.spool
+            assert spool is not None
+            assert await eventually(lambda: spool.frames == 0 and not daemon._congested, 40)
+            daemon.source.stop()
+            await asyncio.wait_for(edge, 15)
+            arrived = lambda: sum(map(len, all_frames(redis_url, "cam-1"))) >= daemon.captured  # noqa: E731
+            await eventually(arrived, 10)  # (what is still on its way through the link)
+        return daemon
+
+    before = metric("flowcloud_edge_spool_congestion_frames_total")
+    daemon = asyncio.run(main())
+    live, backfill = all_frames(redis_url, "cam-1")
+    captures = [round(f.capture_ts, 4) for f in live + backfill]
+    assert len(captures) == len(set(captures))  # none duplicated
+    assert len(captures) == daemon.captured  # nothing captured is lost
+    first_live = min(f.capture_ts for f in live)
+    while_connected = [f for f in backfill if f.capture_ts > first_live]  # not the start-up's
+    assert len(while_connected) >= metric("flowcloud_edge_spool_congestion_frames_total") - before
