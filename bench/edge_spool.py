@@ -23,6 +23,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 
+from edge import metrics
 from edge.daemon import DaemonConfig, EdgeDaemon
 from edge.encoder import Libx264Encoder
 from edge.frames import Picture, StreamShape
@@ -124,6 +125,7 @@ async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: fl
     spooled_frames = [Frame.from_fields(f) for _, f in raw_backfill]
     received = [f.recv_ts for f in spooled_frames if f.recv_ts > restarted]
     first, last = min(received), max(received)
+    captures = [f.capture_ts for f in live + spooled_frames]
     before = [f.recv_ts - f.capture_ts for f in live if f.recv_ts < stopped - 0.5]
     during = [f.recv_ts - f.capture_ts for f in live if first <= f.capture_ts <= last]
     return {
@@ -134,6 +136,8 @@ async def backfill(url: str, shape: StreamShape, live_seconds: float, outage: fl
         "live_p95_before": percentile(before, 95),
         "live_p95_during": percentile(during, 95),
         "live_frames_during": len(during),
+        "congestion_spooled": metrics.SPOOL_CONGESTION_FRAMES._value.get(),
+        "duplicates": len(captures) - len(set(captures)),
     }
 
 
@@ -162,6 +166,8 @@ def main() -> None:
         f"live p95 latency {result['live_p95_during'] * 1000:.0f} ms during the drain "
         f"({result['live_frames_during']} frames) vs {result['live_p95_before'] * 1000:.0f} ms before the "
         f"outage: ratio {result['live_p95_during'] / result['live_p95_before']:.2f}; "
+        f"{result['congestion_spooled']:.0f} frames spooled while connected (the link or the machine "
+        f"fell behind), {result['duplicates']} duplicated; "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
