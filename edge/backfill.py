@@ -65,8 +65,11 @@ class Backfill:
         speed: float,
         backoff: Backoff | None = None,
         live_backlog: Callable[[], float] = lambda: 0.0,
+        announced: Callable[[], int | None] = lambda: 0,
     ) -> None:
-        """``live_backlog``: seconds of live video waiting to leave this machine (the daemon's)."""
+        """``live_backlog``: seconds of live video waiting to leave this machine (the daemon's);
+        ``announced``: how many unsent spooled frames the live HELLOs announced (None: not known
+        yet, the live session has not taken its first frame)."""
         self.spool = spool
         self.sender = sender
         self.live = live
@@ -75,13 +78,14 @@ class Backfill:
         self.frames = TokenBucket(speed * shape.fps, max(1.0, speed * shape.fps / 2))
         self.backoff = backoff or Backoff()
         self.live_backlog = live_backlog
+        self.announced = announced
         self.sent = 0
 
     async def run(self) -> None:
         """Drain the spool whenever a live session is up, until cancelled."""
         attempt = 0
         while True:
-            if not (self.sender.live and self._has_pending()):
+            if not (self.sender.live and self._has_pending()) or self.announced() is None:
                 self.spool.enforce_caps(time.time())  # the age cap holds while nothing is appended
                 metrics.BACKFILL_LAG.set(0)
                 await asyncio.sleep(IDLE_POLL)
@@ -102,7 +106,13 @@ class Backfill:
         return self.spool.sealed_frames > 0
 
     async def _connection(self) -> None:
-        stream = StreamInfo(self.shape.width, self.shape.height, self.shape.fps, backfill=True)
+        # The announced frames keep their reserved seqs; the gateway drops the rest of the
+        # reservation (its margin), so frames spooled since (the link fell behind) sort after live.
+        carried = self.announced() or 0
+        stream = StreamInfo(
+            self.shape.width, self.shape.height, self.shape.fps, backfill=True,
+            spooled=max(self.spool.frames, carried), carried=carried,
+        )  # fmt: skip
         hello = Hello(self.sender.device_id, self.sender.token, stream)
         reader, writer, accept, _ = await self.sender.connect(hello)
         log.info("backfill session %s: %d spooled frames to send", accept.session_id, self.spool.frames)

@@ -156,6 +156,14 @@ class EdgeDaemon:
             return 0
         return self.spool.frames_before(self._live_from)
 
+    def _announced(self) -> int | None:
+        """For a backfill connection: the unsent spooled frames the live HELLOs announced, once the
+        current live session has taken its first frame (None before)."""
+        sender = self._sender
+        if sender is None or self._live_session != sender.sessions:
+            return None
+        return self._carried()
+
     def _live_backlog(self) -> float:
         """Seconds of live video waiting to leave: the oldest queued frame's wait, and what the
         socket has not sent yet (at the configured bitrate)."""
@@ -303,7 +311,7 @@ class EdgeDaemon:
         if self.spool is not None:
             self.backfill = Backfill(
                 self.spool, sender, queue, shape, c.backfill_bitrate, c.backfill_speed, c.backoff,
-                live_backlog=self._live_backlog,
+                live_backlog=self._live_backlog, announced=self._announced,
             )  # fmt: skip
             backfill_task = asyncio.create_task(self.backfill.run(), name="backfill")
         sync_task = asyncio.create_task(self._sync_masks(shape)) if self.fallback is not None else None

@@ -241,13 +241,14 @@ class Session:
         accept = self.admission.admit(device, self.services.live.keys())
         if not hello.stream.backfill and not hello.stream.masks:
             await self._acquire_lease(device.device_id)
-        if hello.stream.spooled and not hello.stream.backfill:
-            try:  # before any live frame of this session gets a seq: backfill sorts in capture order
+        if hello.stream.spooled:
+            # Live: before any live frame of this session gets a seq, so backfill sorts in capture
+            # order. Backfill: only the announced frames keep reserved seqs (the margin goes).
+            stream = hello.stream
+            spooled = stream.carried if stream.backfill else stream.spooled
+            try:
                 await reserve_backfill_seqs(
-                    self.services.publisher.redis,
-                    device.device_id,
-                    hello.stream.spooled,
-                    hello.stream.carried,
+                    self.services.publisher.redis, device.device_id, spooled, stream.carried
                 )
             except (RedisError, OSError) as exc:
                 log.warning("cannot reserve backfill seqs: %s", exc)

@@ -237,3 +237,43 @@ def test_a_link_slower_than_the_encoder_spools_whole_gops_and_loses_nothing(
     first_live = min(f.capture_ts for f in live)
     while_connected = [f for f in backfill if f.capture_ts > first_live]  # not the start-up's
     assert len(while_connected) >= metric("flowcloud_edge_spool_congestion_frames_total") - before
+
+
+def test_a_reconnect_in_the_middle_of_a_backfill_keeps_capture_order_and_sends_nothing_twice(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The gateway stops while the edge drains its spool (slowly, at a fifth of the frame rate) and comes
+    back: the unsent rest of the first outage keeps the seqs reserved before the first live session
+    (carried over), the second outage's frames come after that session's live frames, and the GOP
+    the lost connection cut, which the edge sends again whole, is published once."""
+
+    async def main() -> None:
+        token = await register(redis_url, "cam-1")
+        with socket.socket() as probe:  # a free port where no gateway listens yet
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = daemon_config(
+            port, token=token, spool_dir=str(tmp_path / "spool"), duration=120.0, backfill_speed=0.2
+        )
+        daemon = EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE))
+        edge = asyncio.create_task(daemon.run())
+        assert await eventually(lambda: daemon.spool is not None and daemon.spool.frames >= 60, 30)
+        spool = daemon.spool
+        assert spool is not None
+        settings = gateway_settings(redis_url)
+        backfilled = lambda: len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM))  # noqa: E731
+        async with Gateway(settings).listen(port=port):
+            assert await eventually(lambda: backfilled() >= 15, 30)  # in the middle of the backfill
+            assert spool.frames > 15
+        await asyncio.sleep(2.0)  # a second outage
+        async with Gateway(settings).listen(port=port):
+            assert await eventually(lambda: spool.frames == 0 and not spool.in_gop, 60)
+            daemon.source.stop()
+            await asyncio.wait_for(edge, 15)
+
+    asyncio.run(main())
+    live, backfill = all_frames(redis_url, "cam-1")
+    captures = [round(f.capture_ts, 4) for f in live + backfill]
+    assert len(captures) == len(set(captures))  # the cut GOP's frames were not published twice
+    timeline = sorted(live + backfill, key=lambda f: f.seq)
+    assert [f.capture_ts for f in timeline] == sorted(f.capture_ts for f in timeline)
