@@ -263,7 +263,9 @@ def test_a_reconnect_in_the_middle_of_a_backfill_keeps_capture_order_and_sends_n
         settings = gateway_settings(redis_url)
         backfilled = lambda: len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM))  # noqa: E731
         async with Gateway(settings).listen(port=port):
-            assert await eventually(lambda: backfilled() >= 15, 30)  # in the middle of the backfill
+            backfill = daemon.backfill
+            assert backfill is not None
+            assert await eventually(lambda: backfill.sent >= 15 and backfilled() > 0, 30)  # in its middle
             assert spool.frames > 15
         await asyncio.sleep(2.0)  # a second outage
         async with Gateway(settings).listen(port=port):
