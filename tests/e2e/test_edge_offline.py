@@ -23,7 +23,6 @@ from support.worker import results_of, running_worker
 from edge.daemon import EdgeDaemon
 from edge.frames import StreamShape
 from edge.sources import SyntheticSource
-from flowcloud import keys
 from flowcloud.settings import ApiSettings
 from flowcloud.zoo import DEMO_WEIGHTS
 from services.gateway.server import Gateway
@@ -65,7 +64,7 @@ def test_outage_fallback_masks_backfill_and_cloud_results_in_one_chain(
             assert spool is not None
 
             def synced() -> bool:
-                backfilled = frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM)
+                backfilled = frames_on_redis(redis_url, "cam-1", backfill=True)
                 return (
                     spool.frames == 0 and bool(backfilled) and not list((spool_dir / "masks").glob("*.json"))
                 )
@@ -80,7 +79,7 @@ def test_outage_fallback_masks_backfill_and_cloud_results_in_one_chain(
         # Every frame captured in the outage reached Redis (but the one or two before the spool's
         # first IDR), with its capture time, once; by seq, the timeline is in capture order.
         live = frames_on_redis(redis_url, "cam-1")
-        backfill = frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM)
+        backfill = frames_on_redis(redis_url, "cam-1", backfill=True)
         first_live = min(f.capture_ts for f in live)
         outage = [f for f in backfill if f.capture_ts > first_live]  # (not the start-up's)
         assert len(outage) >= during - 3

@@ -261,7 +261,7 @@ def test_a_reconnect_in_the_middle_of_a_backfill_keeps_capture_order_and_sends_n
         spool = daemon.spool
         assert spool is not None
         settings = gateway_settings(redis_url)
-        backfilled = lambda: len(frames_on_redis(redis_url, "cam-1", keys.BACKFILL_FRAMES_STREAM))  # noqa: E731
+        backfilled = lambda: len(frames_on_redis(redis_url, "cam-1", backfill=True))  # noqa: E731
         async with Gateway(settings).listen(port=port):
             backfill = daemon.backfill
             assert backfill is not None
