@@ -106,9 +106,9 @@ def test_outage_fallback_masks_backfill_and_cloud_results_in_one_chain(
         edge_masks = api.get("/streams/cam-1/edge-masks", params={"limit": 100}).json()["items"]
         assert len(edge_masks) >= made
         assert {(m["producer"], m["model"]) for m in edge_masks} == {("edge", "small_unet")}
-        same_frame = [
-            (m, r) for m in edge_masks for r in cloud if abs(m["capture_ts"] - r.capture_ts) < 0.002
-        ]
+        # (each connection maps edge times with its own clock sync: they agree within its error,
+        # well under the 100 ms between frames)
+        same_frame = [(m, r) for m in edge_masks for r in cloud if abs(m["capture_ts"] - r.capture_ts) < 0.04]
         assert same_frame, "an edge-made mask and the cloud's result for the same frame, side by side"
         for _edge_mask, result in same_frame:
             body = api.get(f"/streams/cam-1/masks/{result.seq}", params={"format": "json"}).json()

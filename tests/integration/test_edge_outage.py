@@ -225,7 +225,7 @@ def test_a_link_slower_than_the_encoder_spools_whole_gops_and_loses_nothing(
             daemon.source.stop()
             await asyncio.wait_for(edge, 15)
             arrived = lambda: sum(map(len, all_frames(redis_url, "cam-1"))) >= daemon.captured  # noqa: E731
-            await eventually(arrived, 10)  # (what is still on its way through the link)
+            await eventually(arrived, 30)  # (what is still on its way through the link)
         return daemon
 
     before = metric("flowcloud_edge_spool_congestion_frames_total")
