@@ -418,11 +418,13 @@ class Session:
     def go_away(self) -> bool:
         """The gateway is stopping: ask the edge to end this stream and reconnect elsewhere (GOAWAY);
         the session reads on until the edge half-closes. False when it is no live stream (any more)."""
-        if self._keyframes is None or self._closing or self.going_away:
+        if self._keyframes is None or self._closing or self.going_away or self.writer.is_closing():
             return False
         try:
             self.writer.write(frame(GoAway("the gateway is stopping").to_bytes()))  # small: no drain
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, AttributeError) as exc:
+            # AttributeError: asyncio's TLS transport, once its connection is lost, fails a write
+            # with "'NoneType' object has no attribute '_write_appdata'" (CPython 3.11).
             log.debug("session %s: GOAWAY not sent: %s", self.session_id, exc)
             return False
         self.going_away = True
