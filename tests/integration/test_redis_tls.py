@@ -32,13 +32,18 @@ class TlsClusterNode:
     def __init__(self, directory: Path, pki: Pki) -> None:
         self.pki = pki
         self.port = free_port()
+        # The bus port given, not the default port + 10000: above 55535 that is no port at all, and
+        # below it may be another process's (redis-server then exits at start).
+        bus_port = free_port()
+        while bus_port == self.port:
+            bus_port = free_port()
         cmd = [
             find_redis_server(),
             "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
             "--tls-cert-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key),
             "--tls-ca-cert-file", str(pki.ca.path), "--tls-auth-clients", "no",
             "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(directory),
-            "--cluster-enabled", "yes", "--tls-cluster", "yes",
+            "--cluster-enabled", "yes", "--tls-cluster", "yes", "--cluster-port", str(bus_port),
             "--cluster-config-file", str(directory / "nodes.conf"),
             "--logfile", str(directory / "redis.log"),
         ]  # fmt: skip
