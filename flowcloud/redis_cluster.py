@@ -36,6 +36,18 @@ from redis.crc import key_slot
 from flowcloud import keys
 from flowcloud.redis_server import EmbeddedRedis, free_port
 
+_HANDED_OUT: set[int] = set()
+
+
+def _unused_port() -> int:
+    """A free port that no node of a cluster of this process has been given."""
+    port = free_port()
+    while port in _HANDED_OUT:
+        port = free_port()
+    _HANDED_OUT.add(port)
+    return port
+
+
 log = logging.getLogger(__name__)
 
 SLOTS = 16384
@@ -174,10 +186,10 @@ class EmbeddedRedisCluster:
         return [node.url for node in self.nodes]
 
     def _node(self, name: str) -> ClusterNode:
-        bus_port = free_port()
-        port = free_port()
-        while port == bus_port:
-            port = free_port()
+        # Ports handed out in this process are not handed out again: two nodes started close
+        # together could otherwise be given one port that the kernel had freed in between.
+        bus_port = _unused_port()
+        port = _unused_port()
         options = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
