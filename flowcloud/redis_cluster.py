@@ -34,19 +34,7 @@ import redis
 from redis.crc import key_slot
 
 from flowcloud import keys
-from flowcloud.redis_server import EmbeddedRedis, free_port
-
-_HANDED_OUT: set[int] = set()
-
-
-def _unused_port() -> int:
-    """A free port that no node of a cluster of this process has been given."""
-    port = free_port()
-    while port in _HANDED_OUT:
-        port = free_port()
-    _HANDED_OUT.add(port)
-    return port
-
+from flowcloud.redis_server import EmbeddedRedis, free_ports
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +173,7 @@ class EmbeddedRedisCluster:
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
 
-    def _node(self, name: str) -> ClusterNode:
-        # Ports handed out in this process are not handed out again: two nodes started close
-        # together could otherwise be given one port that the kernel had freed in between.
-        bus_port = _unused_port()
-        port = _unused_port()
+    def _node(self, name: str, port: int, bus_port: int) -> ClusterNode:
         options = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
@@ -206,9 +190,11 @@ class EmbeddedRedisCluster:
 
     def start(self, timeout: float = 60.0) -> EmbeddedRedisCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        masters = [self._node(f"master-{i}") for i in range(self.masters)]
+        # Every node's client and bus ports in one go: ports taken one by one may repeat.
+        ports = iter(free_ports(2 * self.masters * (1 + self.replicas)))
+        masters = [self._node(f"master-{i}", next(ports), next(ports)) for i in range(self.masters)]
         replicas = [
-            (index, self._node(f"master-{index}-replica-{r}"))
+            (index, self._node(f"master-{index}-replica-{r}", next(ports), next(ports)))
             for index in range(self.masters)
             for r in range(self.replicas)
         ]

@@ -7,6 +7,7 @@ last) and gets SIGTERM when the process that started it dies (flowcloud.children
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -24,9 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: all bound at once, so the kernel cannot hand one out twice
+    (ports taken one after the other, each released before the next, may repeat)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def find_redis_server() -> str:

@@ -27,6 +27,7 @@ from flowcloud.redis_cluster import (
     frame_shard_pins,
     slots_of_masters,
 )
+from flowcloud.redis_server import free_ports
 
 
 def per_stream_keys(stream_id: str) -> dict[str, str]:
@@ -75,8 +76,15 @@ def test_slot_layout() -> None:
         slots_of_masters(3, {SLOTS: 0})
 
 
+def test_free_ports_are_distinct() -> None:
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(0 < port < 65536 for port in ports)
+
+
 def test_cluster_is_up_with_replicas(redis_cluster: EmbeddedRedisCluster) -> None:
     assert redis_cluster.settled()
+    ports = [port for node in redis_cluster.nodes for port in (node.port, node.bus_port)]
+    assert len(set(ports)) == len(ports), ports  # no node is given another's client or bus port
     masters = redis_cluster.current_masters()
     assert len(masters) == MASTERS and len(redis_cluster.live_nodes()) == 2 * MASTERS
     for node in masters:

@@ -19,7 +19,7 @@ from support.waiting import wait_for
 
 from flowcloud.children import die_with_parent
 from flowcloud.redis_client import connect, connect_async
-from flowcloud.redis_server import find_redis_server, free_port
+from flowcloud.redis_server import find_redis_server, free_ports
 from flowcloud.settings import ServiceSettings, WorkerSettings, with_redis_auth
 
 # URL-special characters: they must reach Redis intact, escaped by the settings, not by the operator.
@@ -31,12 +31,9 @@ class TlsClusterNode:
 
     def __init__(self, directory: Path, pki: Pki) -> None:
         self.pki = pki
-        self.port = free_port()
         # The bus port given, not the default port + 10000: above 55535 that is no port at all, and
         # below it may be another process's (redis-server then exits at start).
-        bus_port = free_port()
-        while bus_port == self.port:
-            bus_port = free_port()
+        self.port, bus_port = free_ports(2)
         cmd = [
             find_redis_server(),
             "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
