@@ -446,19 +446,24 @@ class MaskStore:
             await self._account(keys=account, args=[member, repr(result.capture_ts), size_bytes])
         if size > self.max_per_stream:
             old = cast(list[bytes], await self.redis.zrange(index, 0, size - self.max_per_stream - 1))
-            if tenant is not None:  # out of the account too
-                pipe = self.redis.pipeline(transaction=False)
-                for micros_old in old:
-                    for name in (META_FIELD, LABELS_FIELD):
-                        pipe.hstrlen(keys.edge_mask(result.stream, int(micros_old)), name)
-                sizes = await pipe.execute()
+            pipe = self.redis.pipeline(transaction=False)
+            for micros_old in old:
+                for name in (META_FIELD, LABELS_FIELD):
+                    pipe.hstrlen(keys.edge_mask(result.stream, int(micros_old)), name)
+            sizes = await pipe.execute()
+            if tenant is not None:  # deletes them, takes them out of the account and counts them
                 members = [
                     memory_member(result.stream, -int(m), int(meta) + int(png))
                     for m, meta, png in zip(old, sizes[0::2], sizes[1::2], strict=True)
                 ]
                 await self._evict_members(tenant, [m.encode() for m in members], "count")
-            await self.redis.delete(*(keys.edge_mask(result.stream, int(m)) for m in old))
-            await self.redis.zrem(index, *old)
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.delete(*(keys.edge_mask(result.stream, int(m)) for m in old))  # one stream: one slot
+                pipe.zrem(index, *old)
+                await pipe.execute()
+                EVICTED.labels("count").inc(len(old))
+                EVICTED_BYTES.labels("count").inc(sum(int(n) for n in sizes))
         if tenant is not None:
             await self.enforce_budget(tenant)
 

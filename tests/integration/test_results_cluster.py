@@ -6,6 +6,7 @@ on), evaluated by the real Evaluator over sharded results, and queried through a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from support.api import describe_stream, make_key, running_api, share_result
 from flowcloud import alerts, keys
 from flowcloud.redis_client import connect_async
 from flowcloud.redis_cluster import EmbeddedRedisCluster
-from flowcloud.results import MaskResult, MaskStore
+from flowcloud.results import EVICTED, EVICTED_BYTES, PRODUCER_EDGE, MaskResult, MaskStore
 from flowcloud.settings import ApiSettings
 from flowcloud.share_index import index_call
 from services.alerts.evaluator import Evaluator, ResultEvent
@@ -121,6 +122,36 @@ def test_a_result_whose_follow_ups_were_cut_short_gets_them_when_written_again(
                 result.labels_png
             )
             assert not await redis.exists(keys.unfinished_results("cam-cut"))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_edge_masks_over_the_count_bound_are_deleted_and_counted(redis_cluster_url: str) -> None:
+    """Without a memory budget too, edge masks trimmed by the per-stream bound are counted."""
+
+    async def run() -> None:
+        redis = cluster_client(redis_cluster_url)
+        try:
+            store = MaskStore(redis, max_per_stream=3)
+            masks = [
+                dataclasses.replace(share_result("cam-edge", 0, START + i, 0.1), producer=PRODUCER_EDGE)
+                for i in range(5)
+            ]
+            sizes = [len(m.to_fields()["meta"]) + len(m.labels_png) for m in masks]
+            count_before = EVICTED.labels("count")._value.get()
+            bytes_before = EVICTED_BYTES.labels("count")._value.get()
+            for mask in masks:
+                await store.put_edge(mask)
+            kept = [
+                int(m) for m in cast(list[bytes], await redis.zrange(keys.edge_mask_index("cam-edge"), 0, -1))
+            ]
+            assert kept == [round((START + i) * 1_000_000) for i in (2, 3, 4)]
+            for gone in (0, 1):
+                assert not await redis.exists(keys.edge_mask("cam-edge", round((START + gone) * 1_000_000)))
+            assert EVICTED.labels("count")._value.get() - count_before == 2
+            assert EVICTED_BYTES.labels("count")._value.get() - bytes_before == sizes[0] + sizes[1]
         finally:
             await redis.aclose()
 
