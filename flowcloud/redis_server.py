@@ -84,21 +84,23 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
-        client = redis.Redis.from_url(self.url)
+        # Ready when this process answers: whatever else listens on the port (the port was free
+        # when chosen, but another process may have taken it since) does not count.
+        client = redis.Redis.from_url(self.url, socket_timeout=1.0)
         deadline = time.monotonic() + timeout
         while True:
             try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"redis-server did not start; see {self.data_dir / 'redis.log'}"
-                    ) from None
-                time.sleep(0.05)
+                info = client.info()  # its server and persistence sections: its pid, and loading or not
+                if int(info["process_id"]) == self.process.pid and not int(info["loading"]):
+                    break
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass
             finally:
                 client.close()
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start; see {self.data_dir / 'redis.log'}")
+            time.sleep(0.05)
         log.info("embedded redis-server on port %d, data in %s", self.port, self.data_dir)
         return self
 
