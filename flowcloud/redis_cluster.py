@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 16384
 HOST = "127.0.0.1"
+PORT_TRIES = 3  # starts of a new node, each on fresh ports, when its ports were taken meanwhile
 # One node's view of the slot map: (first slot, last slot, port of the master serving them), sorted.
 SlotMap = tuple[tuple[int, int, int], ...]
 
@@ -174,7 +175,13 @@ class EmbeddedRedisCluster:
         return [node.url for node in self.nodes]
 
     def _node(self, name: str, port: int, bus_port: int) -> ClusterNode:
-        options = [
+        server = EmbeddedRedis(
+            self.data_dir / name, port=port, appendonly=self.appendonly, options=self._options(bus_port)
+        )
+        return ClusterNode(name, server, bus_port)
+
+    def _options(self, bus_port: int) -> list[str]:
+        return [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-port", str(bus_port),
@@ -185,8 +192,26 @@ class EmbeddedRedisCluster:
             "--repl-diskless-sync", "yes",
             "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
-        server = EmbeddedRedis(self.data_dir / name, port=port, appendonly=self.appendonly, options=options)
-        return ClusterNode(name, server, bus_port)
+
+    def _start_new_node(self, node: ClusterNode) -> None:
+        """Start a node that has not joined yet; if another process took one of its ports since
+        `free_ports` found them free (its log says so), start it again on fresh ones."""
+        log_path = node.server.data_dir / "redis.log"
+        for attempt in range(1, PORT_TRIES + 1):
+            logged = log_path.stat().st_size if log_path.exists() else 0
+            try:
+                node.server.start()
+                return
+            except RuntimeError:
+                taken = log_path.exists() and b"Address already in use" in log_path.read_bytes()[logged:]
+                if not taken or attempt == PORT_TRIES:
+                    raise
+            log.warning(
+                "%s: port %d or %d was taken; trying fresh ports", node.name, node.port, node.bus_port
+            )
+            (node.server.data_dir / "nodes.conf").unlink(missing_ok=True)  # it names the old ports
+            node.server.port, node.bus_port = free_ports(2)
+            node.server.options = self._options(node.bus_port)
 
     def start(self, timeout: float = 60.0) -> EmbeddedRedisCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +226,7 @@ class EmbeddedRedisCluster:
         self.nodes = masters + [node for _, node in replicas]
         try:
             for node in self.nodes:
-                node.server.start()
+                self._start_new_node(node)
                 node.node_id = str(node.command("CLUSTER", "MYID"))
             for index, node in enumerate(masters):
                 node.command(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -17,7 +19,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 from support.redis_cluster import MASTERS, plain
 
-from flowcloud import keys
+from flowcloud import keys, redis_cluster
 from flowcloud.redis_client import connect, connect_async
 from flowcloud.redis_cluster import (
     SLOTS,
@@ -79,6 +81,35 @@ def test_slot_layout() -> None:
 def test_free_ports_are_distinct() -> None:
     ports = free_ports(64)
     assert len(set(ports)) == 64 and all(0 < port < 65536 for port in ports)
+
+
+def test_a_node_whose_port_was_taken_meanwhile_starts_on_fresh_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may bind a port between `free_ports` and redis-server: the node then starts
+    on fresh ports, whichever of its two ports (client, cluster bus) was taken."""
+    for taken_index in (0, 1):
+        with socket.socket() as taker:
+            taker.bind(("127.0.0.1", 0))
+            taker.listen()
+            taken = taker.getsockname()[1]
+            calls: list[int] = []
+
+            def ports_with_one_taken(
+                count: int, calls: list[int] = calls, taken: int = taken, index: int = taken_index
+            ) -> list[int]:
+                calls.append(count)
+                ports = free_ports(count)
+                if len(calls) == 1:  # the launcher's first allocation: one port is another's by now
+                    ports[index] = taken
+                return ports
+
+            monkeypatch.setattr(redis_cluster, "free_ports", ports_with_one_taken)
+            cluster = EmbeddedRedisCluster(tmp_path / f"taken-{taken_index}", masters=1, replicas=0)
+            with cluster:
+                (node,) = cluster.nodes
+                assert taken not in (node.port, node.bus_port) and len(calls) == 2
+                assert cluster.settled() and node.cluster_info()["cluster_state"] == "ok"
 
 
 def test_cluster_is_up_with_replicas(redis_cluster: EmbeddedRedisCluster) -> None:
