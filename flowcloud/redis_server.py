@@ -38,6 +38,23 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
+def free_port_run(count: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """The first of ``count`` consecutive free ports (workers' metrics ports are one per worker
+    from a first one): a free port whose ``count - 1`` successors could be bound with it."""
+    for _ in range(tries):
+        first = free_port(host)
+        if first + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind((host, port))
+            except OSError:
+                continue
+            return first
+    raise OSError(f"no run of {count} free ports on {host} after {tries} tries")
+
+
 def find_redis_server() -> str:
     path = shutil.which("redis-server")
     if path is None:

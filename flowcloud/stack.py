@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from flowcloud.children import die_with_parent, listens_on
-from flowcloud.redis_server import EmbeddedRedis, free_port
+from flowcloud.redis_server import EmbeddedRedis, free_port_run
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,9 @@ class StackConfig:
             if not 0 <= number <= 65535:
                 raise ValueError(f"{name} {number} is not a TCP port (0-65535)")
             if number == 0:
-                setattr(self, name, free_port())
+                # One metrics port per worker from the first: all of them free, not only the first.
+                run = self.workers if name == "worker_metrics_port" else 1
+                setattr(self, name, free_port_run(run))
         if self.worker_metrics_port + self.workers - 1 > 65535:
             raise ValueError(
                 f"{self.workers} workers from metrics port {self.worker_metrics_port} pass 65535"
