@@ -183,6 +183,8 @@ class Session:
         self._lease_task: asyncio.Task[None] | None = None
         self.going_away = False  # sent GOAWAY: the edge ends the stream and reconnects elsewhere
         self._released = asyncio.Event()  # going away: the gateway has published our frames
+        self._tls = writer.get_extra_info("sslcontext") is not None
+        self._read_deadline: asyncio.Timeout | None = None  # of the TLS read waiting now
         self._dedup: BackfillDedup | None = None  # a backfill session's: frames sent twice are dropped
 
     @property
@@ -428,6 +430,8 @@ class Session:
             log.debug("session %s: GOAWAY not sent: %s", self.session_id, exc)
             return False
         self.going_away = True
+        if self._read_deadline is not None:  # the edge may cut at once and send nothing more
+            self._read_deadline.reschedule(asyncio.get_running_loop().time() + GOAWAY_SILENCE)
         metrics.GOAWAYS.inc()
         log.info("session %s: asked the edge to reconnect elsewhere (GOAWAY)", self.session_id)
         return True
@@ -530,12 +534,17 @@ class Session:
                         chunk = await self.reader.read(READ_CHUNK)  # whole chunks: far fewer awaits
                 except TimeoutError:
                     return
-            elif self.going_away and self.writer.get_extra_info("sslcontext") is not None:
-                try:  # TLS has no half-close: the edge's silence says it has cut its stream
-                    async with asyncio.timeout(GOAWAY_SILENCE):
+            elif self._tls:
+                # TLS has no half-close: once going away, the edge's silence says it has cut its
+                # stream (`go_away` sets the deadline of a read already waiting).
+                silence = GOAWAY_SILENCE if self.going_away else None
+                try:
+                    async with asyncio.timeout(silence) as self._read_deadline:
                         chunk = await self.reader.read(READ_CHUNK)
                 except TimeoutError:
                     return
+                finally:
+                    self._read_deadline = None
             else:
                 chunk = await self.reader.read(READ_CHUNK)
             if not chunk:

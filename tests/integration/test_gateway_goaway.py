@@ -5,18 +5,41 @@ same address, where a TCP load balancer hands it to the other replica. No frame 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from support.balancer import TcpBalancer
 from support.edge import daemon_config, run_synthetic_edge
 from support.frames import frames_on_redis
-from support.gateway import all_drops, gateway_settings, metric, register
+from support.gateway import (
+    FPS,
+    Edge,
+    all_drops,
+    gateway_settings,
+    good_units,
+    metric,
+    register,
+    rtp_packets,
+)
+from support.tls import Pki, tls_gateway
 from support.waiting import eventually
 
 from edge import metrics as edge_metrics
+from flowcloud.protocol.framing import read_frame
+from flowcloud.protocol.handshake import (
+    MAX_CONTROL_SIZE,
+    GoAway,
+    Hello,
+    StreamInfo,
+    client_handshake,
+    parse_control,
+)
+from flowcloud.protocol.tls import client_context
 from services.gateway.server import Gateway
 
 FRAMES = 150  # 5 s at 30 fps; the first gateway stops after about 1.5 s
 DRAIN = 2.0  # seconds A waits for its edge to leave: an edge that ignored the GOAWAY would be cut
+SENT = 15  # access units the TLS tests send before the GOAWAY
+T0 = 1_764_000_000.0
 
 
 def edge_drops() -> float:
@@ -61,5 +84,45 @@ def test_goaway_moves_the_edge_to_another_replica_without_losing_a_frame(redis_u
         assert metric("flowcloud_gateway_goaways_total") == goaways + 1
         assert metric("flowcloud_edge_goaways_total") == edge_goaways + 1
         assert all_drops() == gateway_drops and edge_drops() == dropped_at_edge  # none fenced either
+
+    asyncio.run(main())
+
+
+async def tls_edge(port: int, token: str, pki: Pki) -> Edge:
+    context = client_context(str(pki.ca.path), None, None)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    hello = Hello("cam-1", token, StreamInfo(320, 240, FPS))
+    return Edge(reader, writer, *await client_handshake(reader, writer, hello, timeout=5.0))
+
+
+async def await_goaway(edge: Edge) -> None:
+    async with asyncio.timeout(5.0):
+        while not isinstance(parse_control(await read_frame(edge.reader, MAX_CONTROL_SIZE)), GoAway):
+            pass
+
+
+def test_a_tls_edge_that_cuts_at_once_ends_its_session_after_the_silence(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The edge sent its last byte before the GOAWAY came (its next frame is the IDR it cuts
+    before): the session, already waiting for a read, ends after `GOAWAY_SILENCE` as ``goaway``,
+    not at the drain deadline as ``shutdown``."""
+    packets = rtp_packets(good_units()[:SENT], T0)
+    pki = Pki.create(tmp_path)
+
+    async def main() -> None:
+        token = await register(redis_url, "cam-1")
+        async with tls_gateway(redis_url, pki, drain_timeout=DRAIN * 3).listen(port=0) as gw:
+            edge = await tls_edge(gw.port, token, pki)
+            await edge.send(packets, fps=FPS)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= SENT, 20)
+            session = gw.sessions["cam-1"]
+            closing = asyncio.create_task(gw.close())
+            await await_goaway(edge)
+            assert await eventually(lambda: session.end_reason is not None, DRAIN, step=0.05)
+            assert session.end_reason == "goaway"
+            assert await edge.closed_by_gateway(timeout=15.0)
+            await closing
+        assert len(frames_on_redis(redis_url, "cam-1")) == SENT
 
     asyncio.run(main())
