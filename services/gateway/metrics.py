@@ -22,6 +22,7 @@ DROP_REDIS_UNAVAILABLE = "redis_unavailable"  # a publish to Redis failed
 DROP_TRIMMED_UNREAD = "trimmed_unread"  # trimmed by its shard queue's bound before a worker read it
 DROP_FENCED = "fenced"  # sent by a session that lost the stream's lease (an older generation)
 DROP_BACKFILL_DUPLICATE = "backfill_duplicate"  # a spooled frame an edge sent again (published already)
+DROP_GOAWAY_UNREAD = "goaway_unread"  # sent after a going-away session stopped reading (TLS: 1 s of silence)
 
 SESSIONS = Gauge("flowcloud_gateway_sessions", "live (authenticated) sessions")
 CONNECTIONS = Counter(

@@ -376,7 +376,26 @@ class Session:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_timeout + FLUSH_TIMEOUT):
                     await self._released.wait()
+            await self._count_unread()
             self._close_writer()
+
+    async def _count_unread(self) -> None:
+        """Going away, the session stopped reading before the connection closed (over TLS at the
+        edge's silence, or at the drain deadline): the access units the edge sent since are never
+        decoded, so count them, else they would be lost without a trace."""
+        if self._pipeline is None:
+            return
+        reader, units = self._pipeline.reader, 0
+        with contextlib.suppress(TimeoutError, OSError, ProtocolError):
+            async with asyncio.timeout(DRAIN_READ_TIMEOUT):  # only what has arrived already
+                while chunk := await self.reader.read(READ_CHUNK):
+                    units += len(reader.feed(chunk))
+        units += len(reader.flush())
+        if units:
+            self._drop(metrics.DROP_GOAWAY_UNREAD, units)
+            log.warning(
+                "session %s: %d access units arrived after it stopped reading", self.session_id, units
+            )
 
     async def _hold_lease(self) -> None:
         """Renew the lease every ``lease_renew_interval``; close the session once a newer one has it."""

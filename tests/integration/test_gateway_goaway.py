@@ -14,6 +14,7 @@ from support.gateway import (
     FPS,
     Edge,
     all_drops,
+    dropped,
     gateway_settings,
     good_units,
     metric,
@@ -38,7 +39,7 @@ from services.gateway.server import Gateway
 
 FRAMES = 150  # 5 s at 30 fps; the first gateway stops after about 1.5 s
 DRAIN = 2.0  # seconds A waits for its edge to leave: an edge that ignored the GOAWAY would be cut
-SENT = 15  # access units the TLS tests send before the GOAWAY
+SENT = 15  # access units the TLS tests send before the GOAWAY (one test sends the rest after)
 T0 = 1_764_000_000.0
 
 
@@ -124,5 +125,36 @@ def test_a_tls_edge_that_cuts_at_once_ends_its_session_after_the_silence(
             assert await edge.closed_by_gateway(timeout=15.0)
             await closing
         assert len(frames_on_redis(redis_url, "cam-1")) == SENT
+
+    asyncio.run(main())
+
+
+def test_access_units_sent_after_a_tls_session_stopped_reading_are_counted(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """An edge that stalls longer than `GOAWAY_SILENCE` after the GOAWAY and then sends more: the
+    session has stopped reading, so those access units are counted ``goaway_unread`` when the
+    connection closes, never lost without a trace."""
+    packets = rtp_packets(good_units(), T0)
+    ends = [i + 1 for i, p in enumerate(packets) if p[1] & 0x80]  # where each access unit ends
+    first, late = packets[: ends[SENT - 1]], packets[ends[SENT - 1] :]
+    pki = Pki.create(tmp_path)
+
+    async def main() -> None:
+        token = await register(redis_url, "cam-1")
+        unread = dropped("goaway_unread")
+        async with tls_gateway(redis_url, pki, drain_timeout=DRAIN).listen(port=0) as gw:
+            edge = await tls_edge(gw.port, token, pki)
+            await edge.send(first, fps=FPS)
+            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= SENT, 20)
+            session = gw.sessions["cam-1"]
+            closing = asyncio.create_task(gw.close())
+            await await_goaway(edge)
+            assert await eventually(lambda: session.end_reason is not None, DRAIN, step=0.05)
+            await edge.send(late, fps=0)
+            assert await edge.closed_by_gateway(timeout=15.0)
+            await closing
+        assert len(frames_on_redis(redis_url, "cam-1")) == SENT
+        assert dropped("goaway_unread") == unread + len(ends) - SENT
 
     asyncio.run(main())
