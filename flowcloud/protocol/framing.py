@@ -90,6 +90,20 @@ async def read_frame(reader: asyncio.StreamReader, max_size: int = MAX_FRAME_SIZ
     return await reader.readexactly(size)
 
 
+def send_frame(writer: asyncio.StreamWriter, body: bytes) -> bool:
+    """Queue one small framed message without waiting for the buffer to drain; False when the
+    connection is closing or lost (never raises for that)."""
+    if writer.is_closing():
+        return False
+    try:
+        writer.write(frame(body))
+    except (OSError, RuntimeError, AttributeError):
+        # AttributeError: asyncio's TLS transport, once its connection is lost, fails a write with
+        # "'NoneType' object has no attribute '_write_appdata'" (CPython 3.11).
+        return False
+    return True
+
+
 async def write_frame(writer: asyncio.StreamWriter, body: bytes) -> None:
     """Write one framed packet and wait until the transport's buffer drains."""
     writer.write(frame(body))

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 
-from flowcloud.protocol.framing import frame
+from flowcloud.protocol.framing import send_frame
 from flowcloud.protocol.handshake import KeyframeRequest
 from services.gateway import metrics
 
@@ -48,10 +48,8 @@ class KeyframeRequester:
             metrics.KEYFRAME_REQUESTS.labels(reason, "rate_limited").inc()
             return False
         self._last = now
-        try:
-            self.writer.write(frame(KeyframeRequest(reason).to_bytes()))  # small: no drain needed
-        except (OSError, RuntimeError) as exc:
-            log.debug("session %s: keyframe request not sent: %s", self.session_id, exc)
+        if not send_frame(self.writer, KeyframeRequest(reason).to_bytes()):
+            log.debug("session %s: keyframe request not sent: the connection is closing", self.session_id)
             return False
         self.sent += 1
         self._asked_at = self._asked_at or now

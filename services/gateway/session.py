@@ -64,7 +64,7 @@ from redis.exceptions import RedisError
 from flowcloud import keys
 from flowcloud.frames import Frame
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import frame, read_frame
+from flowcloud.protocol.framing import read_frame, send_frame
 from flowcloud.protocol.h264 import DROP_AWAIT_IDR
 from flowcloud.protocol.handshake import (
     MAX_CONTROL_SIZE,
@@ -439,14 +439,10 @@ class Session:
     def go_away(self) -> bool:
         """The gateway is stopping: ask the edge to end this stream and reconnect elsewhere (GOAWAY);
         the session reads on until the edge half-closes. False when it is no live stream (any more)."""
-        if self._keyframes is None or self._closing or self.going_away or self.writer.is_closing():
+        if self._keyframes is None or self._closing or self.going_away:
             return False
-        try:
-            self.writer.write(frame(GoAway("the gateway is stopping").to_bytes()))  # small: no drain
-        except (OSError, RuntimeError, AttributeError) as exc:
-            # AttributeError: asyncio's TLS transport, once its connection is lost, fails a write
-            # with "'NoneType' object has no attribute '_write_appdata'" (CPython 3.11).
-            log.debug("session %s: GOAWAY not sent: %s", self.session_id, exc)
+        if not send_frame(self.writer, GoAway("the gateway is stopping").to_bytes()):
+            log.debug("session %s: GOAWAY not sent: the connection is closing", self.session_id)
             return False
         self.going_away = True
         if self._read_deadline is not None:  # the edge may cut at once and send nothing more

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flowcloud.protocol.errors import ProtocolError
-from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame
+from flowcloud.protocol.framing import Rfc4571Decoder, frame, read_frame, send_frame
 from flowcloud.protocol.rtp import RtpPacket
 
 DATA = Path(__file__).parent.parent / "data"
@@ -104,3 +104,23 @@ def test_frames_before_a_bad_length_in_the_same_chunk_are_returned_first() -> No
     assert decoder.feed(b"\x00\x01a\x00\x01b\xff\xffjunk") == [b"a", b"b"]
     with pytest.raises(ProtocolError, match="^RFC 4571 frame of 65535 bytes exceeds the limit of 100 bytes$"):
         decoder.feed(b"")
+
+
+def test_send_frame_queues_a_message_and_refuses_a_closing_connection() -> None:
+    async def main() -> None:
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await received.put(await read_frame(reader))
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            assert send_frame(writer, b"goaway")
+            assert await asyncio.wait_for(received.get(), 5) == b"goaway"
+            writer.close()
+            assert not send_frame(writer, b"late")  # closing: refused, not raised
+            await writer.wait_closed()
+
+    asyncio.run(main())
