@@ -14,15 +14,13 @@ import httpx
 import pytest
 import redis
 from support.api import make_key, running_api
-from support.edge import daemon_config
+from support.edge import streaming_edge_with_fallback
 from support.frames import frames_on_redis
 from support.gateway import gateway_settings, register
 from support.waiting import eventually, wait_for
 from support.worker import results_of, running_worker
 
-from edge.daemon import EdgeDaemon
 from edge.frames import StreamShape
-from edge.sources import SyntheticSource
 from flowcloud.settings import ApiSettings
 from flowcloud.zoo import DEMO_WEIGHTS
 from services.gateway.server import Gateway
@@ -43,13 +41,9 @@ def test_outage_fallback_masks_backfill_and_cloud_results_in_one_chain(
         settings = gateway_settings(redis_url)
         async with Gateway(settings).listen(port=0) as gw:
             port = gw.port
-            config = daemon_config(
-                port, token=token, spool_dir=str(spool_dir), duration=120.0, fallback_model="",
-                fallback_after=0.3, fallback_fps=5.0,
-            )  # fmt: skip
-            daemon = EdgeDaemon(config, SyntheticSource(SHAPE))
-            edge = asyncio.create_task(daemon.run())
-            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, 30)
+            daemon, edge = await streaming_edge_with_fallback(
+                redis_url, port, token, spool_dir, SHAPE, 120.0, 30
+            )
             sender = daemon._sender
             assert sender is not None and sender.live
         # The gateway is gone: the edge spools, and after 0.3 s segments pictures itself.

@@ -16,7 +16,7 @@ import httpx
 from redis.asyncio import Redis
 from support.api import make_key, running_api
 from support.cli import REPO, flowcloud
-from support.edge import SYNTHETIC_SHAPE, daemon_config
+from support.edge import SYNTHETIC_SHAPE, daemon_config, streaming_edge_with_fallback
 from support.frames import frames_on_redis
 from support.gateway import gateway_settings, metric, register
 from support.waiting import eventually, wait_for
@@ -154,13 +154,9 @@ def test_the_fallback_model_segments_during_an_outage_and_syncs_after(tmp_path: 
         settings = gateway_settings(redis_url)
         async with Gateway(settings).listen(port=0) as gw:
             port = gw.port
-            config = daemon_config(
-                port, token=token, spool_dir=str(spool_dir), duration=60.0, fallback_model="",
-                fallback_after=0.3, fallback_fps=5.0,
-            )  # fmt: skip
-            daemon = EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE))
-            edge = asyncio.create_task(daemon.run())
-            assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, 20)
+            daemon, edge = await streaming_edge_with_fallback(
+                redis_url, port, token, spool_dir, SYNTHETIC_SHAPE, 60.0, 20
+            )
             runner = daemon.fallback
             assert runner is not None and runner.made == 0  # online: the cloud segments
         assert await eventually(lambda: runner.made >= 3, 20)  # offline: the edge does

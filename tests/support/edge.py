@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import av
@@ -22,6 +23,8 @@ from flowcloud.protocol.framing import MAX_FRAME_SIZE, frame, read_frame, write_
 from flowcloud.protocol.h264 import AccessUnit, Depacketizer
 from flowcloud.protocol.handshake import MAX_CONTROL_SIZE, Accept, ClockSync, Hello, Reject
 from flowcloud.protocol.rtp import RtpPacket
+from support.frames import frames_on_redis
+from support.waiting import eventually
 
 FAST_BACKOFF = Backoff(initial=0.05, maximum=0.2)
 SYNTHETIC_SHAPE = StreamShape(96, 64, 30.0)  # small synthetic pictures: the point is the plumbing
@@ -48,6 +51,28 @@ def daemon_config(port: int, **changes: object) -> DaemonConfig:
 async def run_synthetic_edge(config: DaemonConfig) -> DaemonResult:
     """The edge daemon with a synthetic source of `SYNTHETIC_SHAPE`, run to its end."""
     return await EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE)).run()
+
+
+async def streaming_edge_with_fallback(
+    redis_url: str,
+    port: int,
+    token: str,
+    spool_dir: Path,
+    shape: StreamShape,
+    duration: float,
+    timeout: float,
+) -> tuple[EdgeDaemon, asyncio.Task[DaemonResult]]:
+    """Device cam-1's edge daemon (synthetic source of ``shape``, a spool in ``spool_dir``, the
+    bundled demo fallback model: it segments once 0.3 s offline) streaming to the gateway on
+    ``port``, once 10 of its frames are on Redis (within ``timeout`` seconds)."""
+    config = daemon_config(
+        port, token=token, spool_dir=str(spool_dir), duration=duration, fallback_model="",
+        fallback_after=0.3, fallback_fps=5.0,
+    )  # fmt: skip
+    daemon = EdgeDaemon(config, SyntheticSource(shape))
+    edge = asyncio.create_task(daemon.run())
+    assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 10, timeout)
+    return daemon, edge
 
 
 @dataclass
