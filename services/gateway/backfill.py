@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from flowcloud import keys
 from flowcloud.replies import text
+from flowcloud.scripts import ScriptPipeline
 from services.gateway import metrics
 
 BACKFILL_LIMITS_SUFFIX = "/backfill"
@@ -105,10 +106,10 @@ async def take_backfill_seqs(redis: Redis, counts: Counter[str]) -> dict[str, li
     """Seqs for ``counts[stream]`` backfill frames of each stream, in order: from the stream's
     reservation while it lasts, then new ones (one round trip)."""
     take = redis.register_script(TAKE_SCRIPT)
-    pipe = redis.pipeline(transaction=False)
+    pipe = ScriptPipeline(redis)  # (a cluster's own pipeline refuses script calls)
     streams = list(counts)
     for stream in streams:
-        await take(keys=[keys.stream_meta(stream)], args=[counts[stream]], client=pipe)
+        pipe.call(take, [keys.stream_meta(stream)], [counts[stream]])
     out: dict[str, list[int]] = {}
     beyond = 0
     for stream, (new, *seqs) in zip(streams, await pipe.execute(), strict=True):

@@ -8,7 +8,7 @@ from collections import Counter
 
 from redis.asyncio import Redis
 
-from flowcloud import keys
+from flowcloud import keys, redis_client
 from flowcloud.streams import StreamMeta
 from services.gateway.backfill import reserve_backfill_seqs, take_backfill_seqs
 
@@ -54,6 +54,22 @@ def test_a_reconnect_mid_backfill_carries_the_unsent_frames_reservation_over(red
         assert await backfill(redis, 3) == [236, 237, 238]
         # Beyond a reservation, backfill frames take new seqs.
         assert await backfill(redis, 2) == [239, 240]
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_backfill_seqs_are_taken_for_several_streams_on_a_redis_cluster(redis_cluster_url: str) -> None:
+    """One publisher batch with backfill frames of streams on different masters: the take script
+    runs on each stream's own slot (a cluster pipeline refuses redis-py's pipelined script calls)."""
+
+    async def run() -> None:
+        redis = redis_client.connect_async(redis_cluster_url, True)
+        await reserve_backfill_seqs(redis, "cam-1", 5)
+        await reserve_backfill_seqs(redis, "cam-3", 2)
+        taken = await take_backfill_seqs(redis, Counter({"cam-1": 3, "cam-3": 3}))
+        assert taken == {"cam-1": [1, 2, 3], "cam-3": [1, 2, 3]}  # cam-3's third beyond its reservation
+        assert await take_backfill_seqs(redis, Counter({"cam-1": 2})) == {"cam-1": [4, 5]}
         await redis.aclose()
 
     asyncio.run(run())
