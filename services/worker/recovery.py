@@ -103,6 +103,16 @@ async def _count_evicted(redis: Redis, queue: str, evicted: list[Entry]) -> None
     )
 
 
+def count_trimmed_pending(queue: str, reply: Any) -> None:
+    """Count the references an XAUTOCLAIM ``reply`` on ``queue`` names as deleted: pending, but trimmed
+    from the queue before any worker acknowledged them (Redis has removed them from the group)."""
+    if len(reply) > 2 and reply[2]:
+        metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
+        log.warning(
+            "%d pending frames were trimmed from %s before a worker acknowledged them", len(reply[2]), queue
+        )
+
+
 @dataclass
 class Recovery:
     redis: Redis
@@ -128,10 +138,7 @@ class Recovery:
         )
         cursor, raw = reply[0], reply[1]
         self._cursors[queue] = text(cursor)
-        if len(reply) > 2 and reply[2]:  # pending, but trimmed away (Redis removed them from the group)
-            metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
-            log.warning("%d pending frames were trimmed from the stream before a worker acknowledged them",
-                        len(reply[2]))  # fmt: skip
+        count_trimmed_pending(queue, reply)
         entries = await load_entries(self.redis, queue, raw)
         if not entries:
             return []

@@ -24,6 +24,7 @@ from flowcloud.frame_log import logged_frames, publish_blocking
 from flowcloud.frame_queue import ensure_group
 from flowcloud.frames import Frame
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
+from services.worker import backfill
 from services.worker.recovery import Entry, load_entries
 
 SHARDS = 3
@@ -150,6 +151,38 @@ def test_a_reference_whose_frame_left_its_log_is_acknowledged_and_counted(redis_
     assert evicted_total() - before == 250 - kept
     assert int(client.hget(keys.stream_meta("cam-e"), keys.M_EVICTED) or 0) == 250 - kept
     assert client.xpending(queue, keys.WORKER_GROUP)["pending"] == kept + 2  # the evicted ones acked
+    client.close()
+
+
+def test_a_backfill_reference_trimmed_while_pending_is_counted(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "CLAIM_IDLE_MS", 0)  # reclaim at once: no 30 s wait
+    client = redis.Redis.from_url(redis_url)
+    lane = keys.backfill_shard(0)
+    publish_blocking(
+        client, [dataclasses.replace(frame("cam-b", s, 48, 64), backfill=True) for s in range(1, 6)]
+    )
+
+    def trimmed_pending() -> float:
+        sample = REGISTRY.get_sample_value(
+            "flowcloud_worker_frames_dropped_total", {"reason": "trimmed_pending"}
+        )
+        return sample or 0.0
+
+    async def main() -> tuple[int, int]:
+        aclient = AsyncRedis.from_url(redis_url)
+        reader = backfill.BackfillLane(aclient, "w-dead")
+        first = await reader.read(10)  # read, never acknowledged: the worker died
+        client.xtrim(lane, maxlen=0, approximate=False)  # the lane's bound removed them meanwhile
+        again = await backfill.BackfillLane(aclient, "w-live").read(10)
+        await aclient.aclose()
+        return len(first), len(again)
+
+    before = trimmed_pending()
+    assert asyncio.run(main()) == (5, 0)
+    assert trimmed_pending() - before == 5
+    assert client.xpending(lane, keys.WORKER_GROUP)["pending"] == 0
     client.close()
 
 
