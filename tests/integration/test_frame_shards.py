@@ -98,6 +98,21 @@ def test_each_frames_bytes_are_written_once_and_its_shard_queue_holds_a_referenc
     client.close()
 
 
+def test_the_gateway_writes_once_through_a_server_that_lost_its_scripts(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.script_flush()  # a promoted replica, or a restarted server: every EVALSHA answers NOSCRIPT
+    names = [shard[0] for shard in streams_on_shards(2)]
+    frames = [frame(name, 0, 48, 64) for name in names for _ in range(3)]
+    publisher = publish_through_gateway(redis_url, frames, shards=2)
+    assert publisher.published == len(frames)
+    for name in names:
+        assert len(logged_frames(client, name)) == 3  # the append ran once, after the script was loaded
+        queue = keys.frame_shard(keys.shard_of(name, 2))
+        assert client.xlen(queue) == 3
+        assert [g["name"] for g in client.xinfo_groups(queue)] == [keys.WORKER_GROUP.encode()]  # trimmed
+    client.close()
+
+
 def test_the_lease_fences_off_frames_of_a_stale_generation(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.hset(keys.stream_meta("cam-1"), keys.M_GENERATION, 5)
