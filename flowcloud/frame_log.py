@@ -54,6 +54,9 @@ return out
 """
 
 
+Fields = dict[str, str | int | float | bytes]  # a frame-log entry's fields (`Frame.to_fields`)
+
+
 def log_key(stream: str, backfill: bool) -> str:
     """The frame log a frame of ``stream`` goes to: its live log, or its backfill log."""
     return keys.backfill_frames(stream) if backfill else keys.stream_frames(stream)
@@ -61,23 +64,22 @@ def log_key(stream: str, backfill: bool) -> str:
 
 def append_call(
     stream: str,
-    frames: Sequence[Frame],
+    backfill: bool,
+    entries: Sequence[Fields],
     maxlen: int,
     generation: int = 0,
     last_seen: float | None = None,
     ttl: int = 0,
 ) -> tuple[list[str], list[Any]]:
-    """The keys and arguments of `APPEND_SCRIPT` appending ``frames`` (all of ``stream``, one lane,
-    one generation) to their frame log (which expires ``ttl`` seconds after its last append, 0:
-    never); its reply goes through `parse_append`."""
+    """The keys and arguments of `APPEND_SCRIPT` appending ``entries`` (`Frame.to_fields` of frames
+    all of ``stream``, one lane, one generation) to their frame log (which expires ``ttl`` seconds
+    after its last append, 0: never); its reply goes through `parse_append`."""
     stamp = "" if last_seen is None else StreamMeta(last_seen=last_seen).to_fields()[keys.M_LAST_SEEN]
     args: list[Any] = [generation, maxlen, stamp, keys.M_GENERATION, keys.M_LAST_SEEN, ttl]
-    for frame in frames:
-        fields = frame.to_fields()
+    for fields in entries:
         args.append(2 * len(fields))
         for name, value in fields.items():
             args += (name, value)
-    backfill = frames[0].backfill if frames else False
     return [keys.stream_meta(stream), log_key(stream, backfill)], args
 
 
@@ -89,10 +91,10 @@ def parse_append(reply: object) -> list[str] | None:
     return [text(value) for value in values[1:]]
 
 
-def ref_fields(frame: Frame, frame_id: str) -> dict[str, str | int | float | bytes]:
-    """A shard-queue entry: the frame's fields without its bytes, and where they are."""
-    fields = frame.to_fields()
-    del fields[keys.F_DATA]
+def ref_fields(entry: Fields, frame_id: str) -> Fields:
+    """A shard-queue entry: the frame's log entry (`Frame.to_fields`) without its bytes, and where
+    it is."""
+    fields = {name: value for name, value in entry.items() if name != keys.F_DATA}
     fields[keys.F_FRAME_ID] = frame_id
     return fields
 
@@ -133,18 +135,17 @@ def publish_blocking(
     lanes: dict[tuple[str, bool], list[Frame]] = {}
     for frame in frames:
         lanes.setdefault((frame.stream, frame.backfill), []).append(frame)
+    logged = {lane: [frame.to_fields() for frame in lane_frames] for lane, lane_frames in lanes.items()}
     pipe = client.pipeline(transaction=False)
-    for (stream, _backfill), lane in lanes.items():
-        script_keys, args = append_call(stream, lane, maxlen)
-        pipe.eval(
-            APPEND_SCRIPT, len(script_keys), *script_keys, *args
-        )  # a tool's: no script cache to rely on
+    for (stream, backfill), entries in logged.items():
+        script_keys, args = append_call(stream, backfill, entries, maxlen)
+        pipe.eval(APPEND_SCRIPT, len(script_keys), *script_keys, *args)  # a tool's few calls: plain EVAL
     refs = client.pipeline(transaction=atomic)
     for (stream, backfill), reply in zip(lanes, pipe.execute(), strict=True):
         shard = keys.shard_of(stream, shards)
         queue = keys.backfill_shard(shard) if backfill else keys.frame_shard(shard)
-        for frame, frame_id in zip(lanes[stream, backfill], parse_append(reply) or [], strict=True):
-            refs.xadd(queue, ref_fields(frame, frame_id))  # type: ignore[arg-type]
+        for entry, frame_id in zip(logged[stream, backfill], parse_append(reply) or [], strict=True):
+            refs.xadd(queue, ref_fields(entry, frame_id))  # type: ignore[arg-type]
     return [text(ref_id) for ref_id in refs.execute()]
 
 

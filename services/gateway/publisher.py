@@ -205,12 +205,13 @@ class FramePublisher:
             )
             appends.setdefault((frame.stream, frame.backfill, frame.generation), []).append(frame)
         now = self.clock.now()
+        logged = {lane: [frame.to_fields() for frame in frames] for lane, frames in appends.items()}
         scripts = ScriptPipeline(self.redis)
-        for (stream, backfill, generation), frames in appends.items():
+        for (stream, backfill, generation), entries in logged.items():
             maxlen = self.backfill_maxlen if backfill else self.stream_frames_maxlen
             last_seen = None if backfill else now
             call = frame_log.append_call(
-                stream, frames, maxlen, generation, last_seen, self.stream_frames_ttl
+                stream, backfill, entries, maxlen, generation, last_seen, self.stream_frames_ttl
             )
             scripts.call(self._append, *call)
         pipe = scripts.pipe
@@ -233,7 +234,7 @@ class FramePublisher:
                     self._meta[stream] = {**fields, **self._meta.get(stream, {})}
             self._trimmed.update(trimmed)
             raise
-        written = await self._enqueue_refs(appends, replies[: len(appends)])
+        written = await self._enqueue_refs(appends, logged, replies[: len(appends)])
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(written)
         metrics.FRAMES_PUBLISHED.inc(len(written))
@@ -243,10 +244,13 @@ class FramePublisher:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
     async def _enqueue_refs(
-        self, appends: dict[tuple[str, bool, int], list[Frame]], replies: list[object]
+        self,
+        appends: dict[tuple[str, bool, int], list[Frame]],
+        logged: dict[tuple[str, bool, int], list[frame_log.Fields]],
+        replies: list[object],
     ) -> list[Frame]:
-        """Put a reference to each appended frame on its shard's queue, trim the queues touched, and
-        count the frames the lease fenced off; the frames written."""
+        """Put a reference to each appended frame (``logged``: its log entry) on its shard's queue,
+        trim the queues touched, and count the frames the lease fenced off; the frames written."""
         pipe = ScriptPipeline(self.redis)
         bounds: dict[str, int] = {}  # queue -> its bound
         written: list[Frame] = []
@@ -265,8 +269,8 @@ class FramePublisher:
             shard = keys.shard_of(stream, self.shards)
             queue = keys.backfill_shard(shard) if backfill else keys.frame_shard(shard)
             bounds[queue] = self.backfill_maxlen if backfill else self.frames_maxlen
-            for frame, frame_id in zip(frames, ids, strict=True):
-                pipe.pipe.xadd(queue, frame_log.ref_fields(frame, frame_id))  # type: ignore[arg-type]
+            for entry, frame_id in zip(logged[stream, backfill, generation], ids, strict=True):
+                pipe.pipe.xadd(queue, frame_log.ref_fields(entry, frame_id))  # type: ignore[arg-type]
             written += frames
         for queue, bound in bounds.items():
             self._trimmer(queue).trim_in(pipe, bound)
