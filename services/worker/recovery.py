@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from flowcloud import frame_log, keys
 from flowcloud.frames import Frame
@@ -209,11 +210,9 @@ class Recovery:
         metrics.FRAMES_DEAD_LETTERED.inc()
         log.error("frame %s dead-lettered after %d attempts: %s", entry.id, attempts, error)
 
-    async def forget_failures(self, entries: list[Entry]) -> None:
-        """Drop the failure counters of reclaimed frames that have now succeeded."""
-        names = [keys.attempts(e.frame.stream, e.frame.seq) for e in entries if e.reclaimed and e.frame]
-        if names:  # one DELETE per key: they may sit in different slots
-            pipe = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipe.delete(name)
-            await pipe.execute()
+    def forget_failures_in(self, pipe: Pipeline, entries: list[Entry]) -> None:
+        """Queue in ``pipe`` the removal of the failure counters of reclaimed frames that have now
+        succeeded (one DELETE per key: they may sit in different slots)."""
+        for entry in entries:
+            if entry.reclaimed and entry.frame:
+                pipe.delete(keys.attempts(entry.frame.stream, entry.frame.seq))

@@ -23,8 +23,10 @@ from flowcloud import keys
 from flowcloud.frame_log import logged_frames, publish_blocking
 from flowcloud.frame_queue import ensure_group
 from flowcloud.frames import Frame
+from flowcloud.settings import WorkerSettings
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.worker import backfill
+from services.worker.consumer import Worker
 from services.worker.recovery import Entry, load_entries
 
 SHARDS = 3
@@ -198,6 +200,38 @@ def test_a_backfill_reference_trimmed_while_pending_is_counted(
     assert asyncio.run(main()) == (5, 0)
     assert trimmed_pending() - before == 5
     assert client.xpending(lane, keys.WORKER_GROUP)["pending"] == 0
+    client.close()
+
+
+def test_a_worker_acknowledges_frames_of_every_queue_and_forgets_their_failures(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    names = [shard[0] for shard in streams_on_shards(2)]
+    publish_blocking(client, [frame(name, 1, 48, 64) for name in names], shards=2)
+    publish_blocking(client, [dataclasses.replace(frame(names[0], 2, 48, 64), backfill=True)], shards=2)
+    queues = [keys.frame_shard(0), keys.frame_shard(1), keys.backfill_shard(keys.shard_of(names[0], 2))]
+    for name, seq in [(names[0], 1), (names[1], 1), (names[0], 2)]:
+        client.set(keys.attempts(name, seq), 1)  # each failed once before
+
+    async def main() -> None:
+        aclient = AsyncRedis.from_url(redis_url)
+        worker = Worker(WorkerSettings(frame_shards=2, name="w"), redis=aclient)
+        read: list[Entry] = []
+        for queue in queues:
+            await ensure_group(aclient, queue)
+            reply = await aclient.xreadgroup(keys.WORKER_GROUP, "w", {queue: ">"}, count=10)
+            read += await load_entries(aclient, queue, cast(list[Any], reply)[0][1])
+        for entry in read:
+            entry.deliveries = 2  # reclaimed: its failure counter goes once it succeeds
+        await worker._ack(read)
+        worker.cpu_pool.shutdown()
+        worker.infer_pool.shutdown()
+        await aclient.aclose()
+
+    asyncio.run(main())
+    assert [client.xpending(queue, keys.WORKER_GROUP)["pending"] for queue in queues] == [0, 0, 0]
+    assert not client.exists(
+        keys.attempts(names[0], 1), keys.attempts(names[1], 1), keys.attempts(names[0], 2)
+    )
     client.close()
 
 
