@@ -37,6 +37,10 @@ ATTEMPTS_TTL = 24 * 3600  # failure counters outlive any sane retry schedule, bu
 START_ID = "0-0"
 DROP_TRIMMED_PENDING = "trimmed_pending"  # read by a worker that died, trimmed before another reclaimed it
 DROP_EVICTED = "evicted"  # its bytes left the stream's frame log before a worker fetched them
+# Why a reference was dead-lettered (flowcloud_worker_frames_dead_lettered_total{reason}).
+DEAD_MALFORMED = "malformed"  # the reference or its frame cannot be parsed: no retry can help
+DEAD_FAILED = "failed"  # it failed max_attempts times
+DEAD_REDELIVERED = "redelivered"  # delivered more than max_attempts times, never acknowledged
 
 
 @dataclass
@@ -158,7 +162,7 @@ class Recovery:
             entry.deliveries = deliveries.get(entry.id, 2)
             if entry.deliveries > self.max_attempts:
                 error = f"delivered {entry.deliveries} times and never acknowledged (did it kill its worker?)"
-                await self.dead_letter(entry, error, entry.deliveries)
+                await self.dead_letter(entry, error, entry.deliveries, DEAD_REDELIVERED)
             else:
                 alive.append(entry)
         log.info(
@@ -173,7 +177,7 @@ class Recovery:
         pending to be retried after the claim idle time.
         """
         if entry.frame is None:  # malformed: no retry can help
-            await self.dead_letter(entry, entry.error or error, 1)
+            await self.dead_letter(entry, entry.error or error, 1, DEAD_MALFORMED)
             return True
         counter = keys.attempts(entry.frame.stream, entry.frame.seq)
         pipe = self.redis.pipeline(transaction=True)
@@ -185,10 +189,10 @@ class Recovery:
                 "frame %s failed (attempt %d of %d): %s", entry.id, attempts, self.max_attempts, error
             )
             return False
-        await self.dead_letter(entry, error, attempts)
+        await self.dead_letter(entry, error, attempts, DEAD_FAILED)
         return True
 
-    async def dead_letter(self, entry: Entry, error: str, attempts: int) -> None:
+    async def dead_letter(self, entry: Entry, error: str, attempts: int, reason: str) -> None:
         fields: dict[Any, Any] = dict(entry.fields)
         fields.update(
             {
@@ -207,7 +211,7 @@ class Recovery:
         if entry.frame is not None:
             pipe.delete(keys.attempts(entry.frame.stream, entry.frame.seq))
         await pipe.execute()
-        metrics.FRAMES_DEAD_LETTERED.inc()
+        metrics.FRAMES_DEAD_LETTERED.labels(reason).inc()
         log.error("frame %s dead-lettered after %d attempts: %s", entry.id, attempts, error)
 
     def forget_failures_in(self, pipe: Pipeline, entries: list[Entry]) -> None:

@@ -27,7 +27,7 @@ from flowcloud.settings import WorkerSettings
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
 from services.worker import backfill
 from services.worker.consumer import Worker
-from services.worker.recovery import Entry, load_entries
+from services.worker.recovery import Entry, Recovery, load_entries
 
 SHARDS = 3
 
@@ -232,6 +232,39 @@ def test_a_worker_acknowledges_frames_of_every_queue_and_forgets_their_failures(
     assert not client.exists(
         keys.attempts(names[0], 1), keys.attempts(names[1], 1), keys.attempts(names[0], 2)
     )
+    client.close()
+
+
+def test_dead_letters_are_counted_by_reason(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    queue = keys.frame_shard(0)
+    publish_blocking(client, [frame("cam-d", 1, 48, 64)])
+    client.xadd(queue, {keys.F_STREAM: "cam-d", keys.F_SEQ: 2})  # names no frame: malformed
+
+    def dead(reason: str) -> float:
+        sample = REGISTRY.get_sample_value("flowcloud_worker_frames_dead_lettered_total", {"reason": reason})
+        return sample or 0.0
+
+    async def main() -> None:
+        aclient = AsyncRedis.from_url(redis_url)
+        recovery = Recovery(aclient, "w", max_attempts=2)
+        await ensure_group(aclient, queue)
+        reply = await aclient.xreadgroup(keys.WORKER_GROUP, "w", {queue: ">"}, count=10)
+        good, bad = await load_entries(aclient, queue, cast(list[Any], reply)[0][1])
+        assert await recovery.fail(bad, "unused")  # malformed: dead-lettered at once
+        assert [e.id for e in await recovery.claim(queue, 0, 10)] == [good.id]  # 2 deliveries: within the max
+        assert await recovery.claim(queue, 0, 10) == []  # a third delivery, never acknowledged
+        await aclient.aclose()
+
+    before = {reason: dead(reason) for reason in ("malformed", "failed", "redelivered")}
+    asyncio.run(main())
+    assert {reason: dead(reason) - count for reason, count in before.items()} == {
+        "malformed": 1,
+        "failed": 0,
+        "redelivered": 1,
+    }
+    assert client.xlen(keys.DEAD_LETTER_STREAM) == 2
+    assert client.xpending(queue, keys.WORKER_GROUP)["pending"] == 0
     client.close()
 
 
