@@ -9,7 +9,8 @@ A worker reads references from the shard queues and fetches each frame's bytes f
 (`fetch`, one pipelined XRANGE per frame). A reference whose frame has left the log (the stream
 sent more than its log keeps before any worker got to it) is acknowledged and counted as evicted.
 
-The append is one Lua script per stream and batch (`append_in`), on the stream's slot: it checks the
+The append is one Lua script per stream and batch (`APPEND_SCRIPT`, its arguments from
+`append_call`; flowcloud.scripts queues it on a pipeline), on the stream's slot: it checks the
 session's lease (fencing: a frame of generation > 0 is written only while the stream's metadata
 names that generation; otherwise nothing is written and the script says so), appends the frames
 and stamps the stream's ``last_seen``. The log expires a while (``stream_frames_ttl``) after its
@@ -24,7 +25,6 @@ from typing import Any, cast
 
 import redis
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
 from flowcloud import keys
 from flowcloud.frames import Frame
@@ -35,7 +35,7 @@ from flowcloud.streams import StreamMeta
 # ARGV: generation (0: unfenced), maxlen, last_seen ('': leave it), the metadata's generation and
 # last-seen field names, the log's TTL in seconds (0: none), then per frame: the number n of its
 # field/value items, then those n items. Returns {1, id_1, id_2, ...}, or {0} when fenced.
-_APPEND = """
+APPEND_SCRIPT = """
 local meta, log = KEYS[1], KEYS[2]
 local generation, maxlen, last_seen = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 if generation > 0 and tonumber(redis.call('HGET', meta, ARGV[4]) or '0') ~= generation then
@@ -54,33 +54,33 @@ return out
 """
 
 
+Fields = dict[str, str | int | float | bytes]  # a frame-log entry's fields (`Frame.to_fields`)
+
+
 def log_key(stream: str, backfill: bool) -> str:
     """The frame log a frame of ``stream`` goes to: its live log, or its backfill log."""
     return keys.backfill_frames(stream) if backfill else keys.stream_frames(stream)
 
 
-def append_in(
-    pipe: Pipeline | redis.client.Pipeline,
+def append_call(
     stream: str,
-    frames: Sequence[Frame],
+    backfill: bool,
+    entries: Sequence[Fields],
     maxlen: int,
     generation: int = 0,
     last_seen: float | None = None,
     ttl: int = 0,
-) -> None:
-    """Queue, in ``pipe``, the append of ``frames`` (all of ``stream``, one lane, one generation) to
-    their frame log (which expires ``ttl`` seconds after its last append, 0: never); the reply goes
-    through `parse_append`. EVAL, not EVALSHA: a node that has never
-    seen the script (a new cluster master) runs it all the same, inside a pipeline too."""
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of `APPEND_SCRIPT` appending ``entries`` (`Frame.to_fields` of frames
+    all of ``stream``, one lane, one generation) to their frame log (which expires ``ttl`` seconds
+    after its last append, 0: never); its reply goes through `parse_append`."""
     stamp = "" if last_seen is None else StreamMeta(last_seen=last_seen).to_fields()[keys.M_LAST_SEEN]
     args: list[Any] = [generation, maxlen, stamp, keys.M_GENERATION, keys.M_LAST_SEEN, ttl]
-    for frame in frames:
-        fields = frame.to_fields()
+    for fields in entries:
         args.append(2 * len(fields))
         for name, value in fields.items():
             args += (name, value)
-    backfill = frames[0].backfill if frames else False
-    pipe.eval(_APPEND, 2, keys.stream_meta(stream), log_key(stream, backfill), *args)
+    return [keys.stream_meta(stream), log_key(stream, backfill)], args
 
 
 def parse_append(reply: object) -> list[str] | None:
@@ -91,10 +91,10 @@ def parse_append(reply: object) -> list[str] | None:
     return [text(value) for value in values[1:]]
 
 
-def ref_fields(frame: Frame, frame_id: str) -> dict[str, str | int | float | bytes]:
-    """A shard-queue entry: the frame's fields without its bytes, and where they are."""
-    fields = frame.to_fields()
-    del fields[keys.F_DATA]
+def ref_fields(entry: Fields, frame_id: str) -> Fields:
+    """A shard-queue entry: the frame's log entry (`Frame.to_fields`) without its bytes, and where
+    it is."""
+    fields = {name: value for name, value in entry.items() if name != keys.F_DATA}
     fields[keys.F_FRAME_ID] = frame_id
     return fields
 
@@ -135,15 +135,17 @@ def publish_blocking(
     lanes: dict[tuple[str, bool], list[Frame]] = {}
     for frame in frames:
         lanes.setdefault((frame.stream, frame.backfill), []).append(frame)
+    logged = {lane: [frame.to_fields() for frame in lane_frames] for lane, lane_frames in lanes.items()}
     pipe = client.pipeline(transaction=False)
-    for (stream, _backfill), lane in lanes.items():
-        append_in(pipe, stream, lane, maxlen)
+    for (stream, backfill), entries in logged.items():
+        script_keys, args = append_call(stream, backfill, entries, maxlen)
+        pipe.eval(APPEND_SCRIPT, len(script_keys), *script_keys, *args)  # a tool's few calls: plain EVAL
     refs = client.pipeline(transaction=atomic)
     for (stream, backfill), reply in zip(lanes, pipe.execute(), strict=True):
         shard = keys.shard_of(stream, shards)
         queue = keys.backfill_shard(shard) if backfill else keys.frame_shard(shard)
-        for frame, frame_id in zip(lanes[stream, backfill], parse_append(reply) or [], strict=True):
-            refs.xadd(queue, ref_fields(frame, frame_id))  # type: ignore[arg-type]
+        for entry, frame_id in zip(logged[stream, backfill], parse_append(reply) or [], strict=True):
+            refs.xadd(queue, ref_fields(entry, frame_id))  # type: ignore[arg-type]
     return [text(ref_id) for ref_id in refs.execute()]
 
 

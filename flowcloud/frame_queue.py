@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from flowcloud import groups, keys
+from flowcloud.scripts import ScriptPipeline
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +151,9 @@ class FrameQueue:
     def _args(self, maxlen: int) -> list[str | int]:
         return [keys.WORKER_GROUP, maxlen, keys.F_STREAM, keys.F_SEQ]
 
-    def trim_in(self, pipe: Pipeline, maxlen: int) -> None:
-        """Queue a trim to ``maxlen`` in ``pipe``; its reply goes through `parse_trim`. EVAL, not
-        EVALSHA: a cluster pipeline cannot load a script a node has not seen."""
-        pipe.eval(_TRIM, 1, self.stream, *self._args(maxlen))
+    def trim_in(self, pipe: ScriptPipeline, maxlen: int) -> None:
+        """Queue a trim to ``maxlen`` in ``pipe``; its reply goes through `parse_trim`."""
+        pipe.call(self._script, [self.stream], self._args(maxlen))
 
     async def trim(self, maxlen: int) -> Trim:
         """Trim the stream to ``maxlen`` entries, removing unread ones only when they do not fit."""

@@ -51,6 +51,7 @@ from flowcloud import frame_log, keys, stages
 from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue, parse_trim
 from flowcloud.frames import Frame
+from flowcloud.scripts import ScriptPipeline
 from services.gateway import metrics
 from services.gateway.backfill import take_backfill_seqs
 
@@ -90,6 +91,7 @@ class FramePublisher:
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
         self._trimmed: Counter[str] = Counter()  # stream -> unread frames trimmed, still to add to its hash
         self._queues: dict[str, FrameQueue] = {}  # shard queue key -> its trimmer
+        self._append = redis.register_script(frame_log.APPEND_SCRIPT)
         self._tenants: dict[str, str] = {}  # stream -> tenant, for the per-tenant stream index
         self._last_seq: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -203,11 +205,16 @@ class FramePublisher:
             )
             appends.setdefault((frame.stream, frame.backfill, frame.generation), []).append(frame)
         now = self.clock.now()
-        pipe = self.redis.pipeline(transaction=False)
-        for (stream, backfill, generation), frames in appends.items():
+        logged = {lane: [frame.to_fields() for frame in frames] for lane, frames in appends.items()}
+        scripts = ScriptPipeline(self.redis)
+        for (stream, backfill, generation), entries in logged.items():
             maxlen = self.backfill_maxlen if backfill else self.stream_frames_maxlen
             last_seen = None if backfill else now
-            frame_log.append_in(pipe, stream, frames, maxlen, generation, last_seen, self.stream_frames_ttl)
+            call = frame_log.append_call(
+                stream, backfill, entries, maxlen, generation, last_seen, self.stream_frames_ttl
+            )
+            scripts.call(self._append, *call)
+        pipe = scripts.pipe
         for stream, fields in meta.items():
             pipe.hset(keys.stream_meta(stream), mapping=fields)  # type: ignore[arg-type]
         for stream in {*meta, *seqs}:
@@ -219,7 +226,7 @@ class FramePublisher:
         for stream, count in trimmed.items():
             pipe.hincrby(keys.stream_meta(stream), keys.M_TRIMMED_UNREAD, count)
         try:
-            replies = await pipe.execute()
+            replies = await scripts.execute()
         except BaseException:
             # Put the metadata back (newer updates win); frames of a failed batch are not retried.
             for stream, fields in meta.items():
@@ -227,7 +234,7 @@ class FramePublisher:
                     self._meta[stream] = {**fields, **self._meta.get(stream, {})}
             self._trimmed.update(trimmed)
             raise
-        written = await self._enqueue_refs(appends, replies[: len(appends)])
+        written = await self._enqueue_refs(appends, logged, replies[: len(appends)])
         self._last_seq.update({stream: seq - 1 for stream, seq in seqs.items()})
         self.published += len(written)
         metrics.FRAMES_PUBLISHED.inc(len(written))
@@ -237,11 +244,14 @@ class FramePublisher:
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
 
     async def _enqueue_refs(
-        self, appends: dict[tuple[str, bool, int], list[Frame]], replies: list[object]
+        self,
+        appends: dict[tuple[str, bool, int], list[Frame]],
+        logged: dict[tuple[str, bool, int], list[frame_log.Fields]],
+        replies: list[object],
     ) -> list[Frame]:
-        """Put a reference to each appended frame on its shard's queue, trim the queues touched, and
-        count the frames the lease fenced off; the frames written."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Put a reference to each appended frame (``logged``: its log entry) on its shard's queue,
+        trim the queues touched, and count the frames the lease fenced off; the frames written."""
+        pipe = ScriptPipeline(self.redis)
         bounds: dict[str, int] = {}  # queue -> its bound
         written: list[Frame] = []
         for (stream, backfill, generation), reply in zip(appends, replies, strict=True):
@@ -259,8 +269,8 @@ class FramePublisher:
             shard = keys.shard_of(stream, self.shards)
             queue = keys.backfill_shard(shard) if backfill else keys.frame_shard(shard)
             bounds[queue] = self.backfill_maxlen if backfill else self.frames_maxlen
-            for frame, frame_id in zip(frames, ids, strict=True):
-                pipe.xadd(queue, frame_log.ref_fields(frame, frame_id))  # type: ignore[arg-type]
+            for entry, frame_id in zip(logged[stream, backfill, generation], ids, strict=True):
+                pipe.pipe.xadd(queue, frame_log.ref_fields(entry, frame_id))  # type: ignore[arg-type]
             written += frames
         for queue, bound in bounds.items():
             self._trimmer(queue).trim_in(pipe, bound)

@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 from flowcloud import keys
 from flowcloud.frame_queue import backfill_queues, ensure_group
 
-from .recovery import Entry, load_entries
+from .recovery import Entry, count_trimmed_pending, load_entries
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class BackfillLane:
         claimed = await self.redis.xautoclaim(
             queue, keys.WORKER_GROUP, self.consumer, CLAIM_IDLE_MS, count=count
         )
+        count_trimmed_pending(queue, claimed)
         raw = claimed[1]
         if not raw:
             reply = await self.redis.xreadgroup(keys.WORKER_GROUP, self.consumer, {queue: ">"}, count=count)

@@ -664,24 +664,22 @@ class Worker:
         await self.store.put_many(stored)
         acked = [entry for entry, _ in results] + [entry for entry, _ in batch.dropped]
         await self._ack(acked)
-        await self.recovery.forget_failures(acked)
 
     async def _drop(self, entries: list[Entry], reason: str) -> None:
         """Acknowledge frames that will get no result, and count them."""
         if not entries:
             return
-
-        async def ack() -> None:
-            await self._ack(entries)
-            await self.recovery.forget_failures(entries)
-
-        await self._retry_redis(ack, "acknowledge dropped frames")
+        await self._retry_redis(functools.partial(self._ack, entries), "acknowledge dropped frames")
         self._count_drops(entries, reason)
 
     async def _ack(self, entries: list[Entry]) -> None:
-        """XACK each entry on the queue it was read from (a shard queue or a backfill lane)."""
+        """XACK each entry on the queue it was read from (a shard queue or a backfill lane), then drop
+        the failure counters of the reclaimed ones: one round trip, however many queues."""
+        pipe = self.redis.pipeline(transaction=False)
         for queue in {e.queue for e in entries}:
-            await self.redis.xack(queue, keys.WORKER_GROUP, *(e.id for e in entries if e.queue == queue))
+            pipe.xack(queue, keys.WORKER_GROUP, *(e.id for e in entries if e.queue == queue))
+        self.recovery.forget_failures_in(pipe, entries)
+        await pipe.execute()
 
     def _count_drops(self, entries: list[Entry], reason: str) -> None:
         if not entries:

@@ -51,7 +51,10 @@ BATCH_LIMIT = Gauge(
 )
 FRAMES_FAILED = Counter("flowcloud_worker_frames_failed_total", "Failed attempts at a frame", ["stage"])
 FRAMES_DEAD_LETTERED = Counter(
-    "flowcloud_worker_frames_dead_lettered_total", "Frames moved to the dead-letter stream"
+    "flowcloud_worker_frames_dead_lettered_total",
+    "Frames moved to the dead-letter stream, by reason: malformed, failed (max_attempts times), "
+    "redelivered (max_attempts deliveries without an acknowledgement: it may kill its worker)",
+    ["reason"],
 )
 FRAMES_RECLAIMED = Counter(
     "flowcloud_worker_frames_reclaimed_total", "Pending frames of idle consumers taken over with XAUTOCLAIM"

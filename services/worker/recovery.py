@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from flowcloud import frame_log, keys
 from flowcloud.frames import Frame
@@ -36,6 +37,10 @@ ATTEMPTS_TTL = 24 * 3600  # failure counters outlive any sane retry schedule, bu
 START_ID = "0-0"
 DROP_TRIMMED_PENDING = "trimmed_pending"  # read by a worker that died, trimmed before another reclaimed it
 DROP_EVICTED = "evicted"  # its bytes left the stream's frame log before a worker fetched them
+# Why a reference was dead-lettered (flowcloud_worker_frames_dead_lettered_total{reason}).
+DEAD_MALFORMED = "malformed"  # the reference or its frame cannot be parsed: no retry can help
+DEAD_FAILED = "failed"  # it failed max_attempts times
+DEAD_REDELIVERED = "redelivered"  # delivered more than max_attempts times, never acknowledged
 
 
 @dataclass
@@ -103,6 +108,16 @@ async def _count_evicted(redis: Redis, queue: str, evicted: list[Entry]) -> None
     )
 
 
+def count_trimmed_pending(queue: str, reply: Any) -> None:
+    """Count the references an XAUTOCLAIM ``reply`` on ``queue`` names as deleted: pending, but trimmed
+    from the queue before any worker acknowledged them (Redis has removed them from the group)."""
+    if len(reply) > 2 and reply[2]:
+        metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
+        log.warning(
+            "%d pending frames were trimmed from %s before a worker acknowledged them", len(reply[2]), queue
+        )
+
+
 @dataclass
 class Recovery:
     redis: Redis
@@ -128,10 +143,7 @@ class Recovery:
         )
         cursor, raw = reply[0], reply[1]
         self._cursors[queue] = text(cursor)
-        if len(reply) > 2 and reply[2]:  # pending, but trimmed away (Redis removed them from the group)
-            metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
-            log.warning("%d pending frames were trimmed from the stream before a worker acknowledged them",
-                        len(reply[2]))  # fmt: skip
+        count_trimmed_pending(queue, reply)
         entries = await load_entries(self.redis, queue, raw)
         if not entries:
             return []
@@ -150,7 +162,7 @@ class Recovery:
             entry.deliveries = deliveries.get(entry.id, 2)
             if entry.deliveries > self.max_attempts:
                 error = f"delivered {entry.deliveries} times and never acknowledged (did it kill its worker?)"
-                await self.dead_letter(entry, error, entry.deliveries)
+                await self.dead_letter(entry, error, entry.deliveries, DEAD_REDELIVERED)
             else:
                 alive.append(entry)
         log.info(
@@ -165,7 +177,7 @@ class Recovery:
         pending to be retried after the claim idle time.
         """
         if entry.frame is None:  # malformed: no retry can help
-            await self.dead_letter(entry, entry.error or error, 1)
+            await self.dead_letter(entry, entry.error or error, 1, DEAD_MALFORMED)
             return True
         counter = keys.attempts(entry.frame.stream, entry.frame.seq)
         pipe = self.redis.pipeline(transaction=True)
@@ -177,10 +189,10 @@ class Recovery:
                 "frame %s failed (attempt %d of %d): %s", entry.id, attempts, self.max_attempts, error
             )
             return False
-        await self.dead_letter(entry, error, attempts)
+        await self.dead_letter(entry, error, attempts, DEAD_FAILED)
         return True
 
-    async def dead_letter(self, entry: Entry, error: str, attempts: int) -> None:
+    async def dead_letter(self, entry: Entry, error: str, attempts: int, reason: str) -> None:
         fields: dict[Any, Any] = dict(entry.fields)
         fields.update(
             {
@@ -199,14 +211,12 @@ class Recovery:
         if entry.frame is not None:
             pipe.delete(keys.attempts(entry.frame.stream, entry.frame.seq))
         await pipe.execute()
-        metrics.FRAMES_DEAD_LETTERED.inc()
+        metrics.FRAMES_DEAD_LETTERED.labels(reason).inc()
         log.error("frame %s dead-lettered after %d attempts: %s", entry.id, attempts, error)
 
-    async def forget_failures(self, entries: list[Entry]) -> None:
-        """Drop the failure counters of reclaimed frames that have now succeeded."""
-        names = [keys.attempts(e.frame.stream, e.frame.seq) for e in entries if e.reclaimed and e.frame]
-        if names:  # one DELETE per key: they may sit in different slots
-            pipe = self.redis.pipeline(transaction=False)
-            for name in names:
-                pipe.delete(name)
-            await pipe.execute()
+    def forget_failures_in(self, pipe: Pipeline, entries: list[Entry]) -> None:
+        """Queue in ``pipe`` the removal of the failure counters of reclaimed frames that have now
+        succeeded (one DELETE per key: they may sit in different slots)."""
+        for entry in entries:
+            if entry.reclaimed and entry.frame:
+                pipe.delete(keys.attempts(entry.frame.stream, entry.frame.seq))

@@ -23,8 +23,11 @@ from flowcloud import keys
 from flowcloud.frame_log import logged_frames, publish_blocking
 from flowcloud.frame_queue import ensure_group
 from flowcloud.frames import Frame
+from flowcloud.settings import WorkerSettings
 from services.gateway.publisher import UNASSIGNED_SEQ, FramePublisher
-from services.worker.recovery import Entry, load_entries
+from services.worker import backfill
+from services.worker.consumer import Worker
+from services.worker.recovery import Entry, Recovery, load_entries
 
 SHARDS = 3
 
@@ -97,6 +100,21 @@ def test_each_frames_bytes_are_written_once_and_its_shard_queue_holds_a_referenc
     client.close()
 
 
+def test_the_gateway_writes_once_through_a_server_that_lost_its_scripts(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.script_flush()  # a promoted replica, or a restarted server: every EVALSHA answers NOSCRIPT
+    names = [shard[0] for shard in streams_on_shards(2)]
+    frames = [frame(name, 0, 48, 64) for name in names for _ in range(3)]
+    publisher = publish_through_gateway(redis_url, frames, shards=2)
+    assert publisher.published == len(frames)
+    for name in names:
+        assert len(logged_frames(client, name)) == 3  # the append ran once, after the script was loaded
+        queue = keys.frame_shard(keys.shard_of(name, 2))
+        assert client.xlen(queue) == 3
+        assert [g["name"] for g in client.xinfo_groups(queue)] == [keys.WORKER_GROUP.encode()]  # trimmed
+    client.close()
+
+
 def test_the_lease_fences_off_frames_of_a_stale_generation(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.hset(keys.stream_meta("cam-1"), keys.M_GENERATION, 5)
@@ -150,6 +168,103 @@ def test_a_reference_whose_frame_left_its_log_is_acknowledged_and_counted(redis_
     assert evicted_total() - before == 250 - kept
     assert int(client.hget(keys.stream_meta("cam-e"), keys.M_EVICTED) or 0) == 250 - kept
     assert client.xpending(queue, keys.WORKER_GROUP)["pending"] == kept + 2  # the evicted ones acked
+    client.close()
+
+
+def test_a_backfill_reference_trimmed_while_pending_is_counted(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backfill, "CLAIM_IDLE_MS", 0)  # reclaim at once: no 30 s wait
+    client = redis.Redis.from_url(redis_url)
+    lane = keys.backfill_shard(0)
+    publish_blocking(
+        client, [dataclasses.replace(frame("cam-b", s, 48, 64), backfill=True) for s in range(1, 6)]
+    )
+
+    def trimmed_pending() -> float:
+        sample = REGISTRY.get_sample_value(
+            "flowcloud_worker_frames_dropped_total", {"reason": "trimmed_pending"}
+        )
+        return sample or 0.0
+
+    async def main() -> tuple[int, int]:
+        aclient = AsyncRedis.from_url(redis_url)
+        reader = backfill.BackfillLane(aclient, "w-dead")
+        first = await reader.read(10)  # read, never acknowledged: the worker died
+        client.xtrim(lane, maxlen=0, approximate=False)  # the lane's bound removed them meanwhile
+        again = await backfill.BackfillLane(aclient, "w-live").read(10)
+        await aclient.aclose()
+        return len(first), len(again)
+
+    before = trimmed_pending()
+    assert asyncio.run(main()) == (5, 0)
+    assert trimmed_pending() - before == 5
+    assert client.xpending(lane, keys.WORKER_GROUP)["pending"] == 0
+    client.close()
+
+
+def test_a_worker_acknowledges_frames_of_every_queue_and_forgets_their_failures(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    names = [shard[0] for shard in streams_on_shards(2)]
+    publish_blocking(client, [frame(name, 1, 48, 64) for name in names], shards=2)
+    publish_blocking(client, [dataclasses.replace(frame(names[0], 2, 48, 64), backfill=True)], shards=2)
+    queues = [keys.frame_shard(0), keys.frame_shard(1), keys.backfill_shard(keys.shard_of(names[0], 2))]
+    for name, seq in [(names[0], 1), (names[1], 1), (names[0], 2)]:
+        client.set(keys.attempts(name, seq), 1)  # each failed once before
+
+    async def main() -> None:
+        aclient = AsyncRedis.from_url(redis_url)
+        worker = Worker(WorkerSettings(frame_shards=2, name="w"), redis=aclient)
+        read: list[Entry] = []
+        for queue in queues:
+            await ensure_group(aclient, queue)
+            reply = await aclient.xreadgroup(keys.WORKER_GROUP, "w", {queue: ">"}, count=10)
+            read += await load_entries(aclient, queue, cast(list[Any], reply)[0][1])
+        for entry in read:
+            entry.deliveries = 2  # reclaimed: its failure counter goes once it succeeds
+        await worker._ack(read)
+        worker.cpu_pool.shutdown()
+        worker.infer_pool.shutdown()
+        await aclient.aclose()
+
+    asyncio.run(main())
+    assert [client.xpending(queue, keys.WORKER_GROUP)["pending"] for queue in queues] == [0, 0, 0]
+    assert not client.exists(
+        keys.attempts(names[0], 1), keys.attempts(names[1], 1), keys.attempts(names[0], 2)
+    )
+    client.close()
+
+
+def test_dead_letters_are_counted_by_reason(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    queue = keys.frame_shard(0)
+    publish_blocking(client, [frame("cam-d", 1, 48, 64)])
+    client.xadd(queue, {keys.F_STREAM: "cam-d", keys.F_SEQ: 2})  # names no frame: malformed
+
+    def dead(reason: str) -> float:
+        sample = REGISTRY.get_sample_value("flowcloud_worker_frames_dead_lettered_total", {"reason": reason})
+        return sample or 0.0
+
+    async def main() -> None:
+        aclient = AsyncRedis.from_url(redis_url)
+        recovery = Recovery(aclient, "w", max_attempts=2)
+        await ensure_group(aclient, queue)
+        reply = await aclient.xreadgroup(keys.WORKER_GROUP, "w", {queue: ">"}, count=10)
+        good, bad = await load_entries(aclient, queue, cast(list[Any], reply)[0][1])
+        assert await recovery.fail(bad, "unused")  # malformed: dead-lettered at once
+        assert [e.id for e in await recovery.claim(queue, 0, 10)] == [good.id]  # 2 deliveries: within the max
+        assert await recovery.claim(queue, 0, 10) == []  # a third delivery, never acknowledged
+        await aclient.aclose()
+
+    before = {reason: dead(reason) for reason in ("malformed", "failed", "redelivered")}
+    asyncio.run(main())
+    assert {reason: dead(reason) - count for reason, count in before.items()} == {
+        "malformed": 1,
+        "failed": 0,
+        "redelivered": 1,
+    }
+    assert client.xlen(keys.DEAD_LETTER_STREAM) == 2
+    assert client.xpending(queue, keys.WORKER_GROUP)["pending"] == 0
     client.close()
 
 

@@ -143,6 +143,7 @@ def test_worker_segments_drops_dead_letters_trims_and_drains(
         assert result_count(client, "cam-s") == 0
         assert metric(port, 'flowcloud_worker_frames_dropped_total{reason="stale"}') == 3
         assert metric(port, "flowcloud_worker_frames_dead_lettered_total") == 1
+        assert metric(port, 'flowcloud_worker_frames_dead_lettered_total{reason="failed"}') == 1
         assert metric(port, "flowcloud_worker_frames_processed_total") >= 8 + 12
         assert metric(port, "flowcloud_worker_end_to_end_latency_seconds_count") >= 20
 

@@ -170,16 +170,19 @@ def metric_samples(port: int, line_prefix: str) -> dict[str, float]:
 
 
 def all_judged(client: redis.Redis, shards: int = 1) -> bool:
-    """Every frame queued was read by the group and acknowledged (with a result or dropped)."""
+    """Every frame queued was read by the group and acknowledged (with a result or dropped); False
+    while no queue exists (nothing published yet, or published to other shards)."""
+    queued = False
     for shard in range(shards):
         queue = keys.frame_shard(shard)
         if not client.exists(queue):
             continue
+        queued = True
         groups = cast(list[dict[str, object]], client.xinfo_groups(queue))
         ours = [g for g in groups if g["name"] in (keys.WORKER_GROUP, keys.WORKER_GROUP.encode())]
         if not ours or ours[0]["lag"] != 0:
             return False
-    return pending_total(client, shards) == 0
+    return queued and pending_total(client, shards) == 0
 
 
 def results_of(client: redis.Redis, stream: str) -> list[MaskResult]:
