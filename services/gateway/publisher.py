@@ -45,7 +45,7 @@ from collections import Counter, deque
 from dataclasses import replace
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from flowcloud import frame_log, keys, stages
 from flowcloud.clock import RedisClock
@@ -61,6 +61,9 @@ STREAM_FRAMES_MAXLEN = 300
 BATCH_MAX = 64
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+# Redis could not take a batch: it is down, or (a cluster) its slots are not all served yet, as
+# while a replica takes over (RedisClusterException is no RedisError).
+REDIS_DOWN = (RedisError, RedisClusterException, OSError)
 
 
 UNASSIGNED_SEQ = 0  # a queued frame's seq: the publisher assigns the real one when it writes
@@ -86,6 +89,7 @@ class FramePublisher:
         self.stream_frames_ttl = stream_frames_ttl
         self.shards = shards
         self._queue: deque[Frame] = deque()
+        self._in_flight: list[Frame] = []  # the batch being written
         self._queue_max = queue_max
         self._wakeup = asyncio.Event()
         self._meta: dict[str, dict[str, str]] = {}  # stream -> fields still to write
@@ -137,12 +141,15 @@ class FramePublisher:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(self._task)
         except TimeoutError:
-            log.warning("publisher: %d frames left unpublished at shutdown", len(self._queue))
-            metrics.drop(metrics.DROP_REDIS_UNAVAILABLE, len(self._queue))
-            self._queue.clear()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            # The batch cut short (written in part at most) counts with the queue behind it.
+            left = len(self._in_flight) + len(self._queue)
+            log.warning("publisher: %d frames left unpublished at shutdown", left)
+            metrics.drop(metrics.DROP_REDIS_UNAVAILABLE, left)
+            self._in_flight = []
+            self._queue.clear()
 
     async def _run(self) -> None:
         backoff = BACKOFF_MIN
@@ -155,9 +162,12 @@ class FramePublisher:
                 continue
             batch = [self._queue.popleft() for _ in range(min(BATCH_MAX, len(self._queue)))]
             metrics.PUBLISH_QUEUE.set(len(self._queue))
+            self._in_flight = batch
             try:
                 await self._publish(batch)
-            except (RedisError, OSError) as exc:
+                self._in_flight = []  # (a cancelled publish leaves it for close() to count)
+            except REDIS_DOWN as exc:
+                self._in_flight = []
                 if batch:
                     metrics.drop(metrics.DROP_REDIS_UNAVAILABLE, len(batch))
                 if self.redis_up:
