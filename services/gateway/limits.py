@@ -22,14 +22,21 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp = clock()
 
-    def _refill(self) -> None:
-        now = self.clock()
+    def _refill(self, late: float = 0.0) -> None:
+        # Never before the last count: time only goes forward, so however ``late`` is chosen the
+        # tokens granted up to now stay at most ``burst + rate * elapsed``.
+        now = max(self._stamp, self.clock() - max(0.0, late))
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    def try_take(self, amount: float = 1.0) -> bool:
-        """Take ``amount`` tokens if there are that many; False (taking none) otherwise."""
-        self._refill()
+    def try_take(self, amount: float = 1.0, late: float = 0.0) -> bool:
+        """Take ``amount`` tokens if there are that many; False (taking none) otherwise.
+
+        ``late``: how long what is counted waited on this side before being counted (a reader that
+        stalled, then read a backlog at once). It is counted as of then, so a stall of the reader does
+        not turn a sender's steady rate into a burst; it cannot make the bucket grant more than its
+        rate over time, since a count is never placed before the previous one."""
+        self._refill(late)
         if self._tokens >= amount:
             self._tokens -= amount
             return True

@@ -7,7 +7,9 @@ RTP/H.264) and gives out the access units the decoder may have, each with its ti
    and access-unit sizes, drops broken access units until the next IDR, and ends the session
    after ``max_malformed`` malformed packets in a row;
 2. the device's frames/s token bucket (first: it also bounds the parsing work a device can cause);
-   above it, access units are dropped (``rate_limit``) and decoding resumes at the next IDR;
+   above it, access units are dropped (``rate_limit``) and decoding resumes at the next IDR. Each
+   unit counts as of its send time (a stall of this side's reader is no burst of the device's);
+   ``try_take`` keeps a lying send time from buying more than the rate;
 3. the SPS gate: each SPS is parsed (`flowcloud.protocol.sps`) before its access unit may reach the
    decoder. An SPS above the cap drops its access unit and every later one (``dimensions``) until
    an acceptable SPS with the same id arrives, then until the next IDR; an SPS that does not parse
@@ -148,7 +150,10 @@ class PacketPipeline:
 
     def _clear(self, units: Iterable[AccessUnit], recv_ts: float) -> Iterator[ClearedUnit]:
         for au in units:
-            if not self.frames.try_take():
+            sent_ts = au.send_time + self.clock_offset if au.send_time is not None else None
+            # Counted when the edge sent it: frames that waited in the socket while this side was
+            # stalled (a busy machine) are not a burst of the device's (`TokenBucket.try_take`).
+            if not self.frames.try_take(late=recv_ts - sent_ts if sent_ts is not None else 0.0):
                 self._drop(DROP_RATE_LIMIT)
                 self.await_idr(DROP_RATE_LIMIT)
                 continue
@@ -167,7 +172,6 @@ class PacketPipeline:
             if au.keyframe:
                 self.want_keyframe = False
             capture_ts = au.capture_time + self.clock_offset if au.capture_time is not None else recv_ts
-            sent_ts = au.send_time + self.clock_offset if au.send_time is not None else None
             yield ClearedUnit(au.to_annexb(), au.keyframe, UnitTimes(capture_ts, recv_ts, sent_ts))
 
     def _size_allowed(self, au: AccessUnit) -> bool:

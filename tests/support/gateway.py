@@ -67,14 +67,22 @@ def libx264_access_units(
     return encode_access_units(codec, pictures)
 
 
-def rtp_packets(access_units: list[list[bytes]], t0: float, fps: float = FPS, mtu: int = 1200) -> list[bytes]:
-    """RTP packets of the access units, each with its capture time t0 + i / fps."""
+def rtp_packets(
+    access_units: list[list[bytes]],
+    t0: float,
+    fps: float = FPS,
+    mtu: int = 1200,
+    sent: Callable[[int], float] | None = None,
+) -> list[bytes]:
+    """RTP packets of the access units, each with its capture time t0 + i / fps (and, given ``sent``,
+    the send time ``sent(i)``: the edge's, as `edge.sender` stamps it)."""
     packetizer = Packetizer(mtu=mtu)
     out: list[bytes] = []
     for i, nals in enumerate(access_units):
         capture = t0 + i / fps
         ts = packetizer.timestamp_of(i / fps)
-        out.extend(bytes(p) for p in packetizer.packetize(nals, ts, capture_time_extension(capture)))
+        extensions = capture_time_extension(capture, sent=None if sent is None else sent(i))
+        out.extend(bytes(p) for p in packetizer.packetize(nals, ts, extensions))
     return out
 
 

@@ -31,6 +31,19 @@ def test_token_bucket_try_take_and_refill() -> None:
     assert bucket.try_take(3) and not bucket.try_take(0.5)
 
 
+def test_token_bucket_counts_late_takes_at_their_time_never_before_the_last() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=1, clock=clock)
+    clock.now += 1.0
+    # Three takes read now that waited 1, 0.5 and 0 s: counted as of then, each finds a token.
+    assert all(bucket.try_take(late=late) for late in (1.0, 0.5, 0.0))
+    # A take claiming to be older than the last count is counted at the last count: no refill.
+    assert not bucket.try_take(late=5.0)
+    clock.now += 0.5
+    assert bucket.try_take(late=-3.0)  # (a negative wait is no wait) one token came back
+    assert not bucket.try_take()
+
+
 def test_token_bucket_take_returns_the_wait() -> None:
     clock = Clock()
     bucket = TokenBucket(rate=1000, burst=1000, clock=clock)

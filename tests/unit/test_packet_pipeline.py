@@ -79,6 +79,34 @@ def test_above_the_frame_rate_units_are_dropped_until_the_next_idr() -> None:
     assert p.dropped == {"rate_limit": 5, "await_idr": 5}
 
 
+def test_units_that_waited_for_a_stalled_reader_count_at_their_send_times() -> None:
+    """A steady 30 fps edge under a 40 fps limit (burst 5), read by a gateway that stalled for one
+    second and then read the whole second at once: no unit is over the rate, since each counts when
+    the edge sent it, not when the busy gateway got round to it."""
+    clock = Clock()
+    bucket = TokenBucket(40.0, 5.0, clock=clock)
+    p = PacketPipeline(LIMITS, bucket, OFFSET)
+    data = b"".join(frame(pk) for pk in rtp_packets(units(), T0, fps=FPS, sent=lambda i: T0 + i / FPS))
+    clock.now = 1.0  # one second on: the whole second is read now
+    out = list(p.feed(data, recv_ts=T0 + OFFSET + 1.0))
+    assert len(out) == 30 and not p.dropped
+    # The same bytes without send times (an older edge) are a burst, as before.
+    old = PacketPipeline(LIMITS, TokenBucket(40.0, 5.0, clock=clock), OFFSET)
+    assert len(list(old.feed(stream_bytes(), recv_ts=T0 + OFFSET + 1.0))) < 30
+
+
+def test_send_times_in_the_past_buy_no_more_than_the_rate() -> None:
+    """A device that sends a burst claiming send times spread over the last ten seconds gets no more
+    than the bucket's burst plus its rate over the time that really passed."""
+    clock = Clock()
+    bucket = TokenBucket(10.0, 5.0, clock=clock)
+    p = PacketPipeline(LIMITS, bucket, OFFSET)
+    data = b"".join(frame(pk) for pk in rtp_packets(units(), T0, fps=FPS, sent=lambda i: T0 - 10 + i / 3))
+    clock.now = 1.0  # one second since the bucket was full: 5 + 10 tokens at most
+    list(p.feed(data, recv_ts=T0 + OFFSET))
+    assert p.dropped["rate_limit"] >= 30 - 15
+
+
 def test_a_decoder_refusal_or_trouble_waits_for_the_next_idr() -> None:
     asked = iter(range(100))
     wanted: list[str] = []
