@@ -26,6 +26,7 @@ from flowcloud.bounded_stream import BoundedStream
 
 log = logging.getLogger(__name__)
 
+
 def live_queues(shards: int) -> list[str]:
     """The live shard queues of ``shards`` shards."""
     return [keys.frame_shard(shard) for shard in range(shards)]

@@ -337,7 +337,9 @@ class MaskStore:
     def _shard(self, shard: str) -> BoundedStream:
         if shard not in self._shards:
             fields = (keys.R_STREAM, keys.R_SEQ)
-            self._shards[shard] = BoundedStream(self.redis, shard, keys.ALERTS_GROUP, fields, create_group=False)
+            # Where no evaluator ever ran, nobody is owed the events: plain trimming, no group made.
+            bounded = BoundedStream(self.redis, shard, keys.ALERTS_GROUP, fields, create_group=False)
+            self._shards[shard] = bounded
         return self._shards[shard]
 
     async def _tenants_of(self, streams: set[str]) -> dict[str, str | None]:

@@ -48,8 +48,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from flowcloud import frame_log, keys, stages
-from flowcloud.clock import RedisClock
 from flowcloud.bounded_stream import Trim, parse_trim
+from flowcloud.clock import RedisClock
 from flowcloud.frame_queue import FrameQueue
 from flowcloud.frames import Frame
 from flowcloud.scripts import ScriptPipeline
@@ -321,4 +321,3 @@ class FramePublisher:
         return {
             stream: int(last) - count + 1 for (stream, count), last in zip(counts.items(), lasts, strict=True)
         }
-
