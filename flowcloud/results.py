@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from PIL import Image
 from prometheus_client import Counter
 
 from flowcloud import keys, share_index
+from flowcloud.bounded_stream import BoundedStream, parse_trim
 from flowcloud.labels import LabelSet
 from flowcloud.replies import text
 from flowcloud.scripts import ScriptPipeline
@@ -27,6 +29,8 @@ from flowcloud.stages import durations, stamps_of
 
 if TYPE_CHECKING:  # the edge's fallback model writes results without the redis package installed
     from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
 
 PRODUCER_CLOUD = "cloud"
 PRODUCER_EDGE = "edge"  # the edge's fallback model, while the cloud was unreachable
@@ -113,9 +117,18 @@ EVICTED_BYTES = Counter(
     "Bytes (metadata and label map) of the results evicted",
     ["reason"],
 )
+EVENTS_DROPPED = Counter(
+    "flowcloud_results_events_dropped_total",
+    "Result events removed from their results shard before the alert evaluators read them (those "
+    "results are never evaluated for alerts), by reason: trimmed_unread (more than the shard's bound "
+    "waited unread)",
+    ["reason"],
+)
+DROP_TRIMMED_UNREAD = "trimmed_unread"
 for _reason in ("count", "memory"):
     EVICTED.labels(_reason)
     EVICTED_BYTES.labels(_reason)
+EVENTS_DROPPED.labels(DROP_TRIMMED_UNREAD)
 
 
 def memory_member(stream: str, seq: int, size: int) -> str:
@@ -212,7 +225,10 @@ class MaskResult:
 class MaskStore:
     """Results in Redis: a hash per frame, a per-stream index sorted by sequence number, and the
     class-share indexes of ``flowcloud.share_index``; an event per new result on the results shard
-    of its stream (``results_shards``: the gateways' and workers' ``frame_shards``)."""
+    of its stream (``results_shards``: the gateways' and workers' ``frame_shards``), each shard
+    bounded by ``events_maxlen`` for the alert evaluators' group (flowcloud.bounded_stream: events
+    they have not read are trimmed only beyond the bound, and then counted; without the group, as
+    before any evaluator ran, the shard is trimmed plainly)."""
 
     def __init__(
         self,
@@ -221,16 +237,19 @@ class MaskStore:
         ttl_seconds: int = 24 * 3600,
         tenant_max_bytes: int = 0,
         results_shards: int = 1,
+        events_maxlen: int = share_index.RESULTS_STREAM_MAXLEN,
     ) -> None:
         self.redis = redis
         self.max_per_stream = max_per_stream
         self.ttl_seconds = ttl_seconds
         self.tenant_max_bytes = tenant_max_bytes  # 0: no memory budget
         self.results_shards = results_shards
+        self.events_maxlen = events_maxlen
         self._index = redis.register_script(INDEX_SCRIPT)
         self._account = redis.register_script(ACCOUNT_SCRIPT)
         self._evict = redis.register_script(EVICT_SCRIPT)
         self._tenants: dict[str, tuple[float, str | None]] = {}
+        self._shards: dict[str, BoundedStream] = {}  # results shard key -> its bound
 
     async def put_many(self, results: list[MaskResult]) -> int:
         """Persist and index results, then write their events and memory accounts, then mark them
@@ -281,21 +300,47 @@ class MaskStore:
         return sum(1 for reply in replies if reply == NEW)
 
     async def _follow_up(self, written: list[tuple[MaskResult, int]], tenants: dict[str, str | None]) -> None:
-        """What a result writes outside its stream's slot: its event on the results shard and, with
-        a memory budget, its tenant's account (once, whatever the retries)."""
+        """What a result writes outside its stream's slot: its event on the results shard (each
+        shard touched then trimmed to its bound, in the same round trip) and, with a memory budget,
+        its tenant's account (once, whatever the retries)."""
         pipe = ScriptPipeline(self.redis)
+        shards: list[str] = []
         for result, size in written:
             shard = keys.results_shard(keys.shard_of(result.stream, self.results_shards))
+            if shard not in shards:
+                shards.append(shard)
             event = share_index.result_event(
                 result.stream, result.seq, result.capture_ts, result.label_set, result.shares
             )
-            pipe.pipe.xadd(shard, event, maxlen=share_index.RESULTS_STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.pipe.xadd(shard, event)  # type: ignore[arg-type]
             tenant = tenants.get(result.stream)
             if tenant is not None:
                 member = memory_member(result.stream, result.seq, size)
                 account = [keys.tenant_memory(tenant), keys.tenant_usage(tenant)]
                 pipe.call(self._account, account, [member, repr(result.capture_ts), size])
-        await pipe.execute()
+        for shard in shards:
+            self._shard(shard).trim_in(pipe, self.events_maxlen)
+        replies = await pipe.execute()
+        for shard, reply in zip(shards, replies[-len(shards) :], strict=True):
+            trim = parse_trim(reply)
+            if trim.lost:
+                EVENTS_DROPPED.labels(DROP_TRIMMED_UNREAD).inc(len(trim.lost))
+                log.warning(
+                    "%s over its bound of %d unread result events: trimmed %d no alert evaluator had "
+                    "read, never evaluated for alerts (%s)",
+                    shard,
+                    self.events_maxlen,
+                    len(trim.lost),
+                    trim.describe(),
+                )
+
+    def _shard(self, shard: str) -> BoundedStream:
+        if shard not in self._shards:
+            fields = (keys.R_STREAM, keys.R_SEQ)
+            # Where no evaluator ever ran, nobody is owed the events: plain trimming, no group made.
+            bounded = BoundedStream(self.redis, shard, keys.ALERTS_GROUP, fields, create_group=False)
+            self._shards[shard] = bounded
+        return self._shards[shard]
 
     async def _tenants_of(self, streams: set[str]) -> dict[str, str | None]:
         """Each stream's tenant (as the gateway describes it), cached for TENANT_CACHE_SECONDS."""

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowcloud.keys import MAX_SHARDS
+from flowcloud.share_index import RESULTS_STREAM_MAXLEN
 from flowcloud.sizes import SizeText
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -282,6 +283,12 @@ class WorkerSettings(ServiceSettings):
     results_ttl: int = Field(86_400, ge=60, description="seconds a result is kept")
     results_tenant_max_bytes: int = Field(
         0, ge=0, description="bytes of results each tenant may keep; the oldest go first (0: no budget)"
+    )
+    results_events_maxlen: int = Field(
+        RESULTS_STREAM_MAXLEN,
+        ge=1,
+        description="result events kept per results shard for the alert evaluators; beyond, the oldest "
+        "unread ones are trimmed and counted",
     )
     metrics_port: int = Field(9102, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     compile: bool = Field(False, description="torch.compile the model (GPU)")

@@ -48,8 +48,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
 from flowcloud import frame_log, keys, stages
+from flowcloud.bounded_stream import Trim, parse_trim
 from flowcloud.clock import RedisClock
-from flowcloud.frame_queue import FrameQueue, parse_trim
+from flowcloud.frame_queue import FrameQueue
 from flowcloud.frames import Frame
 from flowcloud.scripts import ScriptPipeline
 from services.gateway import metrics
@@ -288,7 +289,7 @@ class FramePublisher:
             return written
         replies = await pipe.execute()
         for (queue, bound), reply in zip(bounds.items(), replies[-len(bounds) :], strict=True):
-            self._count_trimmed(parse_trim(reply).lost, queue, bound)
+            self._count_trimmed(parse_trim(reply), queue, bound)
         return written
 
     def _trimmer(self, queue: str) -> FrameQueue:
@@ -296,22 +297,19 @@ class FramePublisher:
             self._queues[queue] = FrameQueue(self.redis, queue)
         return self._queues[queue]
 
-    def _count_trimmed(self, lost: list[tuple[str, int]], queue: str, bound: int) -> None:
+    def _count_trimmed(self, trim: Trim, queue: str, bound: int) -> None:
         """Count and log frames the stream's bound removed before any worker read them."""
-        if not lost:
+        if not trim.lost:
             return
-        metrics.drop(metrics.DROP_TRIMMED_UNREAD, len(lost))
-        by_stream: dict[str, list[int]] = {}
-        for stream, seq in lost:
-            by_stream.setdefault(stream, []).append(seq)
-        self._trimmed.update({stream: len(seqs) for stream, seqs in by_stream.items()})
+        metrics.drop(metrics.DROP_TRIMMED_UNREAD, len(trim.lost))
+        self._trimmed.update({stream: len(seqs) for stream, seqs in trim.by_stream().items()})
         self._wakeup.set()
         log.warning(
             "%s over its bound of %d unread frames: trimmed %d no worker had read (%s)",
             queue,
             bound,
-            len(lost),
-            "; ".join(f"{stream} seqs {seq_ranges(seqs)}" for stream, seqs in by_stream.items()),
+            len(trim.lost),
+            trim.describe(),
         )
 
     async def _reserve_seqs(self, counts: Counter[str]) -> dict[str, int]:
@@ -323,17 +321,3 @@ class FramePublisher:
         return {
             stream: int(last) - count + 1 for (stream, count), last in zip(counts.items(), lasts, strict=True)
         }
-
-
-def seq_ranges(seqs: list[int]) -> str:
-    """``[1, 2, 3, 7]`` as ``1-3, 7``."""
-    out: list[str] = []
-    start = previous = seqs[0]
-    for seq in [*seqs[1:], None]:
-        if seq is not None and seq == previous + 1:
-            previous = seq
-            continue
-        out.append(str(start) if start == previous else f"{start}-{previous}")
-        if seq is not None:
-            start = previous = seq
-    return ", ".join(out)

@@ -66,6 +66,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     option("--results-max-per-stream", type=int)
     option("--results-ttl", type=int, metavar="SECONDS")
     option("--results-tenant-max-bytes", type=int, metavar="BYTES")
+    option("--results-events-maxlen", type=int)
     option("--dead-letter-maxlen", type=int)
     option("--heartbeat-interval", type=float, metavar="SECONDS")
     option("--poll-ms", type=int)

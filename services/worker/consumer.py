@@ -148,6 +148,7 @@ class Worker:
             settings.results_ttl,
             settings.results_tenant_max_bytes,
             results_shards=settings.frame_shards,
+            events_maxlen=settings.results_events_maxlen,
         )
         self.recovery = Recovery(self.redis, self.name, settings.max_attempts, settings.dead_letter_maxlen)
         self.backfill = BackfillLane(self.redis, self.name, settings.frame_shards)

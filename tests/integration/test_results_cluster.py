@@ -18,7 +18,15 @@ from support.api import describe_stream, make_key, running_api, share_result
 from flowcloud import alerts, keys
 from flowcloud.redis_client import connect_async
 from flowcloud.redis_cluster import EmbeddedRedisCluster
-from flowcloud.results import EVICTED, EVICTED_BYTES, PRODUCER_EDGE, MaskResult, MaskStore
+from flowcloud.results import (
+    DROP_TRIMMED_UNREAD,
+    EVENTS_DROPPED,
+    EVICTED,
+    EVICTED_BYTES,
+    PRODUCER_EDGE,
+    MaskResult,
+    MaskStore,
+)
 from flowcloud.settings import ApiSettings
 from flowcloud.share_index import index_call
 from services.alerts.evaluator import Evaluator, ResultEvent
@@ -201,6 +209,38 @@ def test_evaluator_reads_every_results_shard_fairly_and_fires_once(
             assert all(alerts.F_UNQUEUED not in f for f in fired)
             queued = cast(list[Any], await redis.xrange(keys.FIRINGS_STREAM))
             assert sorted(f[keys.FI_ID.encode()].decode() for _, f in queued) == expected
+        finally:
+            await redis.aclose()
+            await control.aclose()
+
+    asyncio.run(run())
+
+
+def test_results_shards_bound_counts_what_the_evaluators_never_read(
+    redis_cluster: EmbeddedRedisCluster, redis_cluster_url: str, redis_url: str
+) -> None:
+    """Every shard trimmed in the writes' round trip (one script per shard, on its master), each
+    unread event trimmed counted, the alerts group's lag true on every shard."""
+    streams = spread_streams(redis_cluster, "acme")
+
+    async def run() -> None:
+        redis = cluster_client(redis_cluster_url)
+        control = Redis.from_url(redis_url)
+        try:
+            evaluator = Evaluator(redis, "eval-1", 4, 60_000, 60.0, control=control, shards=SHARDS)
+            await evaluator.start()
+            store = MaskStore(redis, results_shards=SHARDS, events_maxlen=10)
+            before = EVENTS_DROPPED.labels(DROP_TRIMMED_UNREAD)._value.get()
+            await store.put_many([r for stream in streams for r in alternating(stream, 25)])
+            assert EVENTS_DROPPED.labels(DROP_TRIMMED_UNREAD)._value.get() - before == SHARDS * 15
+            for shard in range(SHARDS):
+                (group,) = cast(list[dict[str, Any]], await redis.xinfo_groups(keys.results_shard(shard)))
+                assert int(group["lag"]) == 10 and await redis.xlen(keys.results_shard(shard)) == 10
+            assert await evaluator.lag() == SHARDS * 10
+            seen = 0
+            while got := await evaluator.step(100):
+                seen += got
+            assert seen == SHARDS * 10 and await evaluator.lag() == 0
         finally:
             await redis.aclose()
             await control.aclose()
