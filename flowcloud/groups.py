@@ -1,6 +1,9 @@
-"""Consumer groups on Redis streams: created once, whoever comes first (BUSYGROUP is fine)."""
+"""Consumer groups on Redis streams: created once, whoever comes first (BUSYGROUP is fine); what
+an XAUTOCLAIM reply says about entries trimmed while pending."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -15,3 +18,10 @@ async def ensure_group(redis: Redis, stream: str, group: str, start: str) -> boo
             raise
         return False
     return True
+
+
+def trimmed_while_pending(reply: Any) -> list[bytes]:
+    """The ids an XAUTOCLAIM ``reply`` names as deleted: read through the group but trimmed from the
+    stream before anyone acknowledged them. Redis (7.0 on) has taken them out of the group's pending
+    list in the same command, so no later claim names them again: the caller counts them once."""
+    return list(reply[2]) if reply is not None and len(reply) > 2 and reply[2] else []

@@ -7,7 +7,9 @@ from prometheus_client import Counter, Gauge, Histogram
 RESULTS = Counter(
     "flowcloud_alerts_results_total",
     "Results read from the results stream, by outcome: evaluated (against at least one rule), "
-    "no_rules (none applies), late (a newer result of the stream was evaluated first), malformed",
+    "no_rules (none applies), late (a newer result of the stream was evaluated first), malformed, "
+    "trimmed_pending (read by an evaluator that died, trimmed from its shard before another "
+    "reclaimed it: never evaluated)",
     ["outcome"],
 )
 EVALUATIONS = Counter("flowcloud_alerts_evaluations_total", "(result, rule) pairs evaluated")
@@ -25,7 +27,7 @@ BATCH_SECONDS = Histogram(
 PENDING = Gauge("flowcloud_alerts_deliveries_in_flight", "Webhook deliveries in progress")
 REDIS_ERRORS = Counter("flowcloud_alerts_redis_errors_total", "Redis errors (the loop backs off and retries)")
 
-for outcome in ("evaluated", "no_rules", "late", "malformed"):
+for outcome in ("evaluated", "no_rules", "late", "malformed", "trimmed_pending"):
     RESULTS.labels(outcome)
 for outcome in ("ok", "failed", "dead"):
     DELIVERIES.labels(outcome)

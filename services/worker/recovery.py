@@ -27,6 +27,7 @@ from redis.asyncio.client import Pipeline
 
 from flowcloud import frame_log, keys
 from flowcloud.frames import Frame
+from flowcloud.groups import trimmed_while_pending
 from flowcloud.replies import text, text_keys
 
 from . import metrics
@@ -111,10 +112,10 @@ async def _count_evicted(redis: Redis, queue: str, evicted: list[Entry]) -> None
 def count_trimmed_pending(queue: str, reply: Any) -> None:
     """Count the references an XAUTOCLAIM ``reply`` on ``queue`` names as deleted: pending, but trimmed
     from the queue before any worker acknowledged them (Redis has removed them from the group)."""
-    if len(reply) > 2 and reply[2]:
-        metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(reply[2]))
+    if trimmed := trimmed_while_pending(reply):
+        metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(trimmed))
         log.warning(
-            "%d pending frames were trimmed from %s before a worker acknowledged them", len(reply[2]), queue
+            "%d pending frames were trimmed from %s before a worker acknowledged them", len(trimmed), queue
         )
 
 

@@ -1,5 +1,6 @@
 """The results shards' bound never loses a result event silently, and the alerts group's lag stays
-true (issue 16's no-silent-loss promise, on the events the alert evaluators read: issue 15).
+true (issue 16's no-silent-loss promise, on the events the alert evaluators read: issue 15): events
+trimmed unread are counted by the writer, events trimmed while pending by the evaluator reclaiming.
 
 The real MaskStore writes results to a real redis-server with a results-shard bound of 20; the real
 alert Evaluator reads them through its consumer group."""
@@ -16,6 +17,7 @@ from support.api import share_result
 
 from flowcloud import keys
 from flowcloud.results import DROP_TRIMMED_UNREAD, EVENTS_DROPPED, MaskResult, MaskStore
+from services.alerts import metrics
 from services.alerts.evaluator import Evaluator
 
 START = 1_700_000_000.0
@@ -30,6 +32,10 @@ def results(first: int, count: int) -> list[MaskResult]:
 
 def dropped() -> float:
     return cast(float, EVENTS_DROPPED.labels(DROP_TRIMMED_UNREAD)._value.get())
+
+
+def trimmed_pending() -> float:
+    return cast(float, metrics.RESULTS.labels("trimmed_pending")._value.get())
 
 
 async def alerts_group(redis: Redis) -> dict[str, Any]:
@@ -87,6 +93,40 @@ def test_a_results_shard_no_evaluator_reads_is_trimmed_plainly(redis_url: str) -
             assert await redis.xinfo_groups(SHARD) == []  # no group created: nobody is owed the events
             assert dropped() == before
             assert await redis.xlen(SHARD) <= MAXLEN + 100  # MAXLEN ~: whole nodes (100 entries) go
+        finally:
+            await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_events_trimmed_while_pending_for_a_dead_evaluator_are_counted_once(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            await Evaluator(redis, "eval-dead", 10, 60_000, 60.0).start()
+            store = MaskStore(redis, events_maxlen=MAXLEN)
+            unread_before, pending_before = dropped(), trimmed_pending()
+            await store.put_many(results(0, 10))
+            # An evaluator reads seqs 0-9 and dies before acknowledging them.
+            await redis.xreadgroup(keys.ALERTS_GROUP, "eval-dead", {SHARD: ">"}, 10)
+            await store.put_many(results(10, 30))  # 30 unread for a bound of 20: exact trim to 20
+            assert dropped() - unread_before == 10  # seqs 10-19, counted by the writer
+            assert int((await alerts_group(redis))["pending"]) == 10  # seqs 0-9: trimmed, still pending
+            live = Evaluator(redis, "eval-live", 5, 0, 60.0)  # reclaims at once: no idle wait
+            with caplog.at_level(logging.WARNING, logger="services.alerts.evaluator"):
+                seen = 0
+                while got := await live.step(100):
+                    seen += got
+            assert seen == MAXLEN  # seqs 20-39
+            assert trimmed_pending() - pending_before == 10  # seqs 0-9, over two claims of 5
+            assert f"trimmed from {SHARD}" in caplog.text
+            group = await alerts_group(redis)
+            assert int(group["pending"]) == 0 and int(group["lag"]) == 0
+            assert await live.step(100) == 0
+            assert trimmed_pending() - pending_before == 10  # they left the pending list: counted once
+            assert dropped() - unread_before == 10
         finally:
             await redis.aclose()
 
