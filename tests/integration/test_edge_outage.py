@@ -89,13 +89,19 @@ def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, re
         # The timeline (by seq) is in capture order, backfill included.
         timeline = sorted(live + backfill, key=lambda f: f.seq)
         assert [f.capture_ts for f in timeline] == sorted(f.capture_ts for f in timeline)
-        # Live kept its latency while the backfill drained (the gateway's start-up before it is not
-        # the backfill's doing: a fresh gateway starts its decoder processes then).
+        # Live kept its latency while the backfill drained. The new live session's first half second
+        # is not the backfill's doing: the fresh gateway, in this process, starts its decoder
+        # processes then, and the edge's first live frames waited for the handshake.
         received = [f.recv_ts for f in backfill if f.recv_ts > restarted_at]
         first, last = min(received), max(received)
-        during_backfill = [f for f in live if first - 0.2 <= f.recv_ts <= last + 0.2]
+        live_again = min(f.recv_ts for f in live if f.recv_ts > restarted_at)
+        during_backfill = [f for f in live if max(first - 0.2, live_again + 0.5) <= f.recv_ts <= last + 0.2]
         assert during_backfill
-        assert max(f.recv_ts - f.capture_ts for f in during_backfill) < REAL_TIME_BOUND
+        latencies = [round(f.recv_ts - f.capture_ts, 3) for f in during_backfill]
+        assert max(latencies) < REAL_TIME_BOUND, (
+            f"live latencies during the backfill ({last - first:.2f} s from {first - live_again:+.2f} s "
+            f"after live resumed): {latencies}"
+        )
 
     asyncio.run(main())
 
