@@ -89,6 +89,17 @@ def stack(
         yield running
 
 
+@pytest.fixture(autouse=True)
+def service_logs(stack: Stack) -> Iterator[None]:
+    """The tail of every service's log, printed after each test: pytest shows it when the test
+    fails (a CI run leaves no other trace of the processes)."""
+    yield
+    for running in stack.services:
+        if running.log_path is not None and running.log_path.exists():
+            print(f"--- {running.name} ({running.log_path}):")
+            print("\n".join(running.log_path.read_text(errors="replace").splitlines()[-25:]))
+
+
 def second_gateway(stack: Stack) -> Service:
     """Another gateway replica on the same cluster (the stack runs one), stopped with the stack."""
     port, metrics_port = free_port(), free_port()

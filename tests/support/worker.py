@@ -161,7 +161,14 @@ def metric(port: int, line_prefix: str) -> float:
 
 def metric_samples(port: int, line_prefix: str) -> dict[str, float]:
     """The samples on the worker's /metrics whose line starts with ``line_prefix``, by name and labels."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for attempt in range(3):  # a scrape cut by a reset is scraped again, as Prometheus would
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            break
+        except ConnectionResetError:
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
     return {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in body.splitlines()
