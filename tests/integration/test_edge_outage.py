@@ -46,7 +46,10 @@ def test_an_outage_is_spooled_and_backfilled_in_capture_order(tmp_path: Path, re
         settings = gateway_settings(redis_url)
         async with Gateway(settings).listen(port=0) as gw:
             port = gw.port
-            config = daemon_config(port, token=token, spool_dir=str(spool_dir), duration=60.0)
+            # Backfill at real-time pace: it drains over about OUTAGE seconds, time to watch live beside it.
+            config = daemon_config(
+                port, token=token, spool_dir=str(spool_dir), duration=60.0, backfill_speed=1.0
+            )
             daemon = EdgeDaemon(config, SyntheticSource(SYNTHETIC_SHAPE))
             edge = asyncio.create_task(daemon.run())
             assert await eventually(lambda: len(frames_on_redis(redis_url, "cam-1")) >= 15, 20)
