@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule, RuleStore
+from flowcloud.bounded_stream import BoundedStream, parse_trim
 from flowcloud.groups import ensure_group, trimmed_while_pending
 from flowcloud.replies import text
 from flowcloud.scripts import ScriptPipeline
@@ -105,6 +106,7 @@ class Evaluator:
         cache_seconds: float,
         control: Redis | None = None,
         shards: int = 1,
+        firings_maxlen: int = alerts.FIRINGS_STREAM_MAXLEN,
     ) -> None:
         self.redis = redis
         self.consumer = consumer
@@ -114,6 +116,11 @@ class Evaluator:
         self.shards = [keys.results_shard(i) for i in range(shards)]  # the workers' frame_shards
         self.rules = RuleStore(control or redis)  # rules live in the control plane
         self._script = redis.register_script(EVALUATE_SCRIPT)
+        self.firings_maxlen = firings_maxlen
+        # The delivery queue, bounded for the deliverers' group. Its entries carry a firing id and
+        # no seq (reported as 0). Where no deliverer ever ran, nobody is owed the firings: plain
+        # trimming, no group made (the deliverer creates its group from the first entry).
+        self.firings = BoundedStream(redis, keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP, (keys.FI_ID, ""), False)
         self._tenants: dict[str, tuple[float, str | None]] = {}
         self._rules: dict[str, tuple[float, list[AlertRule]]] = {}
         self._turn = 0  # the shard waited on next when every shard is empty
@@ -211,15 +218,26 @@ class Evaluator:
         queued (each command on one key: they live in other slots than the firing)."""
         if not firings:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = ScriptPipeline(self.redis)
         for event, rule in firings:
             fid = alerts.firing_id(rule.id, event.stream, event.seq)
-            pipe.zadd(keys.tenant_firings(rule.tenant), {fid: event.capture_ts})
-            pipe.zremrangebyrank(keys.tenant_firings(rule.tenant), 0, -(alerts.FIRINGS_KEPT + 1))
-            pipe.xadd(
-                keys.FIRINGS_STREAM, {keys.FI_ID: fid}, maxlen=alerts.FIRINGS_STREAM_MAXLEN, approximate=True
+            pipe.pipe.zadd(keys.tenant_firings(rule.tenant), {fid: event.capture_ts})
+            pipe.pipe.zremrangebyrank(keys.tenant_firings(rule.tenant), 0, -(alerts.FIRINGS_KEPT + 1))
+            pipe.pipe.xadd(keys.FIRINGS_STREAM, {keys.FI_ID: fid})
+        self.firings.trim_in(pipe, self.firings_maxlen)  # same round trip; one key, one slot
+        trim = parse_trim((await pipe.execute())[-1])
+        if trim.lost:
+            ids = [fid for fid, _seq in trim.lost]
+            metrics.FIRINGS_DROPPED.labels("trimmed_unread").inc(len(ids))
+            log.warning(
+                "%s over its bound of %d undelivered firings: trimmed %d no webhook deliverer had read, "
+                "never delivered (firings %s to %s)",
+                keys.FIRINGS_STREAM,
+                self.firings_maxlen,
+                len(ids),
+                ids[0],
+                ids[-1],
             )
-        await pipe.execute()
         pipe = self.redis.pipeline(transaction=False)
         for event, rule in firings:
             pipe.hdel(
