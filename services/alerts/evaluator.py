@@ -214,8 +214,10 @@ class Evaluator:
         self.evaluated += len(entries)
 
     async def _queue(self, firings: list[tuple[ResultEvent, AlertRule]]) -> None:
-        """Index recorded firings for their tenant and queue them for delivery, then mark them
-        queued (each command on one key: they live in other slots than the firing)."""
+        """Index recorded firings for their tenant and queue them for delivery, the queue then
+        trimmed to its bound in the same round trip (counting the firings no deliverer had read
+        that it removed), then mark them queued (each command and the trim on one key: they live
+        in other slots than the firing)."""
         if not firings:
             return
         pipe = ScriptPipeline(self.redis)
@@ -238,13 +240,13 @@ class Evaluator:
                 ids[0],
                 ids[-1],
             )
-        pipe = self.redis.pipeline(transaction=False)
+        done = self.redis.pipeline(transaction=False)
         for event, rule in firings:
-            pipe.hdel(
+            done.hdel(
                 keys.alert_firing(event.stream, alerts.firing_id(rule.id, event.stream, event.seq)),
                 alerts.F_UNQUEUED,
             )
-        await pipe.execute()
+        await done.execute()
 
     def _call(self, rule: AlertRule, event: ResultEvent) -> tuple[list[str], list[Any]]:
         share = event.shares.get(rule.class_name, 0.0)

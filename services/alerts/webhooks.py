@@ -8,6 +8,8 @@ exponential backoff; the count of tries is kept in the firing, so a restarted ev
 counting. After the last try the firing goes to ``keys.WEBHOOK_DEAD_LETTER``. The firing's status
 is checked before each POST and set right after the answer: only an evaluator killed between a
 receiver's 2xx and that write sends a firing twice (at-least-once delivery).
+Firings trimmed from the queue's bound (the evaluator's) while pending for a deliverer that died
+are named as deleted by the next one's reclaim (XAUTOCLAIM): counted and logged, once.
 """
 
 from __future__ import annotations
