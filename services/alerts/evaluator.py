@@ -73,6 +73,15 @@ return 1
 """
 FIRED, UNQUEUED = 1, 2
 
+# KEYS: a firing hash. ARGV: the error. A firing trimmed from the delivery queue unread is never
+# delivered: one still pending is marked dead with why (one recorded without a webhook stays so).
+TRIMMED_SCRIPT = f"""
+if redis.call('HGET', KEYS[1], '{alerts.F_STATUS}') ~= '{alerts.STATUS_PENDING}' then return 0 end
+redis.call('HSET', KEYS[1], '{alerts.F_STATUS}', '{alerts.STATUS_DEAD}', '{alerts.F_LAST_ERROR}', ARGV[1])
+return 1
+"""
+TRIMMED_ERROR = "trimmed from the delivery queue before a webhook deliverer read it"
+
 
 ShardEntry = tuple[str, bytes, dict[bytes, bytes]]  # (results shard, entry id, fields)
 
@@ -117,6 +126,7 @@ class Evaluator:
         self.rules = RuleStore(control or redis)  # rules live in the control plane
         self._script = redis.register_script(EVALUATE_SCRIPT)
         self.firings_maxlen = firings_maxlen
+        self._trimmed = redis.register_script(TRIMMED_SCRIPT)
         # The delivery queue, bounded for the deliverers' group. Its entries carry a firing id and
         # no seq (reported as 0). Where no deliverer ever ran, nobody is owed the firings: plain
         # trimming, no group made (the deliverer creates its group from the first entry).
@@ -215,9 +225,9 @@ class Evaluator:
 
     async def _queue(self, firings: list[tuple[ResultEvent, AlertRule]]) -> None:
         """Index recorded firings for their tenant and queue them for delivery, the queue then
-        trimmed to its bound in the same round trip (counting the firings no deliverer had read
-        that it removed), then mark them queued (each command and the trim on one key: they live
-        in other slots than the firing)."""
+        trimmed to its bound in the same round trip (the firings no deliverer had read that it
+        removed are counted, and marked dead if pending), then mark them queued (each command and
+        script on one key: they live in other slots than the firing)."""
         if not firings:
             return
         pipe = ScriptPipeline(self.redis)
@@ -240,6 +250,12 @@ class Evaluator:
                 ids[0],
                 ids[-1],
             )
+            marks = ScriptPipeline(self.redis)
+            for fid in ids:
+                marks.call(
+                    self._trimmed, [keys.alert_firing(alerts.firing_stream(fid), fid)], [TRIMMED_ERROR]
+                )
+            await marks.execute()
         done = self.redis.pipeline(transaction=False)
         for event, rule in firings:
             done.hdel(

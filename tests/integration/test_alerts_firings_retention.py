@@ -15,11 +15,11 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from flowcloud import keys
+from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule
 from flowcloud.groups import ensure_group
 from services.alerts import metrics
-from services.alerts.evaluator import Evaluator, ResultEvent
+from services.alerts.evaluator import TRIMMED_ERROR, Evaluator, ResultEvent
 from services.alerts.webhooks import WebhookDeliverer
 
 MAXLEN = 20
@@ -32,6 +32,10 @@ def firings(first: int, count: int) -> list[tuple[ResultEvent, AlertRule]]:
         (ResultEvent(STREAM, seq, 1_700_000_000.0 + seq, {"person": 0.5}), RULE)
         for seq in range(first, first + count)
     ]
+
+
+def firing_key(seq: int) -> str:
+    return keys.alert_firing(STREAM, alerts.firing_id(RULE.id, STREAM, seq))
 
 
 def dropped(reason: str) -> float:
@@ -66,6 +70,9 @@ def test_firings_no_deliverer_has_read_are_counted_when_trimmed(
         try:
             await ensure_group(redis, keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP, "0")  # as the service does
             evaluator = Evaluator(redis, "eval-1", 5, 60_000, 60.0, firings_maxlen=MAXLEN)
+            statuses = {5: alerts.STATUS_PENDING, 6: alerts.STATUS_RECORDED, 30: alerts.STATUS_PENDING}
+            for seq, status in statuses.items():
+                await redis.hset(firing_key(seq), alerts.F_STATUS, status)
             before = dropped("trimmed_unread")
             await evaluator._queue(firings(0, 5))
             await redis.xreadgroup(keys.WEBHOOK_GROUP, "hook-1", {keys.FIRINGS_STREAM: ">"}, 5)
@@ -76,6 +83,13 @@ def test_firings_no_deliverer_has_read_are_counted_when_trimmed(
             assert dropped("trimmed_unread") - before == 20
             assert f"firings r1.{STREAM}.5 to r1.{STREAM}.14" in caplog.text
             assert await redis.xlen(keys.FIRINGS_STREAM) == MAXLEN
+            # Trimmed unread: pending becomes dead, with why; recorded (no webhook) stays; kept ones too.
+            assert await redis.hget(firing_key(5), alerts.F_STATUS) == alerts.STATUS_DEAD.encode()
+            assert await redis.hget(firing_key(5), alerts.F_LAST_ERROR) == TRIMMED_ERROR.encode()
+            assert await redis.hget(firing_key(6), alerts.F_STATUS) == alerts.STATUS_RECORDED.encode()
+            assert await redis.hget(firing_key(30), alerts.F_STATUS) == alerts.STATUS_PENDING.encode()
+            assert not await redis.exists(firing_key(7))  # an expired firing is not made again
+            await redis.delete(firing_key(30))  # a bare hash: nothing for the deliverer to post
             group = await webhook_group(redis)
             assert int(group["lag"]) == MAXLEN  # true: what is left to read
             live = deliverer(redis, "hook-2", 60_000)
