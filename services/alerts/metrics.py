@@ -18,7 +18,8 @@ FIRINGS_DROPPED = Counter(
     "flowcloud_alerts_firings_dropped_total",
     "Firings removed from the delivery queue before a webhook deliverer handled them, by reason: "
     "trimmed_unread (over the queue's bound, never read by a deliverer), trimmed_pending (read by a "
-    "deliverer that died, trimmed before another reclaimed it). Their firing hashes stay as they were",
+    "deliverer that died, trimmed before another reclaimed it). A firing trimmed unread, if pending, "
+    "is marked dead",
     ["reason"],
 )
 DELIVERIES = Counter(
