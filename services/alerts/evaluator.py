@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule, RuleStore
+from flowcloud.bounded_stream import BoundedStream, parse_trim
 from flowcloud.groups import ensure_group, trimmed_while_pending
 from flowcloud.replies import text
 from flowcloud.scripts import ScriptPipeline
@@ -72,6 +73,15 @@ return 1
 """
 FIRED, UNQUEUED = 1, 2
 
+# KEYS: a firing hash. ARGV: the error. A firing trimmed from the delivery queue unread is never
+# delivered: one still pending is marked dead with why (one recorded without a webhook stays so).
+TRIMMED_SCRIPT = f"""
+if redis.call('HGET', KEYS[1], '{alerts.F_STATUS}') ~= '{alerts.STATUS_PENDING}' then return 0 end
+redis.call('HSET', KEYS[1], '{alerts.F_STATUS}', '{alerts.STATUS_DEAD}', '{alerts.F_LAST_ERROR}', ARGV[1])
+return 1
+"""
+TRIMMED_ERROR = "trimmed from the delivery queue before a webhook deliverer read it"
+
 
 ShardEntry = tuple[str, bytes, dict[bytes, bytes]]  # (results shard, entry id, fields)
 
@@ -105,6 +115,7 @@ class Evaluator:
         cache_seconds: float,
         control: Redis | None = None,
         shards: int = 1,
+        firings_maxlen: int = alerts.FIRINGS_STREAM_MAXLEN,
     ) -> None:
         self.redis = redis
         self.consumer = consumer
@@ -114,6 +125,12 @@ class Evaluator:
         self.shards = [keys.results_shard(i) for i in range(shards)]  # the workers' frame_shards
         self.rules = RuleStore(control or redis)  # rules live in the control plane
         self._script = redis.register_script(EVALUATE_SCRIPT)
+        self.firings_maxlen = firings_maxlen
+        self._trimmed = redis.register_script(TRIMMED_SCRIPT)
+        # The delivery queue, bounded for the deliverers' group. Its entries carry a firing id and
+        # no seq (reported as 0). Where no deliverer ever ran, nobody is owed the firings: plain
+        # trimming, no group made (the deliverer creates its group from the first entry).
+        self.firings = BoundedStream(redis, keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP, (keys.FI_ID, ""), False)
         self._tenants: dict[str, tuple[float, str | None]] = {}
         self._rules: dict[str, tuple[float, list[AlertRule]]] = {}
         self._turn = 0  # the shard waited on next when every shard is empty
@@ -207,26 +224,45 @@ class Evaluator:
         self.evaluated += len(entries)
 
     async def _queue(self, firings: list[tuple[ResultEvent, AlertRule]]) -> None:
-        """Index recorded firings for their tenant and queue them for delivery, then mark them
-        queued (each command on one key: they live in other slots than the firing)."""
+        """Index recorded firings for their tenant and queue them for delivery, the queue then
+        trimmed to its bound in the same round trip (the firings no deliverer had read that it
+        removed are counted, and marked dead if pending), then mark them queued (each command and
+        script on one key: they live in other slots than the firing)."""
         if not firings:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = ScriptPipeline(self.redis)
         for event, rule in firings:
             fid = alerts.firing_id(rule.id, event.stream, event.seq)
-            pipe.zadd(keys.tenant_firings(rule.tenant), {fid: event.capture_ts})
-            pipe.zremrangebyrank(keys.tenant_firings(rule.tenant), 0, -(alerts.FIRINGS_KEPT + 1))
-            pipe.xadd(
-                keys.FIRINGS_STREAM, {keys.FI_ID: fid}, maxlen=alerts.FIRINGS_STREAM_MAXLEN, approximate=True
+            pipe.pipe.zadd(keys.tenant_firings(rule.tenant), {fid: event.capture_ts})
+            pipe.pipe.zremrangebyrank(keys.tenant_firings(rule.tenant), 0, -(alerts.FIRINGS_KEPT + 1))
+            pipe.pipe.xadd(keys.FIRINGS_STREAM, {keys.FI_ID: fid})
+        self.firings.trim_in(pipe, self.firings_maxlen)  # same round trip; one key, one slot
+        trim = parse_trim((await pipe.execute())[-1])
+        if trim.lost:
+            ids = [fid for fid, _seq in trim.lost]
+            metrics.FIRINGS_DROPPED.labels("trimmed_unread").inc(len(ids))
+            log.warning(
+                "%s over its bound of %d undelivered firings: trimmed %d no webhook deliverer had read, "
+                "never delivered (firings %s to %s)",
+                keys.FIRINGS_STREAM,
+                self.firings_maxlen,
+                len(ids),
+                ids[0],
+                ids[-1],
             )
-        await pipe.execute()
-        pipe = self.redis.pipeline(transaction=False)
+            marks = ScriptPipeline(self.redis)
+            for fid in ids:
+                marks.call(
+                    self._trimmed, [keys.alert_firing(alerts.firing_stream(fid), fid)], [TRIMMED_ERROR]
+                )
+            await marks.execute()
+        done = self.redis.pipeline(transaction=False)
         for event, rule in firings:
-            pipe.hdel(
+            done.hdel(
                 keys.alert_firing(event.stream, alerts.firing_id(rule.id, event.stream, event.seq)),
                 alerts.F_UNQUEUED,
             )
-        await pipe.execute()
+        await done.execute()
 
     def _call(self, rule: AlertRule, event: ResultEvent) -> tuple[list[str], list[Any]]:
         share = event.shares.get(rule.class_name, 0.0)

@@ -14,6 +14,14 @@ RESULTS = Counter(
 )
 EVALUATIONS = Counter("flowcloud_alerts_evaluations_total", "(result, rule) pairs evaluated")
 FIRINGS = Counter("flowcloud_alerts_firings_total", "Alert firings recorded")
+FIRINGS_DROPPED = Counter(
+    "flowcloud_alerts_firings_dropped_total",
+    "Firings removed from the delivery queue before a webhook deliverer handled them, by reason: "
+    "trimmed_unread (over the queue's bound, never read by a deliverer), trimmed_pending (read by a "
+    "deliverer that died, trimmed before another reclaimed it). A firing trimmed unread, if pending, "
+    "is marked dead",
+    ["reason"],
+)
 DELIVERIES = Counter(
     "flowcloud_alerts_webhook_deliveries_total",
     "Webhook tries by outcome: ok, failed (retried later) or dead (the last try failed)",
@@ -29,5 +37,7 @@ REDIS_ERRORS = Counter("flowcloud_alerts_redis_errors_total", "Redis errors (the
 
 for outcome in ("evaluated", "no_rules", "late", "malformed", "trimmed_pending"):
     RESULTS.labels(outcome)
+for reason in ("trimmed_unread", "trimmed_pending"):
+    FIRINGS_DROPPED.labels(reason)
 for outcome in ("ok", "failed", "dead"):
     DELIVERIES.labels(outcome)

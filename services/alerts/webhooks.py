@@ -8,6 +8,8 @@ exponential backoff; the count of tries is kept in the firing, so a restarted ev
 counting. After the last try the firing goes to ``keys.WEBHOOK_DEAD_LETTER``. The firing's status
 is checked before each POST and set right after the answer: only an evaluator killed between a
 receiver's 2xx and that write sends a firing twice (at-least-once delivery).
+Firings trimmed from the queue's bound (the evaluator's) while pending for a deliverer that died
+are named as deleted by the next one's reclaim (XAUTOCLAIM): counted and logged, once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import httpx
 from redis.asyncio import Redis
 
 from flowcloud import alerts, keys
+from flowcloud.groups import trimmed_while_pending
 
 from . import metrics
 
@@ -76,6 +79,14 @@ class WebhookDeliverer:
         self._slots.release()
         stream, group, me = keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP, self.consumer
         claimed: Any = await self.redis.xautoclaim(stream, group, me, self.claim_idle_ms, "0-0", 64)
+        if trimmed := trimmed_while_pending(claimed):
+            metrics.FIRINGS_DROPPED.labels("trimmed_pending").inc(len(trimmed))
+            log.warning(
+                "%d firings pending for a dead webhook deliverer were trimmed from %s before another "
+                "reclaimed them: never delivered",
+                len(trimmed),
+                stream,
+            )
         # One of ours still retrying shows as idle too: it is not started twice.
         entries = [e for e in claimed[1] if e[1] and e[0] not in self._tasks] if claimed else []
         if not entries:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from support.api import describe_stream, make_key, running_api, share_result
 
 from flowcloud import alerts, keys
+from flowcloud.groups import ensure_group
 from flowcloud.redis_client import connect_async
 from flowcloud.redis_cluster import EmbeddedRedisCluster
 from flowcloud.results import (
@@ -29,6 +30,7 @@ from flowcloud.results import (
 )
 from flowcloud.settings import ApiSettings
 from flowcloud.share_index import index_call
+from services.alerts import metrics as alerts_metrics
 from services.alerts.evaluator import Evaluator, ResultEvent
 
 START = 1_700_000_000.0
@@ -212,6 +214,43 @@ def test_evaluator_reads_every_results_shard_fairly_and_fires_once(
         finally:
             await redis.aclose()
             await control.aclose()
+
+    asyncio.run(run())
+
+
+def test_firings_trimmed_unread_are_counted_and_marked_dead_on_every_slot(
+    redis_cluster: EmbeddedRedisCluster, redis_cluster_url: str
+) -> None:
+    """The firings queue's trim rides the queueing round trip (one key: one slot); the firings it
+    removes unread are marked dead where they live, on every master."""
+    streams = spread_streams(redis_cluster, "acme")
+    rule = alerts.AlertRule("r1", "acme", "person", "above", 0.05)
+
+    async def run() -> None:
+        redis = cluster_client(redis_cluster_url)
+        try:
+            await ensure_group(redis, keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP, "0")
+            evaluator = Evaluator(redis, "eval-1", 4, 60_000, 60.0, shards=SHARDS, firings_maxlen=10)
+            queued = [
+                (ResultEvent(s, seq, START + seq, {"person": 0.5}), rule) for seq in range(4) for s in streams
+            ]
+            ids = [alerts.firing_id(rule.id, e.stream, e.seq) for e, _ in queued]
+            for (event, _), fid in zip(queued, ids, strict=True):
+                await redis.hset(keys.alert_firing(event.stream, fid), alerts.F_STATUS, alerts.STATUS_PENDING)
+            before = cast(float, alerts_metrics.FIRINGS_DROPPED.labels("trimmed_unread")._value.get())
+            await evaluator._queue(queued)
+            lost = len(queued) - 10
+            assert alerts_metrics.FIRINGS_DROPPED.labels("trimmed_unread")._value.get() - before == lost
+            statuses = [
+                await redis.hget(keys.alert_firing(e.stream, fid), alerts.F_STATUS)
+                for (e, _), fid in zip(queued, ids, strict=True)
+            ]
+            assert statuses == [alerts.STATUS_DEAD.encode()] * lost + [alerts.STATUS_PENDING.encode()] * 10
+            assert {e.stream for e, _ in queued[:lost]} == set(streams)  # over every slot
+            (group,) = cast(list[dict[str, Any]], await redis.xinfo_groups(keys.FIRINGS_STREAM))
+            assert int(group["lag"]) == 10
+        finally:
+            await redis.aclose()
 
     asyncio.run(run())
 
