@@ -76,6 +76,7 @@ GOAWAY_CUT_TIMEOUT = 1.0  # seconds after a GOAWAY that the sender waits for an 
 GOAWAY_CLOSE_TIMEOUT = 10.0  # seconds it then waits for the gateway to close (it publishes meanwhile)
 END_CLOSE_TIMEOUT = 3.0  # seconds the sender waits for the gateway to close once the source has ended
 REPORT_TTL = 0.5  # seconds a delay report counts: then no live access unit has arrived since
+REPORT_WINDOW = 0.15  # seconds the path's delay must have held (reports in a row) to count
 SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not sent yet (unacked ones excluded)
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, Accept, ClockSync]
 
@@ -105,29 +106,35 @@ def unsent_bytes(writer: asyncio.StreamWriter) -> int:
 
 
 class PathDelay:
-    """The gateway's delay reports on one live session, as the queuing delay on the path: the
-    newest report's rise above the session's lowest (the path's base delay and the clock offset's
-    error cancel out). A report counts for ``ttl`` seconds: none since means no live access unit
+    """The gateway's delay reports on one live session, as the queuing delay on the path: the rise
+    above the session's lowest report (the path's base delay and the clock offset's error cancel
+    out) that has held for ``window`` seconds, the lowest of the reports since then and of the last
+    one before. A lone high report is a receiver that paused (a gateway starting its decoders),
+    then read the backlog at once, not a path that cannot keep up: the next report is low again.
+    Reports count for ``ttl`` seconds after the newest: none since means no live access unit
     arrived (the edge spools, or the session is new), and a queue that delivers nothing is no
     longer late live video."""
 
-    def __init__(self, ttl: float = REPORT_TTL) -> None:
-        self.ttl = ttl
+    def __init__(self, ttl: float = REPORT_TTL, window: float = REPORT_WINDOW) -> None:
+        self.ttl, self.window = ttl, window
         self.reset()
 
     def reset(self) -> None:
         """A new session: its path, and its clock offset, may differ."""
         self._lowest = float("inf")
-        self._latest = 0.0
-        self._at = float("-inf")
+        self._reports: deque[tuple[float, float]] = deque()  # (when, delay), oldest first
 
     def report(self, delay: float, now: float) -> None:
         self._lowest = min(self._lowest, delay)
-        self._latest, self._at = delay, now
+        self._reports.append((now, delay))
+        while len(self._reports) > 1 and self._reports[1][0] <= now - self.window:
+            self._reports.popleft()  # (the newest report from before the window stays)
 
     def queued(self, now: float) -> float:
-        """Seconds live video waits on the path now, as last reported (0: no fresh report)."""
-        return self._latest - self._lowest if now - self._at <= self.ttl else 0.0
+        """Seconds live video has been waiting on the path for ``window`` seconds (0: no fresh report)."""
+        if not self._reports or now - self._reports[-1][0] > self.ttl:
+            return 0.0
+        return min(delay for _, delay in self._reports) - self._lowest
 
 
 class FatalRejection(Exception):

@@ -58,14 +58,18 @@ def test_the_gateway_reports_the_newest_delay_at_most_every_interval() -> None:
     asyncio.run(main())
 
 
-def test_the_edge_reads_the_rise_above_the_lowest_while_reports_are_fresh() -> None:
-    path = PathDelay(ttl=0.5)
+def test_the_edge_reads_a_rise_above_the_lowest_that_holds_while_reports_are_fresh() -> None:
+    path = PathDelay(ttl=0.5, window=0.3)
     assert path.queued(10.0) == 0.0  # no report yet
     path.report(0.35, 10.0)  # the base delay (a far link), or a clock offset error
     assert path.queued(10.1) == 0.0
-    path.report(1.0, 10.2)
-    assert path.queued(10.3) == pytest.approx(0.65)  # queued on the path above the base
-    assert path.queued(10.71) == 0.0  # stale: no live access unit arrived since
+    path.report(1.35, 10.1)  # a lone high report: the gateway paused, then read the backlog at once
+    path.report(0.36, 10.2)
+    assert path.queued(10.2) == 0.0  # (it counts for nothing)
+    for i, delay in enumerate((0.6, 0.8, 1.0, 1.2)):  # the path's queue grows: it has held
+        path.report(delay, 10.3 + i / 10)
+    assert path.queued(10.6) == pytest.approx(0.6 - 0.35)  # the lowest of the last 0.3 s and the one before
+    assert path.queued(11.11) == 0.0  # stale: no live access unit arrived since
     path.reset()  # a new session: a new path and clock offset
-    path.report(2.0, 11.0)
-    assert path.queued(11.0) == 0.0
+    path.report(2.0, 12.0)
+    assert path.queued(12.0) == 0.0
