@@ -257,11 +257,12 @@ def test_a_link_slower_than_the_encoder_spools_whole_gops_and_loses_nothing(
     # Live latency while the link was capped stays within the real-time bound. The edge spools once
     # the reported delay passes its 0.5 s bound; by then the frames it is sending are later still (a
     # report is as old as the delay it reports: at half rate a frame sent as the report says 0.5 s
-    # arrives about 0.75 s late), it spools from the next IDR on (a 10-frame GOP: up to 0.17 s more)
-    # reports come every 0.1 s, and the edge counts a delay only once two reports in a row show it
-    # (one alone is a receiver that paused): about 1.2 s at worst (measured p95 1.2 to 1.35 s, max
-    # 1.45 s, on the shared 2-core machine); the rest of the bound is for a loaded machine. Without the reports the delay grows until the link's 256 KiB
-    # queue and its socket are full (13 s at this rate); with a queue of 8 KiB, to about 1.9 s.
+    # arrives about 0.75 s late), it spools from the next IDR on (a 10-frame GOP: up to 0.17 s
+    # more), reports come every 0.1 s, and the edge counts a delay only once two reports in a row
+    # show it (one alone is a receiver that paused): about 1.2 s at worst (measured p95 1.2 to
+    # 1.35 s, max 1.45 s, on the shared 2-core machine); the rest of the bound is for a loaded
+    # machine. Without the reports the delay grows until the link's 256 KiB queue and its socket
+    # are full (13 s at this rate); with a queue of 8 KiB, to about 1.9 s.
     capped = sorted(f.recv_ts - f.capture_ts for f in live if capped_at <= f.capture_ts <= uncapped_at)
     assert len(capped) >= 10
     p95 = capped[int(0.95 * (len(capped) - 1))]
