@@ -128,9 +128,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "and are counted. After a reconnect live frames go first and the spool drains beside them on "
         "a second connection at --backfill-bitrate (default 2 Mbit/s) and at most twice the frame "
         "rate; the backfilled frames keep their capture times and are segmented by spare worker "
-        "capacity. A link slower than the encoder spools too: while connected, once a queued frame "
-        "has waited --spool-backlog seconds (default 0.5), whole GOPs go to the spool instead of being "
-        "dropped, and live resumes at an IDR when the queue has caught up. Without --spool, frames "
+        "capacity. A link slower than the encoder spools too: while connected, once live video is "
+        "late by --spool-backlog seconds (default 0.5; queued on the edge, or on the path as the "
+        "gateway's delay reports show), whole GOPs go to the spool instead of being dropped, and "
+        "live resumes at an IDR when it has caught up. Without --spool, frames "
         "captured offline are dropped (counted). With "
         "--fallback-model, after --fallback-after seconds (default 10) without the cloud the edge "
         "segments up to --fallback-fps pictures a second (default 1; fewer when its CPU allows "
@@ -141,7 +142,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     outage.add_argument("--spool-max-bytes", type=int, metavar="N", help="spool cap in bytes")
     outage.add_argument("--spool-max-age", type=float, metavar="S", help="spool cap in seconds of age")
     outage.add_argument(
-        "--spool-backlog", type=float, metavar="S", help="queue wait (s) above which GOPs go to the spool"
+        "--spool-backlog", type=float, metavar="S", help="live lateness (s) above which GOPs go to the spool"
     )
     outage.add_argument("--backfill-bitrate", type=int, metavar="BPS", help="backfill's share of the link")
     outage.add_argument(

@@ -58,7 +58,7 @@ class DaemonConfig:
     spool_max_bytes: int = 1 << 30
     spool_max_age: float = 3600.0
     spool_segment_seconds: float = 10.0
-    spool_backlog: float = 0.5  # seconds a queued frame may wait while connected before GOPs spool
+    spool_backlog: float = 0.5  # seconds live may be late while connected (queue, socket, path): GOPs spool
     backfill_bitrate: int = 2_000_000  # the backfill's share of the link, bits/s
     backfill_speed: float = 2.0  # at most this many times the capture frame rate
     fallback_model: str | None = None  # None: off; "": the bundled demo model; else an ONNX file
@@ -165,11 +165,14 @@ class EdgeDaemon:
         return self._carried()
 
     def _live_backlog(self) -> float:
-        """Seconds of live video waiting to leave: the oldest queued frame's wait, and what the
-        socket has not sent yet (at the configured bitrate)."""
+        """Seconds live video is late: the oldest queued frame's wait, then what the socket has not
+        sent yet (at the configured bitrate) or the queuing delay the gateway reports on the path
+        (a router's queue, which the socket does not show), whichever is longer (a report includes
+        the time its frame waited in the socket)."""
         queue, sender = self._queue, self._sender
         assert queue is not None and sender is not None
-        return queue.waited(time.time()) + sender.unsent_bytes() * 8 / max(self.config.bitrate, 1)
+        unsent = sender.unsent_bytes() * 8 / max(self.config.bitrate, 1)
+        return queue.waited(time.time()) + max(unsent, sender.path.queued(time.monotonic()))
 
     def _route(self, item: EncodedFrame | None) -> None:
         """On the event loop: an access unit goes live while a live session streams and the link
@@ -190,7 +193,7 @@ class EdgeDaemon:
             moved = [] if item.keyframe else queue.take_last_gop()
             if item.keyframe or moved:
                 if not self._congested:
-                    log.info("the link cannot keep up (a frame queued %.2f s): spooling GOPs", waited)
+                    log.info("the link cannot keep up (live %.2f s late): spooling GOPs", waited)
                 self._congested = True
                 for frame in [*moved, item]:
                     self._to_spool(frame, congested=True)

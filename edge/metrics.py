@@ -63,6 +63,11 @@ BACKFILL_LAG = Gauge(
     "flowcloud_edge_backfill_lag_seconds",
     "age (now minus capture time) of the last access unit the backfill sent; 0 when the spool is empty",
 )
+PATH_DELAY = Gauge(
+    "flowcloud_edge_path_delay_seconds",
+    "queuing delay on the path to the gateway, from its last delay report (the rise above the session's "
+    "lowest)",
+)
 KEYFRAME_REQUESTS = Counter(
     "flowcloud_edge_keyframe_requests_total",
     "keyframe requests from the gateway, by outcome (honoured: the encoder was asked for an IDR; "

@@ -9,8 +9,10 @@ at most ``GOAWAY_CUT_TIMEOUT``), half-closes there, waits until the gateway has 
 then published everything this connection carried) and reconnects at once, through the same
 address (a load balancer spreads it to another replica), the IDR first: no frame is lost. What
 the new session cannot start with (no IDR came: a relayed stream) is spooled as after a loss.
-A REJECT for a permanent reason (unknown device, bad token, revoked, version, malformed,
-certificate) ends the daemon; busy and limit are retried.
+A live session asks for the gateway's delay reports (``delay_reports``): `PathDelay` turns them
+into the queuing delay on the path, which the daemon adds to its backlog (a router's queue that
+this machine's socket does not show). A REJECT for a permanent reason (unknown device, bad token,
+revoked, version, malformed, certificate) ends the daemon; busy and limit are retried.
 
 With a TLS context the connection is TLS, verified against ``server_name`` (default: the host).
 A certificate failure ends the daemon like a permanent REJECT: the gateway's certificate fails
@@ -48,6 +50,7 @@ from flowcloud.protocol.handshake import (
     REJECT_LIMIT,
     Accept,
     ClockSync,
+    DelayReport,
     GoAway,
     HandshakeClosed,
     HandshakeRejected,
@@ -71,6 +74,9 @@ MUTUAL_TLS_HINT = (
 END = None  # queue sentinel: the source has ended
 GOAWAY_CUT_TIMEOUT = 1.0  # seconds after a GOAWAY that the sender waits for an IDR to cut before
 GOAWAY_CLOSE_TIMEOUT = 10.0  # seconds it then waits for the gateway to close (it publishes meanwhile)
+END_CLOSE_TIMEOUT = 3.0  # seconds the sender waits for the gateway to close once the source has ended
+REPORT_TTL = 0.5  # seconds a delay report counts: then no live access unit has arrived since
+REPORT_WINDOW = 0.15  # seconds the path's delay must have held (reports in a row) to count
 SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not sent yet (unacked ones excluded)
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, Accept, ClockSync]
 
@@ -97,6 +103,38 @@ def unsent_bytes(writer: asyncio.StreamWriter) -> int:
         with contextlib.suppress(OSError, ValueError):
             size += struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0]
     return size
+
+
+class PathDelay:
+    """The gateway's delay reports on one live session, as the queuing delay on the path: the rise
+    above the session's lowest report (the path's base delay and the clock offset's error cancel
+    out) that has held for ``window`` seconds, the lowest of the reports since then and of the last
+    one before. A lone high report is a receiver that paused (a gateway starting its decoders),
+    then read the backlog at once, not a path that cannot keep up: the next report is low again.
+    Reports count for ``ttl`` seconds after the newest: none since means no live access unit
+    arrived (the edge spools, or the session is new), and a queue that delivers nothing is no
+    longer late live video."""
+
+    def __init__(self, ttl: float = REPORT_TTL, window: float = REPORT_WINDOW) -> None:
+        self.ttl, self.window = ttl, window
+        self.reset()
+
+    def reset(self) -> None:
+        """A new session: its path, and its clock offset, may differ."""
+        self._lowest = float("inf")
+        self._reports: deque[tuple[float, float]] = deque()  # (when, delay), oldest first
+
+    def report(self, delay: float, now: float) -> None:
+        self._lowest = min(self._lowest, delay)
+        self._reports.append((now, delay))
+        while len(self._reports) > 1 and self._reports[1][0] <= now - self.window:
+            self._reports.popleft()  # (the newest report from before the window stays)
+
+    def queued(self, now: float) -> float:
+        """Seconds live video has been waiting on the path for ``window`` seconds (0: no fresh report)."""
+        if not self._reports or now - self._reports[-1][0] > self.ttl:
+            return 0.0
+        return min(delay for _, delay in self._reports) - self._lowest
 
 
 class FatalRejection(Exception):
@@ -229,6 +267,7 @@ class Sender:
         self.sessions = 0
         self._live_writer: asyncio.StreamWriter | None = None
         self._clock_base = time.time()
+        self.path = PathDelay()  # the live session's path, from the gateway's delay reports
 
     @property
     def token(self) -> str:
@@ -243,7 +282,8 @@ class Sender:
 
     async def run(self, queue: FrameQueue, shape: StreamShape) -> None:
         """Send until the queue yields its end marker; raises FatalRejection."""
-        hello = Hello(self.device_id, self._token, StreamInfo(shape.width, shape.height, shape.fps))
+        stream = StreamInfo(shape.width, shape.height, shape.fps, delay_reports=True)
+        hello = Hello(self.device_id, self._token, stream)
         attempt = 0
         while True:
             if queue.ended and not len(queue):
@@ -351,6 +391,8 @@ class Sender:
                 metrics.FRAMES_DROPPED.labels("stale").inc(stale)
             if not queue.head_is_keyframe():
                 self.request_keyframe()  # sessions start at an IDR: ask for one instead of waiting
+            self.path.reset()
+            metrics.PATH_DELAY.set(0)
             self.live, self._live_writer = True, writer
             return await self._stream(queue, reader, writer)
         finally:
@@ -386,7 +428,7 @@ class Sender:
                     raise ConnectionError("gateway closed the connection")
                 item = get.result()
                 if item is None:
-                    await writer.drain()
+                    await self._end(writer, watch)
                     return True
                 if going_away.is_set():
                     if cut_by is None:
@@ -422,6 +464,19 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watch
 
+    async def _end(self, writer: asyncio.StreamWriter, watch: asyncio.Task[None]) -> None:
+        """The source has ended: over plain TCP, half-close and wait (at most ``END_CLOSE_TIMEOUT``)
+        until the gateway, having read to the end, closes. Closing at once with a delay report
+        unread would reset the connection, and a reset can cost the frames still on their way
+        (TLS has no half-close: it closes at once, as before delay reports)."""
+        await writer.drain()
+        if not writer.can_write_eof():
+            return
+        writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(END_CLOSE_TIMEOUT):
+                await asyncio.wait({watch})
+
     async def _leave(self, writer: asyncio.StreamWriter, watch: asyncio.Task[None]) -> NoReturn:
         """Going away: end the stream here and raise GoneAway once the gateway has closed (it has
         published our frames by then, so none can be fenced by the session we open next)."""
@@ -451,6 +506,10 @@ class Sender:
             if isinstance(message, KeyframeRequest) and live:
                 log.debug("the gateway asks for a keyframe (%s)", message.reason)
                 self.on_keyframe_request()
+                continue
+            if isinstance(message, DelayReport) and live:
+                self.path.report(message.delay, time.monotonic())
+                metrics.PATH_DELAY.set(self.path.queued(time.monotonic()))
                 continue
             if isinstance(message, GoAway) and go_away is not None:
                 log.info("gateway asks to reconnect elsewhere (%s)", message.reason)

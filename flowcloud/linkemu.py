@@ -4,13 +4,13 @@ The kernel here has no netem, so tests and benches put this proxy between an edg
 to reproduce the links the original FlowCloud measured (`PROFILES`). Each direction of the link
 works like a bottleneck router followed by a long wire:
 
-- bytes are serialised at ``rate`` bits/s, one segment after another; all connections through
-  the link share each direction's rate;
+- bytes are serialised at ``rate`` bits/s, one segment (at most 10 ms of it, or one MSS:
+  `segment_size`) after another; all connections through the link share each direction's rate;
 - each segment then takes ``delay`` seconds, plus up to ``jitter`` more (uniform, seeded), to
   arrive; segments of one connection arrive in order, as TCP delivers them;
 - the link holds at most its bandwidth-delay product plus ``queue_bytes`` per connection and
-  direction; beyond that it stops reading, so TCP pushes back on the sender as a full router
-  queue would;
+  direction (and reads ahead a few segments at most); beyond that it stops reading, so TCP pushes
+  back on the sender as a full router queue would;
 - during an `Outage` nothing arrives: a stalled route holds the bytes and delivers them when it
   ends (TCP retransmits), a ``reset`` one also cuts every connection at its start and closes new
   ones at once until it ends (a NAT or a gateway that forgot the flow).
@@ -30,9 +30,24 @@ from types import TracebackType
 
 log = logging.getLogger(__name__)
 
-SEGMENT = 16 * 1024  # bytes read and timed at once: 15 ms at 8.5 Mbit/s, 0.4 ms at 313 Mbit/s
+SEGMENT = 16 * 1024  # bytes read and timed at once at most: 15 ms at 8.5 Mbit/s, 0.4 ms at 313 Mbit/s
+SEGMENT_SECONDS = 0.010  # under a rate cap, a segment is at most this long on the wire (or one MSS)
 DEFAULT_QUEUE_BYTES = 256 * 1024  # the router queue above the bandwidth-delay product
 ETHERNET_MSS = 1460  # TCP payload per segment on an Ethernet link (with socket_buffer)
+# asyncio's StreamReader reads its socket ahead until twice its limit is buffered (64 KiB by
+# default: 128 KiB, 6.8 s at 154 kbit/s), a queue in front of the link that neither queue_bytes
+# bounds nor the sender sees. A small limit keeps the read-ahead to a few segments.
+READ_AHEAD_LIMIT = 2 * ETHERNET_MSS
+
+
+def segment_size(rate: float) -> int:
+    """Bytes read and timed as one segment at ``rate`` bits/s (0: no cap): at most
+    `SEGMENT_SECONDS` of serialisation, but at least one Ethernet MSS and at most `SEGMENT`. A
+    router serialises packet by packet: a segment's first bytes wait for no more than its length
+    (a whole 16 KiB at 154 kbit/s would hold them back 0.85 s)."""
+    if not rate:
+        return SEGMENT
+    return max(ETHERNET_MSS, min(SEGMENT, int(rate / 8 * SEGMENT_SECONDS)))
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class _Direction:
 
     free_at: float = 0.0  # loop time at which the serialiser is free
     delivered: int = 0  # bytes delivered in all
+    received: int = 0  # bytes read in all (received - delivered: held in the link)
 
 
 @dataclass(eq=False)  # kept in a set: by identity
@@ -128,7 +144,7 @@ class LinkEmulator:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self, port: int = 0) -> LinkEmulator:
-        self._server = await asyncio.start_server(self._accept, self.host, port)
+        self._server = await asyncio.start_server(self._accept, self.host, port, limit=READ_AHEAD_LIMIT)
         if self.socket_buffer is not None:  # (accepted connections inherit both: the window starts small)
             for sock in self._server.sockets:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.socket_buffer)
@@ -212,7 +228,7 @@ class LinkEmulator:
             writer.transport.abort()
             return
         try:
-            target_reader, target_writer = await asyncio.open_connection(*self.target)
+            target_reader, target_writer = await asyncio.open_connection(*self.target, limit=READ_AHEAD_LIMIT)
         except OSError as exc:
             log.info("link %s: target %s:%d refused: %s", self.profile.name, *self.target, exc)
             writer.transport.abort()
@@ -276,8 +292,9 @@ class LinkEmulator:
         last = 0.0
         try:
             while True:
-                data = await reader.read(SEGMENT)
+                data = await reader.read(segment_size(self.profile.rate))
                 now = loop.time()
+                direction.received += len(data)
                 profile = self.profile
                 if data and profile.rate:
                     direction.free_at = max(now, direction.free_at) + len(data) * 8 / profile.rate

@@ -426,8 +426,9 @@ class EdgeSettings(ServiceSettings):
     spool_backlog: float = Field(
         0.5,
         gt=0,
-        description="seconds the oldest queued frame may wait while connected before whole GOPs go to the "
-        "spool instead (the link is slower than the encoder)",
+        description="seconds live video may be late while connected (queued on the edge, or on the path as "
+        "the gateway's delay reports show) before whole GOPs go to the spool instead (the link is slower "
+        "than the encoder)",
     )
     backfill_bitrate: int = Field(
         2_000_000, ge=10_000, description="the backfill's share of the link in bits/s (live always first)"

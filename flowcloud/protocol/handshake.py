@@ -14,11 +14,16 @@ After the handshake the gateway may send `KeyframeRequest` on the same connectio
 of RTCP PLI, RFC 4585 6.3.1): it lost decodable state and asks for an IDR instead of waiting for
 the next natural one. On shutdown it sends `GoAway`: reconnect now (through the same address: a
 load balancer picks another replica), after ending this connection at a keyframe boundary so that
-nothing is lost. A stream description with ``backfill`` opens the device's backfill lane
-(spooled video, sent beside the live session); ``spooled`` on a live HELLO is how many spooled
-frames will follow on that lane, so the gateway can reserve their seqs before the live ones, and
-``carried`` how many of them (the oldest) an earlier live HELLO announced and are still unsent (a
-reconnect in the middle of a backfill): their seqs, reserved then, carry over.
+nothing is lost. A live edge whose stream description says ``delay_reports`` also gets
+`DelayReport`s (in the spirit of RTCP receiver reports and transport-wide congestion control): the
+one-way delay of its newest access units as the gateway measures it, so that the edge sees a queue
+on the path (a router's) that its own socket does not show; a gateway that does not know the field
+ignores it and sends none, and an edge that does not ask gets none. A stream description with
+``backfill`` opens the device's backfill lane (spooled video, sent beside the live session);
+``spooled`` on a live HELLO is how many spooled frames will follow on that lane, so the gateway can
+reserve their seqs before the live ones, and ``carried`` how many of them (the oldest) an earlier
+live HELLO announced and are still unsent (a reconnect in the middle of a backfill): their seqs,
+reserved then, carry over.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ MAX_REASON_LENGTH = 1024
 MAX_DIMENSION = 16384
 MAX_FPS = 1000.0
 MAX_SPOOLED = 1 << 32
+MAX_REPORTED_DELAY = 86400.0  # seconds, either sign (a clock offset error can make a delay negative)
 CODEC_H264 = "H264"
 CLOCK_RATE = DEFAULT_CLOCK_RATE  # the only one the stream description may state
 
@@ -168,6 +174,7 @@ class StreamInfo:
     # live: of the ``spooled`` frames, how many (the oldest) an earlier live HELLO announced and are
     # still unsent: the gateway carries their reserved seqs over instead of reserving new ones.
     carried: int = 0
+    delay_reports: bool = False  # live: the edge reads `DelayReport`s (the gateway sends them)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -185,6 +192,8 @@ class StreamInfo:
             out["masks"] = True
         if self.carried:
             out["carried"] = self.carried
+        if self.delay_reports:
+            out["delay_reports"] = True
         return out
 
     @classmethod
@@ -206,15 +215,16 @@ class StreamInfo:
         if clock_rate != CLOCK_RATE:
             raise ProtocolError(f"clock rate {clock_rate} is not supported (only {CLOCK_RATE})")
         backfill, masks = obj.get("backfill", False), obj.get("masks", False)
-        if not isinstance(backfill, bool) or not isinstance(masks, bool):
-            raise ProtocolError(f"{where} fields 'backfill' and 'masks' must be bool")
+        delay_reports = obj.get("delay_reports", False)
+        if not all(isinstance(flag, bool) for flag in (backfill, masks, delay_reports)):
+            raise ProtocolError(f"{where} fields 'backfill', 'masks' and 'delay_reports' must be bool")
         spooled = _field(obj, "spooled", int, where) if "spooled" in obj else 0
         if not 0 <= spooled < MAX_SPOOLED:
             raise ProtocolError(f"stream spooled {spooled} is out of range [0, {MAX_SPOOLED})")
         carried = _field(obj, "carried", int, where) if "carried" in obj else 0
         if not 0 <= carried <= spooled:
             raise ProtocolError(f"stream carried {carried} is out of range [0, spooled {spooled}]")
-        return cls(width, height, fps, codec, clock_rate, backfill, spooled, masks, carried)
+        return cls(width, height, fps, codec, clock_rate, backfill, spooled, masks, carried, delay_reports)
 
 
 @dataclass(frozen=True)
@@ -352,7 +362,28 @@ class GoAway:
         return cls(_field(obj, "reason", str, "goaway")[:MAX_REASON_LENGTH])
 
 
-ControlMessage = Hello | Accept | Reject | ClockSync | KeyframeRequest | GoAway
+@dataclass(frozen=True)
+class DelayReport:
+    """Gateway -> edge (only to an edge whose HELLO asked, ``delay_reports``): the one-way delay,
+    in seconds, of the newest live access unit received: its receipt minus the edge's send time
+    (the capture time extension's), mapped by the handshake's clock offset. An offset error shifts
+    every report alike; the edge reads changes of it."""
+
+    delay: float
+
+    def to_bytes(self) -> bytes:
+        return _encode({"type": "delay", "delay": round(self.delay, 6)})
+
+    @classmethod
+    def parse(cls, body: bytes) -> DelayReport:
+        delay = _time(_decode(body, "delay"), "delay", "delay")
+        if abs(delay) > MAX_REPORTED_DELAY:
+            limit = MAX_REPORTED_DELAY
+            raise ProtocolError(f"reported delay {delay:g} s is out of range [-{limit:g}, {limit:g}]")
+        return cls(delay)
+
+
+ControlMessage = Hello | Accept | Reject | ClockSync | KeyframeRequest | GoAway | DelayReport
 _BY_TYPE: dict[str, Any] = {
     "hello": Hello,
     "accept": Accept,
@@ -360,6 +391,7 @@ _BY_TYPE: dict[str, Any] = {
     "clock": ClockSync,
     "keyframe": KeyframeRequest,
     "goaway": GoAway,
+    "delay": DelayReport,
 }
 
 

@@ -97,6 +97,14 @@ KEYFRAME_ANSWER_SECONDS = Histogram(
     "from a keyframe request to the next IDR received on that session",
     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
+DELAY_REPORTS = Counter(
+    "flowcloud_gateway_delay_reports_total", "delay reports sent to live edges that asked for them"
+)
+REPORTED_DELAY = Histogram(
+    "flowcloud_gateway_reported_delay_seconds",
+    "one-way delay (receipt minus the edge's send time) of the access units reported to edges",
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
 BACKFILL_FRAMES = Counter(
     "flowcloud_gateway_backfill_frames_total", "frames of backfill lanes (spooled video) decoded"
 )

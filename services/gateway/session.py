@@ -83,6 +83,7 @@ from services.gateway.admission import Admission, AdmissionLimits, Refused, reje
 from services.gateway.backfill import BackfillDedup, backfill_key, reserve_backfill_seqs
 from services.gateway.decoder import DecodedFrame, DecoderPool
 from services.gateway.decoding import SessionDecoder
+from services.gateway.delay_reports import DelayReporter
 from services.gateway.edge_masks import receive_edge_masks
 from services.gateway.keyframes import (
     REASON_DECODER_RESTART,
@@ -178,6 +179,7 @@ class Session:
         self._closing = False
         self._ended = asyncio.Event()
         self._keyframes: KeyframeRequester | None = None  # a live session's, once it streams
+        self._delays: DelayReporter | None = None  # a live session's whose edge asked for reports
         self._keyframe_reason = REASON_DROP  # why the pending keyframe request was made
         self.lease: StreamLease | None = None  # a live session's, from the handshake on
         self._lease_task: asyncio.Task[None] | None = None
@@ -345,6 +347,8 @@ class Session:
         self._main_task = asyncio.current_task()
         if not self.is_backfill:  # a spooled GOP starts at an IDR: nothing to ask for
             self._keyframes = KeyframeRequester(self.writer, self.session_id)
+            if hello.stream.delay_reports:
+                self._delays = DelayReporter(self.writer, self.session_id)
         if self.services.going_away:  # the gateway began to stop during our handshake
             self.go_away()
         self._pipeline, self._decoder = self._packet_path(device)
@@ -577,6 +581,8 @@ class Session:
                 for unit in pipeline.feed(chunk, recv_ts):
                     if unit.keyframe and self._keyframes is not None:
                         self._keyframes.keyframe_arrived()
+                    if self._delays is not None:
+                        self._delays.observe(unit.times)
                     await decoder.decode(unit)
             finally:
                 metrics.PACKETS.inc(pipeline.reader.received - received)

@@ -5,9 +5,11 @@ reset outage; `flowcloud link` as a real process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -159,6 +161,41 @@ def test_the_rate_cap_paces_a_bulk_transfer() -> None:
     first = s.arrivals[0][0]
     by_half = max(size for when, size in s.arrivals if when - first <= (took - 0.01) / 2)
     assert 0.3 < by_half / len(payload) < 0.7
+
+
+def test_a_slow_link_serialises_small_segments_and_reads_no_further_ahead_than_its_queue() -> None:
+    """At 100 kbit/s a burst's first bytes arrive after about one MSS on the wire (0.12 s), not
+    after a whole 16 KiB segment (1.3 s); and what a sender that writes as fast as it can has
+    handed over and not seen delivered is the link's queue, its receive buffer and the sender's own
+    send buffer (measured 48 KiB: 4 s), never asyncio's 128 KiB read-ahead on top (measured 167
+    KiB: 14 s) that the sender cannot see."""
+    rate, queue = 100e3, 8192
+
+    async def main() -> tuple[float, int]:
+        async with (
+            sink() as s,
+            LinkEmulator("127.0.0.1", s.port, LinkProfile("slow", 0.0, rate), queue_bytes=queue,
+                         socket_buffer=8192) as link,
+        ):  # fmt: skip
+            sock = socket.create_connection(("127.0.0.1", link.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            sock.setblocking(False)
+            started = time.monotonic()
+            handed = 0
+            deadline = started + 1.5
+            while time.monotonic() < deadline:  # as fast as the link's window lets it
+                with contextlib.suppress(BlockingIOError):
+                    handed += sock.send(bytes(16384))
+                await asyncio.sleep(0.005)
+            assert s.arrivals
+            first = s.arrivals[0][0] - started
+            unseen = handed - len(s.data)
+            sock.close()
+            return first, unseen
+
+    first, unseen = asyncio.run(main())
+    assert first < 0.5, f"the first bytes took {first:.2f} s"
+    assert unseen < 96 * 1024, f"{unseen} bytes handed over and not delivered"
 
 
 def test_a_scheduled_stall_holds_the_bytes_and_delivers_them_after() -> None:

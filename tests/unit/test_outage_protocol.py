@@ -34,7 +34,7 @@ def test_stream_description_carries_the_backfill_lane() -> None:
     assert hello.stream == stream
     assert "backfill" not in StreamInfo(96, 64, 30.0).to_dict()  # old gateways see what they knew
     base = StreamInfo(96, 64, 30.0).to_dict()
-    with pytest.raises(ProtocolError, match="'backfill' and 'masks' must be bool"):
+    with pytest.raises(ProtocolError, match="'backfill', 'masks' and 'delay_reports' must be bool"):
         StreamInfo.from_dict({**base, "backfill": 1})
     with pytest.raises(ProtocolError, match="spooled -1 is out of range"):
         StreamInfo.from_dict({**base, "spooled": -1})
