@@ -25,7 +25,6 @@ OPS: tuple[Op, ...] = ("above", "below")
 MAX_RULES_PER_TENANT = 1000
 FIRINGS_KEPT = 10_000  # per tenant, newest first
 FIRING_TTL = 30 * 24 * 3600
-FIRINGS_STREAM_MAXLEN = 100_000  # default bound of the delivery queue (services/alerts/evaluator.py)
 
 # Fields of a firing hash.
 FIRING_FIELDS = (

@@ -287,6 +287,7 @@ def tenant_firings(tenant: str) -> str:
 
 
 FIRINGS_STREAM = f"{PREFIX}:firings"  # firings to deliver; consumer group WEBHOOK_GROUP
+FIRINGS_STREAM_MAXLEN = 100_000  # its default bound (FLOWCLOUD_ALERTS_FIRINGS_MAXLEN)
 WEBHOOK_GROUP = "webhooks"
 WEBHOOK_DEAD_LETTER = f"{PREFIX}:firings:dead"  # firings whose webhook failed every try
 FI_ID = "id"  # field of a FIRINGS_STREAM entry: the firing id

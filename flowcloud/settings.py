@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flowcloud.keys import MAX_SHARDS
+from flowcloud.keys import FIRINGS_STREAM_MAXLEN, MAX_SHARDS
 from flowcloud.share_index import RESULTS_STREAM_MAXLEN
 from flowcloud.sizes import SizeText
 
@@ -395,6 +395,12 @@ class AlertsSettings(ServiceSettings):
     webhook_backoff_max: float = Field(60.0, gt=0, le=3600, description="longest wait between two tries")
     deliveries_in_flight: int = Field(16, ge=1, le=1024, description="webhook deliveries at once at most")
     dead_letter_maxlen: int = Field(10_000, ge=10, description="approximate MAXLEN of the dead-letter stream")
+    firings_maxlen: int = Field(
+        FIRINGS_STREAM_MAXLEN,
+        ge=1,
+        description="firings kept queued for the webhook deliverers; beyond, the oldest unread ones are "
+        "trimmed, counted and marked dead",
+    )
     metrics_port: int = Field(9104, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
 
 

@@ -115,7 +115,7 @@ class Evaluator:
         cache_seconds: float,
         control: Redis | None = None,
         shards: int = 1,
-        firings_maxlen: int = alerts.FIRINGS_STREAM_MAXLEN,
+        firings_maxlen: int = keys.FIRINGS_STREAM_MAXLEN,
     ) -> None:
         self.redis = redis
         self.consumer = consumer

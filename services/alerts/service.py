@@ -54,6 +54,7 @@ class AlertService:
             settings.rules_cache_seconds,
             control=self.control,
             shards=settings.frame_shards,
+            firings_maxlen=settings.firings_maxlen,
         )
         self.deliverer = WebhookDeliverer(
             self.redis,

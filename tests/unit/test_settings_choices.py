@@ -91,3 +91,16 @@ def test_the_gateway_model_size_is_checked() -> None:
     assert GatewaySettings(model_size="120x160").model_size == "120x160"
     with pytest.raises(ValueError, match=r"model_size\n.*multiples of 8"):
         GatewaySettings(model_size="100x100")
+
+
+def test_the_firings_queue_bound_reaches_the_evaluator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLOWCLOUD_ALERTS_FIRINGS_MAXLEN bounds the delivery queue the evaluator trims (no connection
+    is made: the clients connect on first use)."""
+    from flowcloud.settings import AlertsSettings
+    from services.alerts.service import AlertService
+
+    monkeypatch.setenv("FLOWCLOUD_ALERTS_FIRINGS_MAXLEN", "250")
+    assert AlertService(AlertsSettings()).evaluator.firings_maxlen == 250
+    monkeypatch.setenv("FLOWCLOUD_ALERTS_FIRINGS_MAXLEN", "0")
+    with pytest.raises(ValueError, match="firings_maxlen"):
+        AlertsSettings()
