@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from flowcloud import alerts, keys
 from flowcloud.alerts import AlertRule, RuleStore
 from flowcloud.bounded_stream import BoundedStream, parse_trim
-from flowcloud.groups import ensure_group, trimmed_while_pending
+from flowcloud.groups import count_trimmed_pending, ensure_group
 from flowcloud.replies import text
 from flowcloud.scripts import ScriptPipeline
 
@@ -153,7 +153,7 @@ class Evaluator:
         replies: list[Any] = await pipe.execute()
         entries: list[ShardEntry] = []
         for shard, claimed, read in zip(self.shards, replies[0::2], replies[1::2], strict=True):
-            self._count_trimmed_pending(shard, claimed)
+            count_trimmed_pending(claimed, metrics.RESULTS, "trimmed_pending", "result events", shard)
             entries += [
                 (shard, entry_id, fields) for entry_id, fields in (claimed[1] if claimed else []) if fields
             ]
@@ -170,19 +170,6 @@ class Evaluator:
         await self.evaluate(entries)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return len(entries)
-
-    @staticmethod
-    def _count_trimmed_pending(shard: str, claimed: Any) -> None:
-        """Count the events a claim on ``shard`` names as deleted: read by an evaluator that died,
-        trimmed by the shard's bound before another reclaimed them (no longer pending)."""
-        if trimmed := trimmed_while_pending(claimed):
-            metrics.RESULTS.labels("trimmed_pending").inc(len(trimmed))
-            log.warning(
-                "%d result events pending for a dead evaluator were trimmed from %s before another "
-                "reclaimed them: never evaluated for alerts",
-                len(trimmed),
-                shard,
-            )
 
     async def evaluate(self, entries: list[ShardEntry]) -> None:
         events: list[ResultEvent] = []

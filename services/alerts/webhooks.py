@@ -26,7 +26,7 @@ import httpx
 from redis.asyncio import Redis
 
 from flowcloud import alerts, keys
-from flowcloud.groups import trimmed_while_pending
+from flowcloud.groups import count_trimmed_pending
 
 from . import metrics
 
@@ -79,14 +79,7 @@ class WebhookDeliverer:
         self._slots.release()
         stream, group, me = keys.FIRINGS_STREAM, keys.WEBHOOK_GROUP, self.consumer
         claimed: Any = await self.redis.xautoclaim(stream, group, me, self.claim_idle_ms, "0-0", 64)
-        if trimmed := trimmed_while_pending(claimed):
-            metrics.FIRINGS_DROPPED.labels("trimmed_pending").inc(len(trimmed))
-            log.warning(
-                "%d firings pending for a dead webhook deliverer were trimmed from %s before another "
-                "reclaimed them: never delivered",
-                len(trimmed),
-                stream,
-            )
+        count_trimmed_pending(claimed, metrics.FIRINGS_DROPPED, "trimmed_pending", "firings", stream)
         # One of ours still retrying shows as idle too: it is not started twice.
         entries = [e for e in claimed[1] if e[1] and e[0] not in self._tasks] if claimed else []
         if not entries:

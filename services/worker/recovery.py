@@ -25,9 +25,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from flowcloud import frame_log, keys
+from flowcloud import frame_log, groups, keys
 from flowcloud.frames import Frame
-from flowcloud.groups import trimmed_while_pending
 from flowcloud.replies import text, text_keys
 
 from . import metrics
@@ -110,13 +109,8 @@ async def _count_evicted(redis: Redis, queue: str, evicted: list[Entry]) -> None
 
 
 def count_trimmed_pending(queue: str, reply: Any) -> None:
-    """Count the references an XAUTOCLAIM ``reply`` on ``queue`` names as deleted: pending, but trimmed
-    from the queue before any worker acknowledged them (Redis has removed them from the group)."""
-    if trimmed := trimmed_while_pending(reply):
-        metrics.FRAMES_DROPPED.labels(DROP_TRIMMED_PENDING).inc(len(trimmed))
-        log.warning(
-            "%d pending frames were trimmed from %s before a worker acknowledged them", len(trimmed), queue
-        )
+    """Count the frame references an XAUTOCLAIM ``reply`` on ``queue`` names as trimmed while pending."""
+    groups.count_trimmed_pending(reply, metrics.FRAMES_DROPPED, DROP_TRIMMED_PENDING, "frames", queue)
 
 
 @dataclass

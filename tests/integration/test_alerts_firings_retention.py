@@ -139,7 +139,7 @@ def test_firings_trimmed_while_pending_for_a_dead_deliverer_are_counted_once(
             assert dropped("trimmed_unread") - unread_before == 10  # seqs 10-19
             assert int((await webhook_group(redis))["pending"]) == 10  # seqs 0-9: trimmed, still pending
             live = deliverer(redis, "hook-live", 0)  # reclaims at once: no idle wait
-            with caplog.at_level(logging.WARNING, logger="services.alerts.webhooks"):
+            with caplog.at_level(logging.WARNING, logger="flowcloud.groups"):
                 assert await drain(live) == MAXLEN  # seqs 20-39
             assert dropped("trimmed_pending") - pending_before == 10
             assert f"trimmed from {keys.FIRINGS_STREAM}" in caplog.text

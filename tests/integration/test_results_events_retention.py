@@ -115,7 +115,7 @@ def test_events_trimmed_while_pending_for_a_dead_evaluator_are_counted_once(
             assert dropped() - unread_before == 10  # seqs 10-19, counted by the writer
             assert int((await alerts_group(redis))["pending"]) == 10  # seqs 0-9: trimmed, still pending
             live = Evaluator(redis, "eval-live", 5, 0, 60.0)  # reclaims at once: no idle wait
-            with caplog.at_level(logging.WARNING, logger="services.alerts.evaluator"):
+            with caplog.at_level(logging.WARNING, logger="flowcloud.groups"):
                 seen = 0
                 while got := await live.step(100):
                     seen += got
